@@ -1,0 +1,110 @@
+"""cloudd configuration (TOML file + VELO_CLOUDD__SECTION__KEY environment overrides).
+
+    listen = "127.0.0.1:50060"
+
+    [llm]
+    base_url = "http://127.0.0.1:8080/v1"   # vLLM, llama.cpp server, Ollama, TGI ...
+    model = "smollm2"
+
+Keep the API key out of the file: set VELO_CLOUDD__LLM__API_KEY in the environment instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from velo.config import load_config, require
+
+ENV_PREFIX = "VELO_CLOUDD"
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question accurately and concisely."
+
+# Action C: the cached QA pairs chosen by the edge, then the user's question, in one user message.
+# One message rather than an extra system message because several chat templates (Gemma,
+# Mistral, ...) reject a second system message or any system role at all.
+DEFAULT_CONTEXT_ITEM_TEMPLATE = "Q: {question}\nA: {answer}"
+DEFAULT_CONTEXT_TEMPLATE = (
+    "Here is a related question that was answered before:\n\n"
+    "{context}\n\n"
+    "Use it if it helps; ignore it if it does not. Now answer this question:\n"
+    "{prompt}"
+)
+
+
+def _formats(template: str, **values: str) -> bool:
+    """True when `template` formats with exactly these placeholders (and uses all of them)."""
+    try:
+        text = template.format(**{k: f"\0{k}\0" for k in values})
+    except (KeyError, IndexError, ValueError):
+        return False
+    return all(f"\0{k}\0" in text for k in values)
+
+
+@dataclass
+class LLMConfig:
+    # Root of an OpenAI-compatible API; cloudd POSTs to {base_url}/chat/completions.
+    base_url: str = "http://127.0.0.1:8080/v1"
+    model: str = "smollm2"  # the "model" sent in each request (vLLM: the served model name)
+    api_key: str = ""  # sent as "Authorization: Bearer ..." when set
+    # Longest wait for the LLM server to send anything: the whole answer for Generate, the next
+    # token for GenerateStream. A request that runs out is retried, then DEADLINE_EXCEEDED.
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    # Connect errors, timeouts, HTTP 5xx and 429 are retried, waiting retry_backoff_s,
+    # then twice that, and so on. Other HTTP 4xx are never retried.
+    max_retries: int = 2
+    retry_backoff_s: float = 0.5
+    max_concurrency: int = 4  # requests sent to the LLM at once; more wait in the queue
+    max_queue: int = 64  # waiting requests; beyond this cloudd answers RESOURCE_EXHAUSTED
+    default_max_tokens: int = 96  # used when a request says max_tokens = 0
+    max_tokens_limit: int = 1024  # requests asking for more get INVALID_ARGUMENT
+    temperature: float = 0.2
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # empty: no system message
+    # How Action C puts cached QA into the prompt: each pair is rendered with
+    # context_item_template ({question}, {answer}); the pairs, separated by blank lines, fill
+    # {context} of context_template, and {prompt} is the user's question.
+    context_item_template: str = DEFAULT_CONTEXT_ITEM_TEMPLATE
+    context_template: str = DEFAULT_CONTEXT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        require(self.base_url.startswith(("http://", "https://")), "base_url",
+                f"must be an http:// or https:// URL, got {self.base_url!r}")
+        require(bool(self.model.strip()), "model", "must not be empty")
+        require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        require(self.connect_timeout_s > 0, "connect_timeout_s", "must be > 0")
+        require(0 <= self.max_retries <= 10, "max_retries", "must be between 0 and 10")
+        require(0 <= self.retry_backoff_s <= 60, "retry_backoff_s", "must be between 0 and 60")
+        require(1 <= self.max_concurrency <= 1024, "max_concurrency",
+                "must be between 1 and 1024")
+        require(0 <= self.max_queue <= 100_000, "max_queue", "must be between 0 and 100000")
+        require(self.max_tokens_limit >= 1, "max_tokens_limit", "must be >= 1")
+        require(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
+                f"must be between 1 and max_tokens_limit ({self.max_tokens_limit})")
+        require(0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2")
+        require(_formats(self.context_item_template, question="", answer=""),
+                "context_item_template",
+                "must use exactly the placeholders {question} and {answer} "
+                "(write other braces as {{ and }})")
+        require(_formats(self.context_template, context="", prompt=""), "context_template",
+                "must use exactly the placeholders {context} and {prompt} "
+                "(write other braces as {{ and }})")
+
+
+@dataclass
+class CloudConfig:
+    listen: str = "127.0.0.1:50060"  # gRPC address; "0.0.0.0:50060" to serve other hosts
+    log_level: str = "info"
+    shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def __post_init__(self) -> None:
+        require(":" in self.listen, "listen", f"must be HOST:PORT, got {self.listen!r}")
+        require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
+                "must be debug, info, warning, error or critical")
+        require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
+
+
+def load(path: str | Path | None) -> CloudConfig:
+    return load_config(CloudConfig, path, ENV_PREFIX)

@@ -1,0 +1,123 @@
+"""edged configuration (TOML file + VELO_EDGED__SECTION__KEY environment overrides)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from velo.config import load_config, require
+
+ENV_PREFIX = "VELO_EDGED"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class VectorDBConfig:
+    # Milvus URI: "http://host:19530" for a Milvus server (standalone or cluster), or a local
+    # file path ending in .db for Milvus Lite (needs the milvus-lite package).
+    uri: str = "http://127.0.0.1:19530"
+    token: str = ""  # Milvus auth token ("user:password"), empty when auth is off
+    collection: str = ""  # empty: "velo_<edge_id>"
+    index_type: str = "IVF_FLAT"  # the paper's index; "FLAT" and "HNSW" also work
+    nlist: int = 128  # IVF lists (paper: 128)
+    nprobe: int = 10  # IVF lists probed per search (paper: 10)
+    timeout_s: float = 10.0  # per Milvus call
+
+    def __post_init__(self) -> None:
+        require(self.index_type in {"IVF_FLAT", "FLAT", "HNSW"}, "index_type",
+                "must be IVF_FLAT, FLAT or HNSW")
+        require(self.nlist >= 1 and 1 <= self.nprobe <= self.nlist, "nprobe",
+                "must be between 1 and nlist")
+
+
+@dataclass
+class CacheConfig:
+    top_p: int = 5  # P: rows returned by a search and seen by the policy (eq. 6)
+    phi1: float = 1.0  # weight of satisfaction q in the reward, and of c^s in eq. 4
+    phi2: float = 0.1  # weight of delay d in the reward, and of c^f in eq. 4 (w = phi2/phi1)
+    # Eq. 4 picks among rows whose similarity is within this margin of the best one, so a
+    # popular but distant row never outranks a close match (the paper leaves c^f unbounded).
+    select_margin: float = 0.05
+    # Used in eq. 5 when q is unknown (no reference and not shadow-verified): the running
+    # mean of measured q, starting here.
+    satisfaction_prior: float = -0.6
+    eviction_every: int = 100  # xi: run the below-mean eviction every xi requests (Alg. 2)
+    eviction_min_rows: int = 200  # below-mean eviction only once the edge holds this many rows
+    max_rows: int = 100_000  # hard cap; the lowest-value rows go first
+    ttl_s: float = 0.0  # answers older than this are dropped (0 = never)
+
+    def __post_init__(self) -> None:
+        require(1 <= self.top_p <= 64, "top_p", "must be between 1 and 64")
+        require(self.eviction_every >= 1, "eviction_every", "must be >= 1")
+        require(self.max_rows >= 2, "max_rows", "must be >= 2 (a QA pair is two rows)")
+        require(self.ttl_s >= 0, "ttl_s", "must be >= 0")
+
+
+@dataclass
+class PolicyConfig:
+    # Runs until trainerd has published a learned policy, and whenever none verifies:
+    # "cache-<theta>" (GPTCache: J_min <= theta -> A else B), "greedy-<theta>"
+    # (paper: J_min > theta -> B else C) or "random".
+    baseline: str = "cache-0.5"
+    sample: bool = True  # sample actions from the policy's probabilities (paper); else argmax
+    seed: int = 0  # for sampling and random baselines
+    shadow_rate: float = 0.05  # epsilon: share of A/C answers re-asked to the LLM to measure q
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.shadow_rate <= 1.0, "shadow_rate", "must be in [0, 1]")
+        from velo.policy import baseline_from_name
+
+        try:
+            baseline_from_name(self.baseline)
+        except ValueError as exc:
+            require(False, "baseline", str(exc))
+
+
+@dataclass
+class LimitsConfig:
+    max_prompt_chars: int = 8000  # longer prompts get INVALID_ARGUMENT
+    max_reference_chars: int = 32000
+    max_tokens: int = 1024  # cap on AskRequest.max_tokens
+    max_inflight: int = 64  # concurrent requests; beyond, RESOURCE_EXHAUSTED
+    request_timeout_s: float = 120.0  # whole request, cloud included
+
+
+@dataclass
+class EdgeConfig:
+    edge_id: str = "edge-1"  # unique in the fleet; names the collection and experience
+    listen: str = "127.0.0.1:50051"
+    cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
+    trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
+    data_dir: str = "var/edged"  # experience spool and last verified policy
+    embedder_dir: str = ""  # exported ONNX embedder; empty: models/minilm-l6-v2
+    embedder_threads: int = 1  # onnxruntime intra-op threads
+    log_level: str = "info"
+    shutdown_grace_s: float = 10.0
+    spool_max_records: int = 200_000  # experience kept while trainerd is unreachable
+    upload_batch: int = 256  # experience records per upload stream
+    vector_db: VectorDBConfig = field(default_factory=VectorDBConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(_NAME.match(self.edge_id)), "edge_id",
+                "must be 1-64 characters of letters, digits, '_', '.', '-'")
+        require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
+
+    @property
+    def collection(self) -> str:
+        return self.vector_db.collection or "velo_" + re.sub(r"[^A-Za-z0-9_]", "_", self.edge_id)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def load(path: str | Path | None) -> EdgeConfig:
+    return load_config(EdgeConfig, path, ENV_PREFIX)
+
+
+def valid_tenant(tenant: str) -> bool:
+    return bool(_NAME.match(tenant))

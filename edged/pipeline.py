@@ -1,0 +1,313 @@
+"""The edge request path, one straight line (Algorithm 2, lines 12-14):
+
+    validate -> embed -> search top-P -> build state (eq. 6-8) -> policy -> execute A/B/C
+             -> answer -> record (cache insert or eq. 4-5 update, experience, stats)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from edged.cache import VectorCache
+from edged.cloud_client import CloudClient, CloudError
+from edged.config import EdgeConfig, valid_tenant
+from edged.spool import Spool
+from edged.trainer_link import ExperienceUploader, PolicyFollower
+from velo import qos
+from velo.embedder import Embedder
+from velo.logs import get_logger
+from velo.qos import Action
+from velo.state import CachedRow, EdgeState, build_state
+from velo.v1 import edge_pb2, trainer_pb2
+
+log = get_logger("edged.pipeline")
+TextSink = Callable[[str], Awaitable[None]]
+
+
+class RequestError(Exception):
+    """A request that cannot be served; `code` and the message go back to the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ActionCounters:
+    requests: int = 0
+    delay_sum_s: float = 0.0
+    satisfaction_count: int = 0
+    satisfaction_sum: float = 0.0
+    reward_sum: float = 0.0
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    evicted_rows: int = 0
+    actions: dict[Action, ActionCounters] = field(
+        default_factory=lambda: {a: ActionCounters() for a in Action})
+
+
+class EdgePipeline:
+    def __init__(self, cfg: EdgeConfig, embedder: Embedder, cache: VectorCache,
+                 cloud: CloudClient, policies: PolicyFollower, spool: Spool,
+                 uploader: ExperienceUploader) -> None:
+        self.cfg, self.embedder, self.cache, self.cloud = cfg, embedder, cache, cloud
+        self.policies, self.spool, self.uploader = policies, spool, uploader
+        self.weights = qos.QosWeights(cfg.cache.phi1, cfg.cache.phi2)
+        self.counters = Counters()
+        self.q_estimate = cfg.cache.satisfaction_prior  # running mean of measured q
+        self.eviction_due = asyncio.Event()
+        self.background: set[asyncio.Task] = set()
+        self.inflight = 0
+        self.rng = np.random.default_rng(cfg.policy.seed)
+
+    async def ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None = None,
+                  ) -> edge_pb2.AskResponse:
+        if self.inflight >= self.cfg.limits.max_inflight:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"edge {self.cfg.edge_id} is at capacity "
+                               f"({self.inflight} requests in flight); retry shortly")
+        self.inflight += 1
+        try:
+            return await asyncio.wait_for(self._ask(request, on_text),
+                                          self.cfg.limits.request_timeout_s)
+        except TimeoutError:
+            self.counters.errors += 1
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"request took longer than {self.cfg.limits.request_timeout_s} s "
+                               "(edged limits.request_timeout_s)") from None
+        except RequestError:
+            self.counters.errors += 1
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None,
+                   ) -> edge_pb2.AskResponse:
+        self._validate(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        max_tokens = request.max_tokens
+        prompt, tenant, top_p = request.prompt, request.tenant, self.cfg.cache.top_p
+
+        start = time.perf_counter()
+        f = await asyncio.to_thread(self.embedder.embed_one, prompt)
+        rows = await self._vector_db(self.cache.search, f, tenant, top_p)
+        state = build_state(f, rows, top_p)
+        policy = self.policies.current  # one read: a swap mid-request cannot mix versions
+        decision = policy.decide(state)
+        edge_s = time.perf_counter() - start
+
+        action = decision.action
+        row = self._select(state) if action is not Action.FORWARD else None
+        cloud_s = 0.0
+        if action is Action.REUSE:
+            answer = row.answer
+            if on_text is not None:
+                await on_text(answer)
+        else:
+            context = [(row.question, row.answer)] if action is Action.AUGMENT else []
+            try:
+                answer, cloud_s = await self.cloud.generate(prompt, context, max_tokens,
+                                                            request_id, on_text)
+            except CloudError as exc:
+                raise RequestError(exc.code, str(exc)) from None
+        d = qos.delay(action, edge_s, cloud_s)
+
+        q, answer_vec = None, None
+        if request.reference_answer:
+            answer_vec, reference_vec = await asyncio.to_thread(
+                self.embedder.embed, [answer, request.reference_answer])
+            q = qos.satisfaction(answer_vec, reference_vec)
+
+        record = _Record(request_id, tenant, prompt, answer, f, answer_vec, state, decision,
+                         policy.version, row, d, q)
+        if q is None and action is not Action.FORWARD and self._shadow_sampled():
+            self._spawn(self._shadow_verify(record))
+        else:
+            await self._record(record)
+
+        response = edge_pb2.AskResponse(
+            answer=answer, action=_ACTION_PB[action], request_id=request_id,
+            edge_id=self.cfg.edge_id, policy=policy.name, delay_s=d, edge_s=edge_s,
+            cloud_s=cloud_s, has_satisfaction=q is not None,
+        )
+        if row is not None:
+            response.cached_question, response.similarity = row.question, row.similarity
+        if q is not None:
+            response.satisfaction, response.reward = q, qos.reward(q, d, self.weights)
+        log.info("answered", request_id=request_id, tenant=tenant, action=action.letter,
+                 delay_s=round(d, 4), edge_ms=round(edge_s * 1000, 2), policy=policy.name)
+        return response
+
+    # -- steps ------------------------------------------------------------------------------
+    def _validate(self, request: edge_pb2.AskRequest) -> None:
+        limits = self.cfg.limits
+        unknown = sorted({f.field_number for f in UnknownFieldSet(request)})
+        if unknown:
+            raise _invalid(f"request has unknown field(s) {unknown}: this edge speaks velo.v1 "
+                           "AskRequest (prompt=1, tenant=2, request_id=3, reference_answer=4, "
+                           "max_tokens=5)")
+        if not request.prompt.strip():
+            raise _invalid("prompt is empty")
+        if len(request.prompt) > limits.max_prompt_chars:
+            raise _invalid(f"prompt is {len(request.prompt)} characters; this edge accepts at "
+                           f"most {limits.max_prompt_chars} (edged limits.max_prompt_chars)")
+        if not valid_tenant(request.tenant):
+            raise _invalid(f"tenant {request.tenant!r} is invalid: use 1-64 characters of "
+                           "letters, digits, '_', '.', '-'")
+        if not 0 <= request.max_tokens <= limits.max_tokens:
+            raise _invalid(f"max_tokens must be between 0 (default) and {limits.max_tokens}")
+        if len(request.reference_answer) > limits.max_reference_chars:
+            raise _invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
+
+    def _select(self, state: EdgeState) -> CachedRow:
+        """Eq. 4 among the rows within `select_margin` of the best similarity."""
+        best = state.rows[0].similarity
+        near = [r for r in state.rows if r.similarity >= best - self.cfg.cache.select_margin]
+        scores = qos.selection_scores(np.array([r.similarity for r in near]),
+                                      np.array([r.hits for r in near]), self.weights)
+        return near[int(np.argmax(scores))]
+
+    async def _record(self, rec: _Record) -> None:
+        """Update the cache (insert on B, eq. 5 on A/C), then the experience and the stats."""
+        q_used = rec.q if rec.q is not None else self.q_estimate
+        if rec.decision.action is Action.FORWARD:
+            answer_vec = rec.answer_vec
+            if answer_vec is None:
+                answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
+            await self._vector_db(self.cache.insert_pair, rec.tenant, rec.prompt, rec.answer,
+                                  rec.prompt_vec, answer_vec, q_used - rec.d)
+        else:
+            await self._vector_db(self.cache.update_row, rec.row, rec.tenant, rec.row.hits + 1,
+                                  qos.updated_value(rec.row.value, q_used, rec.d))
+        if rec.q is not None:
+            self.q_estimate += 0.05 * (rec.q - self.q_estimate)
+        await asyncio.to_thread(self.spool.append, rec.experience_encoder(self.cfg.edge_id))
+        self.uploader.wake()
+        self._count(rec)
+
+    async def _shadow_verify(self, rec: _Record) -> None:
+        """Shadow verification: ask the LLM too and measure q of the served answer against it."""
+        try:
+            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, rec.request_id + "-shadow")
+            served_vec, fresh_vec = await asyncio.to_thread(self.embedder.embed,
+                                                            [rec.answer, fresh])
+            rec.q, rec.shadow = qos.satisfaction(served_vec, fresh_vec), True
+        except CloudError as exc:
+            log.info("shadow verification skipped", reason=str(exc))
+        await self._record(rec)
+
+    def _count(self, rec: _Record) -> None:
+        self.counters.requests += 1
+        c = self.counters.actions[rec.decision.action]
+        c.requests += 1
+        c.delay_sum_s += rec.d
+        if rec.q is not None:
+            c.satisfaction_count += 1
+            c.satisfaction_sum += rec.q
+            c.reward_sum += qos.reward(rec.q, rec.d, self.weights)
+        if self.counters.requests % self.cfg.cache.eviction_every == 0:
+            self.eviction_due.set()
+
+    def _shadow_sampled(self) -> bool:
+        return self.cloud.stub is not None and self.rng.random() < self.cfg.policy.shadow_rate
+
+    async def _vector_db(self, method: Callable, *args: object) -> object:
+        try:
+            return await asyncio.to_thread(method, *args)
+        except Exception as exc:  # pymilvus raises many types; the caller needs one status
+            log.error("vector database call failed", call=method.__name__, error=str(exc))
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"vector database unavailable ({self.cfg.vector_db.uri}): "
+                               f"{exc}") from exc
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed", error=repr(task.exception()))
+
+    # -- eviction (its own task, Algorithm 2 lines 15-22) -------------------------------------
+    async def eviction_loop(self, period_s: float = 60.0) -> None:
+        """Every xi requests: below-mean eviction; every `period_s` anyway: cap and TTL."""
+        cache_cfg = self.cfg.cache
+        while True:
+            try:
+                await asyncio.wait_for(self.eviction_due.wait(), timeout=period_s)
+                below_mean = True
+            except TimeoutError:
+                below_mean = False
+            self.eviction_due.clear()
+            try:
+                if below_mean:
+                    below_mean = await asyncio.to_thread(self.cache.count) >= \
+                        cache_cfg.eviction_min_rows
+                dropped = await asyncio.to_thread(self.cache.evict, below_mean=below_mean,
+                                                  max_rows=cache_cfg.max_rows,
+                                                  ttl_s=cache_cfg.ttl_s)
+            except Exception as exc:
+                log.error("eviction failed; will retry", error=str(exc))
+                continue
+            if dropped:
+                self.counters.evicted_rows += dropped
+                log.info("evicted", rows=dropped, below_mean=below_mean)
+
+    async def drain(self) -> None:
+        """Finish background records (shadow verification) so no experience is lost."""
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
+
+
+@dataclass
+class _Record:
+    request_id: str
+    tenant: str
+    prompt: str
+    answer: str
+    prompt_vec: np.ndarray
+    answer_vec: np.ndarray | None
+    state: EdgeState
+    decision: object
+    policy_version: int
+    row: CachedRow | None
+    d: float
+    q: float | None
+    shadow: bool = False
+
+    def experience_encoder(self, edge_id: str) -> Callable[[int], bytes]:
+        def encode(seq: int) -> bytes:
+            return trainer_pb2.Experience(
+                edge_id=edge_id, seq=seq, unix_time=time.time(),
+                correlation=self.state.correlation.ravel().tolist(),
+                top_p=self.state.correlation.shape[1],
+                embedding=self.state.embedding.tolist(),
+                action_mask=self.state.action_mask.tolist(),
+                action=int(self.decision.action), action_probs=self.decision.probs.tolist(),
+                policy_version=self.policy_version, delay_s=self.d,
+                has_satisfaction=self.q is not None, satisfaction=self.q or 0.0,
+                shadow_verified=self.shadow,
+            ).SerializeToString()
+        return encode
+
+
+_ACTION_PB = {Action.REUSE: edge_pb2.ACTION_REUSE, Action.FORWARD: edge_pb2.ACTION_FORWARD,
+              Action.AUGMENT: edge_pb2.ACTION_AUGMENT}
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)

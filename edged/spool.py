@@ -1,0 +1,78 @@
+"""A bounded on-disk queue of experience records waiting for trainerd.
+
+Records get a per-edge sequence number that is never reused, even across restarts (trainerd
+deduplicates by edge and sequence number, so a reused number would silently drop a record).
+Records leave the spool only once trainerd has acknowledged them. When the spool is full the
+oldest records are dropped and counted: the edge keeps serving whatever happens upstream.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from velo.logs import get_logger
+
+log = get_logger("edged.spool")
+
+
+class Spool:
+    def __init__(self, path: Path, max_records: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0)")
+
+    def _meta(self, key: str) -> int:
+        return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    def append(self, encode: Callable[[int], bytes]) -> int:
+        """Store `encode(seq)` under the next sequence number, which it returns."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._meta("next_seq")
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'next_seq'")
+            self._db.execute("INSERT INTO records VALUES (?, ?)", (seq, encode(seq)))
+            excess = self._count() - self.max_records
+            if excess > 0:
+                self._db.execute("DELETE FROM records WHERE seq IN "
+                                 "(SELECT seq FROM records ORDER BY seq LIMIT ?)", (excess,))
+                self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'",
+                                 (excess,))
+            self._db.execute("COMMIT")
+        if excess > 0:
+            log.warning("experience spool full; dropped oldest", dropped=excess,
+                        max_records=self.max_records)
+        return seq
+
+    def pending(self, limit: int) -> list[tuple[int, bytes]]:
+        with self._lock:
+            return self._db.execute("SELECT seq, body FROM records ORDER BY seq LIMIT ?",
+                                    (limit,)).fetchall()
+
+    def ack(self, upto_seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM records WHERE seq <= ?", (upto_seq,))
+
+    def _count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._count()
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self._meta("dropped")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

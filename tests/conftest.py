@@ -1,0 +1,75 @@
+"""Shared fixtures: real servers on loopback (Milvus standalone, the daemons), no mocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from velo.models import ROOT, embedder_dir
+from velo.v1 import edge_pb2, edge_pb2_grpc
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def exported_embedder() -> Path:
+    """The ONNX embedder, exported once if this checkout has not done it yet."""
+    path = embedder_dir()
+    if not (path / "model.onnx").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "export_embedder.py"),
+                        "--out", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def milvus(tmp_path_factory: pytest.TempPathFactory):
+    """One real Milvus standalone server for the whole session; tests use own collections."""
+    from velo.milvus_server import EmbeddedMilvus
+
+    server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def edge_config(milvus, exported_embedder, tmp_path: Path) -> Callable[..., object]:
+    """Build an EdgeConfig on the test Milvus with a fresh collection and data dir."""
+    from edged.config import EdgeConfig, VectorDBConfig
+
+    def make(**overrides: object) -> EdgeConfig:
+        suffix = uuid.uuid4().hex[:8]
+        kwargs: dict = dict(edge_id=f"edge-{suffix}", listen="127.0.0.1:0", cloud="", trainer="",
+                            data_dir=str(tmp_path / f"edge-{suffix}"),
+                            embedder_dir=str(exported_embedder),
+                            vector_db=VectorDBConfig(uri=milvus.uri))
+        kwargs.update(overrides)
+        return EdgeConfig(**kwargs)
+
+    return make
+
+
+@asynccontextmanager
+async def running(daemon) -> AsyncIterator[object]:
+    """Start a daemon in this event loop; always shut it down."""
+    await daemon.startup()
+    try:
+        yield daemon
+    finally:
+        await daemon.shutdown()
+
+
+@asynccontextmanager
+async def edge_client(address: str) -> AsyncIterator[edge_pb2_grpc.EdgeServiceStub]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield edge_pb2_grpc.EdgeServiceStub(channel)
+
+
+def ask(prompt: str, tenant: str = "t1", **kw: object) -> edge_pb2.AskRequest:
+    return edge_pb2.AskRequest(prompt=prompt, tenant=tenant, **kw)

@@ -1,0 +1,404 @@
+"""cloudd against real servers: a tiny OpenAI-compatible HTTP server written here (fast), and
+the real SmolLM2 served by llama.cpp (tests marked `llm`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudd.__main__ import main
+from cloudd.config import CloudConfig, LLMConfig, load
+from cloudd.server import Cloudd
+from velo.config import ConfigError
+from velo.llm_server import LLMServerError, LocalLLMServer
+from velo.v1 import cloud_pb2, cloud_pb2_grpc
+
+FAKE_MODEL = "fake-model"
+
+
+def fake_tokens(max_tokens: int) -> list[str]:
+    """What the fake LLM answers: exactly `max_tokens` tokens, "ok 1 2 3 ..."."""
+    return ["ok"] + [f" {i}" for i in range(1, max_tokens)]
+
+
+class FakeLLM:
+    """A real OpenAI-compatible HTTP server (stdlib, on its own thread) that answers
+    /v1/chat/completions deterministically and can be told to fail or to hang."""
+
+    def __init__(self) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
+        self._httpd.daemon_threads = True
+        self._httpd.fake = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}/v1"
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # bodies received, in order
+        self.fail_next = 0  # answer HTTP 500 to this many requests
+        self.chunk_delay_s = 0.0  # pause between streamed tokens
+        self.disconnects = 0  # streams the client closed before the end
+        self.gate = threading.Event()  # cleared: requests hang until it is set
+        self.gate.set()
+
+    def record(self, body: dict[str, Any]) -> bool:
+        """Note a request; True when it should fail with HTTP 500."""
+        with self._lock:
+            self.requests.append(body)
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return True
+            return False
+
+    def start(self) -> FakeLLM:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.gate.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    server: ThreadingHTTPServer
+
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        pass
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": FAKE_MODEL}]})
+        else:
+            self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:
+        fake: FakeLLM = self.server.fake  # type: ignore[attr-defined]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions":
+            return self._json(404, {"error": {"message": f"no route {self.path}"}})
+        failing = fake.record(body)
+        fake.gate.wait(timeout=30)
+        try:
+            if failing:
+                return self._json(500, {"error": {"message": "fake overload"}})
+            if body["model"] != FAKE_MODEL:
+                return self._json(404, {"error": {"message": f"model '{body['model']}' not found"}})
+            tokens = fake_tokens(body["max_tokens"])
+            usage = {
+                "prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
+                "completion_tokens": len(tokens),
+            }
+            if not body.get("stream"):
+                message = {"role": "assistant", "content": "".join(tokens)}
+                return self._json(200, {"model": FAKE_MODEL, "usage": usage,
+                                        "choices": [{"index": 0, "message": message}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the body ends when we close the connection
+            events = [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in tokens]
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            events.append({"choices": [], "usage": usage})
+            for event in events:
+                self.wfile.write(f"data: {json.dumps({'model': FAKE_MODEL, **event})}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(fake.chunk_delay_s)
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            with fake._lock:
+                fake.disconnects += 1
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Any:
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(fake_server: FakeLLM) -> Any:
+    fake_server.reset()
+    yield fake_server
+    fake_server.gate.set()  # never leave a handler thread hanging
+
+
+@contextlib.asynccontextmanager
+async def running_cloudd(
+    base_url: str, **llm: Any
+) -> AsyncIterator[tuple[Cloudd, cloud_pb2_grpc.CloudServiceStub]]:
+    """A real cloudd on a free port, and a gRPC stub connected to it."""
+    llm = {"model": FAKE_MODEL, "retry_backoff_s": 0.01, **llm}
+    cfg = CloudConfig(listen="127.0.0.1:0", shutdown_grace_s=1.0,
+                      llm=LLMConfig(base_url=base_url, **llm))
+    daemon = Cloudd(cfg)
+    await daemon.startup()
+    try:
+        async with grpc.aio.insecure_channel(daemon.grpc.address) as channel:
+            yield daemon, cloud_pb2_grpc.CloudServiceStub(channel)
+    finally:
+        await daemon.shutdown()
+
+
+def ask(prompt: str, max_tokens: int = 8, context: tuple[tuple[str, str], ...] = ()
+        ) -> cloud_pb2.GenerateRequest:
+    return cloud_pb2.GenerateRequest(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        context=[cloud_pb2.ContextQA(question=q, answer=a) for q, a in context],
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def closed_port() -> int:
+    """A port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- against the fake LLM server ------------------------------------------------------------
+
+
+async def test_generate_returns_text(fake: FakeLLM) -> None:
+    async with running_cloudd(fake.url) as (_, stub):
+        reply = await stub.Generate(ask("What is the capital of France?", max_tokens=5))
+    assert reply.text == "ok 1 2 3 4"
+    assert reply.model == FAKE_MODEL
+    assert reply.completion_tokens == 5 and reply.prompt_tokens > 0
+    assert reply.llm_s > 0
+    # No context: the user message is the prompt itself, after the system prompt.
+    messages = fake.requests[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == "What is the capital of France?"
+
+
+async def test_zero_max_tokens_uses_the_default(fake: FakeLLM) -> None:
+    async with running_cloudd(fake.url, default_max_tokens=7) as (_, stub):
+        reply = await stub.Generate(ask("hi", max_tokens=0))
+    assert fake.requests[-1]["max_tokens"] == 7
+    assert reply.completion_tokens == 7
+
+
+async def test_stream_chunks_add_up_to_the_final_text(fake: FakeLLM) -> None:
+    async with running_cloudd(fake.url) as (_, stub):
+        chunks = [c async for c in stub.GenerateStream(ask("count", max_tokens=6))]
+    texts, last = [c.text for c in chunks[:-1]], chunks[-1]
+    assert len(texts) == 6 and last.HasField("done")
+    assert "".join(texts) == last.done.text == "ok 1 2 3 4 5"
+    assert last.done.completion_tokens == 6
+
+
+async def test_retries_after_server_errors(fake: FakeLLM) -> None:
+    fake.fail_next = 2
+    async with running_cloudd(fake.url, max_retries=2) as (_, stub):
+        reply = await stub.Generate(ask("hello", max_tokens=3))
+    assert reply.text == "ok 1 2"
+    assert len(fake.requests) == 3
+
+
+async def test_server_errors_beyond_retries_are_unavailable(fake: FakeLLM) -> None:
+    fake.fail_next = 5
+    async with running_cloudd(fake.url, max_retries=1) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(ask("hello"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "HTTP 500: fake overload" in err.value.details()
+    assert len(fake.requests) == 2
+
+
+async def test_llm_down_is_unavailable_and_names_the_url() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    async with running_cloudd(url, max_retries=1) as (_, stub):
+        for call in (stub.Generate(ask("hello")), _drain(stub.GenerateStream(ask("hello")))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = err.value.details()
+            assert f"LLM server at {url} is unreachable" in details
+            assert "Connection refused" in details and "2 attempts" in details
+
+
+async def _drain(call: Any) -> list[Any]:
+    return [chunk async for chunk in call]
+
+
+async def test_llm_refusal_is_not_retried(fake: FakeLLM) -> None:
+    async with running_cloudd(fake.url, model="no-such-model") as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(ask("hello"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "HTTP 404: model 'no-such-model' not found" in err.value.details()
+    assert len(fake.requests) == 1
+
+
+async def test_llm_too_slow_is_deadline_exceeded(fake: FakeLLM) -> None:
+    fake.gate.clear()
+    async with running_cloudd(fake.url, timeout_s=0.2, max_retries=0) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(ask("hello"))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not answer within 0.2 s" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "expected"),
+    [
+        ("", 8, "prompt is empty"),
+        ("  \n", 8, "prompt is empty"),
+        ("hello", 5000, "between 0 and 1024"),
+        ("hello", -1, "between 0 and 1024"),
+    ],
+)
+async def test_invalid_requests(fake: FakeLLM, prompt: str, max_tokens: int, expected: str) -> None:
+    async with running_cloudd(fake.url) as (_, stub):
+        for call in (stub.Generate(ask(prompt, max_tokens)),
+                     _drain(stub.GenerateStream(ask(prompt, max_tokens)))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert expected in err.value.details()
+    assert fake.requests == []
+
+
+async def test_over_capacity_is_resource_exhausted(fake: FakeLLM) -> None:
+    fake.gate.clear()  # the LLM holds every request until we let go
+    async with running_cloudd(fake.url, max_concurrency=1, max_queue=1) as (daemon, stub):
+        servicer = daemon.servicer
+        assert servicer is not None
+        first = asyncio.ensure_future(stub.Generate(ask("one", 2)))
+        await wait_until(lambda: servicer.in_flight == 1)
+        second = asyncio.ensure_future(stub.Generate(ask("two", 2)))
+        await wait_until(lambda: servicer.queued == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(ask("three", 2))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at capacity (1 in flight, 1 queued); retry later" in err.value.details()
+        fake.gate.set()
+        assert (await first).text == (await second).text == "ok 1"
+        assert servicer.in_flight == servicer.queued == 0
+
+
+async def test_client_cancelling_a_stream_closes_the_llm_stream(fake: FakeLLM) -> None:
+    fake.chunk_delay_s = 0.02
+    async with running_cloudd(fake.url) as (daemon, stub):
+        call = stub.GenerateStream(ask("tell me a long story", max_tokens=500))
+        seen = 0
+        async for chunk in call:
+            seen += bool(chunk.text)
+            if seen == 3:
+                break
+        call.cancel()
+        # The upstream HTTP stream is closed (the LLM server stops writing), the slot is free.
+        await wait_until(lambda: fake.disconnects == 1)
+        assert daemon.servicer is not None
+        await wait_until(lambda: daemon.servicer.in_flight == 0)
+        fake.chunk_delay_s = 0.0
+        reply = await stub.Generate(ask("still there?", max_tokens=2))
+    assert reply.text == "ok 1"
+
+
+async def test_action_c_context_reaches_the_llm(fake: FakeLLM) -> None:
+    context = (("What is the capital of France?", "Paris is the capital of France."),
+               ("Where is the Eiffel Tower?", "In Paris {on the Champ de Mars}."))
+    async with running_cloudd(fake.url) as (daemon, stub):
+        await stub.Generate(ask("Which city is France's capital?", context=context))
+    messages = fake.requests[-1]["messages"]
+    assert messages[0] == {"role": "system", "content": daemon.cfg.llm.system_prompt}
+    user = messages[-1]
+    assert user["role"] == "user"
+    assert "Here is a related question that was answered before" in user["content"]
+    assert ("Q: What is the capital of France?\nA: Paris is the capital of France.\n\n"
+            "Q: Where is the Eiffel Tower?\nA: In Paris {on the Champ de Mars}.") in user["content"]
+    assert user["content"].endswith("\nWhich city is France's capital?")
+
+
+# --- configuration and command line ---------------------------------------------------------
+
+
+def test_config_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VELO_CLOUDD__LLM__BASE_URL", "http://gpu-1:8000/v1")
+    monkeypatch.setenv("VELO_CLOUDD__LLM__MAX_CONCURRENCY", "16")
+    cfg = load(None)
+    assert cfg.llm.base_url == "http://gpu-1:8000/v1" and cfg.llm.max_concurrency == 16
+    monkeypatch.setenv("VELO_CLOUDD__LLM__MAX_QUEUE", "-1")
+    with pytest.raises(ConfigError, match=r"llm\.max_queue"):
+        load(None)
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "cloudd.toml"
+    path.write_text("[llm]\ncontext_template = \"Context: {context}\"\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("velo-cloudd: config key 'llm.context_template'")
+    assert "{prompt}" in err
+
+
+# --- against the real local LLM (SmolLM2 via llama.cpp) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Any:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: pip install 'velo[embedded]'")
+    with LocalLLMServer(n_threads=2) as server:
+        yield server
+
+
+@pytest.mark.llm
+async def test_real_llm_generate(llm_server: LocalLLMServer) -> None:
+    async with running_cloudd(llm_server.base_url, model="smollm2") as (_, stub):
+        reply = await stub.Generate(ask("What is the capital of France?", max_tokens=16))
+    assert reply.text.strip()
+    assert reply.model == "smollm2"
+    assert 1 <= reply.completion_tokens <= 16 and reply.prompt_tokens > 5
+    assert reply.llm_s > 0
+
+
+@pytest.mark.llm
+async def test_real_llm_stream(llm_server: LocalLLMServer) -> None:
+    async with running_cloudd(llm_server.base_url, model="smollm2") as (_, stub):
+        chunks = [c async for c in stub.GenerateStream(ask("Name three colours.", 16))]
+    texts, last = [c.text for c in chunks[:-1]], chunks[-1]
+    assert len(texts) >= 2 and last.HasField("done")
+    assert "".join(texts) == last.done.text and last.done.text.strip()
+    assert 2 <= last.done.completion_tokens <= 16
+
+
+@pytest.mark.llm
+def test_llm_server_that_cannot_start_says_why(tmp_path: Any) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    server = LocalLLMServer(model=tmp_path / "missing.gguf", log_path=tmp_path / "llm.log")
+    with pytest.raises(LLMServerError, match="exited with code") as err:
+        server.start()
+    assert "missing.gguf" in str(err.value)  # the tail of the server's own log
+    assert not server.running

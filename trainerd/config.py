@@ -1,0 +1,47 @@
+"""trainerd configuration (TOML file + VELO_TRAINERD__KEY environment overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from velo.config import load_config, require
+
+ENV_PREFIX = "VELO_TRAINERD"
+MiB = 1024 * 1024
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass
+class TrainerConfig:
+    listen: str = "127.0.0.1:50070"  # gRPC address edges and tools connect to (port 0: any)
+    data_dir: str = "var/trainerd"  # experience.db and policies/ live here
+    shutdown_grace_s: float = 5.0  # how long in-flight RPCs may finish on SIGTERM
+    log_level: str = "info"
+    # Largest ONNX policy accepted by PublishPolicy; the gRPC message limit follows it, and
+    # edges must allow the same on their channel to pull a policy this big.
+    max_policy_bytes: int = 64 * MiB
+    # Experience records are committed to SQLite in transactions of at most this many, so a
+    # long upload stream neither holds all its records in memory nor one huge transaction.
+    max_batch_records: int = 10_000
+
+    def __post_init__(self) -> None:
+        require(":" in self.listen, "listen", "must be HOST:PORT, e.g. 127.0.0.1:50070")
+        require(bool(self.data_dir.strip()), "data_dir", "must not be empty")
+        require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
+        require(self.log_level.lower() in _LOG_LEVELS, "log_level",
+                f"must be one of {', '.join(_LOG_LEVELS)}")
+        # protobuf (and so ONNX and gRPC) cannot carry a message of 2 GiB or more.
+        require(1024 <= self.max_policy_bytes <= 1024 * MiB, "max_policy_bytes",
+                "must be between 1024 and 1073741824 (1 GiB)")
+        require(1 <= self.max_batch_records <= 1_000_000, "max_batch_records",
+                "must be between 1 and 1000000")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def load(path: str | Path | None) -> TrainerConfig:
+    """Read the TOML file at `path` (optional), apply VELO_TRAINERD__* overrides, validate."""
+    return load_config(TrainerConfig, path, ENV_PREFIX)

@@ -1,0 +1,151 @@
+"""Policies: map an edge state to an action A, B or C.
+
+Baselines are plain Python; learned policies are ONNX files run by onnxruntime (the edge
+never imports PyTorch). All share one interface, `decide(state) -> Decision`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from velo.qos import Action
+from velo.state import EdgeState
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    probs: np.ndarray  # [3] probabilities of A, B, C under the policy
+
+
+class Policy(Protocol):
+    name: str
+    version: int  # 0 for baselines; the trainer's version for learned policies
+
+    def decide(self, state: EdgeState) -> Decision: ...
+
+
+def _one_hot(action: Action) -> Decision:
+    probs = np.zeros(3, dtype=np.float32)
+    probs[action] = 1.0
+    return Decision(action, probs)
+
+
+class CachePolicy:
+    """Cache-theta (GPTCache semantics): reuse when J_min <= theta, otherwise forward."""
+
+    version = 0
+
+    def __init__(self, theta: float) -> None:
+        self.theta = theta
+        self.name = f"cache-{theta:g}"
+
+    def decide(self, state: EdgeState) -> Decision:
+        return _one_hot(Action.REUSE if state.min_distance <= self.theta else Action.FORWARD)
+
+
+class GreedyPolicy:
+    """Greedy-theta (the paper's baseline): forward when J_min > theta, otherwise augment."""
+
+    version = 0
+
+    def __init__(self, theta: float) -> None:
+        self.theta = theta
+        self.name = f"greedy-{theta:g}"
+
+    def decide(self, state: EdgeState) -> Decision:
+        return _one_hot(Action.FORWARD if state.min_distance > self.theta else Action.AUGMENT)
+
+
+class RandomPolicy:
+    """Uniform over the valid actions."""
+
+    version = 0
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def decide(self, state: EdgeState) -> Decision:
+        probs = state.action_mask.astype(np.float32) / state.action_mask.sum()
+        return Decision(Action(int(self.rng.choice(3, p=probs))), probs)
+
+
+def baseline_from_name(name: str, seed: int = 0) -> Policy:
+    """'cache-0.5', 'greedy-0.3' or 'random'; ValueError with the accepted forms otherwise."""
+    if name == "random":
+        return RandomPolicy(seed)
+    match = re.fullmatch(r"(cache|greedy)-([0-9]*\.?[0-9]+)", name)
+    if not match:
+        raise ValueError(f"unknown baseline {name!r}; use cache-<theta>, greedy-<theta> or random")
+    theta = float(match.group(2))
+    if not 0.0 <= theta <= 2.0:
+        raise ValueError(f"theta {theta} is not an L2 distance between unit vectors (0..2)")
+    return CachePolicy(theta) if match.group(1) == "cache" else GreedyPolicy(theta)
+
+
+class PolicyRejected(ValueError):
+    """An ONNX policy failed verification; the message says why."""
+
+
+class OnnxPolicy:
+    """A learned policy exported to ONNX (contract in velo.state), run by onnxruntime."""
+
+    def __init__(self, onnx_bytes: bytes, version: int, name: str, *, top_p: int, embed_dim: int,
+                 sample: bool = True, seed: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(onnx_bytes, options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise PolicyRejected(f"onnxruntime cannot load policy v{version}: {exc}") from exc
+        self.version, self.name = version, f"onnx:{name}:v{version}"
+        self.top_p, self.embed_dim, self.sample = top_p, embed_dim, sample
+        self.sha256 = hashlib.sha256(onnx_bytes).hexdigest()
+        self.rng = np.random.default_rng(seed)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Run a padded empty state and a full one; the output must be [1, 3] probabilities."""
+        names = {i.name for i in self.session.get_inputs()}
+        if names != {"correlation", "embedding", "action_mask"}:
+            raise PolicyRejected(f"policy inputs are {sorted(names)}; expected "
+                                 "correlation, embedding, action_mask")
+        for mask in ([0, 1, 0], [1, 1, 1]):
+            probs = self.probabilities(np.zeros((1, 3, self.top_p), np.float32),
+                                       np.zeros((1, self.embed_dim), np.float32),
+                                       np.array([mask], np.float32))
+            if probs.shape != (1, 3) or not np.all(np.isfinite(probs)):
+                raise PolicyRejected(f"policy output has shape {probs.shape}; expected (1, 3)")
+            if abs(float(probs.sum()) - 1.0) > 1e-3 or np.any(probs[0][np.array(mask) == 0] > 1e-6):
+                raise PolicyRejected("policy output is not a masked probability distribution")
+
+    def probabilities(self, correlation: np.ndarray, embedding: np.ndarray,
+                      action_mask: np.ndarray) -> np.ndarray:
+        try:
+            (probs,) = self.session.run(["probs"], {"correlation": correlation,
+                                                    "embedding": embedding,
+                                                    "action_mask": action_mask})
+        except Exception as exc:
+            raise PolicyRejected(f"policy v{self.version} failed on a probe state: {exc}") from exc
+        return probs
+
+    def decide(self, state: EdgeState) -> Decision:
+        probs = self.probabilities(state.correlation[None], state.embedding[None],
+                                   state.action_mask[None].astype(np.float32))[0]
+        probs = np.where(state.action_mask, np.clip(probs, 0.0, None), 0.0)
+        probs = probs / probs.sum()
+        if self.sample:
+            action = int(self.rng.choice(3, p=probs))
+        else:
+            action = int(np.argmax(probs))
+        return Decision(Action(action), probs.astype(np.float32))

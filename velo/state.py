@@ -1,0 +1,66 @@
+"""The agent's local state (eq. 6-8), built the same way on the edge and in the trainer.
+
+The ONNX policy contract (every learned policy, exported by trainerd):
+  inputs  correlation [B, 3, P] float32  rows c^s, c^k, c^r of the top-P cached rows (eq. 6)
+          embedding   [B, H]    float32  the request embedding f, input of T[.] (eq. 7)
+          action_mask [B, 3]    float32  1 where the action is valid, order A, B, C
+  output  probs       [B, 3]    float32  action probabilities, 0 for masked actions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from velo.qos import Action
+
+QUESTION, ANSWER = 1, 2  # c^k: the kind of a cached row
+
+
+@dataclass(frozen=True)
+class CachedRow:
+    """One row returned by a vector search, with its L2 distance J to the request."""
+
+    id: int
+    pair_id: int
+    kind: int
+    question: str
+    answer: str
+    hits: int
+    value: float
+    created: float
+    distance: float
+    vector: np.ndarray | None = None
+
+    @property
+    def similarity(self) -> float:
+        return 1.0 - self.distance / 2.0
+
+
+@dataclass(frozen=True)
+class EdgeState:
+    correlation: np.ndarray  # [3, P]
+    embedding: np.ndarray  # [H]
+    action_mask: np.ndarray  # [3] bool
+    rows: tuple[CachedRow, ...]  # the top-P rows, nearest first (may be fewer than P)
+
+    @property
+    def min_distance(self) -> float:
+        """J_min of the nearest row; infinity when the search found nothing."""
+        return self.rows[0].distance if self.rows else float("inf")
+
+
+def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int) -> EdgeState:
+    """Eq. 6-8: the 3 x P correlation matrix (zero-padded) next to the request embedding.
+
+    A and C need a cached row, so they are masked out when the search returned nothing.
+    """
+    rows = sorted(rows, key=lambda r: r.distance)[:top_p]
+    correlation = np.zeros((3, top_p), dtype=np.float32)
+    for p, row in enumerate(rows):
+        correlation[:, p] = (row.similarity, row.kind, row.value)
+    mask = np.ones(3, dtype=bool)
+    if not rows:
+        mask[Action.REUSE] = mask[Action.AUGMENT] = False
+    return EdgeState(correlation, embedding.astype(np.float32), mask, tuple(rows))

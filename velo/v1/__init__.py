@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of velo.v1."""

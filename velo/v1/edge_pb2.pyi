@@ -1,0 +1,117 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_REUSE: _ClassVar[Action]
+    ACTION_FORWARD: _ClassVar[Action]
+    ACTION_AUGMENT: _ClassVar[Action]
+ACTION_UNSPECIFIED: Action
+ACTION_REUSE: Action
+ACTION_FORWARD: Action
+ACTION_AUGMENT: Action
+
+class AskRequest(_message.Message):
+    __slots__ = ("prompt", "tenant", "request_id", "reference_answer", "max_tokens")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    tenant: str
+    request_id: str
+    reference_answer: str
+    max_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., reference_answer: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class AskResponse(_message.Message):
+    __slots__ = ("answer", "action", "request_id", "edge_id", "policy", "delay_s", "edge_s", "cloud_s", "cached_question", "similarity", "has_satisfaction", "satisfaction", "reward")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    EDGE_S_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_QUESTION_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    HAS_SATISFACTION_FIELD_NUMBER: _ClassVar[int]
+    SATISFACTION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    action: Action
+    request_id: str
+    edge_id: str
+    policy: str
+    delay_s: float
+    edge_s: float
+    cloud_s: float
+    cached_question: str
+    similarity: float
+    has_satisfaction: bool
+    satisfaction: float
+    reward: float
+    def __init__(self, answer: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., request_id: _Optional[str] = ..., edge_id: _Optional[str] = ..., policy: _Optional[str] = ..., delay_s: _Optional[float] = ..., edge_s: _Optional[float] = ..., cloud_s: _Optional[float] = ..., cached_question: _Optional[str] = ..., similarity: _Optional[float] = ..., has_satisfaction: bool = ..., satisfaction: _Optional[float] = ..., reward: _Optional[float] = ...) -> None: ...
+
+class AskChunk(_message.Message):
+    __slots__ = ("text", "done")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    done: AskResponse
+    def __init__(self, text: _Optional[str] = ..., done: _Optional[_Union[AskResponse, _Mapping]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActionStats(_message.Message):
+    __slots__ = ("action", "requests", "delay_sum_s", "satisfaction_count", "satisfaction_sum", "reward_sum")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_SUM_S_FIELD_NUMBER: _ClassVar[int]
+    SATISFACTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SATISFACTION_SUM_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SUM_FIELD_NUMBER: _ClassVar[int]
+    action: Action
+    requests: int
+    delay_sum_s: float
+    satisfaction_count: int
+    satisfaction_sum: float
+    reward_sum: float
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., requests: _Optional[int] = ..., delay_sum_s: _Optional[float] = ..., satisfaction_count: _Optional[int] = ..., satisfaction_sum: _Optional[float] = ..., reward_sum: _Optional[float] = ...) -> None: ...
+
+class EdgeStats(_message.Message):
+    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPERIENCE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    EXPERIENCE_SENT_FIELD_NUMBER: _ClassVar[int]
+    EXPERIENCE_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    requests: int
+    errors: int
+    actions: _containers.RepeatedCompositeFieldContainer[ActionStats]
+    cached_rows: int
+    evicted_rows: int
+    policy: str
+    policy_version: int
+    experience_pending: int
+    experience_sent: int
+    experience_dropped: int
+    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ...) -> None: ...
