@@ -228,7 +228,8 @@ class OpenAIBackend:
             text="".join(parts),
             model=model,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            # Servers that report no usage send one delta per token (llama.cpp, vLLM, TGI).
+            # Without usage in the stream (llama-cpp-python sends none) the prompt count stays 0
+            # (unknown), and servers send one delta per token (llama.cpp, vLLM, TGI).
             completion_tokens=int(usage.get("completion_tokens") or len(parts)),
             llm_s=time.perf_counter() - started,
         )

@@ -49,6 +49,9 @@ class VectorCache:
         if not self.client.has_collection(self.collection):
             self._create()
         self.client.load_collection(self.collection)
+        # The first search of a new or reopened collection waits for Milvus to catch up
+        # (~20 s); pay that here, before the edge reports itself ready.
+        self.search(np.zeros(self.dim, dtype=np.float32), "warm-up", 1)
 
     def _create(self) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)

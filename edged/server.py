@@ -99,7 +99,8 @@ class Edged(Daemon):
         await asyncio.to_thread(self.cache.open)
         self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records)
         self.cloud = CloudClient(cfg.cloud, cfg.limits.request_timeout_s)
-        self.trainer_channel = grpc.aio.insecure_channel(cfg.trainer) if cfg.trainer else None
+        self.trainer_channel = grpc.aio.insecure_channel(cfg.trainer, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)]) if cfg.trainer else None
         self.uploader = ExperienceUploader(self.trainer_channel, self.spool, cfg.upload_batch)
         self.policies = PolicyFollower(
             self.trainer_channel, baseline_from_name(cfg.policy.baseline, cfg.policy.seed),

@@ -397,8 +397,12 @@ async def test_real_llm_stream(llm_server: LocalLLMServer) -> None:
 def test_llm_server_that_cannot_start_says_why(tmp_path: Any) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed")
-    server = LocalLLMServer(model=tmp_path / "missing.gguf", log_path=tmp_path / "llm.log")
+    with pytest.raises(LLMServerError, match=r"missing\.gguf does not exist"):
+        LocalLLMServer(model=tmp_path / "missing.gguf").start()
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"this is not a GGUF file")
+    server = LocalLLMServer(model=broken, log_path=tmp_path / "llm.log")
     with pytest.raises(LLMServerError, match="exited with code") as err:
         server.start()
-    assert "missing.gguf" in str(err.value)  # the tail of the server's own log
+    assert "broken.gguf" in str(err.value)  # quoted from the tail of the server's own log
     assert not server.running

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -350,3 +355,28 @@ def test_config_defaults_and_env_override(monkeypatch) -> None:
     config = load(None)
     assert config.max_batch_records == 500
     assert config.listen == "127.0.0.1:50070" and config.max_policy_bytes == 64 * 1024 * 1024
+
+
+def test_process_serves_until_sigterm(tmp_path: Path) -> None:
+    """`python -m trainerd` as a real process: serving (health), then SIGTERM exits 0."""
+    with socket.socket() as sock:  # a free port; tiny race with other processes, acceptable
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VELO_TRAINERD__LISTEN": f"127.0.0.1:{port}",
+           "VELO_TRAINERD__DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "trainerd"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="velo.v1.TrainerService"), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -28,7 +28,7 @@ from trainerd.registry import (
 )
 from trainerd.store import ExperienceStore
 from velo.logs import get_logger
-from velo.serving import Daemon, GrpcServer
+from velo.serving import Daemon
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("trainerd")
@@ -190,10 +190,9 @@ class Trainerd(Daemon):
     name = "trainerd"
 
     def __init__(self, config: TrainerConfig) -> None:
-        super().__init__(config.listen, config.shutdown_grace_s)
-        # A policy travels as one message: lift gRPC's 8 MiB default so that the largest
-        # accepted policy fits, with room for the rest of the message.
-        self.grpc = GrpcServer(config.listen, max_message_bytes=config.max_policy_bytes + MiB)
+        # A policy travels as one message: gRPC's limit must fit the largest accepted policy.
+        super().__init__(config.listen, config.shutdown_grace_s,
+                         max_message_bytes=config.max_policy_bytes + MiB)
         self.config = config
         self.store: ExperienceStore | None = None
         self.registry: PolicyRegistry | None = None

@@ -13,7 +13,9 @@ tail is quoted when it fails to start.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,10 @@ log = get_logger("velo.llm")
 
 DEFAULT_ALIAS = "smollm2"
 
+# Loaded before any fork: the pre-exec hook below must not import or allocate much.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
 
 class LLMServerError(RuntimeError):
     """The local LLM server could not be started; the message quotes its log."""
@@ -39,6 +45,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when its parent dies, so a killed test run or
+    `velo up` leaves no server behind (atexit does not run on SIGTERM/SIGKILL). Linux ties this
+    to the thread that started the child: call start() from a thread that outlives the server."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -94,6 +108,8 @@ class LocalLLMServer:
         if self._proc is not None:
             return self
         model = self.model or smollm2_gguf()
+        if not model.is_file():
+            raise LLMServerError(f"model file {model} does not exist")
         self.port = self.port or _free_port()
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="velo-llm-", suffix=".log")
@@ -116,9 +132,13 @@ class LocalLLMServer:
         with open(self._log_path, "wb") as out:
             # The child keeps its own copy of the file descriptor.
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if _LIBC is not None else None,
             )
-        # A crashed test run or an interrupted `velo up` must not leave a server behind.
+        # Stop it on a normal interpreter exit too, even if nobody called stop().
         atexit.register(self.stop)
         try:
             self._wait_ready(started)

@@ -78,11 +78,20 @@ class Daemon:
 
     name = "daemon"
 
-    def __init__(self, listen: str, shutdown_grace_s: float = 10.0) -> None:
-        self.grpc = GrpcServer(listen)
+    def __init__(self, listen: str, shutdown_grace_s: float = 10.0,
+                 max_message_bytes: int = 8 * 1024 * 1024) -> None:
+        self.listen, self.max_message_bytes = listen, max_message_bytes
         self.shutdown_grace_s = shutdown_grace_s
         self.should_exit = asyncio.Event()
         self.log = get_logger(self.name)
+        self._grpc: GrpcServer | None = None
+
+    @property
+    def grpc(self) -> GrpcServer:
+        """Created on first use, inside the running loop: grpc.aio binds a server to it."""
+        if self._grpc is None:
+            self._grpc = GrpcServer(self.listen, self.max_message_bytes)
+        return self._grpc
 
     async def startup(self) -> None:
         """Open resources, register services, then start the gRPC server (call super last)."""

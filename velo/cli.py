@@ -1,0 +1,187 @@
+"""The `velo` command: run the stack, ask an edge, replay a workload, run the demo.
+
+    velo up                       start the whole stack on loopback; Ctrl-C stops it
+    velo ask "TEXT" [--edge ADDR] [--tenant T] [--stream]
+    velo replay --data PATH [--requests N] [--edges A,B,C]
+    velo demo                     up + replay + QoS summary + down, in one go
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from velo.models import ROOT
+
+DEFAULT_EDGES = "127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
+BUNDLED_DATA = ROOT / "data" / "oasst1_dev.jsonl"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="velo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Milvus, the local LLM, trainerd, cloudd and N edges")
+    _stack_args(up)
+    up.add_argument("--base-port", type=int, default=50050,
+                    help="trainerd = base, cloudd = base+1, edges = base+2... (default 50050)")
+
+    ask = sub.add_parser("ask", help="ask one edge a question")
+    ask.add_argument("text")
+    ask.add_argument("--edge", default=DEFAULT_EDGES.split(",")[0])
+    ask.add_argument("--tenant", default="default")
+    ask.add_argument("--max-tokens", type=int, default=0)
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+
+    rep = sub.add_parser("replay", help="replay a QA workload through running edges")
+    _replay_args(rep)
+    rep.add_argument("--edges", default=DEFAULT_EDGES, help="comma-separated edge addresses")
+
+    demo = sub.add_parser("demo", help="start the stack, replay a workload, summarise, stop")
+    _stack_args(demo)
+    _replay_args(demo)
+
+    args = parser.parse_args(argv)
+    from velo.logs import configure_logging
+
+    configure_logging("warning" if args.command in {"ask", "replay", "demo"} else "info")
+    {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo}[args.command](args)
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--edges-count", type=int, default=3, dest="edge_count")
+    p.add_argument("--policies", default="cache-0.5,greedy-0.5,random",
+                   help="baseline policy per edge, cycled (default: one of each)")
+    p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack")
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=None,
+                   help="QA JSON lines (default: shared/data/oasst1_dev.jsonl or the bundled copy)")
+    p.add_argument("--requests", type=int, default=90)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tenant", default="demo")
+
+
+def _stack(args: argparse.Namespace, base_port: int):
+    from velo.stack import Stack, StackConfig
+
+    return Stack(StackConfig(data_dir=args.state_dir, edges=args.edge_count,
+                             edge_policies=tuple(args.policies.split(",")), base_port=base_port))
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    stack = _stack(args, args.base_port)
+    print("starting the VELO stack (Milvus, SmolLM2 via llama.cpp, trainerd, cloudd, edges)...")
+    stack.start()
+    print("VELO is up:")
+    for name, address in stack.addresses.items():
+        print(f"  {name:9} {address}")
+    print(f"  milvus    {stack.milvus.uri}\n  llm       {stack.llm.base_url}")
+    print(f"logs in {args.state_dir / 'logs'}; try: velo ask \"What is Milvus?\" "
+          f"--edge {stack.edge_addresses[0]}\nCtrl-C stops everything.")
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(p.poll() is None for _, p in stack.procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("\nstopping...")
+    stack.stop()
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from velo.replay import LETTER
+    from velo.v1 import edge_pb2, edge_pb2_grpc
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(args.edge) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            request = edge_pb2.AskRequest(prompt=args.text, tenant=args.tenant,
+                                          max_tokens=args.max_tokens)
+            if args.stream:
+                async for chunk in stub.AskStream(request, timeout=300):
+                    print(chunk.text, end="", flush=True)
+                    done = chunk.done if chunk.HasField("done") else None
+                print()
+            else:
+                done = await stub.Ask(request, timeout=300)
+                print(done.answer)
+            print(f"[action {LETTER[done.action]} by {done.policy} on {done.edge_id}, "
+                  f"{done.delay_s:.3f} s]", file=sys.stderr)
+
+    try:
+        asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        sys.exit(f"velo ask: {exc.code().name}: {exc.details()}")
+
+
+def _load(args: argparse.Namespace):
+    from velo.workload import load_qa, zipf_workload
+
+    path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
+    items = load_qa(path)
+    # Very long prompts only slow the tiny local LLM down; they teach nothing extra here.
+    arrivals = zipf_workload(items, args.requests, seed=args.seed, max_chars=400)
+    return path, items, arrivals
+
+
+def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str]) -> None:
+    from velo.replay import replay, summary_table
+
+    path, items, arrivals = _load(args)
+    distinct = len({a.item.id for a in arrivals})
+    print(f"replaying {len(arrivals)} requests ({distinct} distinct questions, Zipf) "
+          f"from {path} through {len(edges)} edges")
+    started = time.monotonic()
+    outcomes = asyncio.run(replay(arrivals, edges, items, tenant=args.tenant,
+                                  max_tokens=args.max_tokens))
+    print(f"\nQoS summary ({time.monotonic() - started:.1f} s; q = -||emb(answer) - "
+          "emb(reference)||, reward = q - 0.1 d)\n")
+    print(summary_table(outcomes, names))
+    errors = [o for o in outcomes if o.action == "error"]
+    if errors:
+        print(f"\n{len(errors)} requests failed, e.g.: {errors[0].error}")
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    _replay(args, args.edges.split(","), {})
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    stack = _stack(args, 0)
+    print("starting the VELO stack on loopback (Milvus, SmolLM2 via llama.cpp, trainerd, "
+          f"cloudd, {args.edge_count} edges)...")
+    started = time.monotonic()
+    stack.start()
+    print(f"up in {time.monotonic() - started:.1f} s: " +
+          ", ".join(f"{n} {a}" for n, a in stack.addresses.items()))
+    try:
+        policies = args.policies.split(",")
+        names = {a: f"{n} ({policies[i % len(policies)]})"
+                 for i, (n, a) in enumerate((n, a) for n, a in stack.addresses.items()
+                                            if n.startswith("edge-"))}
+        _replay(args, stack.edge_addresses, names)
+    finally:
+        print("\nstopping the stack...")
+        stack.stop()
+        print("stopped.")
+
+
+if __name__ == "__main__":
+    main()
