@@ -122,7 +122,9 @@ class VectorCache:
     def _expire(self) -> None:
         horizon = time.monotonic() - RECENT_S
         for table in (self._recent, self._deleted):
-            for row_id in [k for k, v in table.items() if (v[0] if isinstance(v, tuple) else v) < horizon]:
+            stale = [k for k, v in table.items()
+                     if (v[0] if isinstance(v, tuple) else v) < horizon]
+            for row_id in stale:
                 del table[row_id]
 
     # -- writes -----------------------------------------------------------------------------

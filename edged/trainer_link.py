@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -42,10 +43,8 @@ class ExperienceUploader:
             pending = await asyncio.to_thread(self.spool.pending, self.batch)
             if not pending:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
                 continue
             try:
                 await self._upload(pending)
@@ -121,7 +120,8 @@ class PolicyFollower:
             log.error("policy rejected; keeping the current one", version=policy.info.version,
                       current=self.current.name, error=str(exc))
 
-    def _install(self, body: bytes, version: int, name: str, sha256: str, save: bool = True) -> None:
+    def _install(self, body: bytes, version: int, name: str, sha256: str,
+                 save: bool = True) -> None:
         if hashlib.sha256(body).hexdigest() != sha256:
             raise PolicyRejected(f"policy v{version}: sha256 mismatch (corrupted in transit?)")
         policy = OnnxPolicy(body, version, name, **self._args)  # loads and probes

@@ -144,8 +144,5 @@ class OnnxPolicy:
                                    state.action_mask[None].astype(np.float32))[0]
         probs = np.where(state.action_mask, np.clip(probs, 0.0, None), 0.0)
         probs = probs / probs.sum()
-        if self.sample:
-            action = int(self.rng.choice(3, p=probs))
-        else:
-            action = int(np.argmax(probs))
+        action = int(self.rng.choice(3, p=probs)) if self.sample else int(np.argmax(probs))
         return Decision(Action(action), probs.astype(np.float32))

@@ -34,7 +34,7 @@ class QosWeights:
 
 def similarity(distance: float | np.ndarray) -> float | np.ndarray:
     """c^s = 1 - J/2 for the L2 distance J of eq. 1 between unit vectors."""
-    return 1.0 - np.asarray(distance) / 2.0 if isinstance(distance, np.ndarray) else 1.0 - distance / 2.0
+    return 1.0 - distance / 2.0
 
 
 def satisfaction(answer_vec: np.ndarray, reference_vec: np.ndarray) -> float:

@@ -60,7 +60,8 @@ async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem],
         if progress:
             done = len(outcomes)
             bar = "#" * (30 * done // len(arrivals))
-            print(f"\r  replay [{bar:<30}] {done}/{len(arrivals)}  {time.monotonic() - started:5.1f} s",
+            elapsed = time.monotonic() - started
+            print(f"\r  replay [{bar:<30}] {done}/{len(arrivals)}  {elapsed:5.1f} s",
                   end="", file=sys.stderr, flush=True)
 
     try:

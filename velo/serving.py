@@ -40,10 +40,11 @@ class GrpcServer:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self._service_names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self.port = 0
 
-    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str) -> None:
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any,
+            name: str) -> None:
         """Register a generated servicer; `name` is its full name, e.g. 'velo.v1.EdgeService'."""
         register(servicer, self.server)
         self._service_names.append(name)

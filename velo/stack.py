@@ -111,7 +111,7 @@ class Stack:
         raise RuntimeError(f"{name} did not become healthy at {address} in {timeout_s} s")
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
+        for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, proc in reversed(self.procs):
