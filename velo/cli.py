@@ -61,6 +61,8 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="cache-0.5,greedy-0.5,random",
                    help="baseline policy per edge, cycled (default: one of each)")
     p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack")
+    p.add_argument("--milvus-uri", default="",
+                   help="use this Milvus server instead of starting the embedded one")
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +78,8 @@ def _stack(args: argparse.Namespace, base_port: int):
     from velo.stack import Stack, StackConfig
 
     return Stack(StackConfig(data_dir=args.state_dir, edges=args.edge_count,
-                             edge_policies=tuple(args.policies.split(",")), base_port=base_port))
+                             edge_policies=tuple(args.policies.split(",")), base_port=base_port,
+                             milvus_uri=args.milvus_uri))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -86,7 +89,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     print("VELO is up:")
     for name, address in stack.addresses.items():
         print(f"  {name:9} {address}")
-    print(f"  milvus    {stack.milvus.uri}\n  llm       {stack.llm.base_url}")
+    print(f"  milvus    {args.milvus_uri or stack.milvus.uri}\n  llm       {stack.llm.base_url}")
     print(f"logs in {args.state_dir / 'logs'}; try: velo ask \"What is Milvus?\" "
           f"--edge {stack.edge_addresses[0]}\nCtrl-C stops everything.")
     stopping = False

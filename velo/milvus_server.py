@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from velo.logs import get_logger
@@ -31,21 +34,53 @@ class EmbeddedMilvus:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> EmbeddedMilvus:
+    def start(self, timeout_s: float = 120.0) -> EmbeddedMilvus:
         try:
             from milvus import MilvusServer
         except ImportError as exc:
             raise RuntimeError("the embedded Milvus server needs the `milvus` package: "
                                "pip install 'velo[embedded]'") from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = MilvusServer()
+        server = MilvusServer(wait_for_started=False)
         server.set_base_dir(str(self.data_dir))
         server.listen_port = self.port
         server.show_startup_banner = False
         log.info("starting milvus", uri=self.uri, data_dir=str(self.data_dir))
-        server.start()  # blocks until the proxy port answers
+        server.start()
         self._server = server
+        try:
+            self._wait_ready(server, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _wait_ready(self, server, timeout_s: float) -> None:
+        """Poll /healthz; fail fast, quoting the log, if the server process exits."""
+        url = f"http://127.0.0.1:{server.webservice_port}/healthz"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.server_proc.poll() is not None:
+                raise RuntimeError(
+                    f"Milvus exited with {server.server_proc.returncode} while starting. Only one "
+                    "embedded Milvus can run per machine (its etcd uses port 2381); to share one, "
+                    f"pass its URI instead. Log tail:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if b"OK" in reply.read():
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"Milvus did not become healthy in {timeout_s} s; log tail:\n"
+                           f"{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 8) -> str:
+        path = self.data_dir / "logs" / "milvus-stdout.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
         """Terminate and give Milvus time to persist (the package's own stop waits only 1 s)."""

@@ -35,6 +35,7 @@ class StackConfig:
     base_port: int = 0  # 0: free ports; else trainer=base, cloud=base+1, edges base+2...
     llm_threads: int = 2
     log_level: str = "info"
+    milvus_uri: str = ""  # an existing Milvus server; empty: start the embedded one
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Stack:
         cfg, data = self.cfg, self.cfg.data_dir.resolve()
         (data / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            self.milvus = EmbeddedMilvus(data / "milvus").start()
+            if not cfg.milvus_uri:
+                self.milvus = EmbeddedMilvus(data / "milvus").start()
+            milvus_uri = cfg.milvus_uri or self.milvus.uri
             # llama.cpp's server computes one request at a time and, by default, lets a new
             # request interrupt the running one; concurrent requests then stall. cloudd queues
             # them instead (max_concurrency 1).
@@ -70,7 +73,7 @@ class Stack:
                 self._spawn(name, "edged", {
                     "EDGE_ID": name, "LISTEN": f"127.0.0.1:{self._port(2 + i)}", "CLOUD": cloud,
                     "TRAINER": trainer, "DATA_DIR": str(data / name),
-                    "VECTOR_DB__URI": self.milvus.uri,
+                    "VECTOR_DB__URI": milvus_uri,
                     "POLICY__BASELINE": cfg.edge_policies[i % len(cfg.edge_policies)],
                 })
             for name, _ in self.procs:
