@@ -16,6 +16,7 @@ updates replace the stale copies and recent deletes are filtered out.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -30,6 +31,9 @@ from velo.state import ANSWER, QUESTION, CachedRow
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
 RECENT_S = 15.0  # longer than Milvus's Bounded staleness (gracefulTime, 5 s by default)
 CONSISTENCY = "Bounded"
+# Milvus 2.3 servers do not report the MVCC timestamp pymilvus 3 asks for; the iterator falls
+# back to a client timestamp (fine for eviction scans) and warns on every scan.
+logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 _FIELDS = ["id", "pair_id", "kind", "question", "answer", "hits", "value", "created", "tenant"]
 
 

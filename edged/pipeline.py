@@ -24,6 +24,7 @@ from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
 from velo.embedder import Embedder
 from velo.logs import get_logger
+from velo.policy import Decision
 from velo.qos import Action
 from velo.state import CachedRow, EdgeState, build_state
 from velo.v1 import edge_pb2, trainer_pb2
@@ -282,7 +283,7 @@ class _Record:
     prompt_vec: np.ndarray
     answer_vec: np.ndarray | None
     state: EdgeState
-    decision: object
+    decision: Decision
     policy_version: int
     row: CachedRow | None
     d: float

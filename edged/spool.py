@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,11 @@ class Spool:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0)")
+        # Sequence numbers start at the creation time in microseconds, so an edge whose spool
+        # was wiped still numbers above anything trainerd has seen from it (which it would
+        # otherwise drop as duplicates).
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', ?), ('dropped', 0)",
+                         (time.time_ns() // 1000,))
 
     def _meta(self, key: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]

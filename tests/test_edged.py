@@ -186,7 +186,8 @@ async def test_trainer_down_experience_is_spooled_then_delivered_once(
         async with running(Trainerd(trainer_config(tmp_path, port))) as trainer:
             await _until(lambda: edge.spool.count() == 0, timeout_s=30)
             records = trainer.store.read(cfg.edge_id)
-            assert [r.seq for r in records] == [1, 2, 3]
+            first = records[0].seq
+            assert [r.seq for r in records] == [first, first + 1, first + 2]
             assert all(r.action == 0 and len(r.embedding) == 384 for r in records)
 
 
@@ -197,8 +198,8 @@ async def test_edge_restart_keeps_its_cache_and_its_spool(edge_config, cloud) ->
     async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         reply = await stub.Ask(ask(QUESTION))
         assert reply.action == edge_pb2.ACTION_REUSE and reply.answer == LLM_ANSWER
-        pending = edge.spool.pending(10)
-        assert [seq for seq, _ in pending] == [1, 2]  # numbering continues, nothing reused
+        (first, _), (second, _) = edge.spool.pending(10)
+        assert second == first + 1  # numbering continues across the restart, nothing reused
 
 
 async def test_published_policy_is_swapped_in_and_used_by_the_next_request(
@@ -347,3 +348,18 @@ async def test_over_capacity_is_resource_exhausted_and_shutdown_drains(
         reply = await slow
         assert reply.action == edge_pb2.ACTION_FORWARD and reply.answer == LLM_ANSWER
         await stopping
+
+
+def test_spool_is_bounded_and_never_reuses_a_sequence_number(tmp_path: Path) -> None:
+    from edged.spool import Spool
+
+    spool = Spool(tmp_path / "spool.db", max_records=3)
+    seqs = [spool.append(lambda seq: str(seq).encode()) for _ in range(5)]
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+    assert [s for s, _ in spool.pending(10)] == seqs[2:] and spool.dropped == 2
+    spool.ack(seqs[3])
+    assert [body for _, body in spool.pending(10)] == [str(seqs[4]).encode()]
+    spool.close()
+    reopened = Spool(tmp_path / "spool.db", max_records=3)
+    assert reopened.append(lambda seq: b"x") == seqs[4] + 1
+    assert reopened.count() == 2 and reopened.dropped == 2
