@@ -121,8 +121,16 @@ class Daemon:
             self.log.info("stopped")
 
     def run(self) -> None:
-        """Entry point of a daemon process: serve on uvloop until SIGINT/SIGTERM."""
-        uvloop.run(self.serve())
+        """Entry point of a daemon process: serve on uvloop until SIGINT/SIGTERM.
+
+        A failure to start (a dependency down, a port taken) is logged in one line and exits 1,
+        so that systemd's restart policy takes over.
+        """
+        try:
+            uvloop.run(self.serve())
+        except Exception as exc:
+            self.log.error("daemon failed", error=f"{type(exc).__name__}: {exc}")
+            raise SystemExit(1) from exc
 
 
 def sd_notify(state: str) -> None:
@@ -135,3 +143,32 @@ def sd_notify(state: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.connect(address)
         sock.sendall(state.encode())
+
+
+def daemon_main(name: str, description: str, example: str, load: Callable[[str | None], Any],
+                make: Callable[[Any], Daemon], argv: list[str] | None = None) -> None:
+    """The command line of every daemon: `velo-<name> [--config PATH]`.
+
+    A config error prints `velo-<name>: <message naming the key>` and exits 2, before anything
+    starts.
+    """
+    import argparse
+    import sys
+
+    from velo.config import ConfigError
+    from velo.logs import configure_logging
+
+    env = f"VELO_{name.upper()}"
+    parser = argparse.ArgumentParser(
+        prog=f"velo-{name}", description=description,
+        epilog=f"Every config key can be overridden by the environment, e.g. {example}.")
+    parser.add_argument("--config", metavar="PATH", default=os.environ.get(f"{env}_CONFIG"),
+                        help=f"TOML config file (default: ${env}_CONFIG, else built-in defaults)")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"velo-{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(config.log_level)
+    make(config).run()
