@@ -32,6 +32,7 @@ class ExperienceUploader:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
         self.spool, self.batch = spool, batch
         self.sent = 0
+        self.rejected = 0  # records trainerd refused as invalid (dropped, logged)
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -58,10 +59,27 @@ class ExperienceUploader:
 
     async def _upload(self, pending: list[tuple[int, bytes]]) -> None:
         records = [trainer_pb2.Experience.FromString(body) for _, body in pending]
-        ack = await self.stub.ReportExperience(iter(records), timeout=30)
+        try:
+            ack = await self.stub.ReportExperience(iter(records), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # A record trainerd refuses would block the spool forever: resend one by one
+            # (stored records are deduplicated) and drop only the refused ones.
+            for record in records:
+                try:
+                    await self.stub.ReportExperience(iter([record]), timeout=30)
+                except grpc.aio.AioRpcError as one:
+                    if one.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    self.rejected += 1
+                    log.error("trainerd refused an experience record; dropped",
+                              seq=record.seq, detail=one.details())
+            ack = None
         await asyncio.to_thread(self.spool.ack, pending[-1][0])
         self.sent += len(records)
-        log.debug("experience uploaded", stored=ack.stored, duplicates=ack.duplicates)
+        if ack is not None:
+            log.debug("experience uploaded", stored=ack.stored, duplicates=ack.duplicates)
 
 
 class PolicyFollower:

@@ -367,3 +367,28 @@ def test_spool_is_bounded_and_never_reuses_a_sequence_number(tmp_path: Path) -> 
     reopened = Spool(tmp_path / "spool.db", max_records=3)
     assert reopened.append(lambda seq: b"x") == seqs[4] + 1
     assert reopened.count() == 2 and reopened.dropped == 2
+
+
+async def test_a_record_trainerd_refuses_is_dropped_without_blocking_the_rest(
+        tmp_path: Path) -> None:
+    from edged.spool import Spool
+    from edged.trainer_link import ExperienceUploader
+
+    port = free_port()
+    spool = Spool(tmp_path / "spool.db", max_records=100)
+    def record(seq: int, action: int) -> bytes:
+        return trainer_pb2.Experience(
+            edge_id="e1", seq=seq, correlation=[0.0] * 15, top_p=5, embedding=[0.1] * 4,
+            action_mask=[True] * 3,
+            action=action, action_probs=[0, 1, 0]).SerializeToString()
+
+    for action in (1, 7, 2):  # action 7 does not exist
+        spool.append(lambda seq, a=action: record(seq, a))
+    async with running(Trainerd(trainer_config(tmp_path, port))) as trainer, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        uploader = ExperienceUploader(channel, spool, batch=10)
+        task = asyncio.ensure_future(uploader.run())
+        await _until(lambda: spool.count() == 0, timeout_s=20)
+        task.cancel()
+        assert uploader.rejected == 1
+        assert [r.action for r in trainer.store.read("e1")] == [1, 2]
