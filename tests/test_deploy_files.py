@@ -58,3 +58,12 @@ def test_edged_with_a_bad_config_exits_2_naming_the_key(tmp_path, capsys) -> Non
         main(["--config", str(bad)])
     assert exit_.value.code == 2
     assert "velo-edged: config key 'vector_db.nprobe'" in capsys.readouterr().err
+
+
+def test_the_edge_daemon_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edged.server, edged.__main__; "
+            "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
