@@ -1,0 +1,106 @@
+"""The LRS learner's pieces against hand-computed values, and its ONNX export against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from trainerd.lrs import (
+    LRS,
+    Demos,
+    LRSConfig,
+    Rollout,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+)
+from velo.policy import OnnxPolicy
+from velo.state import build_state
+
+
+def test_gae_matches_hand_computation() -> None:
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])
+    values = torch.tensor([[0.5], [1.0], [0.0]])
+    dones = torch.tensor([0.0, 1.0, 0.0])  # the episode ends after step 1
+    last = torch.tensor([3.0])
+    g, lam = 0.9, 0.5
+    # step 2: delta = 2 + 0.9*3 - 0 = 4.7 -> A2 = 4.7
+    # step 1: done -> delta = 0 - 1 = -1, no bootstrap -> A1 = -1
+    # step 0: delta = 1 + 0.9*1 - 0.5 = 1.4 -> A0 = 1.4 + 0.9*0.5*(-1) = 0.95
+    adv, ret = gae(rewards, values, dones, last, g, lam)
+    assert adv.squeeze(1).tolist() == pytest.approx([0.95, -1.0, 4.7])
+    assert ret.squeeze(1).tolist() == pytest.approx([1.45, 0.0, 4.7])
+
+
+def test_clipped_losses_match_hand_computation() -> None:
+    old = torch.log(torch.tensor([0.5, 0.5]))
+    new = torch.log(torch.tensor([0.8, 0.2]))  # ratios 1.6 and 0.4
+    adv = torch.tensor([1.0, -1.0])
+    # positive advantage: min(1.6, 1.2) * 1 = 1.2; negative: min(-0.4, -0.8) = -0.8
+    assert clipped_policy_loss(new, old, adv, 0.2).item() == pytest.approx(-(1.2 - 0.8) / 2)
+    values, old_values, targets = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([1.5])
+    # unclipped (2-1.5)^2 = 0.25; clipped to 1.2: (1.2-1.5)^2 = 0.09; max -> 0.25, x0.5
+    assert clipped_value_loss(values, old_values, targets, 0.2).item() == pytest.approx(0.125)
+
+
+def test_demonstrations_decay_as_lg_over_u_and_stop_below_the_minimum() -> None:
+    cfg = LRSConfig(demos_first=512, demos_min=100)
+    assert [cfg.demos_for_update(u) for u in (1, 2, 3, 5, 6)] == [512, 256, 170, 102, 0]
+    assert LRSConfig(use_demos=False).demos_for_update(1) == 0
+
+
+def _random_states(rng: np.random.Generator, n: int, masked: int = 0):
+    corr = rng.normal(size=(n, 3, 5)).astype(np.float32)
+    emb = rng.normal(size=(n, 384)).astype(np.float32)
+    mask = np.ones((n, 3), np.float32)
+    mask[:masked, [0, 2]] = 0
+    return corr, emb, mask
+
+
+@pytest.mark.parametrize("encoder", [True, False])
+def test_onnx_export_equals_pytorch_and_masks_actions(encoder: bool) -> None:
+    lrs = LRS(LRSConfig(use_encoder=encoder), agents=3)
+    onnx = lrs.export_onnx()
+    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    corr, emb, mask = _random_states(np.random.default_rng(1), 32, masked=8)
+    # Real states too: built by the edge's own code from a real embedding-like vector.
+    f = np.random.default_rng(2).normal(size=384).astype(np.float32)
+    real = build_state(f / np.linalg.norm(f), [], 5)
+    corr = np.concatenate([corr, real.correlation[None]])
+    emb = np.concatenate([emb, real.embedding[None]])
+    mask = np.concatenate([mask, real.action_mask[None].astype(np.float32)])
+    (probs,) = session.run(["probs"], {"correlation": corr, "embedding": emb,
+                                       "action_mask": mask})
+    with torch.no_grad():
+        expected = lrs.actor(torch.as_tensor(corr), torch.as_tensor(emb),
+                             torch.as_tensor(mask)).numpy()
+    assert np.abs(probs - expected).max() <= 1e-5
+    assert np.all(probs[:8, [0, 2]] == 0.0) and np.all(probs[-1, [0, 2]] == 0.0)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The edge loads it as it loads any published policy (contract + probe).
+    policy = OnnxPolicy(onnx, 1, "lrs", top_p=5, embed_dim=384)
+    assert policy.decide(real).action.letter == "B"  # only B is valid on an empty cache
+
+
+def test_update_learns_a_rewarded_action_and_demos_are_used() -> None:
+    """A bandit: reward 1 for C, 0 otherwise; a few updates must make C the likeliest."""
+    rng = np.random.default_rng(0)
+    cfg = LRSConfig(use_encoder=False, demos_first=64, demos_min=16, epochs=4, seed=0)
+    lrs = LRS(cfg, agents=2)
+    corr, emb, mask = _random_states(rng, 64 * 2)
+    corr, emb, mask = corr.reshape(64, 2, 3, 5), emb.reshape(64, 2, 384), mask.reshape(64, 2, 3)
+    demos = Demos(corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
+                  np.full(128, 2))
+    for _ in range(8):
+        actions, logp = lrs.act(corr.reshape(-1, 3, 5), emb.reshape(-1, 384),
+                                mask.reshape(-1, 3))
+        actions, logp = actions.reshape(64, 2), logp.reshape(64, 2)
+        rollout = Rollout(corr, emb, mask, actions, logp, (actions == 2).astype(np.float32),
+                          np.ones(64, np.float32), corr[0], emb[0])
+        stats = lrs.update(rollout, demos)
+    assert stats["demos"] == 0  # 64/8 = 8 < 16: demonstrations have stopped
+    greedy, _ = lrs.act(corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
+                        greedy=True)
+    assert (greedy == 2).mean() > 0.9

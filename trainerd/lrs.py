@@ -1,0 +1,339 @@
+"""LRS: MAPPO with a Transformer request encoder and expert demonstrations (paper §III).
+
+The algorithm in one file, CleanRL style. Canonical MAPPO details (marlbenchmark/on-policy):
+one actor shared by all agents, a centralised critic on the global state (eq. 9) plus the
+agent's id, GAE, PPO-clip, value normalisation, advantage normalisation, orthogonal init,
+action masking and a clipped value loss. Expert demonstrations (Algorithm 1) add a
+behaviour-cloning term on l_g / u demonstrations per update u, stopping below l_min^g.
+
+Variants (paper §IV-B): MAPPO (neither), G-MAPPO (demos), T-MAPPO (encoder), LRS (both).
+Without the encoder the request embedding f reaches the policy through one linear layer.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+MASKED_LOGIT = -1e9  # a masked action's logit: softmax gives it exactly 0, and no inf - inf
+
+
+@dataclass
+class LRSConfig:
+    top_p: int = 5  # P: rows of the correlation matrix c (eq. 6)
+    embed_dim: int = 384  # H: dimension of the request embedding f
+    use_encoder: bool = True  # T[.] of eq. 7 (T-MAPPO, LRS); else one linear layer
+    use_demos: bool = True  # expert demonstrations in updates (G-MAPPO, LRS)
+    patches: int = 12  # C: f is split into C patches of H/C values
+    encoder_layers: int = 2  # z: Transformer encoder layers
+    encoder_heads: int = 4  # attention heads per layer
+    encoder_dim: int = 64  # model width inside the encoder
+    feature_dim: int = 32  # |f'|: request features after the final linear layer (eq. 7)
+    hidden: int = 64  # width of the actor and critic MLPs
+    lr_actor: float = 3e-4  # paper IV-B
+    lr_critic: float = 1e-3  # paper IV-B
+    gamma: float = 0.99  # discount (eq. 12)
+    gae_lambda: float = 0.95  # lambda of GAE (eq. 14)
+    clip: float = 0.2  # epsilon of PPO-clip (eq. 18)
+    value_clip: float = 0.2  # clip of the value loss around the old prediction
+    value_coef: float = 0.5  # c1 of eq. 17
+    entropy_coef: float = 0.01  # c2 of eq. 17
+    epochs: int = 5  # PPO epochs per update
+    minibatches: int = 2  # minibatches per epoch
+    max_grad_norm: float = 10.0  # gradient clipping (on-policy default)
+    reward_scale: float = 10.0  # rewards x10 for training (paper IV-C)
+    bc_coef: float = 1.0  # weight of the behaviour-cloning loss on demonstrations
+    demos_first: int = 512  # l_g: demonstrations mixed into the first update
+    demos_min: int = 32  # l_min^g: below this many, demonstrations stop
+    seed: int = 0
+
+    def demos_for_update(self, u: int) -> int:
+        """Algorithm 1, line 8: l_g^u = l_g / u, and none once below l_min^g (u counts from 1)."""
+        if not self.use_demos:
+            return 0
+        count = self.demos_first // max(u, 1)
+        return count if count >= self.demos_min else 0
+
+
+def orthogonal(layer: nn.Linear, gain: float = math.sqrt(2)) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class RequestEncoder(nn.Module):
+    """T[.] of eq. 7: patches of f + positional encoding -> z encoder layers -> mean -> linear."""
+
+    def __init__(self, cfg: LRSConfig) -> None:
+        super().__init__()
+        if cfg.embed_dim % cfg.patches:
+            raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by {cfg.patches} patches")
+        self.patches, self.patch_size = cfg.patches, cfg.embed_dim // cfg.patches
+        self.embed = orthogonal(nn.Linear(self.patch_size, cfg.encoder_dim), 1.0)
+        position = torch.arange(cfg.patches).unsqueeze(1)
+        freq = torch.exp(torch.arange(0, cfg.encoder_dim, 2)
+                         * (-math.log(10000.0) / cfg.encoder_dim))
+        pe = torch.zeros(cfg.patches, cfg.encoder_dim)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+        self.register_buffer("positional", pe)
+        layer = nn.TransformerEncoderLayer(cfg.encoder_dim, cfg.encoder_heads,
+                                           dim_feedforward=2 * cfg.encoder_dim, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
+        self.out = orthogonal(nn.Linear(cfg.encoder_dim, cfg.feature_dim))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        x = self.embed(f.reshape(-1, self.patches, self.patch_size)) + self.positional
+        return torch.tanh(self.out(self.encoder(x).mean(dim=1)))
+
+
+class LocalState(nn.Module):
+    """s_n = {c, f'} (eq. 8): the flattened correlation matrix next to the request features."""
+
+    def __init__(self, cfg: LRSConfig) -> None:
+        super().__init__()
+        self.features = (RequestEncoder(cfg) if cfg.use_encoder
+                         else nn.Sequential(orthogonal(nn.Linear(cfg.embed_dim, cfg.feature_dim)),
+                                            nn.Tanh()))
+        self.dim = 3 * cfg.top_p + cfg.feature_dim
+
+    def forward(self, correlation: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.cat([correlation.flatten(1), self.features(embedding)], dim=1)
+
+
+class Actor(nn.Module):
+    """pi_theta(a | s_n), shared by every agent; masked actions get probability 0."""
+
+    def __init__(self, cfg: LRSConfig) -> None:
+        super().__init__()
+        self.state = LocalState(cfg)
+        self.mlp = nn.Sequential(orthogonal(nn.Linear(self.state.dim, cfg.hidden)), nn.Tanh(),
+                                 orthogonal(nn.Linear(cfg.hidden, cfg.hidden)), nn.Tanh(),
+                                 orthogonal(nn.Linear(cfg.hidden, 3), 0.01))
+
+    def logits(self, correlation: torch.Tensor, embedding: torch.Tensor,
+               action_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.mlp(self.state(correlation, embedding))
+        return torch.where(action_mask > 0.5, logits, torch.full_like(logits, MASKED_LOGIT))
+
+    def forward(self, correlation: torch.Tensor, embedding: torch.Tensor,
+                action_mask: torch.Tensor) -> torch.Tensor:
+        """The exported graph: probabilities of A, B, C (the contract in velo.state)."""
+        return torch.softmax(self.logits(correlation, embedding, action_mask), dim=-1)
+
+
+class Critic(nn.Module):
+    """V(s, n): the global state (every agent's local state, eq. 9) plus the agent's one-hot."""
+
+    def __init__(self, cfg: LRSConfig, agents: int) -> None:
+        super().__init__()
+        self.state, self.agents = LocalState(cfg), agents
+        self.mlp = nn.Sequential(
+            orthogonal(nn.Linear(agents * self.state.dim + agents, cfg.hidden)), nn.Tanh(),
+            orthogonal(nn.Linear(cfg.hidden, cfg.hidden)), nn.Tanh(),
+            orthogonal(nn.Linear(cfg.hidden, 1), 1.0))
+
+    def forward(self, correlation: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """correlation [B, N, 3, P], embedding [B, N, H] -> values [B, N]."""
+        b, n = correlation.shape[:2]
+        local = self.state(correlation.reshape(b * n, *correlation.shape[2:]),
+                           embedding.reshape(b * n, -1)).reshape(b, 1, -1).expand(b, n, -1)
+        agent = torch.eye(n, device=correlation.device).expand(b, n, n)
+        return self.mlp(torch.cat([local, agent], dim=-1)).squeeze(-1)
+
+
+class ValueNorm:
+    """Running mean/std of value targets (on-policy's ValueNorm); the critic predicts in
+    normalised units, GAE works in real units."""
+
+    def __init__(self, beta: float = 0.99999, eps: float = 1e-5) -> None:
+        self.beta, self.eps = beta, eps
+        self.mean = self.mean_sq = self.debias = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        self.mean = self.beta * self.mean + (1 - self.beta) * float(x.mean())
+        self.mean_sq = self.beta * self.mean_sq + (1 - self.beta) * float((x**2).mean())
+        self.debias = self.beta * self.debias + (1 - self.beta)
+
+    def _stats(self) -> tuple[float, float]:
+        mean = self.mean / max(self.debias, self.eps)
+        var = max(self.mean_sq / max(self.debias, self.eps) - mean**2, 1e-2)
+        return mean, math.sqrt(var)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return x * std + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+        last_value: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14: A(t) = sum_k (gamma*lambda)^k delta(t+k), delta(t) = r + gamma V(t+1) - V(t).
+
+    rewards, values: [T, N]; dones[t] = 1 when the episode ended after step t; last_value:
+    V of the state after step T-1. Returns (advantages, returns = advantages + values).
+    """
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_value = last_value if t == rewards.shape[0] - 1 else values[t + 1]
+        live = 1.0 - dones[t].unsqueeze(-1) if dones.dim() == 1 else 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * live - values[t]
+        running = delta + gamma * lam * live * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip: float) -> torch.Tensor:
+    """Eq. 18, as a loss to minimise: -E[min(psi A, clip(psi, 1-eps, 1+eps) A)]."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.min(ratio * advantages,
+                      torch.clamp(ratio, 1 - clip, 1 + clip) * advantages).mean()
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """L_E of eq. 17 with MAPPO's clipping around the value predicted at rollout time."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.max((values - targets) ** 2, (clipped - targets) ** 2).mean()
+
+
+@dataclass
+class Rollout:
+    """T steps of N agents, as numpy arrays (what the environment or trainerd collected)."""
+
+    correlation: np.ndarray  # [T, N, 3, P]
+    embedding: np.ndarray  # [T, N, H]
+    action_mask: np.ndarray  # [T, N, 3]
+    actions: np.ndarray  # [T, N]
+    logp: np.ndarray  # [T, N] log pi_old(a | s)
+    rewards: np.ndarray  # [T, N] r = phi1 q - phi2 d (unscaled)
+    dones: np.ndarray  # [T] 1 where an episode ended after the step
+    last_correlation: np.ndarray  # [N, 3, P] state after the last step (for bootstrapping)
+    last_embedding: np.ndarray  # [N, H]
+
+
+@dataclass
+class Demos:
+    """Expert demonstrations E_g: local states and the expert's actions."""
+
+    correlation: np.ndarray  # [M, 3, P]
+    embedding: np.ndarray  # [M, H]
+    action_mask: np.ndarray  # [M, 3]
+    actions: np.ndarray  # [M]
+
+
+class LRS:
+    """The learner: `act` for rollouts, `update` for Algorithm 1 lines 7-21, `export_onnx`."""
+
+    def __init__(self, cfg: LRSConfig, agents: int) -> None:
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.agents = cfg, agents
+        self.actor, self.critic = Actor(cfg), Critic(cfg, agents)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor, eps=1e-5)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic, eps=1e-5)
+        self.value_norm = ValueNorm()
+        self.updates = 0  # u
+        self.rng = np.random.default_rng(cfg.seed)
+
+    @torch.no_grad()
+    def act(self, correlation: np.ndarray, embedding: np.ndarray, action_mask: np.ndarray,
+            greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Actions and their log-probabilities for a batch of local states."""
+        logits = self.actor.logits(torch.as_tensor(correlation), torch.as_tensor(embedding),
+                                   torch.as_tensor(action_mask, dtype=torch.float32))
+        dist = Categorical(logits=logits)
+        actions = logits.argmax(-1) if greedy else dist.sample()
+        return actions.numpy(), dist.log_prob(actions).numpy()
+
+    def update(self, rollout: Rollout, demos: Demos | None = None) -> dict[str, float]:
+        """One network update u (Algorithm 1, lines 8-21)."""
+        cfg = self.cfg
+        self.updates += 1
+        t = {k: torch.as_tensor(v) for k, v in vars(rollout).items()}
+        steps, n = t["actions"].shape
+        with torch.no_grad():
+            old_values_n = self.critic(t["correlation"], t["embedding"])
+            last_value_n = self.critic(t["last_correlation"][None], t["last_embedding"][None])[0]
+            values = self.value_norm.denormalize(old_values_n)
+            rewards = t["rewards"].float() * cfg.reward_scale
+            advantages, returns = gae(rewards, values, t["dones"].float(),
+                                      self.value_norm.denormalize(last_value_n), cfg.gamma,
+                                      cfg.gae_lambda)
+            self.value_norm.update(returns)
+            targets = self.value_norm.normalize(returns)
+            # Advantage normalisation over all agents' samples (all agents are active here).
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        def flat(x: torch.Tensor) -> torch.Tensor:  # [T, N, ...] -> [T*N, ...]
+            return x.reshape(steps * n, *x.shape[2:])
+
+        corr, emb, mask = flat(t["correlation"]), flat(t["embedding"]), flat(t["action_mask"])
+        actions, old_logp, adv = flat(t["actions"]), flat(t["logp"]), flat(advantages)
+        mask = mask.float()
+        demo_count = cfg.demos_for_update(self.updates) if demos is not None else 0
+        stats: dict[str, float] = {"demos": float(demo_count)}
+        for _ in range(cfg.epochs):
+            order = torch.randperm(steps)
+            for chunk in order.chunk(cfg.minibatches):
+                rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)
+                dist = Categorical(logits=self.actor.logits(corr[rows], emb[rows], mask[rows]))
+                policy_loss = clipped_policy_loss(dist.log_prob(actions[rows]), old_logp[rows],
+                                                  adv[rows], cfg.clip)
+                entropy = dist.entropy().mean()
+                loss = policy_loss - cfg.entropy_coef * entropy
+                if demo_count:
+                    loss = loss + cfg.bc_coef * self._bc_loss(demos, demo_count)
+                self.actor_opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+                self.actor_opt.step()
+
+                values_now = self.critic(t["correlation"][chunk], t["embedding"][chunk])
+                value_loss = clipped_value_loss(values_now, old_values_n[chunk], targets[chunk],
+                                                cfg.value_clip)
+                self.critic_opt.zero_grad()
+                (cfg.value_coef * value_loss).backward()
+                nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                self.critic_opt.step()
+                stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
+                             entropy=entropy.item())
+        return stats
+
+    def _bc_loss(self, demos: Demos, count: int) -> torch.Tensor:
+        """Behaviour cloning on l_g^u demonstrations sampled from E_g (Algorithm 1, line 11)."""
+        pick = self.rng.choice(len(demos.actions), size=min(count, len(demos.actions)),
+                               replace=False)
+        logits = self.actor.logits(torch.as_tensor(demos.correlation[pick]),
+                                   torch.as_tensor(demos.embedding[pick]),
+                                   torch.as_tensor(demos.action_mask[pick], dtype=torch.float32))
+        return nn.functional.cross_entropy(logits, torch.as_tensor(demos.actions[pick]).long())
+
+    def export_onnx(self) -> bytes:
+        """The actor as an ONNX policy (inputs correlation, embedding, action_mask; output
+        probs), runnable by onnxruntime on the edge."""
+        cfg = self.cfg
+        self.actor.eval()
+        example = (torch.zeros(1, 3, cfg.top_p), torch.zeros(1, cfg.embed_dim),
+                   torch.ones(1, 3))
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                self.actor, example, buffer, dynamo=False, opset_version=17,
+                input_names=["correlation", "embedding", "action_mask"], output_names=["probs"],
+                dynamic_axes={name: {0: "batch"} for name in
+                              ("correlation", "embedding", "action_mask", "probs")})
+        self.actor.train()
+        return buffer.getvalue()
