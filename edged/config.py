@@ -6,28 +6,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from velo.cache import VectorDBConfig
 from velo.config import load_config, require
 
 ENV_PREFIX = "VELO_EDGED"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-@dataclass
-class VectorDBConfig:
-    # Milvus server (standalone or cluster). The one-machine stack starts one for you.
-    uri: str = "http://127.0.0.1:19530"
-    token: str = ""  # Milvus auth token ("user:password"), empty when auth is off
-    collection: str = ""  # empty: "velo_<edge_id>"
-    index_type: str = "IVF_FLAT"  # the paper's index; "FLAT" and "HNSW" also work
-    nlist: int = 128  # IVF lists (paper: 128)
-    nprobe: int = 10  # IVF lists probed per search (paper: 10)
-    timeout_s: float = 10.0  # per Milvus call
-
-    def __post_init__(self) -> None:
-        require(self.index_type in {"IVF_FLAT", "FLAT", "HNSW"}, "index_type",
-                "must be IVF_FLAT, FLAT or HNSW")
-        require(self.nlist >= 1 and 1 <= self.nprobe <= self.nlist, "nprobe",
-                "must be between 1 and nlist")
 
 
 @dataclass

@@ -16,17 +16,17 @@ import grpc
 import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from edged.cache import VectorCache
 from edged.cloud_client import CloudClient, CloudError
 from edged.config import EdgeConfig, valid_tenant
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
+from velo.cache import VectorCache
 from velo.embedder import Embedder
 from velo.logs import get_logger
 from velo.policy import Decision
 from velo.qos import Action
-from velo.state import CachedRow, EdgeState, build_state
+from velo.state import CachedRow, EdgeState, build_state, select_row
 from velo.v1 import edge_pb2, trainer_pb2
 
 log = get_logger("edged.pipeline")
@@ -173,12 +173,8 @@ class EdgePipeline:
             raise _invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
 
     def _select(self, state: EdgeState) -> CachedRow:
-        """Eq. 4 among the rows within `select_margin` of the best similarity."""
-        best = state.rows[0].similarity
-        near = [r for r in state.rows if r.similarity >= best - self.cfg.cache.select_margin]
-        scores = qos.selection_scores(np.array([r.similarity for r in near]),
-                                      np.array([r.hits for r in near]), self.weights)
-        return near[int(np.argmax(scores))]
+        return select_row(state.rows, self.weights.phi1, self.weights.phi2,
+                          self.cfg.cache.select_margin)
 
     async def _record(self, rec: _Record) -> None:
         """Update the cache (insert on B, eq. 5 on A/C), then the experience and the stats."""

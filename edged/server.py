@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 
-from edged.cache import VectorCache
 from edged.cloud_client import CloudClient
 from edged.config import EdgeConfig
 from edged.pipeline import EdgePipeline, RequestError
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
+from velo.cache import VectorCache
 from velo.embedder import Embedder
 from velo.logs import get_logger
 from velo.models import embedder_dir

@@ -41,7 +41,8 @@ def milvus(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def edge_config(milvus, exported_embedder, tmp_path: Path) -> Callable[..., object]:
     """Build an EdgeConfig on the test Milvus with a fresh collection and data dir."""
-    from edged.config import EdgeConfig, VectorDBConfig
+    from edged.config import EdgeConfig
+    from velo.cache import VectorDBConfig
 
     def make(**overrides: object) -> EdgeConfig:
         suffix = uuid.uuid4().hex[:8]

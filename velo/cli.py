@@ -49,11 +49,31 @@ def main(argv: list[str] | None = None) -> None:
     _stack_args(demo)
     _replay_args(demo)
 
+    tr = sub.add_parser("train", help="train LRS and the learned baselines on the simulator, "
+                        "then evaluate every policy (needs the trainer extra)")
+    tr.add_argument("--data", type=Path, default=None, help="QA JSON lines (default: oasst1 dev)")
+    tr.add_argument("--items", type=int, default=0, help="use the first N items (0: all)")
+    tr.add_argument("--edges", type=int, default=3)
+    tr.add_argument("--mode", choices=["nearest", "all", "both"], default="both",
+                    help="each request to its nearest edge, to all edges (fastest wins), or both")
+    tr.add_argument("--w", type=float, default=0.1, help="delay weight w = phi2/phi1")
+    tr.add_argument("--updates", type=int, default=20)
+    tr.add_argument("--rollout-steps", type=int, default=64)
+    tr.add_argument("--eval-steps", type=int, default=150)
+    tr.add_argument("--demos", type=int, default=512, help="l_g: expert demonstrations")
+    tr.add_argument("--policies", default="random,greedy-0.1,greedy-0.3,greedy-0.5,cache-0.5,"
+                    "greedy-llm,mappo,g-mappo,t-mappo,lrs,oracle")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
+    tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train")
+
     args = parser.parse_args(argv)
     from velo.logs import configure_logging
 
-    configure_logging("warning" if args.command in {"ask", "replay", "demo"} else "info")
-    {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo}[args.command](args)
+    configure_logging("warning" if args.command in {"ask", "replay", "demo", "train"} else "info")
+    commands = {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo,
+                "train": cmd_train}
+    commands[args.command](args)
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
@@ -184,6 +204,44 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print("\nstopping the stack...")
         stack.stop()
         print("stopped.")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from contextlib import ExitStack
+
+    from trainerd.lrs import LRSConfig
+    from trainerd.sim import SimConfig, SimEnv
+    from trainerd.train import run, table
+    from velo.embedder import Embedder
+    from velo.milvus_server import EmbeddedMilvus
+    from velo.models import embedder_dir
+    from velo.workload import load_qa
+
+    path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
+    items = load_qa(path)[: args.items or None]
+    latencies = DEFAULT_DATA.parent / "llm_latency_llmperf.jsonl"
+    if not latencies.exists():
+        latencies = ROOT / "data" / "llm_latency_llmperf.jsonl"
+    modes = ["nearest", "all"] if args.mode == "both" else [args.mode]
+    with ExitStack() as stack:
+        uri = args.milvus_uri or stack.enter_context(EmbeddedMilvus(args.state_dir / "milvus")).uri
+        embedder = Embedder(embedder_dir())
+        for mode in modes:
+            started = time.monotonic()
+            env = SimEnv(SimConfig(edges=args.edges, mode=mode, phi2=args.w, seed=args.seed),
+                         items, embedder, uri, latencies, args.state_dir / "cache")
+            print(f"\n== {mode}-edge mode: {len(env.items)} QA items from {path}, "
+                  f"{args.edges} edges, w = {args.w}")
+            try:
+                results = run(env, policies=args.policies.split(","),
+                              lrs_cfg=LRSConfig(seed=args.seed), updates=args.updates,
+                              rollout_steps=args.rollout_steps, eval_steps=args.eval_steps,
+                              demos_count=args.demos, seed=args.seed)
+            finally:
+                env.close()
+            print(f"\n{mode}-edge mode, {args.eval_steps} evaluation steps per policy "
+                  f"({time.monotonic() - started:.0f} s in all):\n")
+            print(table(results))
 
 
 if __name__ == "__main__":

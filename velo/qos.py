@@ -60,7 +60,3 @@ def updated_value(value: float, q: float, d: float) -> float:
     """Eq. 5: the cache value of a used row moves halfway toward q - d."""
     return (value + q - d) / 2.0
 
-
-def selection_scores(sims: np.ndarray, hits: np.ndarray, weights: QosWeights) -> np.ndarray:
-    """Eq. 4: F_p = phi1*c^s_p + phi2*c^f_p; the row used by A or C is the argmax."""
-    return weights.phi1 * sims + weights.phi2 * hits

@@ -51,6 +51,15 @@ class EdgeState:
         return self.rows[0].distance if self.rows else float("inf")
 
 
+def select_row(rows: tuple[CachedRow, ...], phi1: float, phi2: float,
+               margin: float) -> CachedRow:
+    """The row A or C uses: eq. 4, argmax phi1*c^s + phi2*c^f, among the rows whose
+    similarity is within `margin` of the best (so a popular but distant row never wins)."""
+    best = max(r.similarity for r in rows)
+    near = [r for r in rows if r.similarity >= best - margin]
+    return max(near, key=lambda r: phi1 * r.similarity + phi2 * r.hits)
+
+
 def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int) -> EdgeState:
     """Eq. 6-8: the 3 x P correlation matrix (zero-padded) next to the request embedding.
 

@@ -20,12 +20,12 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from edged.config import VectorDBConfig
+from velo.config import require
 from velo.state import ANSWER, QUESTION, CachedRow
 
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
@@ -35,6 +35,24 @@ CONSISTENCY = "Bounded"
 # back to a client timestamp (fine for eviction scans) and warns on every scan.
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 _FIELDS = ["id", "pair_id", "kind", "question", "answer", "hits", "value", "created", "tenant"]
+
+
+@dataclass
+class VectorDBConfig:
+    # Milvus server (standalone or cluster). The one-machine stack starts one for you.
+    uri: str = "http://127.0.0.1:19530"
+    token: str = ""  # Milvus auth token ("user:password"), empty when auth is off
+    collection: str = ""  # empty: "velo_<edge_id>"
+    index_type: str = "IVF_FLAT"  # the paper's index; "FLAT" and "HNSW" also work
+    nlist: int = 128  # IVF lists (paper: 128)
+    nprobe: int = 10  # IVF lists probed per search (paper: 10)
+    timeout_s: float = 10.0  # per Milvus call
+
+    def __post_init__(self) -> None:
+        require(self.index_type in {"IVF_FLAT", "FLAT", "HNSW"}, "index_type",
+                "must be IVF_FLAT, FLAT or HNSW")
+        require(self.nlist >= 1 and 1 <= self.nprobe <= self.nlist, "nprobe",
+                "must be between 1 and nlist")
 
 
 class VectorCache:
@@ -159,6 +177,14 @@ class VectorCache:
         }])
         self._remember(tenant, [updated])
         return updated
+
+    def clear(self) -> None:
+        """Drop every row (simulation resets; never called by edged)."""
+        ids = self._scan()[0].tolist()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            self.client.delete(self.collection, filter=f"id in {chunk}")
+            self._forget(chunk)
 
     def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float) -> int:
         """Algorithm 2 lines 15-22 plus a row cap and a TTL; returns the rows dropped.

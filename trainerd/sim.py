@@ -1,0 +1,259 @@
+"""A simulated multi-edge VELO, built from the real edge code, for training and experiments.
+
+Real: one Milvus collection per edge (`velo.cache.VectorCache`, the edge's own class), the
+state of eq. 6-8 (`velo.state`), the row selection of eq. 4, the cache value of eq. 5, the
+below-mean eviction of Algorithm 2, the ONNX MiniLM embeddings (computed once per data set with
+the real embedder and kept on disk) and the edge delay (search + state, measured on every step,
+plus the embedder's latency measured at start).
+
+Simulated, because a GPU LLM cannot answer thousands of training requests here, and honestly:
+- Action B's answer is a *second human answer* to the same prompt (`alt_answers`), never the
+  reference itself; items without one are left out of the workload.
+- Action C's answer depends on the context: when the added QA belongs to the same question, the
+  LLM answers at least as well as B and as well as the cached answer (it can use it); when it
+  belongs to another question, the LLM answers as B would, except that with probability
+  `mislead` it parrots the wrong context.
+- Cloud delay is drawn from measured end-to-end latencies (shared/data/llm_latency_llmperf.jsonl,
+  13b models, median 3.5 s; the paper's Qwen14b: 3.34 s).
+
+Each step, every edge gets one request (nearest-edge mode: users are spread over the edges) or
+all edges get the same request and the fastest answer is served (all-edges mode). Each step
+also computes the hindsight outcome of every valid action: the Oracle and the expert
+demonstrations use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from velo import qos
+from velo.cache import VectorCache, VectorDBConfig
+from velo.embedder import Embedder
+from velo.qos import Action
+from velo.state import EdgeState, build_state, select_row
+from velo.workload import QAItem
+
+TENANT = "sim"
+
+
+@dataclass
+class SimConfig:
+    edges: int = 3  # N agents
+    mode: str = "nearest"  # "nearest": one request per edge and step; "all": one for all edges
+    top_p: int = 5  # P
+    phi1: float = 1.0  # reward weight of satisfaction q
+    phi2: float = 0.1  # reward weight of delay d (w = phi2/phi1)
+    select_margin: float = 0.05  # as edged's cache.select_margin
+    eviction_every: int = 100  # xi
+    eviction_min_rows: int = 200  # as edged's cache.eviction_min_rows
+    max_rows: int = 100_000
+    skew: float = 1.1  # Zipf popularity of the items
+    mislead: float = 0.3  # chance that C with a wrong context parrots it
+    latency_source: str = "13b"  # which llmperf latencies model the cloud
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    """What one action gives for one request (q of eq. 2, d of eq. 3, r = phi1 q - phi2 d)."""
+
+    q: float
+    d: float
+    r: float
+    answer_vec: np.ndarray
+    answer_item: int  # which item the served answer belongs to
+    row_id: int | None = None  # the cached row used (A and C)
+
+
+@dataclass
+class StepResult:
+    actions: list[Action]
+    outcomes: list[Outcome]  # per edge
+    best: list[Action]  # hindsight-best action per edge (the Oracle / the expert)
+    served: int  # in all-edges mode, the edge whose answer was served (fastest)
+    false_hits: list[bool] = field(default_factory=list)
+
+
+class EmbeddedItems:
+    """Every text of a data set embedded once with the real ONNX embedder, cached on disk."""
+
+    def __init__(self, items: list[QAItem], embedder: Embedder, cache_dir: Path) -> None:
+        texts = sorted({t for i in items for t in (i.question, i.answer, *i.alt_answers,
+                                                    *i.paraphrases)})
+        digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+        path = cache_dir / f"embeddings-{digest}-{embedder.dim}.npz"
+        if path.exists():
+            vectors = np.load(path)["vectors"]
+        else:
+            vectors = np.concatenate([embedder.embed(texts[i : i + 64])
+                                      for i in range(0, len(texts), 64)])
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(path, vectors=vectors)
+        self.index = {t: i for i, t in enumerate(texts)}
+        self.vectors = vectors
+
+    def __getitem__(self, text: str) -> np.ndarray:
+        return self.vectors[self.index[text]]
+
+
+class SimEnv:
+    def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder, milvus_uri: str,
+                 latencies_path: Path, cache_dir: Path) -> None:
+        self.cfg = cfg
+        self.items = [i for i in items if i.alt_answers]  # B needs a second human answer
+        if len(self.items) < 2:
+            raise ValueError("the simulator needs items with alt_answers (a second answer)")
+        self.vec = EmbeddedItems(self.items, embedder, cache_dir)
+        self.embed_s = _measure_embedding(embedder, [i.question for i in self.items[:20]])
+        self.latencies = _load_latencies(latencies_path, cfg.latency_source)
+        self.rng = np.random.default_rng(cfg.seed)
+        weights = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
+        self.popularity = weights / weights.sum()
+        self.order = self.rng.permutation(len(self.items))
+        run = uuid.uuid4().hex[:8]
+        self.caches = [VectorCache(VectorDBConfig(uri=milvus_uri), f"sim_{run}_{n}", embedder.dim)
+                       for n in range(cfg.edges)]
+        for cache in self.caches:
+            cache.open()
+        self.pairs: list[dict[int, tuple[int, np.ndarray, str]]] = [{} for _ in self.caches]
+        self.steps = 0
+        self.arrivals: list[tuple[int, str]] = []
+        self.states: list[EdgeState] = []
+
+    # -- the loop: observe -> (policy) -> step ---------------------------------------------------
+    def reset(self, seed: int | None = None) -> list[EdgeState]:
+        """Empty every edge's cache and draw the first requests (the same stream per seed)."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.steps = 0
+        for cache, pairs in zip(self.caches, self.pairs, strict=True):
+            cache.clear()
+            pairs.clear()
+        return self.observe()
+
+    def observe(self) -> list[EdgeState]:
+        """Draw this step's requests and build each edge's state (its edge time is measured)."""
+        count = 1 if self.cfg.mode == "all" else self.cfg.edges
+        picks = self.rng.choice(len(self.items), size=count, p=self.popularity)
+        self.arrivals = []
+        for pick in picks:
+            item_index = int(self.order[pick])
+            item = self.items[item_index]
+            texts = (item.question, *item.paraphrases)
+            self.arrivals.append((item_index, texts[self.rng.integers(len(texts))]))
+        if self.cfg.mode == "all":
+            self.arrivals = self.arrivals * self.cfg.edges
+        # This step's randomness is drawn now, so the hindsight outcomes are the real ones.
+        self.cloud_s = [float(self.rng.choice(self.latencies)) for _ in self.caches]
+        self.misled = [bool(self.rng.random() < self.cfg.mislead) for _ in self.caches]
+        self.states, self.edge_s = [], []
+        for cache, (_, text) in zip(self.caches, self.arrivals, strict=True):
+            start = time.perf_counter()
+            f = self.vec[text]
+            state = build_state(f, cache.search(f, TENANT, self.cfg.top_p), self.cfg.top_p)
+            self.edge_s.append(self.embed_s + time.perf_counter() - start)
+            self.states.append(state)
+        return self.states
+
+    def step(self, actions: list[Action]) -> tuple[StepResult, list[EdgeState]]:
+        """Execute each edge's action, update its cache (eq. 4-5, insert, eviction)."""
+        outcomes, best, false_hits = [], [], []
+        for n, action in enumerate(actions):
+            candidates = self._candidates(n)
+            if action not in candidates:
+                raise ValueError(f"edge {n}: action {action.letter} is masked in this state")
+            outcome = candidates[action]
+            best.append(max(candidates, key=lambda a: candidates[a].r))
+            false_hits.append(action is Action.REUSE
+                              and outcome.answer_item != self.arrivals[n][0])
+            self._apply(n, action, outcome)
+            outcomes.append(outcome)
+        served = int(np.argmin([o.d for o in outcomes])) if self.cfg.mode == "all" else -1
+        self.steps += 1
+        if self.steps % self.cfg.eviction_every == 0:
+            for cache in self.caches:
+                if cache.count() >= self.cfg.eviction_min_rows:
+                    cache.evict(below_mean=True, max_rows=self.cfg.max_rows, ttl_s=0)
+        result = StepResult(list(actions), outcomes, best, served, false_hits)
+        return result, self.observe()
+
+    # -- what each action would give ------------------------------------------------------------
+    def best_actions(self) -> list[Action]:
+        """The hindsight-best action of each edge for this step's requests (the Oracle)."""
+        candidates = map(self._candidates, range(len(self.caches)))
+        return [max(c, key=lambda a: c[a].r) for c in candidates]
+
+    def _candidates(self, n: int) -> dict[Action, Outcome]:
+        cloud_s, misled = self.cloud_s[n], self.misled[n]
+        item_index, _ = self.arrivals[n]
+        item, state, edge_s = self.items[item_index], self.states[n], self.edge_s[n]
+        reference = self.vec[item.answer]
+        weights = qos.QosWeights(self.cfg.phi1, self.cfg.phi2)
+
+        def outcome(action: Action, answer_vec: np.ndarray, answer_item: int,
+                    row_id: int | None = None) -> Outcome:
+            q = qos.satisfaction(answer_vec, reference)
+            d = qos.delay(action, edge_s, cloud_s)
+            return Outcome(q, d, qos.reward(q, d, weights), answer_vec, answer_item, row_id)
+
+        # B: the LLM's answer is a second human answer to the same prompt.
+        llm_vec = self.vec[item.alt_answers[0]]
+        candidates = {Action.FORWARD: outcome(Action.FORWARD, llm_vec, item_index)}
+        if state.rows:
+            row = select_row(state.rows, self.cfg.phi1, self.cfg.phi2, self.cfg.select_margin)
+            cached_item, cached_vec, _ = self.pairs[n][row.pair_id]
+            candidates[Action.REUSE] = outcome(Action.REUSE, cached_vec, cached_item, row.id)
+            if cached_item == item_index:  # the context answers the question
+                better = max((llm_vec, cached_vec),
+                             key=lambda v: qos.satisfaction(v, reference))
+                candidates[Action.AUGMENT] = outcome(Action.AUGMENT, better, item_index, row.id)
+            else:
+                vec, owner = (cached_vec, cached_item) if misled else (llm_vec, item_index)
+                candidates[Action.AUGMENT] = outcome(Action.AUGMENT, vec, owner, row.id)
+        return candidates
+
+    def _apply(self, n: int, action: Action, outcome: Outcome) -> None:
+        cache, state = self.caches[n], self.states[n]
+        item_index, text = self.arrivals[n]
+        if action is Action.FORWARD:
+            answer = self.items[item_index].alt_answers[0]
+            pair_id = cache.insert_pair(TENANT, text, answer, state.embedding, outcome.answer_vec,
+                                        outcome.q - outcome.d)
+            if pair_id is not None:
+                self.pairs[n][pair_id] = (item_index, outcome.answer_vec, answer)
+            return
+        row = next(r for r in state.rows if r.id == outcome.row_id)
+        cache.update_row(row, TENANT, row.hits + 1, qos.updated_value(row.value, outcome.q,
+                                                                      outcome.d))
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.client.drop_collection(cache.collection)
+            cache.close()
+
+
+def _measure_embedding(embedder: Embedder, texts: list[str]) -> float:
+    """The embedder's median latency for one request, measured here (edge time is never assumed)."""
+    embedder.embed_one(texts[0])  # warm-up
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        embedder.embed_one(text)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _load_latencies(path: Path, source: str) -> np.ndarray:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    values = [r["e2e_s"] for r in rows if r["source"].endswith(source)]
+    if not values:
+        raise ValueError(f"{path}: no latencies from sources ending in {source!r}")
+    return np.array(values)

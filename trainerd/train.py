@@ -1,0 +1,201 @@
+"""Offline training and evaluation on the simulator (`velo train`): Algorithm 1 on simulated
+multi-edge experience, then every policy on the same request stream.
+
+    MAPPO, G-MAPPO, T-MAPPO and LRS are trained here; the baselines need no training; the
+    Oracle takes the hindsight-best action (an upper bound, not deployable).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
+from trainerd.sim import SimEnv, StepResult
+from velo.policy import OnnxPolicy, Policy, baseline_from_name
+from velo.qos import Action
+
+LEARNED = {  # name -> (use_encoder, use_demos)
+    "mappo": (False, False),
+    "g-mappo": (False, True),
+    "t-mappo": (True, False),
+    "lrs": (True, True),
+}
+BASELINES = ["random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm"]
+
+
+@dataclass
+class Metrics:
+    """Per policy: the measures of SPEC §5, over every served request."""
+
+    rewards: list[float] = field(default_factory=list)
+    q: list[float] = field(default_factory=list)
+    d: list[float] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    false_hits: int = 0
+
+    def add(self, result: StepResult) -> None:
+        edges = [result.served] if result.served >= 0 else range(len(result.outcomes))
+        for n in edges:
+            o = result.outcomes[n]
+            self.rewards.append(o.r)
+            self.q.append(o.q)
+            self.d.append(o.d)
+            self.actions.append(result.actions[n])
+            self.false_hits += result.false_hits[n]
+
+    def summary(self) -> dict[str, float]:
+        count = len(self.actions)
+        reuses = sum(a is Action.REUSE for a in self.actions)
+        return {
+            "reward": float(np.mean(self.rewards)), "q": float(np.mean(self.q)),
+            "d": float(np.mean(self.d)),
+            "llm_freq": sum(a is Action.FORWARD for a in self.actions) / count,
+            "hit_rate": reuses / count,
+            "false_hit_rate": self.false_hits / reuses if reuses else 0.0,
+        }
+
+
+class GreedyLLM:
+    """Greedy-LLM (paper IV-B): reuse when the best match's cache value beats the running
+    estimate of a direct LLM request's value (q - d), otherwise forward."""
+
+    name, version = "greedy-llm", 0
+
+    def __init__(self) -> None:
+        self.estimate: float | None = None
+
+    def decide(self, state):
+        from velo.policy import Decision
+
+        if state.rows and self.estimate is not None and state.rows[0].value > self.estimate:
+            action = Action.REUSE
+        else:
+            action = Action.FORWARD
+        probs = np.zeros(3, np.float32)
+        probs[action] = 1
+        return Decision(action, probs)
+
+    def observe(self, action: Action, q: float, d: float) -> None:
+        if action is Action.FORWARD:
+            value = q - d
+            self.estimate = value if self.estimate is None else 0.9 * self.estimate + 0.1 * value
+
+
+def collect_demos(env: SimEnv, count: int, seed: int) -> Demos:
+    """E_g: states visited by the Oracle with its hindsight-best actions."""
+    states, actions = env.reset(seed), []
+    corr, emb, mask = [], [], []
+    while len(actions) < count:
+        result, next_states = env.step(env.best_actions())
+        for state, best in zip(states, result.best, strict=True):
+            corr.append(state.correlation)
+            emb.append(state.embedding)
+            mask.append(state.action_mask.astype(np.float32))
+            actions.append(int(best))
+        states = next_states
+    return Demos(np.stack(corr), np.stack(emb), np.stack(mask), np.array(actions))
+
+
+def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
+          demos: Demos | None, episode_steps: int, log: Callable[[str], None] = print) -> LRS:
+    """Algorithm 1 on simulated experience: rollouts of `rollout_steps` steps, one update each.
+
+    Episodes of `episode_steps` start from empty caches, as evaluation does, so the policy
+    also learns the cold start (when most near matches answer another question).
+    """
+    lrs = LRS(cfg, agents=env.cfg.edges)
+    episode = 0
+    states, in_episode = env.reset(cfg.seed), 0
+    for u in range(1, updates + 1):
+        buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "act", "logp", "rew")}
+        dones = np.zeros(rollout_steps, np.float32)
+        for t in range(rollout_steps):
+            corr = np.stack([s.correlation for s in states])
+            emb = np.stack([s.embedding for s in states])
+            mask = np.stack([s.action_mask for s in states]).astype(np.float32)
+            actions, logp = lrs.act(corr, emb, mask)
+            result, states = env.step([Action(int(a)) for a in actions])
+            for key, value in zip(buf, (corr, emb, mask, actions, logp,
+                                        [o.r for o in result.outcomes]), strict=True):
+                buf[key].append(np.asarray(value))
+            in_episode += 1
+            if in_episode == episode_steps:
+                episode += 1
+                dones[t], in_episode = 1.0, 0
+                states = env.reset(cfg.seed + episode)
+        rollout = Rollout(
+            np.stack(buf["corr"]), np.stack(buf["emb"]), np.stack(buf["mask"]),
+            np.stack(buf["act"]), np.stack(buf["logp"]).astype(np.float32),
+            np.stack(buf["rew"]).astype(np.float32), dones,
+            np.stack([s.correlation for s in states]), np.stack([s.embedding for s in states]))
+        stats = lrs.update(rollout, demos)
+        log(f"  update {u}/{updates}: mean reward {rollout.rewards.mean():+.3f}, "
+            f"demos {int(stats['demos'])}, entropy {stats['entropy']:.3f}")
+    return lrs
+
+
+def evaluate(env: SimEnv, policy: Policy | str, steps: int, seed: int) -> dict[str, float]:
+    """Run one policy on a fresh cache and the request stream of `seed`."""
+    metrics = Metrics()
+    states = env.reset(seed)
+    for _ in range(steps):
+        if policy == "oracle":
+            actions = env.best_actions()
+        else:
+            actions = [policy.decide(s).action for s in states]
+        result, states = env.step(actions)
+        if hasattr(policy, "observe"):
+            for a, o in zip(result.actions, result.outcomes, strict=True):
+                policy.observe(a, o.q, o.d)
+        metrics.add(result)
+    return metrics.summary()
+
+
+def run(env: SimEnv, *, policies: list[str], lrs_cfg: LRSConfig, updates: int,
+        rollout_steps: int, eval_steps: int, demos_count: int, seed: int,
+        log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Train the learned policies, evaluate everything, normalise reward (Random 0, Oracle 1)."""
+    results: dict[str, dict[str, float]] = {}
+    demos = None
+    if any(LEARNED.get(p, (False, False))[1] for p in policies):
+        demos = collect_demos(env, demos_count, seed + 1)
+    for name in policies:
+        started = time.monotonic()
+        if name in LEARNED:
+            encoder, use_demos = LEARNED[name]
+            cfg = replace(lrs_cfg, use_encoder=encoder, use_demos=use_demos)
+            log(f"training {name} ({updates} updates x {rollout_steps} steps x "
+                f"{env.cfg.edges} edges)")
+            lrs = train(env, cfg, updates, rollout_steps, demos if use_demos else None,
+                        eval_steps, log)
+            policy: Policy | str = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
+                                              embed_dim=cfg.embed_dim, sample=True,
+                                              seed=seed)
+        elif name == "oracle":
+            policy = "oracle"
+        elif name == "greedy-llm":
+            policy = GreedyLLM()
+        else:
+            policy = baseline_from_name(name, seed)
+        results[name] = evaluate(env, policy, eval_steps, seed + 1000)
+        results[name]["seconds"] = time.monotonic() - started
+        log(f"{name}: reward {results[name]['reward']:+.3f} ({results[name]['seconds']:.0f} s)")
+    if "random" in results and "oracle" in results:
+        low, high = results["random"]["reward"], results["oracle"]["reward"]
+        for r in results.values():
+            r["normalized"] = (r["reward"] - low) / (high - low) if high != low else float("nan")
+    return results
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| policy | reward | q | d (s) | LLM freq | hit rate | false-hit rate | normalised |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['reward']:+.3f} | {r['q']:.3f} | {r['d']:.3f} "
+                     f"| {r['llm_freq']:.0%} | {r['hit_rate']:.0%} | {r['false_hit_rate']:.0%} "
+                     f"| {r.get('normalized', float('nan')):.2f} |")
+    return "\n".join(lines)
