@@ -104,3 +104,39 @@ def test_update_learns_a_rewarded_action_and_demos_are_used() -> None:
     greedy, _ = lrs.act(corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
                         greedy=True)
     assert (greedy == 2).mean() > 0.9
+
+
+async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> None:
+    from trainerd.learner import LearnerConfig, OnlineLearner
+    from trainerd.registry import PolicyRegistry
+    from trainerd.store import ExperienceStore
+    from velo.v1 import trainer_pb2
+
+    rng = np.random.default_rng(0)
+    store = ExperienceStore(tmp_path / "experience.db")
+    registry = PolicyRegistry(tmp_path / "policies", max_bytes=64 * 1024 * 1024)
+
+    def records(edge: str, first: int, count: int) -> list:
+        out = []
+        for seq in range(first, first + count):
+            action = int(rng.integers(3))
+            out.append(trainer_pb2.Experience(
+                edge_id=edge, seq=seq, top_p=5, correlation=rng.random(15).tolist(),
+                embedding=rng.normal(size=384).tolist(), action_mask=[True] * 3, action=action,
+                action_probs=[1 / 3] * 3, delay_s=0.01 if action == 0 else 3.0,
+                has_satisfaction=seq % 2 == 0, satisfaction=-0.5, shadow_verified=action == 0))
+        return out
+
+    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=8), store, registry)
+    store.add(records("edge-a", 1, 10) + records("edge-b", 1, 5))
+    assert not await learner.round_if_ready()  # edge-b has only 5 < l_min^m new records
+    store.add(records("edge-b", 6, 5))
+    assert await learner.round_if_ready()
+    info = registry.latest()
+    assert info.version == 1 and info.name == "lrs-r1"
+    _, onnx = registry.get(1)
+    policy = OnnxPolicy(onnx, 1, info.name, top_p=5, embed_dim=384)
+    assert policy.probabilities(np.zeros((1, 3, 5), np.float32), np.zeros((1, 384), np.float32),
+                                np.ones((1, 3), np.float32)).shape == (1, 3)
+    assert not await learner.round_if_ready()  # the same records are never used twice
+    store.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainerd.learner import LearnerConfig
 from velo.config import load_config, require
 
 ENV_PREFIX = "VELO_TRAINERD"
@@ -24,6 +25,8 @@ class TrainerConfig:
     # Experience records are committed to SQLite in transactions of at most this many, so a
     # long upload stream neither holds all its records in memory nor one huge transaction.
     max_batch_records: int = 10_000
+    # Algorithm 1 on the experience streams (off by default: it needs the trainer extra, torch).
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", "must be HOST:PORT, e.g. 127.0.0.1:50070")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from trainerd.config import MiB, TrainerConfig
+from trainerd.learner import OnlineLearner
 from trainerd.registry import (
     PolicyInfo,
     PolicyNotFound,
@@ -196,6 +197,7 @@ class Trainerd(Daemon):
         self.config = config
         self.store: ExperienceStore | None = None
         self.registry: PolicyRegistry | None = None
+        self.learner_task: asyncio.Task | None = None
 
     async def startup(self) -> None:
         data = self.config.data_path
@@ -207,9 +209,16 @@ class Trainerd(Daemon):
         latest = self.registry.latest()
         self.log.info("opened", data_dir=str(data), experience=self.store.count(),
                       latest_policy=latest.version if latest else 0)
+        self.learner_task = None
+        if self.config.learner.enabled:
+            self.learner = OnlineLearner(self.config.learner, self.store, self.registry)
+            self.learner_task = asyncio.create_task(self.learner.run())
         await super().startup()
 
     async def shutdown(self) -> None:
+        if self.learner_task is not None:
+            self.learner_task.cancel()
+            await asyncio.gather(self.learner_task, return_exceptions=True)
         # End the watch streams first: they never finish on their own and would otherwise
         # hold the drain below for the whole grace period.
         if self.registry is not None:

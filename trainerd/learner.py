@@ -1,0 +1,145 @@
+"""Algorithm 1 inside trainerd: learn from the edges' experience streams and publish policies.
+
+Each round waits until every known edge has sent at least l_min^m new records (line 7), builds
+one joint rollout from them, runs one LRS update (lines 8-21), exports the actor to ONNX and
+publishes it (line 23); the registry's watch stream pushes it to every edge.
+
+From production experience to a MAPPO rollout:
+- Agents: the edges. Edges do not act in lock-step, so the t-th new record of every edge forms
+  joint step t (the global state of eq. 9 is the edges' t-th local states).
+- Reward r = phi1*q - phi2*d. Where q was not measured (no reference, not shadow-verified), the
+  mean measured q of the same edge and action stands in; a round without any measured q for an
+  action uses `satisfaction_prior`.
+- Behaviour log-probabilities come from the action probabilities the edge logged (a baseline's
+  one-hot gives log 1 = 0; PPO's clipped ratio keeps that first step small).
+- Expert demonstrations: shadow-verified reuses tell, in hindsight, whether reuse beat asking
+  the LLM (q_A - w d_A versus the fresh answer's 0 - w d_B, with d_B the mean cloud delay seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainerd.registry import PolicyRegistry
+from trainerd.store import ExperienceStore
+from velo.logs import get_logger
+from velo.v1 import trainer_pb2
+
+log = get_logger("trainerd.learner")
+
+
+@dataclass
+class LearnerConfig:
+    enabled: bool = False  # train and publish policies from the experience streams
+    min_records: int = 256  # l_min^m: new records every edge must have sent before a round
+    max_records: int = 2048  # at most this many new records per edge and round
+    edges: list[str] | None = None  # the agents; None: every edge that has reported
+    phi1: float = 1.0  # reward weights, as on the edges
+    phi2: float = 0.1
+    satisfaction_prior: float = -0.6  # q used when no q was measured at all
+    check_every_s: float = 5.0  # how often to look for enough new experience
+    use_encoder: bool = True  # LRS: Transformer encoder ...
+    use_demos: bool = True  # ... and demonstrations from shadow verification
+    seed: int = 0
+
+
+class OnlineLearner:
+    def __init__(self, cfg: LearnerConfig, store: ExperienceStore,
+                 registry: PolicyRegistry) -> None:
+        self.cfg, self.store, self.registry = cfg, store, registry
+        self.cursor: dict[str, int] = {}  # edge -> last seq used for training
+        self.lrs = None  # created at the first round, once P and H are known
+        self.rounds = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.check_every_s)
+            try:
+                await self.round_if_ready()
+            except Exception as exc:  # a bad round must not stop the trainer
+                log.exception("training round failed", error=str(exc))
+
+    async def round_if_ready(self) -> bool:
+        """Algorithm 1, line 7: train only when every edge has l_min^m new records."""
+        batches = await asyncio.to_thread(self._new_records)
+        if batches is None:
+            return False
+        onnx = await asyncio.to_thread(self._train, batches)
+        published = await self.registry.publish(f"lrs-r{self.rounds}", onnx)
+        log.info("policy trained and published", version=published.version,
+                 edges=len(batches), records=sum(len(b) for b in batches.values()))
+        return True
+
+    def _new_records(self) -> dict[str, list[trainer_pb2.Experience]] | None:
+        edges = self.cfg.edges or sorted(self.store.edges())
+        if not edges:
+            return None
+        batches = {e: self.store.read(e, self.cursor.get(e, 0), self.cfg.max_records)
+                   for e in edges}
+        if min(len(b) for b in batches.values()) < self.cfg.min_records:
+            return None
+        return batches
+
+    def _train(self, batches: dict[str, list[trainer_pb2.Experience]]) -> bytes:
+        from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
+
+        edges = sorted(batches)
+        steps = min(len(b) for b in batches.values())
+        first = batches[edges[0]][0]
+        top_p, embed_dim = first.top_p, len(first.embedding)
+        if self.lrs is None:
+            self.lrs = LRS(LRSConfig(top_p=top_p, embed_dim=embed_dim,
+                                     use_encoder=self.cfg.use_encoder,
+                                     use_demos=self.cfg.use_demos, seed=self.cfg.seed),
+                           agents=len(edges))
+        records = [batches[e][:steps] for e in edges]  # [N][T]
+        q_mean = self._mean_satisfaction(records)
+        cloud_d = np.mean([r.delay_s for b in records for r in b if r.action != 0] or [1.0])
+        corr = np.array([[np.reshape(r.correlation, (3, top_p)) for r in b] for b in records],
+                        np.float32).transpose(1, 0, 2, 3)
+        emb = np.array([[r.embedding for r in b] for b in records], np.float32).transpose(1, 0, 2)
+        mask = np.array([[r.action_mask for r in b] for b in records],
+                        np.float32).transpose(1, 0, 2)
+        actions = np.array([[r.action for r in b] for b in records]).T
+        logp = np.array([[np.log(max(r.action_probs[r.action], 1e-6)) if r.action_probs else 0.0
+                          for r in b] for b in records], np.float32).T
+        phi1, phi2 = self.cfg.phi1, self.cfg.phi2
+        rewards = np.array([[phi1 * (r.satisfaction if r.has_satisfaction
+                                     else q_mean[(r.edge_id, r.action)]) - phi2 * r.delay_s
+                             for r in b] for b in records], np.float32).T
+        rollout = Rollout(corr[:-1], emb[:-1], mask[:-1], actions[:-1], logp[:-1], rewards[:-1],
+                          np.zeros(steps - 1, np.float32), corr[-1], emb[-1])
+        demos = self._demos(records, top_p, cloud_d)
+        stats = self.lrs.update(rollout, Demos(*demos) if demos else None)
+        for e in edges:
+            self.cursor[e] = batches[e][steps - 1].seq
+        self.rounds += 1
+        log.info("lrs update", round=self.rounds, steps=steps, **stats)
+        return self.lrs.export_onnx()
+
+    def _mean_satisfaction(self, records: list[list[trainer_pb2.Experience]],
+                           ) -> dict[tuple[str, int], float]:
+        sums: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for b in records:
+            for r in b:
+                if r.has_satisfaction:
+                    sums[(r.edge_id, r.action)].append(r.satisfaction)
+        measured = [q for qs in sums.values() for q in qs]
+        fallback = float(np.mean(measured)) if measured else self.cfg.satisfaction_prior
+        return defaultdict(lambda: fallback, {k: float(np.mean(v)) for k, v in sums.items()})
+
+    def _demos(self, records: list[list[trainer_pb2.Experience]], top_p: int,
+               cloud_d: float) -> tuple | None:
+        """Hindsight-best A-or-B for shadow-verified reuses (the production expert)."""
+        picks = [r for b in records for r in b if r.shadow_verified and r.action == 0]
+        if not picks:
+            return None
+        best = [0 if self.cfg.phi1 * r.satisfaction - self.cfg.phi2 * r.delay_s
+                > -self.cfg.phi2 * cloud_d else 1 for r in picks]
+        return (np.array([np.reshape(r.correlation, (3, top_p)) for r in picks], np.float32),
+                np.array([r.embedding for r in picks], np.float32),
+                np.array([r.action_mask for r in picks], np.float32), np.array(best))
