@@ -392,3 +392,23 @@ async def test_a_record_trainerd_refuses_is_dropped_without_blocking_the_rest(
         task.cancel()
         assert uploader.rejected == 1
         assert [r.action for r in trainer.store.read("e1")] == [1, 2]
+
+
+async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
+        edge_config, cloud, tmp_path: Path) -> None:
+    """Algorithm 1 end to end: edge experience -> trainerd update -> ONNX -> watch -> swap."""
+    from trainerd.learner import LearnerConfig
+
+    port = free_port()
+    trainer_cfg = trainer_config(tmp_path, port)
+    trainer_cfg.learner = LearnerConfig(enabled=True, min_records=6, check_every_s=0.2)
+    async with running(Trainerd(trainer_cfg)), \
+            running(Edged(edge_config(cloud=cloud, trainer=f"127.0.0.1:{port}"))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        for i in range(8):
+            reply = await stub.Ask(ask(f"Question number {i % 3} about routers?",
+                                       reference_answer=ANSWER))
+            assert reply.policy == "cache-0.5"
+        await asyncio.wait_for(edge.policies.swapped.wait(), timeout=60)
+        reply = await stub.Ask(ask("Question number 1 about routers?"))
+        assert reply.policy == "onnx:lrs-r1:v1"

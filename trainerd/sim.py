@@ -25,6 +25,7 @@ demonstrations use it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import uuid
@@ -77,8 +78,16 @@ class StepResult:
     actions: list[Action]
     outcomes: list[Outcome]  # per edge
     best: list[Action]  # hindsight-best action per edge (the Oracle / the expert)
-    served: int  # in all-edges mode, the edge whose answer was served (fastest)
+    served: int  # in all-edges mode, the edge whose answer was served (fastest); else -1
     false_hits: list[bool] = field(default_factory=list)
+
+    @property
+    def rewards(self) -> list[float]:
+        """Each agent's reward: its own (nearest-edge), or the served answer's (all-edges,
+        where the edges act as one team)."""
+        if self.served >= 0:
+            return [self.outcomes[self.served].r] * len(self.outcomes)
+        return [o.r for o in self.outcomes]
 
 
 class EmbeddedItems:
@@ -164,13 +173,13 @@ class SimEnv:
 
     def step(self, actions: list[Action]) -> tuple[StepResult, list[EdgeState]]:
         """Execute each edge's action, update its cache (eq. 4-5, insert, eviction)."""
-        outcomes, best, false_hits = [], [], []
+        best = self.best_actions()
+        outcomes, false_hits = [], []
         for n, action in enumerate(actions):
             candidates = self._candidates(n)
             if action not in candidates:
                 raise ValueError(f"edge {n}: action {action.letter} is masked in this state")
             outcome = candidates[action]
-            best.append(max(candidates, key=lambda a: candidates[a].r))
             false_hits.append(action is Action.REUSE
                               and outcome.answer_item != self.arrivals[n][0])
             self._apply(n, action, outcome)
@@ -186,9 +195,18 @@ class SimEnv:
 
     # -- what each action would give ------------------------------------------------------------
     def best_actions(self) -> list[Action]:
-        """The hindsight-best action of each edge for this step's requests (the Oracle)."""
-        candidates = map(self._candidates, range(len(self.caches)))
-        return [max(c, key=lambda a: c[a].r) for c in candidates]
+        """The hindsight-best actions for this step's requests (the Oracle): per edge in
+        nearest-edge mode; in all-edges mode the joint choice whose served (fastest) answer
+        has the best reward."""
+        candidates = [self._candidates(n) for n in range(len(self.caches))]
+        if self.cfg.mode != "all":
+            return [max(c, key=lambda a: c[a].r) for c in candidates]
+
+        def served_reward(joint: tuple[Action, ...]) -> float:
+            outcomes = [c[a] for c, a in zip(candidates, joint, strict=True)]
+            return min(outcomes, key=lambda o: o.d).r
+
+        return list(max(itertools.product(*candidates), key=served_reward))
 
     def _candidates(self, n: int) -> dict[Action, Outcome]:
         cloud_s, misled = self.cloud_s[n], self.misled[n]

@@ -120,7 +120,7 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
             actions, logp = lrs.act(corr, emb, mask)
             result, states = env.step([Action(int(a)) for a in actions])
             for key, value in zip(buf, (corr, emb, mask, actions, logp,
-                                        [o.r for o in result.outcomes]), strict=True):
+                                        result.rewards), strict=True):
                 buf[key].append(np.asarray(value))
             in_episode += 1
             if in_episode == episode_steps:
