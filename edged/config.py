@@ -40,7 +40,7 @@ class CacheConfig:
 class PolicyConfig:
     # Runs until trainerd has published a learned policy, and whenever none verifies:
     # "cache-<theta>" (GPTCache: J_min <= theta -> A else B), "greedy-<theta>"
-    # (paper: J_min > theta -> B else C) or "random".
+    # (paper: J_min > theta -> B else C), "greedy-llm" or "random".
     baseline: str = "cache-0.5"
     sample: bool = True  # sample actions from the policy's probabilities (paper); else argmax
     seed: int = 0  # for sampling and random baselines

@@ -133,6 +133,8 @@ class EdgePipeline:
 
         record = _Record(request_id, tenant, prompt, answer, f, answer_vec, state, decision,
                          policy.version, row, d, q)
+        if hasattr(policy, "observe"):  # policies that learn online (Greedy-LLM)
+            policy.observe(action, q if q is not None else self.q_estimate, d)
         if q is None and action is not Action.FORWARD and self._shadow_sampled():
             self._spawn(self._shadow_verify(record))
         else:

@@ -140,3 +140,19 @@ async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> N
                                 np.ones((1, 3), np.float32)).shape == (1, 3)
     assert not await learner.round_if_ready()  # the same records are never used twice
     store.close()
+
+
+def test_greedy_llm_reuses_only_when_the_cached_value_beats_asking_the_llm() -> None:
+    from velo.policy import baseline_from_name
+    from velo.qos import Action
+    from velo.state import CachedRow
+
+    policy = baseline_from_name("greedy-llm")
+    f = np.ones(384, np.float32) / np.sqrt(384)
+    state = build_state(f, [CachedRow(1, 1, 1, "q", "a", 3, -0.5, 0.0, 0.2)], 5)
+    assert policy.decide(state).action is Action.FORWARD  # no estimate of B yet
+    policy.observe(Action.FORWARD, q=-0.6, d=3.0)  # B was worth -3.6
+    assert policy.decide(state).action is Action.REUSE  # the row's value -0.5 beats it
+    policy.observe(Action.FORWARD, q=0.0, d=0.0)  # B gets better: estimate -3.24
+    worse = build_state(f, [CachedRow(1, 1, 1, "q", "a", 3, -4.0, 0.0, 0.2)], 5)
+    assert policy.decide(worse).action is Action.FORWARD

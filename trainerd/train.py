@@ -24,7 +24,6 @@ LEARNED = {  # name -> (use_encoder, use_demos)
     "t-mappo": (True, False),
     "lrs": (True, True),
 }
-BASELINES = ["random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm"]
 
 
 @dataclass
@@ -57,32 +56,6 @@ class Metrics:
             "hit_rate": reuses / count,
             "false_hit_rate": self.false_hits / reuses if reuses else 0.0,
         }
-
-
-class GreedyLLM:
-    """Greedy-LLM (paper IV-B): reuse when the best match's cache value beats the running
-    estimate of a direct LLM request's value (q - d), otherwise forward."""
-
-    name, version = "greedy-llm", 0
-
-    def __init__(self) -> None:
-        self.estimate: float | None = None
-
-    def decide(self, state):
-        from velo.policy import Decision
-
-        if state.rows and self.estimate is not None and state.rows[0].value > self.estimate:
-            action = Action.REUSE
-        else:
-            action = Action.FORWARD
-        probs = np.zeros(3, np.float32)
-        probs[action] = 1
-        return Decision(action, probs)
-
-    def observe(self, action: Action, q: float, d: float) -> None:
-        if action is Action.FORWARD:
-            value = q - d
-            self.estimate = value if self.estimate is None else 0.9 * self.estimate + 0.1 * value
 
 
 def collect_demos(env: SimEnv, count: int, seed: int) -> Demos:
@@ -177,8 +150,6 @@ def run(env: SimEnv, *, policies: list[str], lrs_cfg: LRSConfig, updates: int,
                                               seed=seed)
         elif name == "oracle":
             policy = "oracle"
-        elif name == "greedy-llm":
-            policy = GreedyLLM()
         else:
             policy = baseline_from_name(name, seed)
         results[name] = evaluate(env, policy, eval_steps, seed + 1000)

@@ -76,13 +76,40 @@ class RandomPolicy:
         return Decision(Action(int(self.rng.choice(3, p=probs))), probs)
 
 
+class GreedyLLMPolicy:
+    """Greedy-LLM (paper IV-B): reuse when the best match's cache value c^r beats a running
+    estimate of what asking the LLM directly is worth (q - d of past B requests), otherwise
+    forward. `observe` feeds it every outcome."""
+
+    version = 0
+    name = "greedy-llm"
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        self.smoothing = smoothing
+        self.estimate: float | None = None  # running value of Action B
+
+    def decide(self, state: EdgeState) -> Decision:
+        reuse = bool(state.rows) and self.estimate is not None \
+            and state.rows[0].value > self.estimate
+        return _one_hot(Action.REUSE if reuse else Action.FORWARD)
+
+    def observe(self, action: Action, q: float, d: float) -> None:
+        if action is Action.FORWARD:
+            value = q - d
+            self.estimate = value if self.estimate is None else \
+                self.estimate + self.smoothing * (value - self.estimate)
+
+
 def baseline_from_name(name: str, seed: int = 0) -> Policy:
-    """'cache-0.5', 'greedy-0.3' or 'random'; ValueError with the accepted forms otherwise."""
+    """'cache-0.5', 'greedy-0.3', 'greedy-llm' or 'random'; ValueError otherwise."""
     if name == "random":
         return RandomPolicy(seed)
+    if name == "greedy-llm":
+        return GreedyLLMPolicy()
     match = re.fullmatch(r"(cache|greedy)-([0-9]*\.?[0-9]+)", name)
     if not match:
-        raise ValueError(f"unknown baseline {name!r}; use cache-<theta>, greedy-<theta> or random")
+        raise ValueError(f"unknown baseline {name!r}; use cache-<theta>, greedy-<theta>, "
+                         "greedy-llm or random")
     theta = float(match.group(2))
     if not 0.0 <= theta <= 2.0:
         raise ValueError(f"theta {theta} is not an L2 distance between unit vectors (0..2)")
