@@ -156,3 +156,27 @@ def test_greedy_llm_reuses_only_when_the_cached_value_beats_asking_the_llm() -> 
     policy.observe(Action.FORWARD, q=0.0, d=0.0)  # B gets better: estimate -3.24
     worse = build_state(f, [CachedRow(1, 1, 1, "q", "a", 3, -4.0, 0.0, 0.2)], 5)
     assert policy.decide(worse).action is Action.FORWARD
+
+
+def test_onnx_equals_pytorch_on_states_built_from_real_embeddings(exported_embedder) -> None:
+    from velo.embedder import Embedder
+    from velo.state import CachedRow
+
+    texts = ["How do I bake bread?", "What is the way to make bread at home?",
+             "Who won the 2010 world cup?", "Explain transformers in machine learning."]
+    vectors = Embedder(exported_embedder).embed(texts)
+    states = []
+    for i, f in enumerate(vectors):
+        rows = [CachedRow(j, j, 1 + j % 2, texts[j], "a", j, -0.3 * j, 0.0,
+                          float(np.linalg.norm(f - vectors[j]))) for j in range(4) if j != i]
+        states.append(build_state(f, rows, 5))
+    lrs = LRS(LRSConfig(), agents=3)
+    session = ort.InferenceSession(lrs.export_onnx(), providers=["CPUExecutionProvider"])
+    corr = np.stack([s.correlation for s in states])
+    emb = np.stack([s.embedding for s in states])
+    mask = np.stack([s.action_mask for s in states]).astype(np.float32)
+    (probs,) = session.run(["probs"], {"correlation": corr, "embedding": emb, "action_mask": mask})
+    with torch.no_grad():
+        expected = lrs.actor(torch.as_tensor(corr), torch.as_tensor(emb),
+                             torch.as_tensor(mask)).numpy()
+    assert np.abs(probs - expected).max() <= 1e-5
