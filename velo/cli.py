@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--mode", choices=["nearest", "all", "both"], default="both",
                     help="each request to its nearest edge, to all edges (fastest wins), or both")
     tr.add_argument("--w", type=float, default=0.1, help="delay weight w = phi2/phi1")
-    tr.add_argument("--updates", type=int, default=20)
+    tr.add_argument("--updates", type=int, default=40)
     tr.add_argument("--rollout-steps", type=int, default=64)
     tr.add_argument("--eval-steps", type=int, default=150)
-    tr.add_argument("--demos", type=int, default=512, help="l_g: expert demonstrations")
+    tr.add_argument("--demos", type=int, default=2048,
+                    help="l_g: expert demonstrations collected and mixed into the first update")
     tr.add_argument("--policies", default="random,greedy-0.1,greedy-0.3,greedy-0.5,cache-0.5,"
                     "greedy-llm,mappo,g-mappo,t-mappo,lrs,oracle")
     tr.add_argument("--seed", type=int, default=0)
@@ -234,7 +235,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"{args.edges} edges, w = {args.w}")
             try:
                 results = run(env, policies=args.policies.split(","),
-                              lrs_cfg=LRSConfig(seed=args.seed), updates=args.updates,
+                              lrs_cfg=LRSConfig(seed=args.seed, demos_first=args.demos),
+                              updates=args.updates,
                               rollout_steps=args.rollout_steps, eval_steps=args.eval_steps,
                               demos_count=args.demos, seed=args.seed)
             finally:
