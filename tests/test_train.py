@@ -44,12 +44,13 @@ def test_simulated_llm_is_honest(env: SimEnv) -> None:
 
 
 def test_lrs_beats_random_and_every_greedy_baseline(env: SimEnv) -> None:
-    policies = ["random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "lrs", "oracle"]
+    greedy = ["greedy-0.1", "greedy-0.3", "greedy-0.5", "greedy-llm"]
+    policies = ["random", *greedy, "lrs", "oracle"]
     results = run(env, policies=policies, lrs_cfg=LRSConfig(seed=0), updates=20,
                   rollout_steps=64, eval_steps=150, demos_count=512, seed=0, log=lambda s: None)
     print("\n" + table(results))
     lrs = results["lrs"]["reward"]
-    for baseline in ("random", "greedy-0.1", "greedy-0.3", "greedy-0.5"):
+    for baseline in ("random", *greedy):
         assert lrs > results[baseline]["reward"], (baseline, results)
     assert all(results["oracle"]["reward"] >= r["reward"] for r in results.values())
     assert np.isclose(results["random"]["normalized"], 0) and results["oracle"]["normalized"] == 1

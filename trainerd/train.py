@@ -145,9 +145,10 @@ def run(env: SimEnv, *, policies: list[str], lrs_cfg: LRSConfig, updates: int,
                 f"{env.cfg.edges} edges)")
             lrs = train(env, cfg, updates, rollout_steps, demos if use_demos else None,
                         eval_steps, log)
+            # Evaluated greedy (argmax), as MAPPO evaluates: an edge runs it so with
+            # `policy.sample = false` (sampling keeps exploring, which online learning needs).
             policy: Policy | str = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
-                                              embed_dim=cfg.embed_dim, sample=True,
-                                              seed=seed)
+                                              embed_dim=cfg.embed_dim, sample=False)
         elif name == "oracle":
             policy = "oracle"
         else:
