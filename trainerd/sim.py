@@ -4,7 +4,9 @@ Real: one Milvus collection per edge (`velo.cache.VectorCache`, the edge's own c
 state of eq. 6-8 (`velo.state`), the row selection of eq. 4, the cache value of eq. 5, the
 below-mean eviction of Algorithm 2, the ONNX MiniLM embeddings (computed once per data set with
 the real embedder and kept on disk) and the edge delay (search + state, measured on every step,
-plus the embedder's latency measured at start).
+plus the embedder's latency measured at start). Experiments that run thousands of episodes
+use `MemoryCache` instead of Milvus (same rows, checked against Milvus by a test) and a
+calibrated constant edge time (measured once, so that a rerun gives the same numbers).
 
 Simulated, because a GPU LLM cannot answer thousands of training requests here, and honestly:
 - Action B's answer is a *second human answer* to the same prompt (`alt_answers`), never the
@@ -16,10 +18,11 @@ Simulated, because a GPU LLM cannot answer thousands of training requests here, 
 - Cloud delay is drawn from measured end-to-end latencies (shared/data/llm_latency_llmperf.jsonl,
   13b models, median 3.5 s; the paper's Qwen14b: 3.34 s).
 
-Each step, every edge gets one request (nearest-edge mode: users are spread over the edges) or
-all edges get the same request and the fastest answer is served (all-edges mode). Each step
-also computes the hindsight outcome of every valid action: the Oracle and the expert
-demonstrations use it.
+Training draws the original questions of the training items; testing draws every item, asked
+as one of its paraphrases when the data has them. Each step, every edge gets one request
+(nearest-edge mode: users are spread over the edges) or all edges get the same request and the
+fastest answer is served (all-edges mode). Each step also computes the hindsight outcome of
+every valid action: the Oracle and the expert demonstrations use it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainerd.memory_cache import MemoryCache
 from velo import qos
 from velo.cache import VectorCache, VectorDBConfig
 from velo.embedder import Embedder
@@ -58,6 +62,8 @@ class SimConfig:
     skew: float = 1.1  # Zipf popularity of the items
     mislead: float = 0.3  # chance that C with a wrong context parrots it
     latency_source: str = "13b"  # which llmperf latencies model the cloud
+    train_items: int = 0  # training set: the N most popular items (0: all); tests use all
+    edge_s: float = 0.0  # > 0: a calibrated constant edge time (reproducible runs); 0: measured
     seed: int = 0
 
 
@@ -80,6 +86,7 @@ class StepResult:
     best: list[Action]  # hindsight-best action per edge (the Oracle / the expert)
     served: int  # in all-edges mode, the edge whose answer was served (fastest); else -1
     false_hits: list[bool] = field(default_factory=list)
+    reusable: list[bool] = field(default_factory=list)  # A would serve the right answer
 
     @property
     def rewards(self) -> list[float]:
@@ -113,22 +120,25 @@ class EmbeddedItems:
 
 
 class SimEnv:
-    def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder, milvus_uri: str,
-                 latencies_path: Path, cache_dir: Path) -> None:
+    def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder,
+                 milvus_uri: str | None, latencies_path: Path, cache_dir: Path) -> None:
+        """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server)."""
         self.cfg = cfg
         self.items = [i for i in items if i.alt_answers]  # B needs a second human answer
         if len(self.items) < 2:
             raise ValueError("the simulator needs items with alt_answers (a second answer)")
         self.vec = EmbeddedItems(self.items, embedder, cache_dir)
-        self.embed_s = _measure_embedding(embedder, [i.question for i in self.items[:20]])
+        self.embed_s = (0.0 if cfg.edge_s > 0
+                        else _measure_embedding(embedder, [i.question for i in self.items[:20]]))
         self.latencies = _load_latencies(latencies_path, cfg.latency_source)
         self.rng = np.random.default_rng(cfg.seed)
-        weights = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
-        self.popularity = weights / weights.sum()
-        self.order = self.rng.permutation(len(self.items))
+        self.zipf = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
+        self.order = self.rng.permutation(len(self.items))  # popularity rank -> item
+        self.split = "train"
         run = uuid.uuid4().hex[:8]
-        self.caches = [VectorCache(VectorDBConfig(uri=milvus_uri), f"sim_{run}_{n}", embedder.dim)
-                       for n in range(cfg.edges)]
+        self.caches: list[VectorCache | MemoryCache] = [
+            VectorCache(VectorDBConfig(uri=milvus_uri), f"sim_{run}_{n}", embedder.dim)
+            if milvus_uri else MemoryCache(embedder.dim) for n in range(cfg.edges)]
         for cache in self.caches:
             cache.open()
         self.pairs: list[dict[int, tuple[int, np.ndarray, str]]] = [{} for _ in self.caches]
@@ -137,11 +147,18 @@ class SimEnv:
         self.states: list[EdgeState] = []
 
     # -- the loop: observe -> (policy) -> step ---------------------------------------------------
-    def reset(self, seed: int | None = None) -> list[EdgeState]:
-        """Empty every edge's cache and draw the first requests (the same stream per seed)."""
+    def reset(self, seed: int | None = None, split: str = "train") -> list[EdgeState]:
+        """Empty every edge's cache and draw the first requests (the same stream per seed).
+
+        split "train": the original questions of the training items (the `train_items` most
+        popular); "test": every item, asked as one of its paraphrases when it has any (the
+        paper trains on the questions and tests on restated ones).
+        """
+        if split not in {"train", "test"}:
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         if seed is not None:
             self.rng = np.random.default_rng(seed)
-        self.steps = 0
+        self.steps, self.split = 0, split
         for cache, pairs in zip(self.caches, self.pairs, strict=True):
             cache.clear()
             pairs.clear()
@@ -150,12 +167,17 @@ class SimEnv:
     def observe(self) -> list[EdgeState]:
         """Draw this step's requests and build each edge's state (its edge time is measured)."""
         count = 1 if self.cfg.mode == "all" else self.cfg.edges
-        picks = self.rng.choice(len(self.items), size=count, p=self.popularity)
+        pool = len(self.items)
+        if self.split == "train" and self.cfg.train_items:
+            pool = min(self.cfg.train_items, pool)
+        weights = self.zipf[:pool] / self.zipf[:pool].sum()
+        picks = self.rng.choice(pool, size=count, p=weights)
         self.arrivals = []
         for pick in picks:
             item_index = int(self.order[pick])
             item = self.items[item_index]
-            texts = (item.question, *item.paraphrases)
+            texts = ((item.paraphrases or (item.question,)) if self.split == "test"
+                     else (item.question,))
             self.arrivals.append((item_index, texts[self.rng.integers(len(texts))]))
         if self.cfg.mode == "all":
             self.arrivals = self.arrivals * self.cfg.edges
@@ -167,16 +189,18 @@ class SimEnv:
             start = time.perf_counter()
             f = self.vec[text]
             state = build_state(f, cache.search(f, TENANT, self.cfg.top_p), self.cfg.top_p)
-            self.edge_s.append(self.embed_s + time.perf_counter() - start)
+            self.edge_s.append(self.cfg.edge_s or self.embed_s + time.perf_counter() - start)
             self.states.append(state)
         return self.states
 
     def step(self, actions: list[Action]) -> tuple[StepResult, list[EdgeState]]:
         """Execute each edge's action, update its cache (eq. 4-5, insert, eviction)."""
         best = self.best_actions()
-        outcomes, false_hits = [], []
+        outcomes, false_hits, reusable = [], [], []
         for n, action in enumerate(actions):
             candidates = self._candidates(n)
+            reuse = candidates.get(Action.REUSE)
+            reusable.append(reuse is not None and reuse.answer_item == self.arrivals[n][0])
             if action not in candidates:
                 raise ValueError(f"edge {n}: action {action.letter} is masked in this state")
             outcome = candidates[action]
@@ -190,7 +214,7 @@ class SimEnv:
             for cache in self.caches:
                 if cache.count() >= self.cfg.eviction_min_rows:
                     cache.evict(below_mean=True, max_rows=self.cfg.max_rows, ttl_s=0)
-        result = StepResult(list(actions), outcomes, best, served, false_hits)
+        result = StepResult(list(actions), outcomes, best, served, false_hits, reusable)
         return result, self.observe()
 
     # -- what each action would give ------------------------------------------------------------
@@ -253,7 +277,7 @@ class SimEnv:
 
     def close(self) -> None:
         for cache in self.caches:
-            cache.client.drop_collection(cache.collection)
+            cache.drop()
             cache.close()
 
 

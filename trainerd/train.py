@@ -35,6 +35,7 @@ class Metrics:
     d: list[float] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
     false_hits: int = 0
+    reusable: int = 0  # requests where A would have served the right answer
 
     def add(self, result: StepResult) -> None:
         edges = [result.served] if result.served >= 0 else range(len(result.outcomes))
@@ -45,16 +46,24 @@ class Metrics:
             self.d.append(o.d)
             self.actions.append(result.actions[n])
             self.false_hits += result.false_hits[n]
+            self.reusable += result.reusable[n]
 
     def summary(self) -> dict[str, float]:
+        """Reward, q, d, LLM direct-request frequency, hit rate, false-hit rate (SPEC §5), and
+        the precision and recall of A (recall: right reuses over the requests where the
+        selected cached row answered the question) and the share of requests sent to the LLM."""
         count = len(self.actions)
         reuses = sum(a is Action.REUSE for a in self.actions)
+        right = reuses - self.false_hits
         return {
             "reward": float(np.mean(self.rewards)), "q": float(np.mean(self.q)),
             "d": float(np.mean(self.d)),
             "llm_freq": sum(a is Action.FORWARD for a in self.actions) / count,
             "hit_rate": reuses / count,
             "false_hit_rate": self.false_hits / reuses if reuses else 0.0,
+            "precision": right / reuses if reuses else 1.0,
+            "recall": right / self.reusable if self.reusable else 1.0,
+            "cloud_calls": 1.0 - reuses / count,
         }
 
 
@@ -74,11 +83,13 @@ def collect_demos(env: SimEnv, count: int, seed: int) -> Demos:
 
 
 def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
-          demos: Demos | None, episode_steps: int, log: Callable[[str], None] = print) -> LRS:
+          demos: Demos | None, episode_steps: int, log: Callable[[str], None] = print,
+          curve: list[dict[str, float]] | None = None) -> LRS:
     """Algorithm 1 on simulated experience: rollouts of `rollout_steps` steps, one update each.
 
     Episodes of `episode_steps` start from empty caches, as evaluation does, so the policy
-    also learns the cold start (when most near matches answer another question).
+    also learns the cold start (when most near matches answer another question). `curve`,
+    when given, receives each rollout's measures and the update's demonstration count.
     """
     lrs = LRS(cfg, agents=env.cfg.edges)
     episode = 0
@@ -86,12 +97,14 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
     for u in range(1, updates + 1):
         buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "act", "logp", "rew")}
         dones = np.zeros(rollout_steps, np.float32)
+        measured = Metrics()
         for t in range(rollout_steps):
             corr = np.stack([s.correlation for s in states])
             emb = np.stack([s.embedding for s in states])
             mask = np.stack([s.action_mask for s in states]).astype(np.float32)
             actions, logp = lrs.act(corr, emb, mask)
             result, states = env.step([Action(int(a)) for a in actions])
+            measured.add(result)
             for key, value in zip(buf, (corr, emb, mask, actions, logp,
                                         result.rewards), strict=True):
                 buf[key].append(np.asarray(value))
@@ -106,6 +119,8 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
             np.stack(buf["rew"]).astype(np.float32), dones,
             np.stack([s.correlation for s in states]), np.stack([s.embedding for s in states]))
         stats = lrs.update(rollout, demos)
+        if curve is not None:
+            curve.append({**measured.summary(), "update": u, "demos": stats["demos"]})
         log(f"  update {u}/{updates}: mean reward {rollout.rewards.mean():+.3f}, "
             f"demos {int(stats['demos'])}, entropy {stats['entropy']:.3f}")
     return lrs
@@ -114,7 +129,7 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
 def evaluate(env: SimEnv, policy: Policy | str, steps: int, seed: int) -> dict[str, float]:
     """Run one policy on a fresh cache and the request stream of `seed`."""
     metrics = Metrics()
-    states = env.reset(seed)
+    states = env.reset(seed, split="test")
     for _ in range(steps):
         if policy == "oracle":
             actions = env.best_actions()

@@ -178,6 +178,10 @@ class VectorCache:
         self._remember(tenant, [updated])
         return updated
 
+    def drop(self) -> None:
+        """Delete the whole collection (simulation teardown; never called by edged)."""
+        self.client.drop_collection(self.collection)
+
     def clear(self) -> None:
         """Drop every row (simulation resets; never called by edged)."""
         ids = self._scan()[0].tolist()
@@ -192,17 +196,8 @@ class VectorCache:
         Below-mean: drop every row whose value c^r is below the mean value of the edge.
         """
         ids, values, created = self._scan()
-        if len(ids) == 0:
-            return 0
-        drop = np.zeros(len(ids), dtype=bool)
-        if below_mean:
-            drop |= values < values.mean()
-        if ttl_s > 0:
-            drop |= created < time.time() - ttl_s
-        keep = np.flatnonzero(~drop)
-        if len(keep) > max_rows:
-            lowest = keep[np.argsort(values[keep])[: len(keep) - max_rows]]
-            drop[lowest] = True
+        drop = eviction_mask(values, created, below_mean=below_mean, max_rows=max_rows,
+                             ttl_s=ttl_s, now=time.time())
         doomed = ids[drop]
         for start in range(0, len(doomed), 1000):
             chunk = doomed[start : start + 1000].tolist()
@@ -234,6 +229,23 @@ class VectorCache:
             created.append(made)
         return (np.array(ids, dtype=np.int64), np.array(values, dtype=np.float64),
                 np.array(created, dtype=np.float64))
+
+
+def eviction_mask(values: np.ndarray, created: np.ndarray, *, below_mean: bool, max_rows: int,
+                  ttl_s: float, now: float) -> np.ndarray:
+    """Which rows to drop: below the mean value c^r (Algorithm 2, lines 15-22), older than the
+    TTL, and then the lowest-valued rows beyond the cap."""
+    drop = np.zeros(len(values), dtype=bool)
+    if len(values) == 0:
+        return drop
+    if below_mean:
+        drop |= values < values.mean()
+    if ttl_s > 0:
+        drop |= created < now - ttl_s
+    keep = np.flatnonzero(~drop)
+    if len(keep) > max_rows:
+        drop[keep[np.argsort(values[keep])[: len(keep) - max_rows]]] = True
+    return drop
 
 
 def _row(entity: dict, distance: float) -> CachedRow:

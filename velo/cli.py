@@ -4,12 +4,15 @@
     velo ask "TEXT" [--edge ADDR] [--tenant T] [--stream]
     velo replay --data PATH [--requests N] [--edges A,B,C]
     velo demo                     up + replay + QoS summary + down, in one go
+    velo train [--mode nearest|all|both] ...   train LRS on the simulator, print every policy
+    velo experiment [--figure N ...] [--quick] [--out DIR]   the paper's Fig. 4-10 over seeds
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -68,12 +71,29 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
     tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train")
 
+    ex = sub.add_parser("experiment", help="the paper's evaluation (Fig. 4-10) over seeds: "
+                        "figures, results.csv and results.md (needs the trainer extra)")
+    ex.add_argument("--data", type=Path, default=None, help="QA JSON lines (default: oasst1 dev)")
+    ex.add_argument("--out", type=Path, default=ROOT / "var" / "experiment")
+    ex.add_argument("--figure", type=int, action="append", choices=range(4, 11),
+                    metavar="{4..10}", help="reproduce this figure (repeatable; default: all)")
+    ex.add_argument("--all", action="store_true", help="every figure (the default)")
+    ex.add_argument("--quick", action="store_true",
+                    help="a small version of everything (60 items, few updates): < 3 min")
+    ex.add_argument("--seeds", type=int, default=0, help="runs per setting (default 3)")
+    ex.add_argument("--updates", type=int, default=0, help="updates per learned policy")
+    ex.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="worker processes (default: one per core)")
+    ex.add_argument("--recalibrate", action="store_true",
+                    help="measure the edge time again instead of reusing OUT/calibration.json")
+
     args = parser.parse_args(argv)
     from velo.logs import configure_logging
 
-    configure_logging("warning" if args.command in {"ask", "replay", "demo", "train"} else "info")
+    quiet = {"ask", "replay", "demo", "train", "experiment"}
+    configure_logging("warning" if args.command in quiet else "info")
     commands = {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo,
-                "train": cmd_train}
+                "train": cmd_train, "experiment": cmd_experiment}
     commands[args.command](args)
 
 
@@ -220,9 +240,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
     items = load_qa(path)[: args.items or None]
-    latencies = DEFAULT_DATA.parent / "llm_latency_llmperf.jsonl"
-    if not latencies.exists():
-        latencies = ROOT / "data" / "llm_latency_llmperf.jsonl"
+    latencies = _latencies()
     modes = ["nearest", "all"] if args.mode == "both" else [args.mode]
     with ExitStack() as stack:
         uri = args.milvus_uri or stack.enter_context(EmbeddedMilvus(args.state_dir / "milvus")).uri
@@ -244,6 +262,40 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"\n{mode}-edge mode, {args.eval_steps} evaluation steps per policy "
                   f"({time.monotonic() - started:.0f} s in all):\n")
             print(table(results))
+
+
+def _latencies() -> Path:
+    path = DEFAULT_DATA.parent / "llm_latency_llmperf.jsonl"
+    return path if path.exists() else ROOT / "data" / "llm_latency_llmperf.jsonl"
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from trainerd.experiment import FIGURES, QUICK, Scale, plan, run_experiment, write_reports
+
+    data = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
+    scale = QUICK if args.quick else Scale()
+    if args.seeds:
+        scale = replace(scale, seeds=args.seeds)
+    if args.updates:
+        scale = replace(scale, updates=args.updates)
+    figures = sorted(set(args.figure or FIGURES))
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = plan(figures, scale)
+    print(f"velo experiment: figures {', '.join(map(str, figures))} on {data}: {len(runs)} runs "
+          f"({scale.seeds} seeds), {args.jobs} workers; results in {args.out}")
+    started = time.monotonic()
+    results = run_experiment(
+        figures, scale, data, _latencies(), args.out, ROOT / "var" / "train" / "cache",
+        jobs=args.jobs, recalibrate=args.recalibrate,
+        progress=lambda it, total: tqdm(it, total=total, desc="runs", unit="run"))
+    write_reports(results, figures, scale, args.out, data, started)
+    print((args.out / "results.md").read_text().split("\n## ")[0])
+    print(f"done in {time.monotonic() - started:.0f} s: {args.out / 'results.md'}, "
+          f"results.csv, runs.csv, fig*.png")
 
 
 if __name__ == "__main__":

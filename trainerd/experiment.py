@@ -1,0 +1,347 @@
+"""`velo experiment`: the paper's evaluation (§IV-C, Fig. 4-10) on the simulator, over seeds.
+
+Each figure varies one setting around the reference point (w = 0.1, 3 edges, the whole training
+set) in one offload mode; every (setting, seed) is one independent run: train the learned
+policies the figure compares, then evaluate every policy on the same test stream. Runs go to
+worker processes (one PyTorch thread each), so `--jobs 2` uses both cores of a small box.
+
+Reproducible: the simulator uses in-memory caches and a calibrated constant edge time (measured
+once and kept in OUT/calibration.json), PyTorch runs single-threaded with fixed seeds, so a
+rerun with the same seed and the same OUT gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+BASELINES = ("random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm")
+LEARNED = ("mappo", "g-mappo", "t-mappo", "lrs")
+EVERY_POLICY = (*BASELINES, *LEARNED, "oracle")
+# Fig. 7-10: the paper compares LRS with the heuristics only (MARL baselines "not revisited").
+HEURISTICS_AND_LRS = (*BASELINES, "lrs", "oracle")
+MEASURES = ("reward", "q", "d", "llm_freq", "hit_rate", "false_hit_rate", "precision", "recall",
+            "cloud_calls", "normalized")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a figure: offload mode, reward weight, number of edges, training set."""
+
+    mode: str = "nearest"  # "nearest" or "all" (fastest of all edges wins)
+    w: float = 0.1  # w = phi2 / phi1
+    edges: int = 3  # N
+    train_share: float = 1.0  # share of the QA items in the training set (most popular first)
+
+
+@dataclass(frozen=True)
+class Figure:
+    number: int
+    title: str
+    vary: str  # the Setting field on the x axis, or "update" for training curves
+    mode: str
+    policies: tuple[str, ...]
+
+
+FIGURES = {
+    4: Figure(4, "Training (w = 0.1, nearest edge)", "update", "nearest", LEARNED),
+    5: Figure(5, "Reward weight w, nearest edge", "w", "nearest", EVERY_POLICY),
+    6: Figure(6, "Reward weight w, all edges", "w", "all", EVERY_POLICY),
+    7: Figure(7, "Number of edges, nearest edge", "edges", "nearest", HEURISTICS_AND_LRS),
+    8: Figure(8, "Number of edges, all edges", "edges", "all", HEURISTICS_AND_LRS),
+    9: Figure(9, "Training-set size, nearest edge", "train_share", "nearest", HEURISTICS_AND_LRS),
+    10: Figure(10, "Training-set size, all edges", "train_share", "all", HEURISTICS_AND_LRS),
+}
+
+
+@dataclass
+class Scale:
+    """How big each run is. The default fits every figure in < 30 min on 2 cores."""
+
+    seeds: int = 3  # independent runs per setting (mean +- std over them)
+    updates: int = 20  # network updates u per learned policy
+    rollout_steps: int = 64  # steps per update (x N edges transitions)
+    eval_steps: int = 150  # test steps per policy, from empty caches
+    demos: int = 2048  # l_g: expert demonstrations collected and mixed into the first update
+    items: int = 0  # use the first N QA items of the data (0: all)
+    w_values: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1.0)
+    edge_counts: tuple[int, ...] = (1, 2, 3, 4, 5)
+    train_shares: tuple[float, ...] = (0.25, 0.5, 1.0)
+
+
+QUICK = Scale(seeds=3, updates=3, rollout_steps=32, eval_steps=60, demos=256, items=60,
+              w_values=(0.01, 0.1, 1.0), edge_counts=(1, 3), train_shares=(0.5, 1.0))
+
+
+def settings_of(figure: Figure, scale: Scale) -> list[Setting]:
+    base = Setting(mode=figure.mode)
+    values: Iterable = {"update": [None], "w": scale.w_values, "edges": scale.edge_counts,
+                        "train_share": scale.train_shares}[figure.vary]
+    return [base if v is None else replace(base, **{figure.vary: v}) for v in values]
+
+
+# -- one run: train and evaluate in a worker process ------------------------------------------
+@dataclass
+class Job:
+    setting: Setting
+    seed: int
+    policies: tuple[str, ...]
+    scale: Scale
+    data: Path
+    latencies: Path
+    cache_dir: Path
+    edge_s: float
+
+
+@dataclass
+class RunResult:
+    setting: Setting
+    seed: int
+    metrics: dict[str, dict[str, float]]  # policy -> measures
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # learned policies
+    seconds: float = 0.0
+
+
+def run_job(job: Job) -> RunResult:
+    """Train the learned policies of `job`, then evaluate every policy on the test stream."""
+    import torch
+
+    from trainerd.lrs import LRSConfig
+    from trainerd.sim import SimConfig, SimEnv
+    from trainerd.train import LEARNED as VARIANTS
+    from trainerd.train import collect_demos, evaluate, train
+    from velo.policy import OnnxPolicy, baseline_from_name
+    from velo.workload import load_qa
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    items = load_qa(job.data)[: job.scale.items or None]
+    s, scale = job.setting, job.scale
+    usable = sum(bool(i.alt_answers) for i in items)
+    cfg = SimConfig(edges=s.edges, mode=s.mode, phi2=s.w, seed=job.seed, edge_s=job.edge_s,
+                    train_items=max(2, round(usable * s.train_share)))
+    env = SimEnv(cfg, items, _embedder(), None, job.latencies, job.cache_dir)
+    metrics: dict[str, dict[str, float]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    demos = None
+    if any(VARIANTS.get(p, (False, False))[1] for p in job.policies):
+        demos = collect_demos(env, scale.demos, job.seed + 1)
+    eval_seed = job.seed + 1000
+    for name in job.policies:
+        if name in VARIANTS:
+            encoder, use_demos = VARIANTS[name]
+            lrs_cfg = LRSConfig(seed=job.seed, use_encoder=encoder, use_demos=use_demos,
+                                demos_first=scale.demos)
+            curves[name] = []
+            lrs = train(env, lrs_cfg, scale.updates, scale.rollout_steps,
+                        demos if use_demos else None, scale.eval_steps, log=lambda _: None,
+                        curve=curves[name])
+            policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=lrs_cfg.top_p,
+                                embed_dim=lrs_cfg.embed_dim, sample=False)
+        elif name == "oracle":
+            policy = "oracle"
+        else:
+            policy = baseline_from_name(name, job.seed)
+        metrics[name] = evaluate(env, policy, scale.eval_steps, eval_seed)
+    env.close()
+    normalise(metrics)
+    return RunResult(job.setting, job.seed, metrics, curves, time.monotonic() - started)
+
+
+def normalise(metrics: dict[str, dict[str, float]]) -> None:
+    """Reward normalised between Random (0) and the Oracle (1), per run."""
+    if "random" not in metrics or "oracle" not in metrics:
+        return
+    low, high = metrics["random"]["reward"], metrics["oracle"]["reward"]
+    for m in metrics.values():
+        m["normalized"] = (m["reward"] - low) / (high - low) if high != low else float("nan")
+
+
+_EMBEDDER = None
+
+
+def _embedder():
+    """One ONNX embedder per worker process (only needed to embed a new data set once)."""
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        from velo.embedder import Embedder
+        from velo.models import embedder_dir
+
+        _EMBEDDER = Embedder(embedder_dir())
+    return _EMBEDDER
+
+
+def calibrate(out: Path, data: Path, cache_dir: Path, recalibrate: bool = False) -> float:
+    """The edge time d_A used by every run: the embedder's median latency plus a top-P search,
+    measured once here and kept in OUT/calibration.json so that reruns use the same value."""
+    path = out / "calibration.json"
+    if path.exists() and not recalibrate:
+        return float(json.loads(path.read_text())["edge_s"])
+    from trainerd.memory_cache import MemoryCache
+    from trainerd.sim import EmbeddedItems, _measure_embedding
+    from velo.workload import load_qa
+
+    embedder = _embedder()
+    items = load_qa(data)
+    texts = [i.question for i in items[:50]]
+    embed_s = _measure_embedding(embedder, texts)
+    vectors = EmbeddedItems(items, embedder, cache_dir)  # embeds the data set once, on disk
+    cache = MemoryCache(embedder.dim)
+    for i in items[:200]:
+        cache.insert_pair("t", i.question, i.answer, vectors[i.question], vectors[i.answer], 0.0)
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        cache.search(vectors[text], "t", 5)
+        times.append(time.perf_counter() - start)
+    edge_s = embed_s + float(np.median(times))
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"edge_s": edge_s, "embed_s": embed_s,
+                                "search_s": float(np.median(times)),
+                                "measured": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    return edge_s
+
+
+# -- the whole experiment ----------------------------------------------------------------------
+def plan(figures: list[int], scale: Scale) -> dict[tuple[Setting, int], tuple[str, ...]]:
+    """Every (setting, seed) run the figures need, with the union of their policies (a setting
+    shared by two figures runs once)."""
+    runs: dict[tuple[Setting, int], tuple[str, ...]] = {}
+    for number in figures:
+        figure = FIGURES[number]
+        policies = figure.policies if figure.vary != "update" else (*figure.policies, "random",
+                                                                     "oracle")
+        for setting in settings_of(figure, scale):
+            for seed in range(scale.seeds):
+                known = runs.get((setting, seed), ())
+                runs[(setting, seed)] = tuple(p for p in EVERY_POLICY
+                                              if p in known or p in policies)
+    return runs
+
+
+def run_experiment(figures: list[int], scale: Scale, data: Path, latencies: Path, out: Path,
+                   cache_dir: Path, jobs: int = 2, recalibrate: bool = False,
+                   progress: Callable[[int], Iterable] | None = None) -> list[RunResult]:
+    edge_s = calibrate(out, data, cache_dir, recalibrate)
+    work = [Job(setting, seed, policies, scale, data, latencies, cache_dir, edge_s)
+            for (setting, seed), policies in plan(figures, scale).items()]
+    # Longest runs first, so the last worker is not left alone with a long run.
+    work.sort(key=lambda j: -sum(p in LEARNED for p in j.policies) * j.setting.edges)
+    if jobs <= 1:
+        results = map(run_job, work)
+        return list(progress(results, len(work)) if progress else results)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        results = pool.map(run_job, work)
+        return list(progress(results, len(work)) if progress else results)
+
+
+# -- aggregation and reports -------------------------------------------------------------------
+def aggregate(results: list[RunResult]) -> list[dict]:
+    """One row per setting x policy: mean, std and a 95 % interval over the seeds."""
+    groups: dict[tuple[Setting, str], list[dict[str, float]]] = {}
+    for r in results:
+        for policy, m in r.metrics.items():
+            groups.setdefault((r.setting, policy), []).append(m)
+    rows = []
+    for (setting, policy), runs in groups.items():
+        row: dict = {**asdict(setting), "policy": policy, "seeds": len(runs)}
+        for key in MEASURES:
+            values = np.array([m.get(key, float("nan")) for m in runs], dtype=float)
+            row[key] = float(np.mean(values))
+            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row[f"{key}_ci95"] = (1.96 * row[f"{key}_std"] / math.sqrt(len(values))
+                                  if len(values) > 1 else 0.0)
+        rows.append(row)
+    order = {p: i for i, p in enumerate(EVERY_POLICY)}
+    rows.sort(key=lambda r: (r["mode"], r["w"], r["edges"], r["train_share"],
+                             order.get(r["policy"], 99)))
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| policy | reward | q | d (s) | LLM freq | hit rate | false-hit rate | "
+             "precision A | recall A | normalised |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['reward']:+.3f} ± {r['reward_std']:.3f} | {r['q']:.3f} "
+            f"| {r['d']:.3f} | {r['llm_freq']:.0%} | {r['hit_rate']:.0%} "
+            f"| {r['false_hit_rate']:.0%} | {r['precision']:.2f} | {r['recall']:.2f} "
+            f"| {r['normalized']:.2f} ± {r['normalized_std']:.2f} |")
+    return "\n".join(lines)
+
+
+def headline(rows: list[dict], mode: str) -> str:
+    """The paper's headline measures at the reference point: LRS's reward gain over the best
+    baseline and its satisfaction gain over each baseline (in %, as the paper computes them)."""
+    ref = Setting(mode=mode)
+    at = {r["policy"]: r for r in rows
+          if (r["mode"], r["w"], r["edges"], r["train_share"]) == astuple_setting(ref)}
+    if "lrs" not in at:
+        return ""
+    lrs = at["lrs"]
+    others = {p: r for p, r in at.items() if p not in {"lrs", "oracle"}}
+    best = max(others, key=lambda p: others[p]["reward"])
+    gain = (lrs["reward"] - others[best]["reward"]) / abs(others[best]["reward"]) * 100
+    sat = ", ".join(f"{p} {(lrs['q'] - r['q']) / abs(r['q']) * 100:+.1f} %"
+                    for p, r in others.items())
+    return (f"LRS reward vs the best baseline ({best}): {gain:+.2f} % "
+            f"(paper: +14.59 %). Satisfaction q vs each baseline: {sat}.")
+
+
+def astuple_setting(s: Setting) -> tuple:
+    return (s.mode, s.w, s.edges, s.train_share)
+
+
+def write_reports(results: list[RunResult], figures: list[int], scale: Scale, out: Path,
+                  data: Path, started: float) -> list[dict]:
+    from trainerd.figures import plot_curves, plot_sweep
+
+    rows = aggregate(results)
+    write_csv(rows, out / "results.csv")
+    per_seed = [{**asdict(r.setting), "seed": r.seed, "policy": p, **m}
+                for r in results for p, m in r.metrics.items()]
+    write_csv(per_seed, out / "runs.csv")
+    (out / "curves.json").write_text(json.dumps(
+        [{**asdict(r.setting), "seed": r.seed, "curves": r.curves}
+         for r in results if r.curves]))
+    md = [f"# VELO experiment\n\nData: `{data}` ({scale.items or 'all'} items); "
+          f"{scale.seeds} seeds; {scale.updates} updates x {scale.rollout_steps} steps per "
+          f"learned policy; {scale.eval_steps} test steps per policy from empty caches; "
+          f"{time.monotonic() - started:.0f} s on {os.cpu_count()} cores. Mean ± std over "
+          "seeds; normalised reward: Random 0, Oracle 1.\n"]
+    for mode in ("nearest", "all"):
+        line = headline(rows, mode)
+        if line:
+            md.append(f"**{mode}-edge mode, w = 0.1, 3 edges.** {line}\n")
+    for number in figures:
+        figure = FIGURES[number]
+        if figure.vary == "update":
+            plot_curves(results, figure, out / f"fig{number}.png")
+            md.append(f"## Fig. {number}: {figure.title}\n\n![Fig. {number}](fig{number}.png)\n")
+            continue
+        plot_sweep(rows, figure, settings_of(figure, scale), out / f"fig{number}.png")
+        md.append(f"## Fig. {number}: {figure.title}\n\n![Fig. {number}](fig{number}.png)\n")
+        for setting in settings_of(figure, scale):
+            value = getattr(setting, figure.vary)
+            subset = [r for r in rows if (r["mode"], r["w"], r["edges"], r["train_share"])
+                      == astuple_setting(setting) and r["policy"] in figure.policies]
+            md.append(f"### {figure.vary} = {value}\n\n{markdown_table(subset)}\n")
+    (out / "results.md").write_text("\n".join(md))
+    return rows
