@@ -87,3 +87,28 @@ def test_a_rerun_with_the_same_seed_gives_the_same_numbers(exported_embedder, tm
     first, second = run_job(job), run_job(job)
     assert first.metrics == second.metrics
     assert first.curves == second.curves
+
+
+def test_items_without_a_second_answer_get_an_honest_simulated_llm(exported_embedder,
+                                                                   tmp_path) -> None:
+    import numpy as np
+
+    from trainerd.sim import SimConfig, SimEnv
+    from velo.embedder import Embedder
+    from velo.workload import QAItem
+
+    items = [QAItem(f"x{n}", f"How many points did team {n} score?", f"{300 + n} points",
+                    paraphrases=(f"Points scored by team {n}?",)) for n in range(4)]
+    env = SimEnv(SimConfig(edges=1, edge_s=0.01), items, Embedder(exported_embedder), None,
+                 LATENCIES, tmp_path)
+    for n, item in enumerate(items):
+        distance = float(np.linalg.norm(env.llm_vecs[n] - env.vec[item.answer]))
+        assert 0.05 - 1e-4 <= distance <= 1.4 + 1e-4  # never the reference itself
+        assert abs(float(np.linalg.norm(env.llm_vecs[n])) - 1.0) < 1e-4
+    again = SimEnv(SimConfig(edges=1, edge_s=0.01, seed=5), items, Embedder(exported_embedder),
+                   None, LATENCIES, tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(env.llm_vecs, again.llm_vecs, strict=True))
+    states = env.reset(0, split="test")
+    assert env.arrivals[0][1] in items[env.arrivals[0][0]].paraphrases  # tests ask paraphrases
+    result, _ = env.step([env.best_actions()[0]])
+    assert result.outcomes[0].q < 0 and not states[0].rows

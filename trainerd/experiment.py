@@ -113,48 +113,139 @@ class RunResult:
 
 def run_job(job: Job) -> RunResult:
     """Train the learned policies of `job`, then evaluate every policy on the test stream."""
-    import torch
-
-    from trainerd.lrs import LRSConfig
-    from trainerd.sim import SimConfig, SimEnv
     from trainerd.train import LEARNED as VARIANTS
-    from trainerd.train import collect_demos, evaluate, train
-    from velo.policy import OnnxPolicy, baseline_from_name
-    from velo.workload import load_qa
+    from trainerd.train import collect_demos, evaluate
+    from velo.policy import baseline_from_name
 
-    torch.set_num_threads(1)
     started = time.monotonic()
-    items = load_qa(job.data)[: job.scale.items or None]
-    s, scale = job.setting, job.scale
-    usable = sum(bool(i.alt_answers) for i in items)
-    cfg = SimConfig(edges=s.edges, mode=s.mode, phi2=s.w, seed=job.seed, edge_s=job.edge_s,
-                    train_items=max(2, round(usable * s.train_share)))
-    env = SimEnv(cfg, items, _embedder(), None, job.latencies, job.cache_dir)
+    env = make_env(job)
     metrics: dict[str, dict[str, float]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     demos = None
     if any(VARIANTS.get(p, (False, False))[1] for p in job.policies):
-        demos = collect_demos(env, scale.demos, job.seed + 1)
-    eval_seed = job.seed + 1000
+        demos = collect_demos(env, job.scale.demos, job.seed + 1)
     for name in job.policies:
         if name in VARIANTS:
-            encoder, use_demos = VARIANTS[name]
-            lrs_cfg = LRSConfig(seed=job.seed, use_encoder=encoder, use_demos=use_demos,
-                                demos_first=scale.demos)
             curves[name] = []
-            lrs = train(env, lrs_cfg, scale.updates, scale.rollout_steps,
-                        demos if use_demos else None, scale.eval_steps, log=lambda _: None,
-                        curve=curves[name])
-            policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=lrs_cfg.top_p,
-                                embed_dim=lrs_cfg.embed_dim, sample=False)
+            policy = train_policy(env, name, job.scale, job.seed, demos, curves[name])
         elif name == "oracle":
             policy = "oracle"
         else:
             policy = baseline_from_name(name, job.seed)
-        metrics[name] = evaluate(env, policy, scale.eval_steps, eval_seed)
+        metrics[name] = evaluate(env, policy, job.scale.eval_steps, job.seed + 1000)
     env.close()
     normalise(metrics)
     return RunResult(job.setting, job.seed, metrics, curves, time.monotonic() - started)
+
+
+def make_env(job: Job):
+    """The simulator of one run: in-memory caches, the calibrated edge time, one torch thread."""
+    import torch
+
+    from trainerd.sim import SimConfig, SimEnv
+    from velo.workload import load_qa
+
+    torch.set_num_threads(1)
+    items = load_qa(job.data)[: job.scale.items or None]
+    s = job.setting
+    cfg = SimConfig(edges=s.edges, mode=s.mode, phi2=s.w, seed=job.seed, edge_s=job.edge_s,
+                    train_items=max(2, round(len(items) * s.train_share)))
+    return SimEnv(cfg, items, _embedder(), None, job.latencies, job.cache_dir)
+
+
+def train_policy(env, name: str, scale: Scale, seed: int, demos,
+                 curve: list[dict[str, float]] | None = None):
+    """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` and load its ONNX export (argmax, as
+    MAPPO is evaluated); the export's bytes are kept as `.onnx`."""
+    from trainerd.lrs import LRSConfig
+    from trainerd.train import LEARNED as VARIANTS
+    from trainerd.train import train
+    from velo.policy import OnnxPolicy
+
+    encoder, use_demos = VARIANTS[name]
+    cfg = LRSConfig(seed=seed, use_encoder=encoder, use_demos=use_demos,
+                    demos_first=scale.demos)
+    lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
+                scale.eval_steps, log=lambda _: None, curve=curve)
+    onnx = lrs.export_onnx()
+    policy = OnnxPolicy(onnx, 1, name, top_p=cfg.top_p, embed_dim=cfg.embed_dim, sample=False)
+    policy.onnx = onnx
+    return policy
+
+
+def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
+                    holdout: float = 0.5) -> dict:
+    """The labelled false-hit benchmark (trainerd.pairs) with LRS trained on `job`'s setting."""
+    from trainerd import pairs
+    from trainerd.sim import EmbeddedTexts
+    from trainerd.train import collect_demos
+    from velo import qos
+
+    env = make_env(job)
+    policy = train_policy(env, "lrs", job.scale, job.seed,
+                          collect_demos(env, job.scale.demos, job.seed + 1))
+    # c^r of a freshly cached pair, as the simulator writes it: q - d of a typical B answer.
+    q_b = np.median([qos.satisfaction(env.llm_vecs[n], env.vec[i.answer])
+                     for n, i in enumerate(env.items)])
+    value = float(q_b - np.median(env.latencies))
+    env.close()
+    data = pairs.load_pairs(pairs_path)
+    vectors = EmbeddedTexts({t for p in data for t in (p.a, p.b)}, _embedder(), job.cache_dir)
+    queries = pairs.build_queries(data, vectors, _embedder().dim, value, job.seed, holdout)
+    report = pairs.benchmark(queries, policy, delta, job.seed)
+    pairs.plot(report, out / "pairs.png")
+    (out / "pairs.md").write_text(f"# Labelled pairs: `{pairs_path.name}`, {holdout:.0%} of the "
+                                  f"`a` sides left out\n\n{pairs.markdown(report)}\n")
+    write_csv(report["rows"] + ([report["learned"]] if "learned" in report else []),
+              out / "pairs.csv")
+    return report
+
+
+def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tokens: int = 48,
+                    milvus_uri: str = "") -> str:
+    """`--live`: LRS trained on the simulator, then the real stack and the simulator side by
+    side on the same requests (trainerd.live). Returns the Markdown report."""
+    from trainerd import live
+    from trainerd.train import collect_demos
+    from velo.policy import baseline_from_name
+
+    env = make_env(job)
+    lrs = train_policy(env, "lrs", job.scale, job.seed,
+                       collect_demos(env, job.scale.demos, job.seed + 1))
+    env.close()
+    one_edge = make_env(replace(job, setting=replace(job.setting, edges=1)))
+    items = [i for i in one_edge.items if len(i.question) <= 400]  # keep prompts short
+    arrivals = live.test_arrivals(items, requests, job.seed)
+    started = time.monotonic()
+    measured = live.run_live(lrs.onnx, items, requests, state_dir, job.seed, max_tokens,
+                             milvus_uri)
+    live_s = time.monotonic() - started
+    policies = {p: lrs if p == "lrs" else baseline_from_name(p, job.seed)
+                for p in live.LIVE_POLICIES}
+    sim = live.simulated(one_edge, policies, arrivals)
+    one_edge.close()
+    lines = [f"# Live vs simulated ({requests} requests, every request to every policy's edge; "
+             f"live stack run {live_s:.0f} s)\n",
+             f"Live: the real daemons, Milvus and SmolLM2-135M via llama.cpp (max {max_tokens} "
+             "tokens); "
+             "q against the reference answer, d measured by the edge. Simulated: the same "
+             "requests on one simulated edge (second human answers, 13b latencies).\n",
+             "| policy | live reward | sim reward | live q | sim q | live d (s) | sim d (s) "
+             "| live LLM freq | sim LLM freq | live hit rate | sim hit rate | live false hits "
+             "| sim false hits |", "|---|" + "---:|" * 12]
+    for p in live.LIVE_POLICIES:
+        a, b = measured[p], sim[p]
+        if not a.get("requests"):
+            lines.append(f"| {p} | no answers ({a.get('errors', 0):.0f} errors) |" + " |" * 11)
+            continue
+        lines.append(
+            f"| {p} | {a['reward']:+.3f} | {b['reward']:+.3f} | {a['q']:.3f} | {b['q']:.3f} "
+            f"| {a['d']:.3f} | {b['d']:.3f} | {a['llm_freq']:.0%} | {b['llm_freq']:.0%} "
+            f"| {a['hit_rate']:.0%} | {b['hit_rate']:.0%} | {a['false_hit_rate']:.0%} "
+            f"| {b['false_hit_rate']:.0%} |")
+    report = "\n".join(lines) + "\n"
+    (out / "live.md").write_text(report)
+    return report
 
 
 def normalise(metrics: dict[str, dict[str, float]]) -> None:
@@ -187,14 +278,14 @@ def calibrate(out: Path, data: Path, cache_dir: Path, recalibrate: bool = False)
     if path.exists() and not recalibrate:
         return float(json.loads(path.read_text())["edge_s"])
     from trainerd.memory_cache import MemoryCache
-    from trainerd.sim import EmbeddedItems, _measure_embedding
+    from trainerd.sim import EmbeddedTexts, _measure_embedding, item_texts
     from velo.workload import load_qa
 
     embedder = _embedder()
     items = load_qa(data)
     texts = [i.question for i in items[:50]]
     embed_s = _measure_embedding(embedder, texts)
-    vectors = EmbeddedItems(items, embedder, cache_dir)  # embeds the data set once, on disk
+    vectors = EmbeddedTexts(item_texts(items), embedder, cache_dir)  # embedded once, on disk
     cache = MemoryCache(embedder.dim)
     for i in items[:200]:
         cache.insert_pair("t", i.question, i.answer, vectors[i.question], vectors[i.answer], 0.0)
@@ -321,7 +412,8 @@ def write_reports(results: list[RunResult], figures: list[int], scale: Scale, ou
     (out / "curves.json").write_text(json.dumps(
         [{**asdict(r.setting), "seed": r.seed, "curves": r.curves}
          for r in results if r.curves]))
-    md = [f"# VELO experiment\n\nData: `{data}` ({scale.items or 'all'} items); "
+    shown = os.path.relpath(data) if data.is_absolute() else data
+    md = [f"# VELO experiment\n\nData: `{shown}` ({scale.items or 'all'} items); "
           f"{scale.seeds} seeds; {scale.updates} updates x {scale.rollout_steps} steps per "
           f"learned policy; {scale.eval_steps} test steps per policy from empty caches; "
           f"{time.monotonic() - started:.0f} s on {os.cpu_count()} cores. Mean ± std over "

@@ -10,7 +10,10 @@ calibrated constant edge time (measured once, so that a rerun gives the same num
 
 Simulated, because a GPU LLM cannot answer thousands of training requests here, and honestly:
 - Action B's answer is a *second human answer* to the same prompt (`alt_answers`), never the
-  reference itself; items without one are left out of the workload.
+  reference itself. For an item without one (data sets with a single answer, e.g. xquad),
+  B's answer is a fixed vector at distance delta from the reference, delta drawn once per item
+  from the distances between second answers and references measured on oasst1 (mean 0.762,
+  std 0.251 over 197 items): as good as a second human answer on average, never the reference.
 - Action C's answer depends on the context: when the added QA belongs to the same question, the
   LLM answers at least as well as B and as well as the cached answer (it can use it); when it
   belongs to another question, the LLM answers as B would, except that with probability
@@ -62,6 +65,9 @@ class SimConfig:
     skew: float = 1.1  # Zipf popularity of the items
     mislead: float = 0.3  # chance that C with a wrong context parrots it
     latency_source: str = "13b"  # which llmperf latencies model the cloud
+    # ||B answer - reference|| for items without a second answer: N(mean, std), clipped;
+    # measured between oasst1's second answers and references (197 items).
+    b_distance: tuple[float, float] = (0.762, 0.251)
     train_items: int = 0  # training set: the N most popular items (0: all); tests use all
     edge_s: float = 0.0  # > 0: a calibrated constant edge time (reproducible runs); 0: measured
     seed: int = 0
@@ -97,12 +103,15 @@ class StepResult:
         return [o.r for o in self.outcomes]
 
 
-class EmbeddedItems:
+def item_texts(items: list[QAItem]) -> set[str]:
+    return {t for i in items for t in (i.question, i.answer, *i.alt_answers, *i.paraphrases)}
+
+
+class EmbeddedTexts:
     """Every text of a data set embedded once with the real ONNX embedder, cached on disk."""
 
-    def __init__(self, items: list[QAItem], embedder: Embedder, cache_dir: Path) -> None:
-        texts = sorted({t for i in items for t in (i.question, i.answer, *i.alt_answers,
-                                                    *i.paraphrases)})
+    def __init__(self, texts: set[str], embedder: Embedder, cache_dir: Path) -> None:
+        texts = sorted(texts)
         digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
         path = cache_dir / f"embeddings-{digest}-{embedder.dim}.npz"
         if path.exists():
@@ -124,10 +133,11 @@ class SimEnv:
                  milvus_uri: str | None, latencies_path: Path, cache_dir: Path) -> None:
         """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server)."""
         self.cfg = cfg
-        self.items = [i for i in items if i.alt_answers]  # B needs a second human answer
+        self.items = list(items)
         if len(self.items) < 2:
-            raise ValueError("the simulator needs items with alt_answers (a second answer)")
-        self.vec = EmbeddedItems(self.items, embedder, cache_dir)
+            raise ValueError("the simulator needs at least 2 QA items")
+        self.vec = EmbeddedTexts(item_texts(self.items), embedder, cache_dir)
+        self.llm_vecs = [self._llm_answer(n, item) for n, item in enumerate(self.items)]
         self.embed_s = (0.0 if cfg.edge_s > 0
                         else _measure_embedding(embedder, [i.question for i in self.items[:20]]))
         self.latencies = _load_latencies(latencies_path, cfg.latency_source)
@@ -181,6 +191,13 @@ class SimEnv:
             self.arrivals.append((item_index, texts[self.rng.integers(len(texts))]))
         if self.cfg.mode == "all":
             self.arrivals = self.arrivals * self.cfg.edges
+        return self.observe_arrivals(self.arrivals)
+
+    def observe_arrivals(self, arrivals: list[tuple[int, str]]) -> list[EdgeState]:
+        """Build each edge's state for these (item index, text) requests, one per edge."""
+        if len(arrivals) != len(self.caches):
+            raise ValueError(f"{len(arrivals)} arrivals for {len(self.caches)} edges")
+        self.arrivals = list(arrivals)
         # This step's randomness is drawn now, so the hindsight outcomes are the real ones.
         self.cloud_s = [float(self.rng.choice(self.latencies)) for _ in self.caches]
         self.misled = [bool(self.rng.random() < self.cfg.mislead) for _ in self.caches]
@@ -246,7 +263,7 @@ class SimEnv:
             return Outcome(q, d, qos.reward(q, d, weights), answer_vec, answer_item, row_id)
 
         # B: the LLM's answer is a second human answer to the same prompt.
-        llm_vec = self.vec[item.alt_answers[0]]
+        llm_vec = self.llm_vecs[item_index]
         candidates = {Action.FORWARD: outcome(Action.FORWARD, llm_vec, item_index)}
         if state.rows:
             row = select_row(state.rows, self.cfg.phi1, self.cfg.phi2, self.cfg.select_margin)
@@ -265,7 +282,8 @@ class SimEnv:
         cache, state = self.caches[n], self.states[n]
         item_index, text = self.arrivals[n]
         if action is Action.FORWARD:
-            answer = self.items[item_index].alt_answers[0]
+            item = self.items[item_index]
+            answer = item.alt_answers[0] if item.alt_answers else f"[simulated answer: {item.id}]"
             pair_id = cache.insert_pair(TENANT, text, answer, state.embedding, outcome.answer_vec,
                                         outcome.q - outcome.d)
             if pair_id is not None:
@@ -274,6 +292,20 @@ class SimEnv:
         row = next(r for r in state.rows if r.id == outcome.row_id)
         cache.update_row(row, TENANT, row.hits + 1, qos.updated_value(row.value, outcome.q,
                                                                       outcome.d))
+
+    def _llm_answer(self, n: int, item: QAItem) -> np.ndarray:
+        """What the simulated LLM answers to item n with Action B (see the module docstring)."""
+        if item.alt_answers:
+            return self.vec[item.alt_answers[0]]
+        reference = self.vec[item.answer].astype(np.float64)
+        rng = np.random.default_rng([n, 0xB])  # the same answer on every visit and run
+        mean, std = self.cfg.b_distance
+        delta = float(np.clip(rng.normal(mean, std), 0.05, 1.4))
+        other = rng.normal(size=reference.shape)
+        other -= other @ reference * reference  # orthogonal to the reference
+        other /= np.linalg.norm(other)
+        cos = 1.0 - delta**2 / 2.0  # unit vectors at L2 distance delta
+        return (cos * reference + np.sqrt(1.0 - cos**2) * other).astype(np.float32)
 
     def close(self) -> None:
         for cache in self.caches:

@@ -84,6 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--updates", type=int, default=0, help="updates per learned policy")
     ex.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="worker processes (default: one per core)")
+    ex.add_argument("--pairs", type=Path, default=None,
+                    help="run the labelled false-hit benchmark on these question pairs instead "
+                    "(JSON lines a/b/label, or GPTCache's text_a/text_b/label list)")
+    ex.add_argument("--holdout", type=float, default=0.5,
+                    help="with --pairs of positives only: share of `a` sides left out of the "
+                    "cache to make negatives (0: cache all, as GPTCache's benchmark)")
+    ex.add_argument("--delta", type=float, default=None,
+                    help="with --pairs: a bound on the false-hit rate the learned policy must "
+                    "respect (reuse only when P(A) >= a calibrated tau)")
+    ex.add_argument("--live", action="store_true",
+                    help="a small version through the real daemons and the real local LLM, "
+                    "next to the simulator on the same requests (writes live.md)")
+    ex.add_argument("--live-requests", type=int, default=40)
     ex.add_argument("--recalibrate", action="store_true",
                     help="measure the edge time again instead of reusing OUT/calibration.json")
 
@@ -284,6 +297,25 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         scale = replace(scale, updates=args.updates)
     figures = sorted(set(args.figure or FIGURES))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pairs or args.live:
+        from trainerd.experiment import Job, Setting, calibrate, live_experiment, pairs_benchmark
+        from trainerd.pairs import markdown
+
+        cache_dir = ROOT / "var" / "train" / "cache"
+        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
+        job = Job(Setting(), 0, ("lrs",), scale, data, _latencies(), cache_dir, edge_s)
+    if args.live:
+        print(f"velo experiment --live: training LRS on {data}, then the stack "
+              f"({args.live_requests} requests to each of 4 edges)...")
+        print(live_experiment(job, args.out, args.live_requests, ROOT / "var" / "live"))
+        print(f"{args.out / 'live.md'}")
+        return
+    if args.pairs:
+        print(f"velo experiment --pairs {args.pairs}: training LRS on {data}, then the "
+              "benchmark...")
+        print(markdown(pairs_benchmark(args.pairs, job, args.out, args.delta, args.holdout)))
+        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png")
+        return
     runs = plan(figures, scale)
     print(f"velo experiment: figures {', '.join(map(str, figures))} on {data}: {len(runs)} runs "
           f"({scale.seeds} seeds), {args.jobs} workers; results in {args.out}")

@@ -34,16 +34,21 @@ class Outcome:
 
 async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem], *,
                  tenant: str = "demo", max_tokens: int = 64, concurrency: int = 3,
-                 progress: bool = True) -> list[Outcome]:
+                 progress: bool = True, to_every_edge: bool = False) -> list[Outcome]:
+    """Send each arrival to its user's edge, or, with `to_every_edge`, to every edge (one
+    policy per edge, all on the same workload); arrivals are sent in order, `concurrency` at
+    a time."""
     owner = {text: item.id for item in items for text in (item.question, *item.paraphrases)}
     channels = [grpc.aio.insecure_channel(a) for a in edges]
     stubs = [edge_pb2_grpc.EdgeServiceStub(c) for c in channels]
     outcomes: list[Outcome] = []
+    sends = ([(a, n) for a in arrivals for n in range(len(edges))] if to_every_edge
+             else [(a, a.user % len(edges)) for a in arrivals])
+    total = len(sends)
     gate = asyncio.Semaphore(concurrency)
     started = time.monotonic()
 
-    async def one(arrival: Arrival) -> None:
-        n = arrival.user % len(edges)
+    async def one(arrival: Arrival, n: int) -> None:
         request = edge_pb2.AskRequest(prompt=arrival.text, tenant=tenant, max_tokens=max_tokens,
                                       reference_answer=arrival.item.answer)
         async with gate:
@@ -59,13 +64,13 @@ async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem],
                 outcomes.append(Outcome(edges[n], "error", error=exc.details() or ""))
         if progress:
             done = len(outcomes)
-            bar = "#" * (30 * done // len(arrivals))
+            bar = "#" * (30 * done // total)
             elapsed = time.monotonic() - started
-            print(f"\r  replay [{bar:<30}] {done}/{len(arrivals)}  {elapsed:5.1f} s",
+            print(f"\r  replay [{bar:<30}] {done}/{total}  {elapsed:5.1f} s",
                   end="", file=sys.stderr, flush=True)
 
     try:
-        await asyncio.gather(*(one(a) for a in arrivals))
+        await asyncio.gather(*(one(a, n) for a, n in sends))
     finally:
         if progress:
             print(file=sys.stderr)

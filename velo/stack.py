@@ -31,7 +31,9 @@ log = get_logger("velo.stack")
 class StackConfig:
     data_dir: Path = Path("var/stack")
     edges: int = 3
-    edge_policies: tuple[str, ...] = ("cache-0.5",)  # cycled over the edges
+    # Cycled over the edges. "lrs": the edge follows trainerd's published policies (argmax)
+    # and, when any edge does, the others keep their fixed baseline (no trainer link).
+    edge_policies: tuple[str, ...] = ("cache-0.5",)
     base_port: int = 0  # 0: free ports; else trainer=base, cloud=base+1, edges base+2...
     llm_threads: int = 2
     log_level: str = "info"
@@ -68,13 +70,16 @@ class Stack:
                                                  "DATA_DIR": str(data / "trainerd")})
             self._spawn("cloudd", "cloudd", {"LISTEN": cloud, "LLM__BASE_URL": self.llm.base_url,
                                              "LLM__MAX_CONCURRENCY": "1"})
+            fixed = "lrs" in cfg.edge_policies
             for i in range(cfg.edges):
-                name = f"edge-{i + 1}"
+                name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
+                learned = policy == "lrs"
                 self._spawn(name, "edged", {
                     "EDGE_ID": name, "LISTEN": f"127.0.0.1:{self._port(2 + i)}", "CLOUD": cloud,
-                    "TRAINER": trainer, "DATA_DIR": str(data / name),
-                    "VECTOR_DB__URI": milvus_uri,
-                    "POLICY__BASELINE": cfg.edge_policies[i % len(cfg.edge_policies)],
+                    "TRAINER": trainer if learned or not fixed else "",
+                    "DATA_DIR": str(data / name), "VECTOR_DB__URI": milvus_uri,
+                    "POLICY__BASELINE": "cache-0.5" if learned else policy,
+                    "POLICY__SAMPLE": "false" if learned else "true",
                 })
             for name, _ in self.procs:
                 self._wait_healthy(name)

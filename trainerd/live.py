@@ -1,0 +1,115 @@
+"""`velo experiment --live`: a small version of the experiment through the real daemons and the
+real local LLM, next to the simulator's numbers for the same policies and the same requests.
+
+One edge per policy (Cache-0.5, Greedy-0.5, Random and LRS); every request of the test stream
+goes to every edge, so each edge is one policy run on the same workload. LRS is trained on the
+simulator, published to trainerd and pulled by its edge (the production path); the baseline
+edges do not follow trainerd. The simulator then runs the same policies on one simulated edge
+with the same arrivals. Live answers come from SmolLM2-135M (small, fast, often wrong), so live
+q and d differ from the simulator's human second answers and 13b latencies: the point is to
+see both side by side, not to expect equal numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from trainerd.train import Metrics
+from velo.qos import Action
+from velo.replay import Outcome, replay
+from velo.stack import Stack, StackConfig
+from velo.v1 import edge_pb2, edge_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from velo.workload import Arrival, QAItem
+
+LIVE_POLICIES = ("cache-0.5", "greedy-0.5", "random", "lrs")
+LETTERS = {"A": Action.REUSE, "B": Action.FORWARD, "C": Action.AUGMENT}
+
+
+def test_arrivals(items: list[QAItem], requests: int, seed: int) -> list[Arrival]:
+    """The test stream: Zipf-popular items, asked as a paraphrase when the data has one."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    weights = 1.0 / np.arange(1, len(items) + 1) ** 1.1
+    arrivals = []
+    for pick in rng.choice(len(items), size=requests, p=weights / weights.sum()):
+        item = items[order[pick]]
+        texts = item.paraphrases or (item.question,)
+        arrivals.append(Arrival(item, texts[rng.integers(len(texts))], 0))
+    return arrivals
+
+
+def run_live(onnx: bytes, items: list[QAItem], requests: int, state_dir: Path, seed: int,
+             max_tokens: int = 48, milvus_uri: str = "") -> dict[str, dict[str, float]]:
+    """Start the stack with one edge per policy, publish LRS, replay, and measure each edge."""
+    stack = Stack(StackConfig(data_dir=state_dir, edges=len(LIVE_POLICIES),
+                              edge_policies=LIVE_POLICIES, log_level="warning",
+                              milvus_uri=milvus_uri))
+    stack.start()
+    try:
+        edges = stack.edge_addresses
+        asyncio.run(_publish_and_wait(stack.addresses["trainerd"], edges[-1], onnx))
+        arrivals = test_arrivals(items, requests, seed)
+        outcomes = asyncio.run(replay(arrivals, edges, items, tenant="live",
+                                      max_tokens=max_tokens, concurrency=len(edges),
+                                      to_every_edge=True))
+    finally:
+        stack.stop()
+    return {policy: live_metrics([o for o in outcomes if o.edge == edge])
+            for policy, edge in zip(LIVE_POLICIES, edges, strict=True)}
+
+
+async def _publish_and_wait(trainer: str, edge: str, onnx: bytes, timeout_s: float = 60) -> None:
+    async with grpc.aio.insecure_channel(trainer) as channel:
+        info = await trainer_pb2_grpc.TrainerServiceStub(channel).PublishPolicy(
+            trainer_pb2.PublishPolicyRequest(name="lrs", onnx=onnx), timeout=30)
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(edge) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        while time.monotonic() < deadline:
+            stats = await stub.GetStats(edge_pb2.GetStatsRequest(), timeout=5)
+            if stats.policy_version == info.version:
+                return
+            await asyncio.sleep(0.3)
+    raise RuntimeError(f"edge {edge} did not load policy v{info.version} in {timeout_s} s")
+
+
+def live_metrics(outcomes: list[Outcome]) -> dict[str, float]:
+    """The measures of SpEC §5 from the edges' own replies (q against the reference answer)."""
+    served = [o for o in outcomes if o.action in LETTERS and o.satisfaction is not None]
+    if not served:
+        return {"requests": 0.0, "errors": float(len(outcomes))}
+    reuses = sum(o.action == "A" for o in served)
+    false_hits = sum(o.false_hit for o in served)
+    return {
+        "requests": float(len(served)), "errors": float(len(outcomes) - len(served)),
+        "reward": float(np.mean([o.reward for o in served])),
+        "q": float(np.mean([o.satisfaction for o in served])),
+        "d": float(np.mean([o.delay_s for o in served])),
+        "llm_freq": sum(o.action == "B" for o in served) / len(served),
+        "hit_rate": reuses / len(served),
+        "false_hit_rate": false_hits / reuses if reuses else 0.0,
+    }
+
+
+def simulated(env, policies: dict[str, object], arrivals: list[Arrival]) -> dict[str, dict]:
+    """The same arrivals through the simulator (one edge, empty cache) for each policy."""
+    index = {item.id: n for n, item in enumerate(env.items)}
+    results = {}
+    for name, policy in policies.items():
+        metrics = Metrics()
+        env.reset(0, split="test")
+        for arrival in arrivals:
+            if arrival.item.id not in index:
+                continue  # no second answer: the simulator cannot answer it with B
+            states = env.observe_arrivals([(index[arrival.item.id], arrival.text)])
+            result, _ = env.step([policy.decide(states[0]).action])
+            if hasattr(policy, "observe"):
+                policy.observe(result.actions[0], result.outcomes[0].q, result.outcomes[0].d)
+            metrics.add(result)
+        results[name] = metrics.summary()
+    return results
