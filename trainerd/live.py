@@ -13,7 +13,9 @@ see both side by side, not to expect equal numbers.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -45,10 +47,14 @@ def test_arrivals(items: list[QAItem], requests: int, seed: int) -> list[Arrival
 
 def run_live(onnx: bytes, items: list[QAItem], requests: int, state_dir: Path, seed: int,
              max_tokens: int = 48, milvus_uri: str = "") -> dict[str, dict[str, float]]:
-    """Start the stack with one edge per policy, publish LRS, replay, and measure each edge."""
+    """Start the stack with one edge per policy, publish LRS, replay, and measure each edge.
+
+    Every edge starts from an empty cache: a fresh state directory and collections of its own.
+    """
+    shutil.rmtree(state_dir, ignore_errors=True)
     stack = Stack(StackConfig(data_dir=state_dir, edges=len(LIVE_POLICIES),
                               edge_policies=LIVE_POLICIES, log_level="warning",
-                              milvus_uri=milvus_uri))
+                              milvus_uri=milvus_uri, run_tag=f"_live_{uuid.uuid4().hex[:8]}"))
     stack.start()
     try:
         edges = stack.edge_addresses
