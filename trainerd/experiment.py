@@ -19,13 +19,24 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from trainerd.lrs import LRSConfig
+from trainerd.memory_cache import MemoryCache
+from trainerd.sim import EmbeddedTexts, SimConfig, SimEnv, item_texts, measure_embedding
+from trainerd.train import LEARNED as VARIANTS
+from trainerd.train import collect_demos, evaluate, train
+from velo import qos
+from velo.policy import OnnxPolicy, baseline_from_name
+from velo.workload import load_qa
 
 BASELINES = ("random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm")
-LEARNED = ("mappo", "g-mappo", "t-mappo", "lrs")
+LEARNED = tuple(VARIANTS)  # mappo, g-mappo, t-mappo, lrs
 EVERY_POLICY = (*BASELINES, *LEARNED, "oracle")
 # Fig. 7-10: the paper compares LRS with the heuristics only (MARL baselines "not revisited").
 HEURISTICS_AND_LRS = (*BASELINES, "lrs", "oracle")
@@ -113,10 +124,6 @@ class RunResult:
 
 def run_job(job: Job) -> RunResult:
     """Train the learned policies of `job`, then evaluate every policy on the test stream."""
-    from trainerd.train import LEARNED as VARIANTS
-    from trainerd.train import collect_demos, evaluate
-    from velo.policy import baseline_from_name
-
     started = time.monotonic()
     env = make_env(job)
     metrics: dict[str, dict[str, float]] = {}
@@ -127,7 +134,7 @@ def run_job(job: Job) -> RunResult:
     for name in job.policies:
         if name in VARIANTS:
             curves[name] = []
-            policy = train_policy(env, name, job.scale, job.seed, demos, curves[name])
+            policy, _ = train_policy(env, name, job.scale, job.seed, demos, curves[name])
         elif name == "oracle":
             policy = "oracle"
         else:
@@ -138,13 +145,8 @@ def run_job(job: Job) -> RunResult:
     return RunResult(job.setting, job.seed, metrics, curves, time.monotonic() - started)
 
 
-def make_env(job: Job):
+def make_env(job: Job) -> SimEnv:
     """The simulator of one run: in-memory caches, the calibrated edge time, one torch thread."""
-    import torch
-
-    from trainerd.sim import SimConfig, SimEnv
-    from velo.workload import load_qa
-
     torch.set_num_threads(1)
     items = load_qa(job.data)[: job.scale.items or None]
     s = job.setting
@@ -153,37 +155,33 @@ def make_env(job: Job):
     return SimEnv(cfg, items, _embedder(), None, job.latencies, job.cache_dir)
 
 
-def train_policy(env, name: str, scale: Scale, seed: int, demos,
-                 curve: list[dict[str, float]] | None = None):
-    """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` and load its ONNX export (argmax, as
-    MAPPO is evaluated); the export's bytes are kept as `.onnx`."""
-    from trainerd.lrs import LRSConfig
-    from trainerd.train import LEARNED as VARIANTS
-    from trainerd.train import train
-    from velo.policy import OnnxPolicy
-
+def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
+                 curve: list[dict[str, float]] | None = None) -> tuple[OnnxPolicy, bytes]:
+    """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env`; its ONNX export, loaded as the edge runs
+    it (argmax, as MAPPO is evaluated), and the export's bytes."""
     encoder, use_demos = VARIANTS[name]
     cfg = LRSConfig(seed=seed, use_encoder=encoder, use_demos=use_demos,
                     demos_first=scale.demos)
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
                 scale.eval_steps, log=lambda _: None, curve=curve)
     onnx = lrs.export_onnx()
-    policy = OnnxPolicy(onnx, 1, name, top_p=cfg.top_p, embed_dim=cfg.embed_dim, sample=False)
-    policy.onnx = onnx
-    return policy
+    return OnnxPolicy(onnx, 1, name, top_p=cfg.top_p, embed_dim=cfg.embed_dim,
+                      sample=False), onnx
+
+
+def train_lrs(env: SimEnv, job: Job) -> tuple[OnnxPolicy, bytes]:
+    """LRS with its demonstrations, on `env` at `job`'s scale and seed."""
+    return train_policy(env, "lrs", job.scale, job.seed,
+                        collect_demos(env, job.scale.demos, job.seed + 1))
 
 
 def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
                     holdout: float = 0.5) -> dict:
     """The labelled false-hit benchmark (trainerd.pairs) with LRS trained on `job`'s setting."""
     from trainerd import pairs
-    from trainerd.sim import EmbeddedTexts
-    from trainerd.train import collect_demos
-    from velo import qos
 
     env = make_env(job)
-    policy = train_policy(env, "lrs", job.scale, job.seed,
-                          collect_demos(env, job.scale.demos, job.seed + 1))
+    policy, _ = train_lrs(env, job)
     # c^r of a freshly cached pair, as the simulator writes it: q - d of a typical B answer.
     q_b = np.median([qos.satisfaction(env.llm_vecs[n], env.vec[i.answer])
                      for n, i in enumerate(env.items)])
@@ -206,19 +204,15 @@ def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tok
     """`--live`: LRS trained on the simulator, then the real stack and the simulator side by
     side on the same requests (trainerd.live). Returns the Markdown report."""
     from trainerd import live
-    from trainerd.train import collect_demos
-    from velo.policy import baseline_from_name
 
     env = make_env(job)
-    lrs = train_policy(env, "lrs", job.scale, job.seed,
-                       collect_demos(env, job.scale.demos, job.seed + 1))
+    lrs, onnx = train_lrs(env, job)
     env.close()
     one_edge = make_env(replace(job, setting=replace(job.setting, edges=1)))
     items = [i for i in one_edge.items if len(i.question) <= 400]  # keep prompts short
-    arrivals = live.test_arrivals(items, requests, job.seed)
+    arrivals = live.evaluation_arrivals(items, requests, job.seed)
     started = time.monotonic()
-    measured = live.run_live(lrs.onnx, items, requests, state_dir, job.seed, max_tokens,
-                             milvus_uri)
+    measured = live.run_live(onnx, items, arrivals, state_dir, max_tokens, milvus_uri)
     live_s = time.monotonic() - started
     policies = {p: lrs if p == "lrs" else baseline_from_name(p, job.seed)
                 for p in live.LIVE_POLICIES}
@@ -277,14 +271,10 @@ def calibrate(out: Path, data: Path, cache_dir: Path, recalibrate: bool = False)
     path = out / "calibration.json"
     if path.exists() and not recalibrate:
         return float(json.loads(path.read_text())["edge_s"])
-    from trainerd.memory_cache import MemoryCache
-    from trainerd.sim import EmbeddedTexts, _measure_embedding, item_texts
-    from velo.workload import load_qa
-
     embedder = _embedder()
     items = load_qa(data)
     texts = [i.question for i in items[:50]]
-    embed_s = _measure_embedding(embedder, texts)
+    embed_s = measure_embedding(embedder, texts)
     vectors = EmbeddedTexts(item_texts(items), embedder, cache_dir)  # embedded once, on disk
     cache = MemoryCache(embedder.dim)
     for i in items[:200]:
@@ -327,11 +317,8 @@ def run_experiment(figures: list[int], scale: Scale, data: Path, latencies: Path
             for (setting, seed), policies in plan(figures, scale).items()]
     # Longest runs first, so the last worker is not left alone with a long run.
     work.sort(key=lambda j: -sum(p in LEARNED for p in j.policies) * j.setting.edges)
-    if jobs <= 1:
-        results = map(run_job, work)
-        return list(progress(results, len(work)) if progress else results)
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        results = pool.map(run_job, work)
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool:
+        results = (pool.map if pool else map)(run_job, work)
         return list(progress(results, len(work)) if progress else results)
 
 
@@ -381,9 +368,7 @@ def markdown_table(rows: list[dict]) -> str:
 def headline(rows: list[dict], mode: str) -> str:
     """The paper's headline measures at the reference point: LRS's reward gain over the best
     baseline and its satisfaction gain over each baseline (in %, as the paper computes them)."""
-    ref = Setting(mode=mode)
-    at = {r["policy"]: r for r in rows
-          if (r["mode"], r["w"], r["edges"], r["train_share"]) == astuple_setting(ref)}
+    at = rows_at(rows, Setting(mode=mode))
     if "lrs" not in at:
         return ""
     lrs = at["lrs"]
@@ -396,8 +381,10 @@ def headline(rows: list[dict], mode: str) -> str:
             f"(paper: +14.59 %). Satisfaction q vs each baseline: {sat}.")
 
 
-def astuple_setting(s: Setting) -> tuple:
-    return (s.mode, s.w, s.edges, s.train_share)
+def rows_at(rows: list[dict], setting: Setting) -> dict[str, dict]:
+    """The aggregated rows of one setting, by policy."""
+    key = asdict(setting)
+    return {r["policy"]: r for r in rows if all(r[k] == v for k, v in key.items())}
 
 
 def write_reports(results: list[RunResult], figures: list[int], scale: Scale, out: Path,
@@ -425,15 +412,15 @@ def write_reports(results: list[RunResult], figures: list[int], scale: Scale, ou
     for number in figures:
         figure = FIGURES[number]
         if figure.vary == "update":
-            plot_curves(results, figure, out / f"fig{number}.png")
+            runs = [r for r in results if r.setting == Setting(mode=figure.mode) and r.curves]
+            plot_curves(runs, figure, out / f"fig{number}.png")
             md.append(f"## Fig. {number}: {figure.title}\n\n![Fig. {number}](fig{number}.png)\n")
             continue
-        plot_sweep(rows, figure, settings_of(figure, scale), out / f"fig{number}.png")
+        points = [(getattr(s, figure.vary), rows_at(rows, s)) for s in settings_of(figure, scale)]
+        plot_sweep(points, figure, out / f"fig{number}.png")
         md.append(f"## Fig. {number}: {figure.title}\n\n![Fig. {number}](fig{number}.png)\n")
-        for setting in settings_of(figure, scale):
-            value = getattr(setting, figure.vary)
-            subset = [r for r in rows if (r["mode"], r["w"], r["edges"], r["train_share"])
-                      == astuple_setting(setting) and r["policy"] in figure.policies]
+        for value, at in points:
+            subset = [at[p] for p in figure.policies if p in at]
             md.append(f"### {figure.vary} = {value}\n\n{markdown_table(subset)}\n")
     (out / "results.md").write_text("\n".join(md))
     return rows

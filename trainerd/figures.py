@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 if TYPE_CHECKING:
-    from trainerd.experiment import Figure, RunResult, Setting
+    from trainerd.experiment import Figure, RunResult
 
 PANELS = (("reward", "(a) reward"), ("q", "(b) satisfaction q"), ("d", "(c) delay d (s)"),
           ("llm_freq", "(d) LLM direct-request frequency"))
@@ -34,23 +34,18 @@ STYLE = {  # one fixed look per policy across every figure
 }
 
 
-def plot_sweep(rows: list[dict], figure: Figure, settings: list[Setting], path: Path) -> None:
-    xs = [getattr(s, figure.vary) for s in settings]
+def plot_sweep(points: list[tuple[object, dict[str, dict]]], figure: Figure, path: Path) -> None:
+    """points: (x value, aggregated rows of that setting by policy), in x order."""
+    positions = np.arange(len(points))
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for key, title in PANELS:
-        ax = axes[[p[0] for p in PANELS].index(key)]
+    for (key, title), ax in zip(PANELS, axes, strict=True):
         for policy in figure.policies:
-            means, stds = [], []
-            for s in settings:
-                match = [r for r in rows if r["policy"] == policy and r["mode"] == s.mode
-                         and r["w"] == s.w and r["edges"] == s.edges
-                         and r["train_share"] == s.train_share]
-                means.append(match[0][key] if match else np.nan)
-                stds.append(match[0][f"{key}_std"] if match else np.nan)
-            positions = np.arange(len(xs))
+            rows = [at.get(policy) for _, at in points]
+            means = [r[key] if r else np.nan for r in rows]
+            stds = [r[f"{key}_std"] if r else np.nan for r in rows]
             ax.errorbar(positions, means, yerr=stds, label=policy, capsize=3,
                         **STYLE.get(policy, dict(marker=".")))
-        ax.set_xticks(np.arange(len(xs)), [str(x) for x in xs])
+        ax.set_xticks(positions, [str(x) for x, _ in points])
         ax.set_title(title)
         ax.set_xlabel(X_LABEL[figure.vary])
         ax.grid(alpha=0.3)
@@ -61,12 +56,10 @@ def plot_sweep(rows: list[dict], figure: Figure, settings: list[Setting], path: 
     plt.close(fig)
 
 
-def plot_curves(results: list[RunResult], figure: Figure, path: Path) -> None:
-    """Fig. 4: the rollouts' measures during training (mean over seeds, std shaded); the grey
-    area in (a) is the number of demonstrations mixed into each update (right axis)."""
+def plot_curves(runs: list[RunResult], figure: Figure, path: Path) -> None:
+    """Fig. 4: the rollouts' measures during training over `runs` (one per seed; mean, std
+    shaded); the grey area in (a) is the demonstrations mixed into each update (right axis)."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    runs = [r for r in results if r.setting.mode == figure.mode and r.setting.w == 0.1
-            and r.setting.edges == 3 and r.setting.train_share == 1.0 and r.curves]
     for policy in figure.policies:
         curves = [r.curves[policy] for r in runs if policy in r.curves]
         if not curves:

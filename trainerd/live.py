@@ -22,17 +22,15 @@ import grpc
 import numpy as np
 
 from trainerd.train import Metrics
-from velo.qos import Action
 from velo.replay import Outcome, replay
 from velo.stack import Stack, StackConfig
 from velo.v1 import edge_pb2, edge_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from velo.workload import Arrival, QAItem
 
 LIVE_POLICIES = ("cache-0.5", "greedy-0.5", "random", "lrs")
-LETTERS = {"A": Action.REUSE, "B": Action.FORWARD, "C": Action.AUGMENT}
 
 
-def test_arrivals(items: list[QAItem], requests: int, seed: int) -> list[Arrival]:
+def evaluation_arrivals(items: list[QAItem], requests: int, seed: int) -> list[Arrival]:
     """The test stream: Zipf-popular items, asked as a paraphrase when the data has one."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(items))
@@ -45,7 +43,7 @@ def test_arrivals(items: list[QAItem], requests: int, seed: int) -> list[Arrival
     return arrivals
 
 
-def run_live(onnx: bytes, items: list[QAItem], requests: int, state_dir: Path, seed: int,
+def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_dir: Path,
              max_tokens: int = 48, milvus_uri: str = "") -> dict[str, dict[str, float]]:
     """Start the stack with one edge per policy, publish LRS, replay, and measure each edge.
 
@@ -54,12 +52,11 @@ def run_live(onnx: bytes, items: list[QAItem], requests: int, state_dir: Path, s
     shutil.rmtree(state_dir, ignore_errors=True)
     stack = Stack(StackConfig(data_dir=state_dir, edges=len(LIVE_POLICIES),
                               edge_policies=LIVE_POLICIES, log_level="warning",
-                              milvus_uri=milvus_uri, run_tag=f"_live_{uuid.uuid4().hex[:8]}"))
+                              milvus_uri=milvus_uri, run_tag=f"-live-{uuid.uuid4().hex[:8]}"))
     stack.start()
     try:
         edges = stack.edge_addresses
         asyncio.run(_publish_and_wait(stack.addresses["trainerd"], edges[-1], onnx))
-        arrivals = test_arrivals(items, requests, seed)
         outcomes = asyncio.run(replay(arrivals, edges, items, tenant="live",
                                       max_tokens=max_tokens, concurrency=len(edges),
                                       to_every_edge=True))
@@ -85,8 +82,8 @@ async def _publish_and_wait(trainer: str, edge: str, onnx: bytes, timeout_s: flo
 
 
 def live_metrics(outcomes: list[Outcome]) -> dict[str, float]:
-    """The measures of SpEC §5 from the edges' own replies (q against the reference answer)."""
-    served = [o for o in outcomes if o.action in LETTERS and o.satisfaction is not None]
+    """The measures of SPEC §5 from the edges' own replies (q against the reference answer)."""
+    served = [o for o in outcomes if o.action in "ABC" and o.satisfaction is not None]
     if not served:
         return {"requests": 0.0, "errors": float(len(outcomes))}
     reuses = sum(o.action == "A" for o in served)

@@ -25,7 +25,8 @@ import numpy as np
 
 from trainerd.memory_cache import MemoryCache
 from velo.policy import OnnxPolicy
-from velo.state import build_state
+from velo.qos import Action
+from velo.state import EdgeState, build_state
 
 TENANT = "pairs"
 THETAS = tuple(round(x, 2) for x in np.arange(0.05, 1.01, 0.05))
@@ -63,7 +64,7 @@ class Query:
     """One asked `b`: its local state, the probability the learned policy gives A, and which
     cached `a` texts would be a right answer."""
 
-    state: object
+    state: EdgeState
     right: frozenset[str]
     served: str | None  # the `a` text of the nearest row (what A would serve)
     p_reuse: float = 0.0
@@ -113,9 +114,11 @@ def benchmark(queries: list[Query], policy: OnnxPolicy | None, delta: float | No
     report: dict = {"rows": rows}
     if policy is None:
         return report
+    argmax = []
     for q in queries:
-        q.p_reuse = float(policy.decide(q.state).probs[0]) if q.state.rows else 0.0
-    argmax = [bool(q.state.rows) and policy.decide(q.state).action == 0 for q in queries]
+        decision = policy.decide(q.state) if q.state.rows else None
+        q.p_reuse = float(decision.probs[Action.REUSE]) if decision else 0.0
+        argmax.append(decision is not None and decision.action is Action.REUSE)
     report["learned"] = {"policy": "lrs", "param": "argmax", **count(queries, argmax)}
     taus = np.unique(np.quantile([q.p_reuse for q in queries if q.state.rows], TAU_QUANTILES))
     for tau in taus:

@@ -139,7 +139,7 @@ class SimEnv:
         self.vec = EmbeddedTexts(item_texts(self.items), embedder, cache_dir)
         self.llm_vecs = [self._llm_answer(n, item) for n, item in enumerate(self.items)]
         self.embed_s = (0.0 if cfg.edge_s > 0
-                        else _measure_embedding(embedder, [i.question for i in self.items[:20]]))
+                        else measure_embedding(embedder, [i.question for i in self.items[:20]]))
         self.latencies = _load_latencies(latencies_path, cfg.latency_source)
         self.rng = np.random.default_rng(cfg.seed)
         self.zipf = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
@@ -313,7 +313,7 @@ class SimEnv:
             cache.close()
 
 
-def _measure_embedding(embedder: Embedder, texts: list[str]) -> float:
+def measure_embedding(embedder: Embedder, texts: list[str]) -> float:
     """The embedder's median latency for one request, measured here (edge time is never assumed)."""
     embedder.embed_one(texts[0])  # warm-up
     times = []

@@ -38,7 +38,7 @@ class StackConfig:
     llm_threads: int = 2
     log_level: str = "info"
     milvus_uri: str = ""  # an existing Milvus server; empty: start the embedded one
-    run_tag: str = ""  # appended to every edge's collection: a run that must start empty
+    run_tag: str = ""  # appended to every edge id (and so its collection): a run starting empty
 
 
 @dataclass
@@ -76,10 +76,10 @@ class Stack:
                 name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
                 learned = policy == "lrs"
                 self._spawn(name, "edged", {
-                    "EDGE_ID": name, "LISTEN": f"127.0.0.1:{self._port(2 + i)}", "CLOUD": cloud,
+                    "EDGE_ID": name + cfg.run_tag, "LISTEN": f"127.0.0.1:{self._port(2 + i)}",
+                    "CLOUD": cloud,
                     "TRAINER": trainer if learned or not fixed else "",
                     "DATA_DIR": str(data / name), "VECTOR_DB__URI": milvus_uri,
-                    "VECTOR_DB__COLLECTION": f"velo_edge_{i + 1}{cfg.run_tag}",
                     "POLICY__BASELINE": "cache-0.5" if learned else policy,
                     "POLICY__SAMPLE": "false" if learned else "true",
                 })
