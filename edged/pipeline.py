@@ -16,8 +16,10 @@ import grpc
 import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from edged.batching import MicroBatcher
 from edged.cloud_client import CloudClient, CloudError
 from edged.config import EdgeConfig, valid_tenant
+from edged.decision import Decider, VectorDBError
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
@@ -26,7 +28,7 @@ from velo.embedder import Embedder
 from velo.logs import get_logger
 from velo.policy import Decision
 from velo.qos import Action
-from velo.state import CachedRow, EdgeState, build_state, select_row
+from velo.state import CachedRow, EdgeState, select_row
 from velo.v1 import edge_pb2, trainer_pb2
 
 log = get_logger("edged.pipeline")
@@ -72,6 +74,10 @@ class EdgePipeline:
         self.background: set[asyncio.Task] = set()
         self.inflight = 0
         self.rng = np.random.default_rng(cfg.policy.seed)
+        self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
+                               cfg.limits.max_batch, cfg.embedder_workers)
+        # Concurrent requests' experience goes to disk in one transaction.
+        self.spool_writes = MicroBatcher(spool.append_many, 256, "spool")
 
     async def ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None = None,
                   ) -> edge_pb2.AskResponse:
@@ -99,15 +105,15 @@ class EdgePipeline:
         self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         max_tokens = request.max_tokens
-        prompt, tenant, top_p = request.prompt, request.tenant, self.cfg.cache.top_p
+        prompt, tenant = request.prompt, request.tenant
 
-        start = time.perf_counter()
-        f = await asyncio.to_thread(self.embedder.embed_one, prompt)
-        rows = await self._vector_db(self.cache.search, f, tenant, top_p)
-        state = build_state(f, rows, top_p)
-        policy = self.policies.current  # one read: a swap mid-request cannot mix versions
-        decision = policy.decide(state)
-        edge_s = time.perf_counter() - start
+        try:
+            decided = await self.decider.decide(prompt, tenant)
+        except VectorDBError as exc:
+            raise self._vector_db_down("search", exc) from exc
+        f, state, policy, decision = decided.embedding, decided.state, decided.policy, \
+            decided.decision
+        edge_s = decided.times.total_s
 
         action = decision.action
         row = self._select(state) if action is not Action.FORWARD else None
@@ -188,11 +194,12 @@ class EdgePipeline:
             await self._vector_db(self.cache.insert_pair, rec.tenant, rec.prompt, rec.answer,
                                   rec.prompt_vec, answer_vec, q_used - rec.d)
         else:
-            await self._vector_db(self.cache.update_row, rec.row, rec.tenant, rec.row.hits + 1,
+            # Write-behind (velo.cache): no Milvus call here, so no thread either.
+            self.cache.update_row(rec.row, rec.tenant, rec.row.hits + 1,
                                   qos.updated_value(rec.row.value, q_used, rec.d))
         if rec.q is not None:
             self.q_estimate += 0.05 * (rec.q - self.q_estimate)
-        await asyncio.to_thread(self.spool.append, rec.experience_encoder(self.cfg.edge_id))
+        await self.spool_writes.submit(rec.experience_encoder(self.cfg.edge_id))
         self.uploader.wake()
         self._count(rec)
 
@@ -226,10 +233,12 @@ class EdgePipeline:
         try:
             return await asyncio.to_thread(method, *args)
         except Exception as exc:  # pymilvus raises many types; the caller needs one status
-            log.error("vector database call failed", call=method.__name__, error=str(exc))
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"vector database unavailable ({self.cfg.vector_db.uri}): "
-                               f"{exc}") from exc
+            raise self._vector_db_down(method.__name__, exc) from exc
+
+    def _vector_db_down(self, call: str, exc: Exception) -> RequestError:
+        log.error("vector database call failed", call=call, error=str(exc))
+        return RequestError(grpc.StatusCode.UNAVAILABLE,
+                            f"vector database unavailable ({self.cfg.vector_db.uri}): {exc}")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -266,10 +275,23 @@ class EdgePipeline:
                 self.counters.evicted_rows += dropped
                 log.info("evicted", rows=dropped, below_mean=below_mean)
 
+    async def flush_loop(self) -> None:
+        """Write the pending hit counts and values back to Milvus in one batch (velo.cache)."""
+        while True:
+            await asyncio.sleep(self.cfg.cache.flush_every_s)
+            try:
+                await asyncio.to_thread(self.cache.flush_updates)
+            except Exception as exc:  # kept and retried: the overlay still serves them
+                log.error("write-back flush failed; will retry", error=str(exc))
+
     async def drain(self) -> None:
         """Finish background records (shadow verification) so no experience is lost."""
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)
+
+    def close(self) -> None:
+        self.decider.close()
+        self.spool_writes.close()
 
 
 @dataclass

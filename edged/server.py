@@ -94,8 +94,10 @@ class Edged(Daemon):
     async def startup(self) -> None:
         cfg = self.cfg
         model_dir = Path(cfg.embedder_dir) if cfg.embedder_dir else embedder_dir()
-        self.embedder = Embedder(model_dir, threads=cfg.embedder_threads)
-        self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim)
+        self.embedder = Embedder(model_dir, threads=cfg.embedder_threads,
+                                 model_file=cfg.embedder_file)
+        # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
+        self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
         await asyncio.to_thread(self.cache.open)
         self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records)
         self.cloud = CloudClient(cfg.cloud, cfg.limits.request_timeout_s)
@@ -110,7 +112,8 @@ class Edged(Daemon):
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader)
         self.tasks = [asyncio.create_task(coro) for coro in (
-            self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop())]
+            self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
+            self.pipeline.flush_loop())]
         self.grpc.add(edge_pb2_grpc.add_EdgeServiceServicer_to_server, EdgeServicer(self),
                       "velo.v1.EdgeService")
         await super().startup()
@@ -121,6 +124,7 @@ class Edged(Daemon):
     async def shutdown(self) -> None:
         await super().shutdown()  # drains in-flight requests
         await self.pipeline.drain()
+        self.pipeline.close()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -40,11 +40,19 @@ class Spool:
 
     def append(self, encode: Callable[[int], bytes]) -> int:
         """Store `encode(seq)` under the next sequence number, which it returns."""
+        return self.append_many([encode])[0]
+
+    def append_many(self, encoders: list[Callable[[int], bytes]]) -> list[int]:
+        """`append` for many records in one transaction (one fsync for a whole batch)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            seq = self._meta("next_seq")
-            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'next_seq'")
-            self._db.execute("INSERT INTO records VALUES (?, ?)", (seq, encode(seq)))
+            first = self._meta("next_seq")
+            seqs = list(range(first, first + len(encoders)))
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'next_seq'",
+                             (len(encoders),))
+            self._db.executemany("INSERT INTO records VALUES (?, ?)",
+                                 [(seq, encode(seq)) for seq, encode in zip(seqs, encoders,
+                                                                             strict=True)])
             excess = self._count() - self.max_records
             if excess > 0:
                 self._db.execute("DELETE FROM records WHERE seq IN "
@@ -55,7 +63,7 @@ class Spool:
         if excess > 0:
             log.warning("experience spool full; dropped oldest", dropped=excess,
                         max_records=self.max_records)
-        return seq
+        return seqs
 
     def pending(self, limit: int) -> list[tuple[int, bytes]]:
         with self._lock:
@@ -67,7 +75,14 @@ class Spool:
             self._db.execute("DELETE FROM records WHERE seq <= ?", (upto_seq,))
 
     def _count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        # Records are always one run of sequence numbers (appends go at the end, acks and
+        # drops remove the oldest), so min and max give the count without the full scan of
+        # COUNT(*), which made every request pay ~16 ms once 25k records were spooled
+        # (tools/bench_edge.py profile). Two subqueries: SQLite answers a lone MIN or MAX of
+        # the key from the b-tree's ends, but scans for MIN and MAX in one SELECT.
+        low, high = self._db.execute("SELECT (SELECT MIN(seq) FROM records), "
+                                     "(SELECT MAX(seq) FROM records)").fetchone()
+        return 0 if low is None else high - low + 1
 
     def count(self) -> int:
         with self._lock:

@@ -22,7 +22,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def exported_embedder() -> Path:
     """The ONNX embedder, exported once if this checkout has not done it yet."""
     path = embedder_dir()
-    if not (path / "model.onnx").exists():
+    if not all((path / name).exists() for name in ("model.onnx", "model-int8.onnx")):
         subprocess.run([sys.executable, str(ROOT / "tools" / "export_embedder.py"),
                         "--out", str(path)], check=True)
     return path

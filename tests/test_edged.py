@@ -412,3 +412,20 @@ async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
         await asyncio.wait_for(edge.policies.swapped.wait(), timeout=60)
         reply = await stub.Ask(ask("Question number 1 about routers?"))
         assert reply.policy == "onnx:lrs-r1:v1"
+
+
+def test_spool_batches_keep_one_run_of_sequence_numbers(tmp_path: Path) -> None:
+    """append_many (the edge's group commit) numbers like append, and the count stays right
+    through acks and drops (it is computed from the run's ends, not by a scan)."""
+    from edged.spool import Spool
+
+    spool = Spool(tmp_path / "spool.db", max_records=5)
+    first = spool.append_many([lambda seq: b"a"] * 3)
+    second = spool.append_many([lambda seq: str(seq).encode()] * 4)
+    assert first + second == list(range(first[0], first[0] + 7))
+    assert spool.count() == 5 and spool.dropped == 2  # the two oldest went
+    spool.ack(second[1])
+    assert spool.count() == 2
+    assert [body for _, body in spool.pending(10)] == [str(s).encode() for s in second[2:]]
+    spool.ack(second[-1])
+    assert spool.count() == 0 and spool.append(lambda seq: b"x") == second[-1] + 1

@@ -142,3 +142,22 @@ def test_runtime_does_not_import_torch(model_dir: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_int8_embedder_stays_close_to_float32_and_batches_like_one_by_one(
+        model_dir: Path, embedder: Embedder) -> None:
+    """The int8 file edges may opt into (embedder_file): same width, unit rows, close to
+    float32; and runs of mixed lengths (sorted, padded per run) equal one-by-one results."""
+    int8 = Embedder(model_dir, threads=1, model_file="model-int8.onnx")
+    texts = ["How do I bake bread?", "What is the way to make bread at home?",
+             "Explain TCP versus UDP with an example of when each is preferable. " * 3, "ok"]
+    fp32, q8 = embedder.embed(texts), int8.embed(texts)
+    assert q8.shape == fp32.shape
+    np.testing.assert_allclose(np.linalg.norm(q8, axis=1), 1.0, atol=1e-4)
+    assert np.min(np.sum(fp32 * q8, axis=1)) > 0.95
+    singles = np.stack([int8.embed_one(t) for t in texts])
+    np.testing.assert_allclose(q8, singles, atol=1e-4)
+    many = texts * 20  # more than one run of RUN_SIZE texts, out of length order
+    np.testing.assert_allclose(embedder.embed(many), np.tile(fp32, (20, 1)), atol=1e-5)
+    with pytest.raises(ModelNotFound):
+        Embedder(model_dir, model_file="no-such.onnx")

@@ -17,16 +17,22 @@ from tokenizers import Tokenizer
 from velo.models import ModelNotFound, embedder_dir
 
 EXPORT_HINT = "run: python tools/export_embedder.py"
+# Texts per onnxruntime run: measured on 2 cores, runs of 16 real prompts cost 2x more per text
+# than runs of 1 or 4 (tools/bench_edge.py); big inputs are split into runs of similar length.
+RUN_SIZE = 4
 
 
 class Embedder:
     """all-MiniLM-L6-v2 as float32 unit vectors (384 wide)."""
 
     def __init__(
-        self, model_dir: Path | None = None, threads: int = 1, max_length: int = 256
+        self, model_dir: Path | None = None, threads: int = 1, max_length: int = 256,
+        model_file: str = "model.onnx",
     ) -> None:
+        """`model_file`: "model.onnx" (float32, the reference) or "model-int8.onnx" (int8
+        weights: ~2x less CPU, cosine >= 0.97 to float32; see tools/bench_edge.py)."""
         model_dir = Path(model_dir) if model_dir is not None else embedder_dir()
-        model_path, tokenizer_path = model_dir / "model.onnx", model_dir / "tokenizer.json"
+        model_path, tokenizer_path = model_dir / model_file, model_dir / "tokenizer.json"
         for path in (model_path, tokenizer_path):
             if not path.is_file():
                 raise ModelNotFound(
@@ -35,12 +41,16 @@ class Embedder:
 
         self.model_dir = model_dir
         self.max_length = max_length
+        # Dynamic int8 quantization scales activations per run, so a text's vector would
+        # depend on the texts run with it (L2 up to 0.15 measured): one text per run then.
+        self.run_size = 1 if "int8" in model_file else RUN_SIZE
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        # The shipped tokenizer.json pads and truncates to a fixed 128; pad to the longest
-        # text of each batch instead (less work) and truncate where the model was trained to.
+        # The shipped tokenizer.json pads and truncates to a fixed 128; `embed` pads each run
+        # to its longest text instead (less work) and truncates where the model was trained to.
         self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer.no_padding()
         pad_id = self._tokenizer.token_to_id("[PAD]")
-        self._tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        self._pad_id = 0 if pad_id is None else pad_id
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -77,13 +87,26 @@ class Embedder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         encodings = self._tokenizer.encode_batch(list(texts))
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feed = {name: np.asarray(columns[name], dtype=np.int64) for name in self._inputs}
-        (out,) = self._session.run([self._output], feed)
+        # Runs of similar length: padding a short text to a long one's length costs as much as
+        # embedding the long one (attention is quadratic), and one huge run needs huge memory.
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.run_size):
+            run = order[start : start + self.run_size]
+            out[run] = self._run([encodings[i] for i in run])
+        return out
+
+    def _run(self, encodings: list) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        columns = {name: np.zeros((len(encodings), width), dtype=np.int64)
+                   for name in ("input_ids", "attention_mask", "token_type_ids")}
+        columns["input_ids"][:] = self._pad_id
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            columns["input_ids"][row, :n] = e.ids
+            columns["attention_mask"][row, :n] = e.attention_mask
+            columns["token_type_ids"][row, :n] = e.type_ids
+        (out,) = self._session.run([self._output], {name: columns[name] for name in self._inputs})
         return np.asarray(out, dtype=np.float32)
 
     def embed_one(self, text: str) -> np.ndarray:

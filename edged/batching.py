@@ -1,0 +1,80 @@
+"""Micro-batching: concurrent requests share one call of a batched function.
+
+Natural batching, no timer: when a worker is idle a submission runs at once, so a single
+stream pays no added latency; while all workers are busy, submissions queue and the next free
+worker takes up to `max_batch` of them. Under load the batch grows by itself, which is when
+batching pays (one vector search or one transaction for many requests).
+
+The function runs in the batcher's own worker threads (`workers` of them, each running one
+batch at a time), off the event loop. Several workers pay where the function releases the
+GIL and one call cannot use every core (onnxruntime on one thread each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """`await submit(item)` returns `fn([..., item, ...])[i]` for that item."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, name: str,
+                 workers: int = 1) -> None:
+        if max_batch < 1 or workers < 1:
+            raise ValueError("max_batch and workers must be >= 1")
+        self.fn, self.max_batch, self.name, self.workers = fn, max_batch, name, workers
+        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._drains: set[asyncio.Task] = set()
+        self._busy = 0  # workers running a batch now
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self.calls = 0  # batches run, and items in them: their ratio is the mean batch size
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if len(self._drains) < self.workers:
+            self._drains.add(asyncio.create_task(self._drain(), name=self.name))
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                # A fair share, so that a burst is split over every worker instead of one
+                # worker taking it all while the others find the queue empty.
+                share = -(-len(self._queue) // (self.workers - self._busy))
+                batch = [self._queue.popleft() for _ in range(min(self.max_batch, share))]
+                batch = [(item, fut) for item, fut in batch if not fut.done()]  # timed out
+                if not batch:
+                    continue
+                self.calls += 1
+                self.items += len(batch)
+                self._busy += 1
+                try:
+                    results = await loop.run_in_executor(self._executor, self.fn,
+                                                         [item for item, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                finally:
+                    self._busy -= 1
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            # Here, not in a done callback: between this task's last look at the queue and a
+            # callback, a submission would find every worker "busy" and wait forever.
+            self._drains.discard(asyncio.current_task())
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,78 @@
+"""The edge decision, the part of every request that runs before any answer exists:
+
+    embed the prompt -> search the tenant's top-P rows -> build the state (eq. 6-8) -> policy
+
+Concurrent requests share embedding runs and vector searches (edged.batching); each stage is
+timed so that operators and `tools/bench_edge.py` see where the time goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edged.batching import MicroBatcher
+from velo.cache import VectorCache
+from velo.embedder import Embedder
+from velo.policy import Decision, Policy
+from velo.state import CachedRow, EdgeState, build_state
+
+
+class VectorDBError(Exception):
+    """The vector database failed a search; the message says how."""
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    embed_s: float
+    search_s: float
+    state_s: float
+    policy_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.embed_s + self.search_s + self.state_s + self.policy_s
+
+
+@dataclass(frozen=True)
+class Decided:
+    embedding: np.ndarray
+    state: EdgeState
+    policy: Policy  # the policy that decided (one read: a swap mid-request cannot mix versions)
+    decision: Decision
+    times: StageTimes
+
+
+class Decider:
+    def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
+                 top_p: int, max_batch: int = 16, embed_workers: int = 2) -> None:
+        self.top_p, self.current_policy = top_p, current_policy
+        # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL);
+        # vector searches are batched on one (one Milvus search for many requests).
+        self.embeddings: MicroBatcher[str, np.ndarray] = MicroBatcher(
+            embedder.embed, max_batch, "embed", workers=embed_workers)
+        self.searches: MicroBatcher[tuple[str, np.ndarray], list[CachedRow]] = MicroBatcher(
+            lambda queries: cache.search_many(queries, top_p), max_batch, "search")
+
+    async def decide(self, prompt: str, tenant: str) -> Decided:
+        t0 = time.perf_counter()
+        f = await self.embeddings.submit(prompt)
+        t1 = time.perf_counter()
+        try:
+            rows = await self.searches.submit((tenant, f))
+        except Exception as exc:  # pymilvus raises many types; the caller needs one
+            raise VectorDBError(str(exc)) from exc
+        t2 = time.perf_counter()
+        state = build_state(f, rows, self.top_p)
+        t3 = time.perf_counter()
+        policy = self.current_policy()
+        decision = policy.decide(state)
+        t4 = time.perf_counter()
+        return Decided(f, state, policy, decision, StageTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+
+    def close(self) -> None:
+        self.embeddings.close()
+        self.searches.close()

@@ -1,0 +1,149 @@
+"""Micro-batching of concurrent requests (edged.batching) and the write-behind of hit counts
+and values (velo.cache): the two hot-path changes measured by tools/bench_edge.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from edged.batching import MicroBatcher
+from velo.cache import VectorCache, VectorDBConfig
+
+DIM = 16
+
+
+async def test_idle_batcher_runs_at_once_and_busy_one_batches() -> None:
+    calls: list[list[int]] = []
+
+    def square(items: list[int]) -> list[int]:
+        calls.append(items)
+        time.sleep(0.05)  # busy: everything submitted meanwhile waits for the next call
+        return [i * i for i in items]
+
+    batcher = MicroBatcher(square, max_batch=4, name="test")
+    try:
+        assert await batcher.submit(3) == 9
+        assert calls == [[3]]  # a single stream is never held back for a batch
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        assert results == [i * i for i in range(10)]  # each caller gets its own result
+        sizes = [len(c) for c in calls[1:]]
+        assert max(sizes) == 4 and sum(sizes) == 10 and len(sizes) < 10
+        assert batcher.items == 11 and batcher.calls == len(calls)
+    finally:
+        batcher.close()
+
+
+async def test_batcher_passes_errors_to_every_caller_and_keeps_working() -> None:
+    def fail_on_seven(items: list[int]) -> list[int]:
+        if 7 in items:
+            raise ValueError("seven")
+        return items
+
+    batcher = MicroBatcher(fail_on_seven, max_batch=8, name="test")
+    try:
+        with pytest.raises(ValueError, match="seven"):
+            await batcher.submit(7)
+        assert await batcher.submit(1) == 1
+    finally:
+        batcher.close()
+
+
+async def test_batcher_runs_off_the_event_loop() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    batcher = MicroBatcher(lambda items: seen.append(threading.get_ident()) or items, 2, "t")
+    try:
+        await batcher.submit(1)
+        assert seen and seen[0] != loop_thread
+    finally:
+        batcher.close()
+
+
+def test_write_backs_are_seen_at_once_and_reach_milvus_on_flush(milvus) -> None:
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(4, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    name = f"wb_{uuid.uuid4().hex[:8]}"
+    cfg = VectorDBConfig(uri=milvus.uri)
+    cache = VectorCache(cfg, name, DIM)
+    cache.open()
+    try:
+        cache.insert_pair("t", "q0", "a0", vecs[0], vecs[1], value=-1.0)
+        cache.insert_pair("t", "q1", "a1", vecs[2], vecs[3], value=-1.0)
+        (row,) = cache.search(vecs[0], "t", 1)
+        cache.update_row(row, "t", hits=3, value=0.25)
+        (seen,) = cache.search(vecs[0], "t", 1)
+        assert (seen.hits, seen.value) == (3, 0.25)  # at once, before any flush
+
+        def stored() -> tuple[int, float]:
+            (r,) = cache.client.query(name, filter=f"id == {row.id}",
+                                      output_fields=["hits", "value", "vec"],
+                                      consistency_level="Strong")
+            np.testing.assert_allclose(r["vec"], vecs[0], atol=1e-6)  # vector kept
+            return r["hits"], r["value"]
+
+        assert stored() == (0, -1.0)  # not yet written: write-behind
+        assert cache.flush_updates() == 1
+        assert stored() == (3, 0.25)
+        assert cache.flush_updates() == 0  # nothing pending any more
+
+        # close() flushes what is pending: a restart loses no hit count.
+        cache.update_row(seen, "t", hits=4, value=0.5)
+    finally:
+        cache.close()
+    reopened = VectorCache(cfg, name, DIM)
+    reopened.open()
+    try:
+        (again,) = reopened.search(vecs[0], "t", 1)
+        assert (again.hits, again.value) == (4, 0.5)
+        assert again.vector is None  # searches do not fetch the stored vectors from Milvus
+        # An evicted row is not brought back by a late write-back.
+        reopened.update_row(again, "t", hits=5, value=-9.0)
+        assert reopened.evict(below_mean=True, max_rows=100, ttl_s=0) == 1
+        reopened.flush_updates()
+        left = reopened.client.query(name, filter="id >= 0", output_fields=["question", "kind"],
+                                     consistency_level="Strong")
+        assert row.id not in {r["id"] for r in left} and len(left) == 3
+    finally:
+        reopened.drop()
+        reopened.close()
+
+
+async def test_workers_run_batches_side_by_side() -> None:
+    threads: set[int] = set()
+
+    def slow(items: list[int]) -> list[int]:
+        threads.add(threading.get_ident())
+        time.sleep(0.2)
+        return items
+
+    batcher = MicroBatcher(slow, max_batch=1, name="test", workers=2)
+    try:
+        start = time.perf_counter()
+        assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [1, 2]
+        assert time.perf_counter() - start < 0.35 and len(threads) == 2
+        # After the workers have gone idle, a new submission still runs.
+        assert await batcher.submit(3) == 3
+    finally:
+        batcher.close()
+
+
+async def test_a_burst_is_shared_between_workers() -> None:
+    seen: list[int] = []
+
+    def record(items: list[int]) -> list[int]:
+        seen.append(len(items))
+        time.sleep(0.05)
+        return items
+
+    batcher = MicroBatcher(record, max_batch=16, name="test", workers=2)
+    try:
+        await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+        assert sorted(seen) == [4, 4]  # two runs side by side, not one of 8
+    finally:
+        batcher.close()

@@ -1,0 +1,46 @@
+"""tools/bench_edge.py runs end to end on a small cache: real Milvus, a real velo-edged process,
+GPTCache beside it. Its numbers are not asserted (this machine is shared and noisy); what it
+reports is: every stage measured, hit traffic that really hits, both systems asked the same
+labelled pairs at the same threshold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from velo.milvus_server import free_port
+from velo.models import ROOT
+
+
+def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_path: Path) -> None:
+    out = tmp_path / "edge.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_edge.py"), "--milvus-uri", milvus.uri,
+         "--rows", "1000", "--requests", "40", "--clients", "1,4", "--pairs", "120",
+         "--port", str(free_port()), "--workdir", str(tmp_path / "work"), "--out", str(out),
+         "--no-profile"],
+        check=True, timeout=600)
+    report = json.loads(out.read_text())
+    size = report["sizes"]["1000"]
+    assert set(size["velo"]) == {"model 1x2", "model-int8 1x2"}
+    for side in size["velo"].values():
+        stages = side["decision"]["single_stream"]
+        assert set(stages) == {"embed", "search", "state", "policy", "total"}
+        assert stages["total"]["p50_ms"] >= stages["embed"]["p50_ms"] > 0
+        assert side["decision"]["hit_share"] == 1.0  # the queries are hits: all reuse
+        assert side["decision"]["lrs_policy"]["n"] == 40
+        ask = side["grpc_ask"]
+        assert ask["actions"] == {"A": sum(ask["actions"].values())}  # no miss, no error
+        assert set(ask["throughput"]) == {"1", "4"} and ask["edged_rss_mb"] > 50
+    assert size["gptcache"]["hit_share"] == 1.0
+
+    wrong = report["wrong_hits"]
+    velo, gpt = wrong["velo cache-0.5, model 1x2"], wrong["gptcache T=0.9375"]
+    assert velo["queries"] == gpt["queries"] == 120
+    # Same embedder, same rule (L2 <= 0.5 is GPTCache's T = 0.9375): the same answers served,
+    # up to the approximate index; the held-out half makes some hits wrong.
+    assert abs(velo["hits"] - gpt["hits"]) <= 6 and velo["wrong"] > 0
+    assert wrong["gptcache T=0.8 (its default)"]["wrong"] > gpt["wrong"]
+    assert out.with_suffix(".md").read_text().count("| 1,000 |") == 5

@@ -1,0 +1,714 @@
+"""Edge hot-path benchmark: VELO's edge decision and gRPC `Ask` next to GPTCache, same machine.
+
+    .venv/bin/python tools/bench_edge.py                  # 10^3, 10^4, 10^5 rows (~6 min)
+    .venv/bin/python tools/bench_edge.py --million        # and 10^6 rows
+    .venv/bin/python tools/bench_edge.py --rows 1000 --requests 100 --no-grpc   # a quick look
+
+What it measures, at each cache size (rows in the vector store), on cache-hit traffic:
+- the edge decision in process (embed -> search -> state -> policy, `edged.decision.Decider`,
+  the code edged runs): p50/p95/p99 per stage and in total, single stream; throughput with 1, 8
+  and 64 concurrent requests; the learned policy's (ONNX LRS) forward pass on the same states;
+- a full gRPC `Ask` that is a hit, against a real `velo-edged` process: p50/p95/p99 single
+  stream, throughput with 1, 8 and 64 concurrent clients, and the daemon's RSS;
+- GPTCache 0.1.44 (PyPI `gptcache`) with the same ONNX MiniLM embedder and its SQLite + FAISS
+  store, filled with the same vectors and asked the same questions: `get` latency and
+  throughput with 1, 8 and 64 threads; the ratios VELO / GPTCache;
+- the Milvus server's RSS (its growth per 10^5 rows gives the memory per 10^6 rows);
+- once: both systems' right / wrong hits on the labelled paraphrase pairs (GPTCache's own
+  benchmark pairs, half of the cached sides held out as negatives), at the same threshold.
+
+Data: the `a` side of 400 paraphrase pairs is cached (with real oasst1 answers); the queries are
+their `b` sides that are hits under the edge's default policy (cache-0.5: L2 distance <= 0.5,
+i.e. cosine >= 0.875; GPTCache's threshold T = 0.9375 is the same rule). The rest of the rows
+are filler: real embeddings pushed ~0.8 away (L2) in a random direction, carrying real texts, so
+that the index and the memory see realistic vectors and text sizes without embedding 10^5 texts.
+
+Output: a table on stdout and a JSON file (`--out`, default var/bench/edge.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import uvloop  # noqa: E402
+
+from edged.decision import Decider  # noqa: E402
+from trainerd.pairs import load_pairs  # noqa: E402
+from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
+from velo.embedder import Embedder  # noqa: E402
+from velo.models import embedder_dir  # noqa: E402
+from velo.policy import CachePolicy, OnnxPolicy  # noqa: E402
+from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
+from velo.workload import load_qa  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+PAIRS = DATA / "paraphrase_pairs_dev.jsonl"
+QA = DATA / "oasst1_dev.jsonl"
+THETA = 0.5  # the edge's default policy, cache-0.5
+GPTCACHE_T = 1 - THETA**2 / 4  # GPTCache hits when 4 - d^2 >= 4T, d the L2 distance
+CACHED_PAIRS = 400
+FILLER_DISTANCE = 0.8
+TENANT, PAIRS_TENANT = "bench", "pairs"
+COLLECTION = "velo_bench"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An embedder setting of the edge: ONNX file, onnxruntime intra-op threads per run and
+    runs at once (edged `embedder_file`, `embedder_threads`, `embedder_workers`)."""
+
+    file: str
+    threads: int
+    workers: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.file.removesuffix('.onnx')} {self.threads}x{self.workers}"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        file, _, shape = text.partition("@")
+        threads, _, workers = (shape or "1").partition("x")
+        return cls(file, int(threads), int(workers or 1))
+
+
+# -- data -------------------------------------------------------------------------------------
+class BenchData:
+    """Real cached pairs and hit queries, and a deterministic source of filler rows."""
+
+    def __init__(self, embedder: Embedder, pairs_limit: int = 0, seed: int = 0) -> None:
+        pairs = [p for p in load_pairs(PAIRS) if p.label == 1][: pairs_limit or None]
+        qa = load_qa(QA)
+        self.pairs = pairs
+        self.answers = [item.answer for item in qa]
+        self.questions = [item.question for item in qa]
+        self.a_vecs = embedder.embed([p.a for p in pairs])
+        self.b_vecs = embedder.embed([p.b for p in pairs])
+        self.answer_vecs = embedder.embed(self.answers)
+        self.pool = np.concatenate([self.a_vecs, self.b_vecs, self.answer_vecs,
+                                    embedder.embed(self.questions)])
+        self.rng = np.random.default_rng(seed)
+
+        n = min(CACHED_PAIRS, len(pairs))
+        self.cached_q = [p.a for p in pairs[:n]]
+        self.cached_a = [self.answers[i % len(self.answers)] for i in range(n)]
+        self.cached_qv = self.a_vecs[:n]
+        self.cached_av = self.answer_vecs[np.arange(n) % len(self.answers)]
+        rows = np.concatenate([self.cached_qv, self.cached_av])
+        nearest = np.sqrt(((self.b_vecs[:n, None, :] - rows[None]) ** 2).sum(-1)).min(1)
+        # A margin under THETA: the int8 embedder and the approximate index must not turn
+        # a query of this set into a miss (a miss needs the cloud, which this bench has not).
+        self.hit_queries = [pairs[i].b for i in np.flatnonzero(nearest <= THETA - 0.1)]
+
+    def filler(self, start: int, pairs: int) -> tuple[list[str], list[str], np.ndarray,
+                                                     np.ndarray]:
+        """`pairs` filler QA pairs (two vectors each), numbered from `start`."""
+        base = self.pool[self.rng.integers(0, len(self.pool), size=2 * pairs)]
+        # ~FILLER_DISTANCE from a real vector: |noise| = tan(angle) for a unit vector.
+        sigma = np.tan(2 * np.arcsin(FILLER_DISTANCE / 2)) / np.sqrt(base.shape[1])
+        vecs = base + self.rng.normal(0, sigma, size=base.shape).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        qs = [f"{self.questions[(start + i) % len(self.questions)]} #{start + i}"
+              for i in range(pairs)]
+        ans = [self.answers[(start + i) % len(self.answers)] for i in range(pairs)]
+        return qs, ans, vecs[:pairs].astype(np.float32), vecs[pairs:].astype(np.float32)
+
+
+# -- statistics -------------------------------------------------------------------------------
+def pct(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": len(ms)}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its children (the embedded Milvus runs as a child process)."""
+    total = rss_mb(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in children.read_text().split():
+            total += tree_rss_mb(int(child))
+    return total
+
+
+# -- VELO -------------------------------------------------------------------------------------
+async def closed_loop(call, queries: list[str], clients: int, total: int) -> tuple[float, list]:
+    """`clients` concurrent loops issuing `total` calls in all; returns (req/s, latencies)."""
+    latencies: list[float] = []
+    next_index = 0
+
+    async def client() -> None:
+        nonlocal next_index
+        while next_index < total:
+            prompt = queries[next_index % len(queries)]
+            next_index += 1
+            t = time.perf_counter()
+            await call(prompt)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return total / (time.perf_counter() - start), latencies
+
+
+async def bench_decision(decider: Decider, queries: list[str], requests: int,
+                         clients: list[int], lrs: OnnxPolicy | None) -> dict:
+    for prompt in queries[:20]:  # warm the sessions and the search path
+        await decider.decide(prompt, TENANT)
+    stages: dict[str, list[float]] = {"embed": [], "search": [], "state": [], "policy": [],
+                                      "total": []}
+    states, reused = [], 0
+    for i in range(requests):
+        decided = await decider.decide(queries[i % len(queries)], TENANT)
+        t = decided.times
+        for name, value in (("embed", t.embed_s), ("search", t.search_s), ("state", t.state_s),
+                            ("policy", t.policy_s), ("total", t.total_s)):
+            stages[name].append(value)
+        states.append(decided.state)
+        reused += decided.decision.action.letter == "A"
+    out: dict = {"single_stream": {k: pct(v) for k, v in stages.items()},
+                 "hit_share": reused / requests}
+    if lrs is not None:
+        times = []
+        for state in states:
+            t = time.perf_counter()
+            lrs.decide(state)
+            times.append(time.perf_counter() - t)
+        out["lrs_policy"] = pct(times)
+    out["throughput"] = {}
+    for c in clients:
+        embeddings, searches = decider.embeddings, decider.searches
+        e0, s0 = (embeddings.calls, embeddings.items), (searches.calls, searches.items)
+        rps, lat = await closed_loop(lambda p: decider.decide(p, TENANT), queries, c,
+                                     max(requests, 4 * c))
+        out["throughput"][str(c)] = {
+            "rps": rps, **pct(lat),
+            "embed_batch": (embeddings.items - e0[1]) / max(1, embeddings.calls - e0[0]),
+            "search_batch": (searches.items - s0[1]) / max(1, searches.calls - s0[0])}
+    return out
+
+
+class EdgedProcess:
+    """A real velo-edged serving the benchmark collection, no cloud, no trainer."""
+
+    def __init__(self, milvus_uri: str, workdir: Path, port: int, variant: Variant) -> None:
+        self.address = f"127.0.0.1:{port}"
+        env = dict(os.environ,
+                   VELO_EDGED__EMBEDDER_FILE=variant.file,
+                   VELO_EDGED__EMBEDDER_THREADS=str(variant.threads),
+                   VELO_EDGED__EMBEDDER_WORKERS=str(variant.workers),
+                   VELO_EDGED__EDGE_ID="bench", VELO_EDGED__LISTEN=self.address,
+                   VELO_EDGED__CLOUD="", VELO_EDGED__TRAINER="",
+                   VELO_EDGED__DATA_DIR=str(workdir / "edged"),
+                   VELO_EDGED__VECTOR_DB__URI=milvus_uri,
+                   VELO_EDGED__VECTOR_DB__COLLECTION=COLLECTION,
+                   VELO_EDGED__LOG_LEVEL="warning",
+                   # Hit traffic only updates values; keep every row for the whole run.
+                   VELO_EDGED__CACHE__EVICTION_EVERY="1000000000",
+                   VELO_EDGED__POLICY__SHADOW_RATE="0")
+        self.log = open(workdir / "edged.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "edged"], env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"velo-edged exited with {self.proc.returncode}; see "
+                                   f"{self.log.name}")
+            try:
+                async with grpc.aio.insecure_channel(self.address) as channel:
+                    await edge_pb2_grpc.EdgeServiceStub(channel).GetStats(
+                        edge_pb2.GetStatsRequest(), timeout=2)
+                    return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.5)
+        raise TimeoutError("velo-edged did not come up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class Profiler:
+    """py-spy sampling a process while the busiest load runs: where the time goes."""
+
+    CATEGORIES: ClassVar[dict[str, str]] = {  # a sample counts for the first found in its stack
+        "embedding (onnxruntime run)": "Embedder._run",
+        "embedding (tokenizer)": "Embedder.embed",
+        "vector search (pymilvus + wait)": "search_many",
+        "experience spool (SQLite)": "Spool.append",
+        "write-back flush (Milvus upsert)": "flush_updates",
+        "policy": "decide (velo/policy.py",
+        "gRPC server / event loop": "",
+    }
+
+    def __init__(self, pid: int, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.raw = out / f"edged-{pid}.txt"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
+             "--rate", "200", "--format", "raw", "--output", str(self.raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict:
+        self.proc.send_signal(2)  # py-spy writes its file on SIGINT
+        self.proc.wait(timeout=30)
+        if not self.raw.exists():
+            return {"error": "py-spy wrote nothing (needs ptrace permission)"}
+        shares = dict.fromkeys(self.CATEGORIES, 0)
+        total = 0
+        for line in self.raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            for name, marker in self.CATEGORIES.items():
+                if marker in stack:
+                    shares[name] += int(count)
+                    break
+        return {"samples": total, "file": str(self.raw),
+                "shares": {k: v / max(1, total) for k, v in shares.items()}}
+
+
+async def bench_grpc(edged: EdgedProcess, queries: list[str], requests: int,
+                     clients: list[int], profile: Path | None) -> dict:
+    async with grpc.aio.insecure_channel(edged.address) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        actions: dict[str, int] = {}
+        edge_s: list[float] = []  # the decision as timed inside velo-edged
+
+        async def ask(prompt: str) -> None:
+            try:
+                reply = await stub.Ask(edge_pb2.AskRequest(prompt=prompt, tenant=TENANT),
+                                       timeout=30)
+            except grpc.aio.AioRpcError as exc:  # a miss: this edge has no cloud to ask
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                actions["miss"] = actions.get("miss", 0) + 1
+                return
+            edge_s.append(reply.edge_s)
+            letter = "ABC"[reply.action - 1]
+            actions[letter] = actions.get(letter, 0) + 1
+
+        for prompt in queries[:20]:
+            await ask(prompt)
+        edge_s.clear()
+        _, single = await closed_loop(ask, queries, 1, requests)
+        out: dict = {"single_stream": pct(single), "decision_in_edged": pct(edge_s),
+                     "throughput": {}}
+        for c in clients:
+            profiler = Profiler(edged.proc.pid, profile) if profile and c == max(clients) \
+                else None
+            rps, lat = await closed_loop(ask, queries, c, max(requests, 4 * c))
+            out["throughput"][str(c)] = {"rps": rps, **pct(lat)}
+            if profiler is not None:
+                out["profile"] = profiler.stop()
+        out["actions"] = actions
+    out["edged_rss_mb"] = rss_mb(edged.proc.pid)
+    return out
+
+
+# -- GPTCache ---------------------------------------------------------------------------------
+class GPTCacheSide:
+    """GPTCache with our ONNX embedder, its SQLite + FAISS (flat) store, FAISS on 1 thread
+    (its best setting on 2 cores: otherwise FAISS and onnxruntime threads fight)."""
+
+    def __init__(self, embedder: Embedder, workdir: Path, threshold: float) -> None:
+        import faiss
+        from gptcache import Cache, Config
+        from gptcache.manager import CacheBase, VectorBase, get_data_manager
+        from gptcache.processor.pre import get_prompt
+        from gptcache.similarity_evaluation.distance import SearchDistanceEvaluation
+
+        faiss.omp_set_num_threads(1)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.manager = get_data_manager(
+            CacheBase("sqlite", sql_url=f"sqlite:///{workdir / 'gptcache.db'}"),
+            VectorBase("faiss", dimension=embedder.dim,
+                       index_path=str(workdir / "faiss.index")),
+            max_size=10_000_000)  # its default (1000 rows) would evict the benchmark's rows
+        self.cache = Cache()
+        self.cache.init(pre_embedding_func=get_prompt,
+                        embedding_func=lambda text, **_: embedder.embed_one(text),
+                        data_manager=self.manager, similarity_evaluation=SearchDistanceEvaluation(),
+                        config=Config(similarity_threshold=threshold))
+        self.rows = 0
+
+    def add(self, questions: list[str], answers: list[str], vectors: np.ndarray) -> None:
+        for start in range(0, len(questions), 5000):
+            self.manager.import_data(questions[start:start + 5000], answers[start:start + 5000],
+                                     list(vectors[start:start + 5000]),
+                                     [None] * len(questions[start:start + 5000]))
+        self.rows += len(questions)
+
+    def get(self, prompt: str) -> str | None:
+        from gptcache.adapter.api import get
+
+        return get(prompt, cache_obj=self.cache)
+
+
+def bench_gptcache(side: GPTCacheSide, queries: list[str], requests: int,
+                   clients: list[int]) -> dict:
+    for prompt in queries[:20]:
+        side.get(prompt)
+    single, hits = [], 0
+    for i in range(requests):
+        t = time.perf_counter()
+        hits += side.get(queries[i % len(queries)]) is not None
+        single.append(time.perf_counter() - t)
+    out: dict = {"single_stream": pct(single), "hit_share": hits / requests, "throughput": {}}
+    for c in clients:
+        rps, latencies = threaded_loop(side.get, queries, c, max(requests, 4 * c))
+        out["throughput"][str(c)] = {"rps": rps, **pct(latencies)}
+    return out
+
+
+def threaded_loop(call, queries: list[str], clients: int, total: int) -> tuple[float, list]:
+    """`closed_loop` for a synchronous library: `clients` threads, `total` calls in all."""
+    lock, latencies = threading.Lock(), []
+    counter = iter(range(total))
+
+    def worker() -> None:
+        for i in counter:
+            t = time.perf_counter()
+            call(queries[i % len(queries)])
+            with lock:
+                latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(worker)
+    return total / (time.perf_counter() - start), latencies
+
+
+# -- wrong hits on labelled pairs ----------------------------------------------------------------
+def load_labelled(data: BenchData, cache: VectorCache) -> tuple[np.ndarray, list[str]]:
+    """Cache the `a` side of every other pair (its own tenant); returns which and the answers."""
+    held_in = np.flatnonzero(np.arange(len(data.pairs)) % 2 == 0)
+    answers = [f"answer of pair {i}" for i in range(len(data.pairs))]
+    cache.import_pairs(PAIRS_TENANT, [data.pairs[i].a for i in held_in],
+                       [answers[i] for i in held_in], data.a_vecs[held_in],
+                       data.answer_vecs[held_in % len(data.answers)], 0.0)
+    return held_in, answers
+
+
+def tally(served: list[str | None], answers: list[str]) -> dict:
+    """A hit is right only when it serves the answer of the query's own pair (held-out pairs
+    have none cached, so any hit on them is wrong)."""
+    right = sum(s == answers[i] for i, s in enumerate(served) if s is not None)
+    hits = sum(s is not None for s in served)
+    return {"queries": len(served), "hits": hits, "right": right, "wrong": hits - right,
+            "wrong_hit_rate": (hits - right) / max(1, hits),
+            "wrong_per_request": (hits - right) / len(served)}
+
+
+async def velo_wrong_hits(data: BenchData, decider: Decider, answers: list[str]) -> dict:
+    served = []
+    for p in data.pairs:
+        decided = await decider.decide(p.b, PAIRS_TENANT)
+        served.append(decided.state.rows[0].answer
+                      if decided.decision.action.letter == "A" else None)
+    return tally(served, answers)
+
+
+def gptcache_wrong_hits(data: BenchData, embedder: Embedder, workdir: Path,
+                        held_in: np.ndarray, answers: list[str]) -> dict:
+    out = {}
+    for name, threshold in ((f"gptcache T={GPTCACHE_T:.4f}", GPTCACHE_T),
+                            ("gptcache T=0.8 (its default)", 0.8)):
+        side = GPTCacheSide(embedder, Path(tempfile.mkdtemp(dir=workdir)), threshold)
+        side.add([data.pairs[i].a for i in held_in], [answers[i] for i in held_in],
+                 data.a_vecs[held_in])
+        out[name] = tally([side.get(p.b) for p in data.pairs], answers)
+    return out
+
+
+# -- the run ----------------------------------------------------------------------------------
+async def run(args: argparse.Namespace) -> dict:
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / "edged", ignore_errors=True)  # each run starts an empty spool
+    milvus = None
+    uri = args.milvus_uri
+    if not uri:
+        from velo.milvus_server import EmbeddedMilvus
+
+        shutil.rmtree(workdir / "milvus", ignore_errors=True)  # a fresh server starts in ~10 s
+        milvus = EmbeddedMilvus(workdir / "milvus").start()
+        uri = milvus.uri
+    report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "python": platform.python_version()},
+                    "threshold_l2": THETA, "gptcache_threshold": GPTCACHE_T,
+                    "variants": [v.name for v in args.variants], "sizes": {}}
+    embedders = {v: Embedder(embedder_dir(), threads=v.threads, model_file=v.file)
+                 for v in args.variants}
+    reference = embedders[args.variants[0]]  # GPTCache gets the first (float32) one
+    data = BenchData(reference, args.pairs)
+    queries = data.hit_queries
+    report["hit_queries"] = len(queries)
+    print(f"{len(queries)} hit queries (b sides of {len(data.cached_q)} cached pairs)", flush=True)
+
+    cache = VectorCache(VectorDBConfig(uri=uri), COLLECTION, reference.dim)
+    cache.open()
+    cache.drop()
+    cache.open()
+    deciders = {v: Decider(e, cache, lambda: CachePolicy(THETA), top_p=5,
+                           max_batch=args.max_batch, embed_workers=v.workers)
+                for v, e in embedders.items()}
+    lrs = _untrained_lrs(reference.dim) if args.lrs else None
+    gpt = None
+    try:
+        held_in, answers = load_labelled(data, cache)
+        cache.wait_indexed()
+        await asyncio.sleep(1.0)
+        report["wrong_hits"] = {f"velo cache-0.5, {v.name}": await velo_wrong_hits(data, d, answers)
+                                for v, d in deciders.items()}
+        if not args.no_gptcache:
+            report["wrong_hits"].update(
+                gptcache_wrong_hits(data, reference, workdir, held_in, answers))
+            shutil.rmtree(workdir / "gptcache", ignore_errors=True)  # no rows from a last run
+            gpt = GPTCacheSide(reference, workdir / "gptcache", GPTCACHE_T)
+        rows = cache.import_pairs(TENANT, data.cached_q, data.cached_a, data.cached_qv,
+                                  data.cached_av, 0.0)
+        if gpt is not None:
+            gpt.add(data.cached_q + data.cached_q, data.cached_a + data.cached_a,
+                    np.concatenate([data.cached_qv, data.cached_av]))
+        for size in args.rows:
+            if size > rows:
+                qs, ans, qv, av = data.filler(rows, (size - rows) // 2)
+                t = time.perf_counter()
+                rows += cache.import_pairs(TENANT, qs, ans, qv, av, 0.0)
+                cache.wait_indexed()
+                fill_s = time.perf_counter() - t
+                if gpt is not None:
+                    gpt.add(qs + qs, ans + ans, np.concatenate([qv, av]))
+            else:
+                fill_s = 0.0
+            await asyncio.sleep(1.0)
+            print(f"\n== {rows} rows (filled in {fill_s:.0f} s) ==", flush=True)
+            result: dict = {"rows": rows, "velo": {}}
+            if milvus is not None:
+                result["milvus_rss_mb"] = tree_rss_mb(milvus._server.server_proc.pid)
+            if gpt is not None:
+                result["gptcache"] = bench_gptcache(gpt, queries, args.requests, args.clients)
+            for variant, decider in deciders.items():
+                side: dict = {"decision": await bench_decision(decider, queries, args.requests,
+                                                               args.clients, lrs)}
+                if not args.no_grpc:
+                    edged = EdgedProcess(uri, workdir, args.port, variant)
+                    try:
+                        await edged.wait_ready()
+                        side["grpc_ask"] = await bench_grpc(
+                            edged, queries, args.requests, args.clients,
+                            workdir / "profiles" if args.profile else None)
+                    finally:
+                        edged.stop()
+                result["velo"][variant.name] = side
+            report["sizes"][str(rows)] = result
+            print_size(result, args.clients)
+    finally:
+        for decider in deciders.values():
+            decider.close()
+        cache.close()
+        if milvus is not None:
+            milvus.stop()
+    report["memory"] = memory_model(report)
+    return report
+
+
+def _untrained_lrs(dim: int) -> OnnxPolicy:
+    """The LRS network (random weights: the same work per forward pass as a trained one)."""
+    from trainerd.lrs import LRS, LRSConfig
+
+    learner = LRS(LRSConfig(top_p=5, embed_dim=dim), agents=3)
+    return OnnxPolicy(learner.export_onnx(), 1, "lrs", top_p=5, embed_dim=dim, sample=False)
+
+
+def memory_model(report: dict) -> dict:
+    sizes = sorted((int(k), v) for k, v in report["sizes"].items() if "milvus_rss_mb" in v)
+    if len(sizes) < 2:
+        return {}
+    (n0, r0), (n1, r1) = sizes[0], sizes[-1]
+    per_row = (r1["milvus_rss_mb"] - r0["milvus_rss_mb"]) / (n1 - n0)
+    return {"milvus_mb_per_1e5_rows": per_row * 1e5, "milvus_mb_per_1e6_rows": per_row * 1e6,
+            "from_rows": [n0, n1]}
+
+
+# -- printing ---------------------------------------------------------------------------------
+def print_size(result: dict, clients: list[int]) -> None:
+    g = result.get("gptcache")
+    print("latency, single stream (ms)              p50     p95     p99")
+    for name, side in result["velo"].items():
+        d = side["decision"]["single_stream"]
+        print(f"VELO, embedder {name}")
+        for stage in ("embed", "search", "state", "policy", "total"):
+            s = d[stage]
+            label = "edge decision" if stage == "total" else "  " + stage
+            print(f"  {label:<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
+        if "lrs_policy" in side["decision"]:
+            s = side["decision"]["lrs_policy"]
+            print(f"  {'  policy if ONNX LRS':<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} "
+                  f"{s['p99_ms']:7.2f}")
+        if "grpc_ask" in side:
+            s = side["grpc_ask"]["single_stream"]
+            print(f"  {'gRPC Ask (hit), at the client':<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} "
+                  f"{s['p99_ms']:7.2f}")
+            s = side["grpc_ask"]["decision_in_edged"]
+            print(f"  {'  of which the decision in edged':<38}{s['p50_ms']:7.2f} "
+                  f"{s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
+    if g:
+        s = g["single_stream"]
+        print(f"  {'GPTCache get':<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
+    print("throughput (req/s), concurrent clients:     " + "  ".join(f"{c:>7}" for c in clients))
+    lines = []
+    for name, side in result["velo"].items():
+        lines.append((f"VELO decision, {name}", side["decision"]["throughput"]))
+        if "grpc_ask" in side:
+            lines.append((f"VELO gRPC Ask, {name}", side["grpc_ask"]["throughput"]))
+    for label, t in lines + ([("GPTCache get", g["throughput"])] if g else []):
+        print(f"  {label:<42}" + "  ".join(f"{t[str(c)]['rps']:7.1f}" for c in clients))
+    if g:
+        for label, t in lines:
+            ratios = [t[str(c)]["rps"] / g["throughput"][str(c)]["rps"] for c in clients]
+            print(f"  {'x GPTCache: ' + label[5:]:<42}" + "  ".join(f"{r:7.2f}" for r in ratios))
+    extra = []
+    if "milvus_rss_mb" in result:
+        extra.append(f"Milvus RSS {result['milvus_rss_mb']:.0f} MB")
+    for name, side in result["velo"].items():
+        if "grpc_ask" in side:
+            extra.append(f"edged RSS ({name}) {side['grpc_ask']['edged_rss_mb']:.0f} MB")
+    if extra:
+        print("  " + ", ".join(extra), flush=True)
+    for name, side in result["velo"].items():
+        prof = side.get("grpc_ask", {}).get("profile", {})
+        if "shares" in prof:
+            print(f"  where velo-edged's CPU goes ({name}, {max(clients)} clients, "
+                  f"{prof['samples']} py-spy samples): " + ", ".join(
+                      f"{k} {v:.0%}" for k, v in prof["shares"].items() if v >= 0.01))
+
+
+def print_wrong_hits(wrong: dict) -> None:
+    queries = next(iter(wrong.values()))["queries"]
+    print(f"\nlabelled pairs ({queries} queries, half with no right answer cached)")
+    print(f"  {'system':<40}  hits  right  wrong  wrong/hits")
+    for name, t in wrong.items():
+        print(f"  {name:<40}{t['hits']:5d}  {t['right']:5d}  {t['wrong']:5d}  "
+              f"{t['wrong_hit_rate']:9.1%}")
+
+
+def markdown(report: dict) -> str:
+    """The README's table: one row per cache size and system."""
+    clients = report["args"]["clients"].strip("[]").replace(" ", "").split(",")
+    lines = ["| rows | system | decision p50 / p95 / p99 ms | Ask (hit) p50 / p99 ms | "
+             + " | ".join(f"req/s, {c} client{'s' if c != '1' else ''}" for c in clients)
+             + " | × GPTCache (req/s) |",
+             "|---:|---|---|---|" + "---:|" * len(clients) + "---|"]
+    for rows, result in report["sizes"].items():
+        g = result.get("gptcache")
+        for name, side in result["velo"].items():
+            d = side["decision"]["single_stream"]["total"]
+            a = side.get("grpc_ask", {})
+            ask = (f"{a['single_stream']['p50_ms']:.1f} / {a['single_stream']['p99_ms']:.1f}"
+                   if a else "–")
+            for label, t in (("decision", side["decision"]["throughput"]),
+                             ("gRPC Ask", a.get("throughput"))):
+                if t is None:
+                    continue
+                ratio = (" / ".join(f"{t[c]['rps'] / g['throughput'][c]['rps']:.1f}"
+                                    for c in clients) if g else "–")
+                lat = (f"{d['p50_ms']:.1f} / {d['p95_ms']:.1f} / {d['p99_ms']:.1f}"
+                       if label == "decision" else "")
+                lines.append(f"| {int(rows):,} | VELO {name}, {label} | {lat} | "
+                             f"{ask if label == 'gRPC Ask' else ''} | "
+                             + " | ".join(f"{t[c]['rps']:.0f}" for c in clients)
+                             + f" | {ratio} |")
+        if g:
+            s = g["single_stream"]
+            lines.append(f"| {int(rows):,} | GPTCache get | {s['p50_ms']:.1f} / "
+                         f"{s['p95_ms']:.1f} / {s['p99_ms']:.1f} | | "
+                         + " | ".join(f"{g['throughput'][c]['rps']:.0f}" for c in clients)
+                         + " | 1 |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1000,10000,100000",
+                        help="cache sizes in rows, ascending (default 1000,10000,100000)")
+    parser.add_argument("--million", action="store_true", help="add 10^6 rows")
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="use the first N labelled pairs (default: all 999)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="micro-batch bound of the decision (edged limits.max_batch)")
+    parser.add_argument("--embedders", default="model.onnx@1x2,model-int8.onnx@1x2",
+                        help="edge embedder settings FILE@THREADSxWORKERS to measure; GPTCache "
+                        "gets the first's file (default: float32 and int8, 2 runs at once of "
+                        "1 thread each)")
+    parser.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
+    parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")
+    parser.add_argument("--no-gptcache", action="store_true")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip py-spy on velo-edged during the busiest gRPC load")
+    parser.add_argument("--no-grpc", action="store_true", help="skip the velo-edged process")
+    parser.add_argument("--no-lrs", dest="lrs", action="store_false",
+                        help="skip the ONNX LRS forward pass (needs torch to export)")
+    parser.add_argument("--workdir", default=str(ROOT / "var" / "bench"))
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "edge.json")
+    args = parser.parse_args(argv)
+    args.rows = sorted(int(r) for r in args.rows.split(","))
+    if args.million:
+        args.rows.append(1_000_000)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    args.variants = [Variant.parse(v) for v in args.embedders.split(",")]
+
+    report = uvloop.run(run(args))
+    report["args"] = {k: (v if isinstance(v, int | float | str | bool) else str(v))
+                      for k, v in vars(args).items()}
+    print_wrong_hits(report["wrong_hits"])
+    if report["memory"]:
+        m = report["memory"]
+        print(f"\nMilvus memory: {m['milvus_mb_per_1e5_rows']:.0f} MB per 10^5 rows "
+              f"-> {m['milvus_mb_per_1e6_rows'] / 1024:.2f} GB per 10^6 rows")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
