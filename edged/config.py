@@ -88,8 +88,10 @@ class EdgeConfig:
     # "model.onnx" (float32, what trainerd uses) or "model-int8.onnx" (~2x less CPU per
     # request, slightly different distances: measure with tools/bench_edge.py first).
     embedder_file: str = "model.onnx"
-    embedder_threads: int = 1  # onnxruntime intra-op threads per embedding run
-    # Embedding runs at once (concurrent requests); keep workers x threads <= CPU cores.
+    # onnxruntime intra-op threads of the one embedding session (idle ones sleep): the
+    # machine's cores, so that a lone request uses them all.
+    embedder_threads: int = 2
+    # Embedding runs at once on that session (concurrent requests share the threads).
     embedder_workers: int = 2
     log_level: str = "info"
     shutdown_grace_s: float = 10.0

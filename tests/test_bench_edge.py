@@ -24,7 +24,7 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
         check=True, timeout=600)
     report = json.loads(out.read_text())
     size = report["sizes"]["1000"]
-    assert set(size["velo"]) == {"model 1x2", "model-int8 1x2"}
+    assert set(size["velo"]) == {"model 2x2", "model-int8 2x2"}
     for side in size["velo"].values():
         stages = side["decision"]["single_stream"]
         assert set(stages) == {"embed", "search", "state", "policy", "total"}
@@ -37,7 +37,7 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
     assert size["gptcache"]["hit_share"] == 1.0
 
     wrong = report["wrong_hits"]
-    velo, gpt = wrong["velo cache-0.5, model 1x2"], wrong["gptcache T=0.9375"]
+    velo, gpt = wrong["velo cache-0.5, model 2x2"], wrong["gptcache T=0.9375"]
     assert velo["queries"] == gpt["queries"] == 120
     # Same embedder, same rule (L2 <= 0.5 is GPTCache's T = 0.9375): the same answers served,
     # up to the approximate index; the held-out half makes some hits wrong.

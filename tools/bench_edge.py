@@ -13,7 +13,9 @@ What it measures, at each cache size (rows in the vector store), on cache-hit tr
 - GPTCache 0.1.44 (PyPI `gptcache`) with the same ONNX MiniLM embedder and its SQLite + FAISS
   store, filled with the same vectors and asked the same questions: `get` latency and
   throughput with 1, 8 and 64 threads; the ratios VELO / GPTCache;
-- the Milvus server's RSS (its growth per 10^5 rows gives the memory per 10^6 rows);
+- the Milvus server's memory (resident, anonymous, mapped files): freshly started with the full
+  cache loaded, less freshly started with the empty collection, per 10^6 rows (`--milvus-mmap`:
+  with its segments memory-mapped);
 - once: both systems' right / wrong hits on the labelled paraphrase pairs (GPTCache's own
   benchmark pairs, half of the cached sides held out as negatives), at the same threshold.
 
@@ -142,20 +144,25 @@ def pct(samples_s: list[float]) -> dict[str, float]:
 
 
 def rss_mb(pid: int) -> float:
+    return memory_mb(pid)["rss"]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process and its children (the embedded Milvus runs as a child):
+    `rss` in all, `anon` the part only swap could free, `file` mapped file pages (with mmap,
+    Milvus's segments: the kernel can drop them and read them back)."""
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    total = dict.fromkeys(keys.values(), 0.0)
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and its children (the embedded Milvus runs as a child process)."""
-    total = rss_mb(pid)
+            name, *value = line.split()
+            if name in keys:
+                total[keys[name]] += int(value[0]) / 1024
     children = Path(f"/proc/{pid}/task/{pid}/children")
     if children.exists():
         for child in children.read_text().split():
-            total += tree_rss_mb(int(child))
+            for key, mb in memory_mb(int(child)).items():
+                total[key] += mb
     return total
 
 
@@ -466,7 +473,7 @@ async def run(args: argparse.Namespace) -> dict:
         from velo.milvus_server import EmbeddedMilvus
 
         shutil.rmtree(workdir / "milvus", ignore_errors=True)  # a fresh server starts in ~10 s
-        milvus = EmbeddedMilvus(workdir / "milvus").start()
+        milvus = EmbeddedMilvus(workdir / "milvus", mmap=args.milvus_mmap).start()
         uri = milvus.uri
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "python": platform.python_version()},
@@ -484,6 +491,13 @@ async def run(args: argparse.Namespace) -> dict:
     cache.open()
     cache.drop()
     cache.open()
+    if milvus is not None:  # the baseline: a started Milvus with the empty collection loaded
+        cache.close()
+        milvus = restart(milvus, args.milvus_mmap)
+        uri = milvus.uri
+        report["milvus_empty"] = loaded_memory(milvus, reference.dim, 0)
+        cache = VectorCache(VectorDBConfig(uri=uri), COLLECTION, reference.dim)
+        cache.open()
     deciders = {v: Decider(e, cache, lambda: CachePolicy(THETA), top_p=5,
                            max_batch=args.max_batch, embed_workers=v.workers)
                 for v, e in embedders.items()}
@@ -520,7 +534,7 @@ async def run(args: argparse.Namespace) -> dict:
             print(f"\n== {rows} rows (filled in {fill_s:.0f} s) ==", flush=True)
             result: dict = {"rows": rows, "velo": {}}
             if milvus is not None:
-                result["milvus_rss_mb"] = tree_rss_mb(milvus._server.server_proc.pid)
+                result["milvus_memory_mb"] = memory_mb(milvus._server.server_proc.pid)
             if gpt is not None:
                 result["gptcache"] = bench_gptcache(gpt, queries, args.requests, args.clients)
             for variant, decider in deciders.items():
@@ -538,13 +552,16 @@ async def run(args: argparse.Namespace) -> dict:
                 result["velo"][variant.name] = side
             report["sizes"][str(rows)] = result
             print_size(result, args.clients)
+        if milvus is not None:
+            cache.close()  # its pending write-backs land before the restart
+            milvus = restart(milvus, args.milvus_mmap)
+            report["milvus_restarted"] = loaded_memory(milvus, reference.dim, rows)
     finally:
         for decider in deciders.values():
             decider.close()
         cache.close()
         if milvus is not None:
             milvus.stop()
-    report["memory"] = memory_model(report)
     return report
 
 
@@ -556,14 +573,36 @@ def _untrained_lrs(dim: int) -> OnnxPolicy:
     return OnnxPolicy(learner.export_onnx(), 1, "lrs", top_p=5, embed_dim=dim, sample=False)
 
 
+def restart(milvus, mmap: bool):
+    from velo.milvus_server import EmbeddedMilvus
+
+    milvus.stop()
+    # On a new port: pymilvus keeps one connection per address and would not reconnect.
+    return EmbeddedMilvus(milvus.data_dir, mmap=mmap).start()
+
+
+def loaded_memory(milvus, dim: int, rows: int) -> dict:
+    """Memory of a restarted Milvus with the full cache loaded: the steady state of an edge.
+    Right after a bulk fill Milvus also holds write buffers and growing segments (~1.6x)."""
+    cache = VectorCache(VectorDBConfig(uri=milvus.uri), COLLECTION, dim)
+    cache.open()  # loads the collection
+    try:
+        time.sleep(5.0)
+        return {"rows": rows, **memory_mb(milvus._server.server_proc.pid)}
+    finally:
+        cache.close()
+
+
 def memory_model(report: dict) -> dict:
-    sizes = sorted((int(k), v) for k, v in report["sizes"].items() if "milvus_rss_mb" in v)
-    if len(sizes) < 2:
+    """Milvus memory per row: the full cache loaded minus the empty collection loaded, each
+    measured on a freshly started server."""
+    empty, full = report.get("milvus_empty"), report.get("milvus_restarted")
+    if not empty or not full:
         return {}
-    (n0, r0), (n1, r1) = sizes[0], sizes[-1]
-    per_row = (r1["milvus_rss_mb"] - r0["milvus_rss_mb"]) / (n1 - n0)
-    return {"milvus_mb_per_1e5_rows": per_row * 1e5, "milvus_mb_per_1e6_rows": per_row * 1e6,
-            "from_rows": [n0, n1]}
+    per_row = {key: (full[key] - empty[key]) / full["rows"] for key in ("rss", "anon", "file")}
+    return {"mmap": report["args"]["milvus_mmap"], "rows": full["rows"],
+            **{f"{key}_mb_per_1e5_rows": mb * 1e5 for key, mb in per_row.items()},
+            **{f"{key}_gb_per_1e6_rows": mb * 1e6 / 1024 for key, mb in per_row.items()}}
 
 
 # -- printing ---------------------------------------------------------------------------------
@@ -604,8 +643,8 @@ def print_size(result: dict, clients: list[int]) -> None:
             ratios = [t[str(c)]["rps"] / g["throughput"][str(c)]["rps"] for c in clients]
             print(f"  {'x GPTCache: ' + label[5:]:<42}" + "  ".join(f"{r:7.2f}" for r in ratios))
     extra = []
-    if "milvus_rss_mb" in result:
-        extra.append(f"Milvus RSS {result['milvus_rss_mb']:.0f} MB")
+    if "milvus_memory_mb" in result:
+        extra.append(f"Milvus RSS {result['milvus_memory_mb']['rss']:.0f} MB")
     for name, side in result["velo"].items():
         if "grpc_ask" in side:
             extra.append(f"edged RSS ({name}) {side['grpc_ask']['edged_rss_mb']:.0f} MB")
@@ -675,11 +714,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="use the first N labelled pairs (default: all 999)")
     parser.add_argument("--max-batch", type=int, default=16,
                         help="micro-batch bound of the decision (edged limits.max_batch)")
-    parser.add_argument("--embedders", default="model.onnx@1x2,model-int8.onnx@1x2",
+    parser.add_argument("--embedders", default="model.onnx@2x2,model-int8.onnx@2x2",
                         help="edge embedder settings FILE@THREADSxWORKERS to measure; GPTCache "
-                        "gets the first's file (default: float32 and int8, 2 runs at once of "
-                        "1 thread each)")
+                        "gets the first's file (default: float32 and int8, 2 runs at once "
+                        "sharing one 2-thread session, as edged does)")
     parser.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
+    parser.add_argument("--milvus-mmap", action="store_true",
+                        help="the embedded Milvus memory-maps loaded segments (less memory, "
+                        "slower searches: README, Performance)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")
     parser.add_argument("--no-gptcache", action="store_true")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
@@ -700,10 +742,14 @@ def main(argv: list[str] | None = None) -> None:
     report["args"] = {k: (v if isinstance(v, int | float | str | bool) else str(v))
                       for k, v in vars(args).items()}
     print_wrong_hits(report["wrong_hits"])
+    report["memory"] = memory_model(report)
     if report["memory"]:
         m = report["memory"]
-        print(f"\nMilvus memory: {m['milvus_mb_per_1e5_rows']:.0f} MB per 10^5 rows "
-              f"-> {m['milvus_mb_per_1e6_rows'] / 1024:.2f} GB per 10^6 rows")
+        print(f"\nMilvus memory (mmap {'on' if m['mmap'] else 'off'}), restarted with "
+              f"{m['rows']} rows loaded, less the empty collection: {m['rss_mb_per_1e5_rows']:.0f}"
+              f" MB per 10^5 rows (anonymous {m['anon_mb_per_1e5_rows']:.0f}, mapped files "
+              f"{m['file_mb_per_1e5_rows']:.0f}) -> {m['rss_gb_per_1e6_rows']:.2f} GB per 10^6 "
+              f"rows ({m['anon_gb_per_1e6_rows']:.2f} GB anonymous)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     args.out.with_suffix(".md").write_text(markdown(report))

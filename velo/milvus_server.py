@@ -25,9 +25,13 @@ def free_port() -> int:
 
 
 class EmbeddedMilvus:
-    def __init__(self, data_dir: str | Path, port: int = 0) -> None:
+    def __init__(self, data_dir: str | Path, port: int = 0, mmap: bool = False) -> None:
+        """`mmap`: loaded segments are memory-mapped files under data_dir/mmap instead of
+        process memory (Milvus 2.3 `queryNode.mmapDirPath`): the page cache holds the hot
+        vectors and the kernel may drop cold texts (see README, Performance)."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
+        self.mmap = mmap
         self._server = None
 
     @property
@@ -45,6 +49,8 @@ class EmbeddedMilvus:
         server.set_base_dir(str(self.data_dir))
         server.listen_port = self.port
         server.show_startup_banner = False
+        if self.mmap:
+            self._enable_mmap(server)
         log.info("starting milvus", uri=self.uri, data_dir=str(self.data_dir))
         server.start()
         self._server = server
@@ -54,6 +60,19 @@ class EmbeddedMilvus:
             self.stop()
             raise
         return self
+
+    def _enable_mmap(self, server) -> None:
+        # The package's config template has no mmapDirPath key and its setter only replaces
+        # keys it has, so the key goes into the template text that it writes out.
+        mmap_dir = self.data_dir / "mmap"
+        mmap_dir.mkdir(parents=True, exist_ok=True)
+        config = server.config
+        text = config.template_text.replace("\nqueryNode:\n",
+                                            f"\nqueryNode:\n  mmapDirPath: {mmap_dir}\n", 1)
+        if text == config.template_text:
+            raise RuntimeError("cannot enable mmap: this `milvus` package's config template has "
+                               "no queryNode section; start Milvus without mmap")
+        config.template_text = text
 
     def _wait_ready(self, server, timeout_s: float) -> None:
         """Poll /healthz; fail fast, quoting the log, if the server process exits."""
