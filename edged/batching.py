@@ -7,7 +7,7 @@ batching pays (one vector search or one transaction for many requests).
 
 The function runs in the batcher's own worker threads (`workers` of them, each running one
 batch at a time), off the event loop. Several workers pay where the function releases the
-GIL and one call cannot use every core (onnxruntime on one thread each).
+GIL and one call leaves cores idle (onnxruntime: a small run cannot keep two threads busy).
 """
 
 from __future__ import annotations

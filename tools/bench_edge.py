@@ -58,6 +58,7 @@ from edged.decision import Decider  # noqa: E402
 from trainerd.pairs import load_pairs  # noqa: E402
 from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
 from velo.embedder import Embedder  # noqa: E402
+from velo.milvus_server import EmbeddedMilvus  # noqa: E402
 from velo.models import embedder_dir  # noqa: E402
 from velo.policy import CachePolicy, OnnxPolicy  # noqa: E402
 from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
@@ -141,10 +142,6 @@ def pct(samples_s: list[float]) -> dict[str, float]:
     ms = np.asarray(samples_s) * 1000
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": len(ms)}
-
-
-def rss_mb(pid: int) -> float:
-    return memory_mb(pid)["rss"]
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -342,7 +339,7 @@ async def bench_grpc(edged: EdgedProcess, queries: list[str], requests: int,
             if profiler is not None:
                 out["profile"] = profiler.stop()
         out["actions"] = actions
-    out["edged_rss_mb"] = rss_mb(edged.proc.pid)
+    out["edged_rss_mb"] = memory_mb(edged.proc.pid)["rss"]
     return out
 
 
@@ -470,8 +467,6 @@ async def run(args: argparse.Namespace) -> dict:
     milvus = None
     uri = args.milvus_uri
     if not uri:
-        from velo.milvus_server import EmbeddedMilvus
-
         shutil.rmtree(workdir / "milvus", ignore_errors=True)  # a fresh server starts in ~10 s
         milvus = EmbeddedMilvus(workdir / "milvus", mmap=args.milvus_mmap).start()
         uri = milvus.uri
@@ -573,15 +568,13 @@ def _untrained_lrs(dim: int) -> OnnxPolicy:
     return OnnxPolicy(learner.export_onnx(), 1, "lrs", top_p=5, embed_dim=dim, sample=False)
 
 
-def restart(milvus, mmap: bool):
-    from velo.milvus_server import EmbeddedMilvus
-
+def restart(milvus: EmbeddedMilvus, mmap: bool) -> EmbeddedMilvus:
     milvus.stop()
     # On a new port: pymilvus keeps one connection per address and would not reconnect.
     return EmbeddedMilvus(milvus.data_dir, mmap=mmap).start()
 
 
-def loaded_memory(milvus, dim: int, rows: int) -> dict:
+def loaded_memory(milvus: EmbeddedMilvus, dim: int, rows: int) -> dict:
     """Memory of a restarted Milvus with the full cache loaded: the steady state of an edge.
     Right after a bulk fill Milvus also holds write buffers and growing segments (~1.6x)."""
     cache = VectorCache(VectorDBConfig(uri=milvus.uri), COLLECTION, dim)

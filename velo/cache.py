@@ -371,8 +371,10 @@ class _Overlay:
                     distance = float(np.linalg.norm(row.vector - vector))
                     found[row_id] = replace(row, distance=distance)
             for row_id, row in found.items():
-                if row_id in self._updated:
-                    newer = self._updated[row_id][1]
+                # An unflushed write-back is the newest version and never expires.
+                newer = (self._dirty[row_id][1] if row_id in self._dirty
+                         else self._updated[row_id][1] if row_id in self._updated else None)
+                if newer is not None:
                     found[row_id] = replace(row, hits=newer.hits, value=newer.value)
         return found
 
@@ -397,10 +399,6 @@ class _Overlay:
                 if (entry[0] if isinstance(entry, tuple) else entry) >= horizon:
                     break
                 del table[row_id]
-        # Unflushed write-backs never expire from the overlay.
-        for row_id, (_, row) in self._dirty.items():
-            if row_id not in self._updated:
-                self._updated[row_id] = (time.monotonic(), row)
 
 
 def _entity(tenant: str, row: CachedRow, vector: list[float]) -> dict:
