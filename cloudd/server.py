@@ -3,12 +3,17 @@
 Edges call Generate (Action B, and C with context) or GenerateStream; cloudd bounds how many
 requests reach the LLM at once, queues a few more, turns every failure into a gRPC status a
 client can act on, and never lets one escape as UNKNOWN.
+
+Its health is the LLM's: NOT_SERVING while the LLM does not answer, with the reason in the
+log and in GetCloudStats. With `[local_llm] enabled` cloudd runs the LLM server itself and
+restarts it when it dies, quoting its exit code and last log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,15 +26,26 @@ from cloudd.backend import (
     OpenAIBackend,
 )
 from cloudd.config import CloudConfig, LLMConfig
+from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.logs import get_logger
-from velo.serving import Daemon
+from velo.security import RequireToken
+from velo.serving import Daemon, GrpcServer, clip, request_id_problem
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = get_logger("cloudd")
+LLM = "llm"  # the health part
+
+_EDGE_ONLY = frozenset({"edge"})
+ROLES = {
+    "/velo.v1.CloudService/Generate": _EDGE_ONLY,
+    "/velo.v1.CloudService/GenerateStream": _EDGE_ONLY,
+    "/velo.v1.CloudService/GetCloudStats": frozenset({"edge", "admin"}),
+}
 
 
 class AtCapacity(Exception):
-    """Every LLM slot is busy and the queue is full."""
+    """Every LLM slot is busy and the queue is full (or, for background work, a slot is not
+    free right now)."""
 
 
 def _response(c: Completion) -> cloud_pb2.GenerateResponse:
@@ -62,62 +78,105 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
-    def __init__(self, backend: OpenAIBackend, cfg: LLMConfig) -> None:
+    def __init__(self, backend: OpenAIBackend, cfg: LLMConfig, server: GrpcServer) -> None:
         self.backend = backend
         self.cfg = cfg
+        self.server = server  # its health part "llm" says whether the LLM answers
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self.in_flight = 0  # requests holding a slot (talking to the LLM)
         self.queued = 0  # requests waiting for a slot
+        self.background = 0  # background requests holding a slot
+        self.stats = cloud_pb2.CloudStats()
+        self.supervisor: LLMSupervisor | None = None
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Hold one of `max_concurrency` LLM slots, waiting in a queue of `max_queue`."""
-        if self._slots.locked() and self.queued >= self.cfg.max_queue:
+    async def _slot(self, background: bool) -> AsyncIterator[None]:
+        """Hold one of `max_concurrency` LLM slots, waiting in a queue of `max_queue`; a
+        background request takes a free slot at once or is refused, and never queues."""
+        if background:
+            if (self.background >= self.cfg.background_max_inflight or self.queued
+                    or self._slots.locked()):
+                self.stats.background_refused += 1
+                raise AtCapacity("no LLM slot is free for background work right now "
+                                 f"({self.in_flight} in flight, {self.queued} queued)")
+        elif self._slots.locked() and self.queued >= self.cfg.max_queue:
             raise AtCapacity(
                 f"cloudd is at capacity ({self.in_flight} in flight, {self.queued} queued); "
                 "retry later"
             )
-        self.queued += 1
+        self.queued += not background
         try:
             await self._slots.acquire()
         finally:
-            self.queued -= 1
+            self.queued -= not background
         self.in_flight += 1
+        self.background += background
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.background -= background
             self._slots.release()
 
     def _invalid(self, request: cloud_pb2.GenerateRequest) -> str | None:
         """Why the request is invalid, or None."""
+        cfg = self.cfg
         if not request.prompt.strip():
             return "prompt is empty"
-        limit = self.cfg.max_tokens_limit
+        if len(request.prompt) > cfg.max_prompt_chars:
+            return (f"prompt is {len(request.prompt)} characters; cloudd accepts at most "
+                    f"{cfg.max_prompt_chars} (llm.max_prompt_chars)")
+        if len(request.context) > cfg.max_context_items:
+            return (f"{len(request.context)} context items; cloudd accepts at most "
+                    f"{cfg.max_context_items} (llm.max_context_items)")
+        context_chars = sum(len(c.question) + len(c.answer) for c in request.context)
+        if context_chars > cfg.max_context_chars:
+            return (f"context is {context_chars} characters; cloudd accepts at most "
+                    f"{cfg.max_context_chars} (llm.max_context_chars)")
+        limit = cfg.max_tokens_limit
         if not 0 <= request.max_tokens <= limit:
             return (
                 f"max_tokens must be between 0 and {limit} "
-                f"(0 = the default, {self.cfg.default_max_tokens}); got {request.max_tokens}"
+                f"(0 = the default, {cfg.default_max_tokens}); got {request.max_tokens}"
             )
-        return None
+        return request_id_problem(request.request_id)
+
+    async def _failed(self, exc: Exception, rlog: object, context: grpc.aio.ServicerContext,
+                      what: str) -> None:
+        code, message = _status(exc)
+        self.stats.failures += 1
+        part = self.server.parts.get(LLM)
+        if isinstance(exc, BackendUnavailable):
+            if part is not None and not part.ok and self.supervisor is not None:
+                # The local server died or is restarting: say so, not only "refused".
+                message = f"{message}; {part.reason.splitlines()[0]}"
+            elif self.supervisor is None:
+                await self.server.set_part(LLM, False, message)
+        rlog.warning(f"{what} failed", code=code.name, error=message)
+        await context.abort(code, message)
+
+    async def _answered(self) -> None:
+        if not self.server.parts[LLM].ok and self.supervisor is None:
+            await self.server.set_part(LLM, True)
 
     async def Generate(
         self, request: cloud_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> cloud_pb2.GenerateResponse:
         if problem := self._invalid(request):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self.stats.requests += 1
         qa = [(c.question, c.answer) for c in request.context]
-        rlog = log.bind(request_id=request.request_id, context=len(qa))
+        rlog = log.bind(request_id=request.request_id, context=len(qa),
+                        background=request.background)
         try:
-            async with self._slot():
+            async with self._slot(request.background):
                 completion = await self.backend.generate(request.prompt, qa, request.max_tokens)
         except asyncio.CancelledError:
             rlog.info("generate cancelled by the client")
             raise
         except Exception as exc:
-            code, message = _status(exc)
-            rlog.warning("generate failed", code=code.name, error=message)
-            await context.abort(code, message)
+            await self._failed(exc, rlog, context, "generate")
+        await self._answered()
         rlog.info("generated", tokens=completion.completion_tokens,
                   llm_s=round(completion.llm_s, 3))
         return _response(completion)
@@ -127,11 +186,12 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
     ) -> AsyncIterator[cloud_pb2.GenerateChunk]:
         if problem := self._invalid(request):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self.stats.requests += 1
         qa = [(c.question, c.answer) for c in request.context]
         rlog = log.bind(request_id=request.request_id, context=len(qa), stream=True)
         try:
             async with (
-                self._slot(),
+                self._slot(request.background),
                 # aclosing: however we leave (client gone, error), the HTTP stream is closed
                 # and the LLM server stops generating for nobody.
                 contextlib.aclosing(
@@ -149,9 +209,19 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             rlog.info("stream cancelled by the client")
             raise
         except Exception as exc:
-            code, message = _status(exc)
-            rlog.warning("stream failed", code=code.name, error=message)
-            await context.abort(code, message)
+            await self._failed(exc, rlog, context, "stream")
+        await self._answered()
+
+    async def GetCloudStats(self, request: cloud_pb2.CloudStatsRequest,
+                            context: grpc.aio.ServicerContext) -> cloud_pb2.CloudStats:
+        stats = cloud_pb2.CloudStats()
+        stats.CopyFrom(self.stats)
+        part = self.server.parts.get(LLM)
+        stats.llm_up = part is not None and part.ok
+        stats.llm_down_reason = "" if part is None or part.ok else part.reason
+        stats.llm_restarts = self.supervisor.restarts if self.supervisor is not None else 0
+        stats.in_flight, stats.queued = self.in_flight, self.queued
+        return stats
 
 
 class Cloudd(Daemon):
@@ -162,33 +232,76 @@ class Cloudd(Daemon):
         self.cfg = cfg
         self.backend: OpenAIBackend | None = None
         self.servicer: CloudServicer | None = None
+        self.supervisor: LLMSupervisor | None = None
+        self.watcher: asyncio.Task | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        return self.cfg.tls.server_credentials()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        table = self.cfg.auth.table()
+        return [RequireToken(table, ROLES)] if table is not None else []
 
     async def startup(self) -> None:
-        self.backend = OpenAIBackend(self.cfg.llm)
-        self.servicer = CloudServicer(self.backend, self.cfg.llm)
+        llm_cfg = self.cfg.llm
+        local = self.cfg.local_llm
+        if local.enabled:
+            server = LocalLLMServer(local.model_file or None, port=local.port, n_ctx=local.n_ctx,
+                                    n_threads=local.threads, alias=llm_cfg.model,
+                                    log_path=local.log_file or None,
+                                    startup_timeout_s=local.startup_timeout_s)
+            llm_cfg = dataclasses.replace(llm_cfg, base_url=server.base_url)
+        self.backend = OpenAIBackend(llm_cfg)
+        self.servicer = CloudServicer(self.backend, llm_cfg, self.grpc)
         self.grpc.add(cloud_pb2_grpc.add_CloudServiceServicer_to_server, self.servicer,
                       "velo.v1.CloudService")
-        await super().startup()
-        await self._check_llm()
+        if local.enabled:
+            await self.grpc.set_part(LLM, False, "the local LLM server is starting")
+            loop = asyncio.get_running_loop()
 
-    async def _check_llm(self) -> None:
-        """Say at start whether the LLM answers, so a wrong base_url shows in the first lines
-        of the log. Not fatal: under systemd the LLM server may come up after cloudd."""
+            def on_state(up: bool, reason: str) -> None:  # from the supervisor's thread
+                asyncio.run_coroutine_threadsafe(self.grpc.set_part(LLM, up, reason), loop)
+
+            self.supervisor = LLMSupervisor(server, on_state,
+                                            max_backoff_s=local.max_restart_backoff_s).start()
+            self.servicer.supervisor = self.supervisor
+        else:
+            await self._probe()
+        self.watcher = asyncio.create_task(self._watch_llm())
+        await super().startup()
+        self.log.info("llm", base_url=self.backend.url, model=llm_cfg.model,
+                      local=local.enabled)
+
+    async def _watch_llm(self) -> None:
+        """Probe the LLM every health_every_s while it answers, every second while it does not
+        (a running local server is the supervisor's to watch: its exit is reported at once)."""
+        while True:
+            ok = self.grpc.parts[LLM].ok
+            await asyncio.sleep(self.cfg.llm.health_every_s if ok else 1.0)
+            if self.supervisor is None:
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """GET /models of the external LLM server."""
         assert self.backend is not None
         try:
             async with asyncio.timeout(self.cfg.llm.connect_timeout_s + 1):
                 models = await self.backend.models()
         except (BackendError, TimeoutError) as exc:
-            self.log.warning("llm not reachable yet", base_url=self.backend.url,
-                             error=str(exc) or "timed out")
+            await self.grpc.set_part(LLM, False, str(exc) or "the LLM did not answer in time")
             return
         if models and self.cfg.llm.model not in models:
             self.log.warning("configured model not offered by the llm server",
-                             model=self.cfg.llm.model, offered=models)
-        else:
-            self.log.info("llm reachable", base_url=self.backend.url, models=models)
+                             model=self.cfg.llm.model, offered=[clip(m) for m in models[:8]])
+        await self.grpc.set_part(LLM, True)
 
     async def shutdown(self) -> None:
         await super().shutdown()
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
+        if self.supervisor is not None:
+            await asyncio.to_thread(self.supervisor.stop)
         if self.backend is not None:
             await self.backend.aclose()
+

@@ -23,7 +23,9 @@ R = TypeVar("R")
 
 
 class MicroBatcher(Generic[T, R]):
-    """`await submit(item)` returns `fn([..., item, ...])[i]` for that item."""
+    """`await submit(item)` returns `fn([..., item, ...])[i]` for that item. When `fn` raises,
+    every caller of the batch gets the exception; when it puts an exception in an item's
+    place, that caller alone gets it (one bad query must not fail its batch-mates)."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, name: str,
                  workers: int = 1) -> None:
@@ -69,7 +71,11 @@ class MicroBatcher(Generic[T, R]):
                 finally:
                     self._busy -= 1
                 for (_, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
                         fut.set_result(result)
         finally:
             # Here, not in a done callback: between this task's last look at the queue and a

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from velo.cache import VectorDBConfig
 from velo.config import load_config, require
+from velo.names import NAME_RULE, valid_name
+from velo.security import AuthConfig, TLSConfig
 
 ENV_PREFIX = "VELO_EDGED"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MiB = 1024 * 1024
 
 
 @dataclass
@@ -49,9 +51,18 @@ class PolicyConfig:
     sample: bool = True  # sample actions from the policy's probabilities (paper); else argmax
     seed: int = 0  # for sampling and random baselines
     shadow_rate: float = 0.05  # epsilon: share of A/C answers re-asked to the LLM to measure q
+    # Shadow verifications in flight at once; a sample beyond this is skipped (and counted),
+    # so that background checks never crowd out users.
+    shadow_max_inflight: int = 2
+    # Largest learned policy this edge accepts from trainerd (its forward pass runs on every
+    # request: a huge one would slow every answer).
+    max_bytes: int = 8 * MiB
 
     def __post_init__(self) -> None:
         require(0.0 <= self.shadow_rate <= 1.0, "shadow_rate", "must be in [0, 1]")
+        require(self.shadow_max_inflight >= 0, "shadow_max_inflight", "must be >= 0")
+        require(1024 <= self.max_bytes <= 1024 * MiB, "max_bytes",
+                "must be between 1024 and 1073741824 (1 GiB)")
         from velo.policy import baseline_from_name
 
         try:
@@ -71,10 +82,21 @@ class LimitsConfig:
     max_batch: int = 16
     request_timeout_s: float = 120.0  # whole request, cloud included
 
-
     def __post_init__(self) -> None:
         require(self.max_inflight >= 1, "max_inflight", "must be >= 1")
         require(1 <= self.max_batch <= 256, "max_batch", "must be between 1 and 256")
+
+
+@dataclass
+class EdgeAuthConfig(AuthConfig):
+    # tokens_file: users' API keys (role "tenant": the one tenant a key may ask as; "admin":
+    # GetStats). token_file: this edge's own token (role "edge" at cloudd and trainerd).
+    token_file: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(not self.token_file or Path(self.token_file).is_file(), "token_file",
+                f"{self.token_file} is not a readable file")
 
 
 @dataclass
@@ -101,10 +123,11 @@ class EdgeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    auth: EdgeAuthConfig = field(default_factory=EdgeAuthConfig)
 
     def __post_init__(self) -> None:
-        require(bool(_NAME.match(self.edge_id)), "edge_id",
-                "must be 1-64 characters of letters, digits, '_', '.', '-'")
+        require(valid_name(self.edge_id), "edge_id", f"must be {NAME_RULE}")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
         require(self.embedder_threads >= 1 and self.embedder_workers >= 1, "embedder_workers",
                 "embedder_threads and embedder_workers must be >= 1")
@@ -121,6 +144,3 @@ class EdgeConfig:
 def load(path: str | Path | None) -> EdgeConfig:
     return load_config(EdgeConfig, path, ENV_PREFIX)
 
-
-def valid_tenant(tenant: str) -> bool:
-    return bool(_NAME.match(tenant))

@@ -3,13 +3,17 @@
     embed the prompt -> search the tenant's top-P rows -> build the state (eq. 6-8) -> policy
 
 Concurrent requests share embedding runs and vector searches (edged.batching); each stage is
-timed so that operators and `tools/bench_edge.py` see where the time goes.
+timed so that operators and `tools/bench_edge.py` see where the time goes. A learned policy's
+forward pass runs on its own thread, never on the event loop: a large policy must slow only
+the decisions, not health checks or the answers already on their way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +60,7 @@ class Decider:
             embedder.embed, max_batch, "embed", workers=embed_workers)
         self.searches: MicroBatcher[tuple[str, np.ndarray], list[CachedRow]] = MicroBatcher(
             lambda queries: cache.search_many(queries, top_p), max_batch, "search")
+        self._policy_thread = ThreadPoolExecutor(1, thread_name_prefix="policy")
 
     async def decide(self, prompt: str, tenant: str) -> Decided:
         t0 = time.perf_counter()
@@ -69,10 +74,15 @@ class Decider:
         state = build_state(f, rows, self.top_p)
         t3 = time.perf_counter()
         policy = self.current_policy()
-        decision = policy.decide(state)
+        if getattr(policy, "runs_model", False):
+            decision = await asyncio.get_running_loop().run_in_executor(
+                self._policy_thread, policy.decide, state)
+        else:  # a baseline: a comparison or two, cheaper than a thread hop
+            decision = policy.decide(state)
         t4 = time.perf_counter()
         return Decided(f, state, policy, decision, StageTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
 
     def close(self) -> None:
         self.embeddings.close()
         self.searches.close()
+        self._policy_thread.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,10 @@
 
     validate -> embed -> search top-P -> build state (eq. 6-8) -> policy -> execute A/B/C
              -> answer -> record (cache insert or eq. 4-5 update, experience, stats)
+
+Every answered request has its experience record on disk before the answer leaves: a crash
+right after the answer loses nothing. Shadow-verified records are written first and
+completed with q when the LLM's fresh answer arrives (edged.spool: held records).
 """
 
 from __future__ import annotations
@@ -18,21 +22,27 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edged.batching import MicroBatcher
 from edged.cloud_client import CloudClient, CloudError
-from edged.config import EdgeConfig, valid_tenant
+from edged.config import EdgeConfig
 from edged.decision import Decider, VectorDBError
-from edged.spool import Spool
+from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
 from velo.cache import VectorCache
 from velo.embedder import Embedder
 from velo.logs import get_logger
+from velo.names import NAME_RULE, valid_name
 from velo.policy import Decision
 from velo.qos import Action
+from velo.security import caller
+from velo.serving import MAX_REQUEST_ID_CHARS, clip, request_id_problem
 from velo.state import CachedRow, EdgeState, select_row
 from velo.v1 import edge_pb2, trainer_pb2
 
 log = get_logger("edged.pipeline")
 TextSink = Callable[[str], Awaitable[None]]
+# Reports a part of the edge up or down: (part, ok, reason).
+PartReport = Callable[[str, bool, str], Awaitable[None]]
+VECTOR_DB, CLOUD, TRAINER = "vector_db", "cloud", "trainer"
 
 
 class RequestError(Exception):
@@ -57,6 +67,8 @@ class Counters:
     requests: int = 0
     errors: int = 0
     evicted_rows: int = 0
+    shadow_verified: int = 0
+    shadow_skipped: int = 0
     actions: dict[Action, ActionCounters] = field(
         default_factory=lambda: {a: ActionCounters() for a in Action})
 
@@ -64,20 +76,23 @@ class Counters:
 class EdgePipeline:
     def __init__(self, cfg: EdgeConfig, embedder: Embedder, cache: VectorCache,
                  cloud: CloudClient, policies: PolicyFollower, spool: Spool,
-                 uploader: ExperienceUploader) -> None:
+                 uploader: ExperienceUploader, report: PartReport) -> None:
         self.cfg, self.embedder, self.cache, self.cloud = cfg, embedder, cache, cloud
         self.policies, self.spool, self.uploader = policies, spool, uploader
+        self.report = report
         self.weights = qos.QosWeights(cfg.cache.phi1, cfg.cache.phi2)
         self.counters = Counters()
         self.q_estimate = cfg.cache.satisfaction_prior  # running mean of measured q
         self.eviction_due = asyncio.Event()
         self.background: set[asyncio.Task] = set()
         self.inflight = 0
+        self.shadows = 0  # shadow verifications in flight
         self.rng = np.random.default_rng(cfg.policy.seed)
         self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
                                cfg.limits.max_batch, cfg.embedder_workers)
         # Concurrent requests' experience goes to disk in one transaction.
-        self.spool_writes = MicroBatcher(spool.append_many, 256, "spool")
+        self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
+            spool.append_many, 256, "spool")
 
     async def ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None = None,
                   ) -> edge_pb2.AskResponse:
@@ -102,15 +117,15 @@ class EdgePipeline:
 
     async def _ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None,
                    ) -> edge_pb2.AskResponse:
-        self._validate(request)
+        tenant = self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         max_tokens = request.max_tokens
-        prompt, tenant = request.prompt, request.tenant
+        prompt = request.prompt
 
         try:
             decided = await self.decider.decide(prompt, tenant)
         except VectorDBError as exc:
-            raise self._vector_db_down("search", exc) from exc
+            raise await self._vector_db_down("search", exc) from exc
         f, state, policy, decision = decided.embedding, decided.state, decided.policy, \
             decided.decision
         edge_s = decided.times.total_s
@@ -128,7 +143,9 @@ class EdgePipeline:
                 answer, cloud_s = await self.cloud.generate(prompt, context, max_tokens,
                                                             request_id, on_text)
             except CloudError as exc:
-                raise RequestError(exc.code, str(exc)) from None
+                # Say so only when it is true for this request: its tenant has cached rows.
+                hint = "; cached answers are still served" if state.rows else ""
+                raise RequestError(exc.code, f"{exc}{hint}") from None
         d = qos.delay(action, edge_s, cloud_s)
 
         q, answer_vec = None, None
@@ -141,10 +158,11 @@ class EdgePipeline:
                          policy.version, row, d, q)
         if hasattr(policy, "observe"):  # policies that learn online (Greedy-LLM)
             policy.observe(action, q if q is not None else self.q_estimate, d)
-        if q is None and action is not Action.FORWARD and self._shadow_sampled():
-            self._spawn(self._shadow_verify(record))
-        else:
-            await self._record(record)
+        shadow = q is None and action is not Action.FORWARD and self._shadow_sampled()
+        seq = await self._record(record, held=shadow)
+        if shadow and seq is not None:
+            self.shadows += 1
+            self._spawn(self._shadow_verify(record, seq))
 
         response = edge_pb2.AskResponse(
             answer=answer, action=_ACTION_PB[action], request_id=request_id,
@@ -160,32 +178,44 @@ class EdgePipeline:
         return response
 
     # -- steps ------------------------------------------------------------------------------
-    def _validate(self, request: edge_pb2.AskRequest) -> None:
+    def _validate(self, request: edge_pb2.AskRequest) -> str:
+        """Check the request; returns the tenant it runs as (an API key's own tenant)."""
         limits = self.cfg.limits
         unknown = sorted({f.field_number for f in UnknownFieldSet(request)})
         if unknown:
-            raise _invalid(f"request has unknown field(s) {unknown}: this edge speaks velo.v1 "
-                           "AskRequest (prompt=1, tenant=2, request_id=3, reference_answer=4, "
-                           "max_tokens=5)")
+            raise _invalid(f"request has unknown field(s) {unknown[:8]}: this edge speaks "
+                           "velo.v1 AskRequest (prompt=1, tenant=2, request_id=3, "
+                           "reference_answer=4, max_tokens=5)")
         if not request.prompt.strip():
             raise _invalid("prompt is empty")
         if len(request.prompt) > limits.max_prompt_chars:
             raise _invalid(f"prompt is {len(request.prompt)} characters; this edge accepts at "
                            f"most {limits.max_prompt_chars} (edged limits.max_prompt_chars)")
-        if not valid_tenant(request.tenant):
-            raise _invalid(f"tenant {request.tenant!r} is invalid: use 1-64 characters of "
-                           "letters, digits, '_', '.', '-'")
+        tenant = request.tenant
+        principal = caller()
+        if principal is not None:  # an API key: it is bound to one tenant
+            if tenant and tenant != principal.name:
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"this API key may not ask as tenant {clip(tenant)}; "
+                                   "leave tenant empty or use the key's own tenant")
+            tenant = principal.name
+        if not valid_name(tenant):
+            raise _invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
         if not 0 <= request.max_tokens <= limits.max_tokens:
             raise _invalid(f"max_tokens must be between 0 (default) and {limits.max_tokens}")
         if len(request.reference_answer) > limits.max_reference_chars:
             raise _invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
+        if problem := request_id_problem(request.request_id):
+            raise _invalid(problem)
+        return tenant
 
     def _select(self, state: EdgeState) -> CachedRow:
         return select_row(state.rows, self.weights.phi1, self.weights.phi2,
                           self.cfg.cache.select_margin)
 
-    async def _record(self, rec: _Record) -> None:
-        """Update the cache (insert on B, eq. 5 on A/C), then the experience and the stats."""
+    async def _record(self, rec: _Record, held: bool = False) -> int | None:
+        """Update the cache (insert on B, eq. 5 on A/C), then the experience and the stats;
+        returns the experience record's sequence number (None: it could not be stored)."""
         q_used = rec.q if rec.q is not None else self.q_estimate
         if rec.decision.action is Action.FORWARD:
             answer_vec = rec.answer_vec
@@ -199,20 +229,40 @@ class EdgePipeline:
                                   qos.updated_value(rec.row.value, q_used, rec.d))
         if rec.q is not None:
             self.q_estimate += 0.05 * (rec.q - self.q_estimate)
-        await self.spool_writes.submit(rec.experience_encoder(self.cfg.edge_id))
+        try:
+            seq = await self.spool_writes.submit((rec.experience_encoder(self.cfg.edge_id), held))
+        except Exception as exc:  # the user's answer stands; the loss is logged and counted
+            log.error("experience record not stored", request_id=rec.request_id,
+                      error=str(exc))
+            seq = None
         self.uploader.wake()
         self._count(rec)
+        return seq
 
-    async def _shadow_verify(self, rec: _Record) -> None:
-        """Shadow verification: ask the LLM too and measure q of the served answer against it."""
+    async def _shadow_verify(self, rec: _Record, seq: int) -> None:
+        """Shadow verification: ask the LLM too (as background work: cloudd serves it only
+        when a slot is free) and measure q of the served answer against the fresh one; then
+        release the held record, with q when it was measured."""
         try:
-            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, rec.request_id + "-shadow")
+            shadow_id = f"{rec.request_id[:MAX_REQUEST_ID_CHARS - 7]}-shadow"
+            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, shadow_id, background=True)
             served_vec, fresh_vec = await asyncio.to_thread(self.embedder.embed,
                                                             [rec.answer, fresh])
             rec.q, rec.shadow = qos.satisfaction(served_vec, fresh_vec), True
         except CloudError as exc:
-            log.info("shadow verification skipped", reason=str(exc))
-        await self._record(rec)
+            self.counters.shadow_skipped += 1
+            log.info("shadow verification skipped", request_id=rec.request_id, reason=str(exc))
+        finally:
+            self.shadows -= 1
+            body = rec.experience_encoder(self.cfg.edge_id)(seq)
+            await asyncio.to_thread(self.spool.release, seq, body)
+            self.uploader.wake()
+        self.counters.shadow_verified += 1
+        self.q_estimate += 0.05 * (rec.q - self.q_estimate)
+        c = self.counters.actions[rec.decision.action]
+        c.satisfaction_count += 1
+        c.satisfaction_sum += rec.q
+        c.reward_sum += qos.reward(rec.q, rec.d, self.weights)
 
     def _count(self, rec: _Record) -> None:
         self.counters.requests += 1
@@ -227,18 +277,24 @@ class EdgePipeline:
             self.eviction_due.set()
 
     def _shadow_sampled(self) -> bool:
-        return self.cloud.stub is not None and self.rng.random() < self.cfg.policy.shadow_rate
+        if self.cloud.stub is None or self.rng.random() >= self.cfg.policy.shadow_rate:
+            return False
+        if self.shadows >= self.cfg.policy.shadow_max_inflight:
+            self.counters.shadow_skipped += 1  # its own small budget: users come first
+            return False
+        return True
 
     async def _vector_db(self, method: Callable, *args: object) -> object:
         try:
             return await asyncio.to_thread(method, *args)
         except Exception as exc:  # pymilvus raises many types; the caller needs one status
-            raise self._vector_db_down(method.__name__, exc) from exc
+            raise await self._vector_db_down(method.__name__, exc) from exc
 
-    def _vector_db_down(self, call: str, exc: Exception) -> RequestError:
+    async def _vector_db_down(self, call: str, exc: Exception) -> RequestError:
+        reason = f"vector database unavailable ({self.cfg.vector_db.uri}): {clip(str(exc), 300)}"
         log.error("vector database call failed", call=call, error=str(exc))
-        return RequestError(grpc.StatusCode.UNAVAILABLE,
-                            f"vector database unavailable ({self.cfg.vector_db.uri}): {exc}")
+        await self.report(VECTOR_DB, False, reason)
+        return RequestError(grpc.StatusCode.UNAVAILABLE, reason)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -285,7 +341,8 @@ class EdgePipeline:
                 log.error("write-back flush failed; will retry", error=str(exc))
 
     async def drain(self) -> None:
-        """Finish background records (shadow verification) so no experience is lost."""
+        """Finish background work (shadow verification) so that held records are released;
+        the ones a crash interrupts are released by the next start (edged.spool)."""
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)
 
@@ -310,7 +367,7 @@ class _Record:
     q: float | None
     shadow: bool = False
 
-    def experience_encoder(self, edge_id: str) -> Callable[[int], bytes]:
+    def experience_encoder(self, edge_id: str) -> Encoder:
         def encode(seq: int) -> bytes:
             return trainer_pb2.Experience(
                 edge_id=edge_id, seq=seq, unix_time=time.time(),
@@ -321,7 +378,7 @@ class _Record:
                 action=int(self.decision.action), action_probs=self.decision.probs.tolist(),
                 policy_version=self.policy_version, delay_s=self.d,
                 has_satisfaction=self.q is not None, satisfaction=self.q or 0.0,
-                shadow_verified=self.shadow,
+                shadow_verified=self.shadow, request_id=self.request_id,
             ).SerializeToString()
         return encode
 

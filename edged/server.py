@@ -1,20 +1,26 @@
 """edged: the edge daemon. Serves users over gRPC; its life reads top to bottom:
 
     startup  : embedder -> vector cache -> spool -> cloud client -> trainer link -> gRPC
-    main loop: serve requests; background tasks upload experience, follow policies, evict
+    main loop: serve requests; background tasks upload experience, follow policies, evict,
+               and watch the parts the edge depends on (its health follows them)
     shutdown : drain in-flight requests and background records -> stop tasks -> close stores
+
+Health: the edge is SERVING while its vector database answers and, when it has a cloud, while
+cloudd answers and says its LLM is up; each part is also reported on its own
+(`velo.part.vector_db`, `velo.part.cloud`, `velo.part.trainer`), with the reason in GetStats.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
 from edged.cloud_client import CloudClient
 from edged.config import EdgeConfig
-from edged.pipeline import EdgePipeline, RequestError
+from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline, RequestError
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo.cache import VectorCache
@@ -23,10 +29,18 @@ from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
 from velo.qos import Action
+from velo.security import RequireToken, dial, read_token
 from velo.serving import Daemon
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 log = get_logger("edged")
+
+ROLES = {
+    "/velo.v1.EdgeService/Ask": frozenset({"tenant"}),
+    "/velo.v1.EdgeService/AskStream": frozenset({"tenant"}),
+    "/velo.v1.EdgeService/GetStats": frozenset({"admin"}),
+}
+VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
@@ -40,8 +54,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         except Exception as exc:
-            log.exception("request failed", request_id=request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {exc!r}")
+            log.exception("request failed", request_id=request.request_id[:128])
+            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
 
     async def AskStream(self, request: edge_pb2.AskRequest,
                         context: grpc.aio.ServicerContext) -> None:
@@ -54,18 +68,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         except asyncio.CancelledError:
-            log.info("client cancelled stream", request_id=request.request_id)
+            log.info("client cancelled stream", request_id=request.request_id[:128])
             raise
         except Exception as exc:
-            log.exception("stream failed", request_id=request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {exc!r}")
+            log.exception("stream failed", request_id=request.request_id[:128])
+            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
 
     async def GetStats(self, request: edge_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> edge_pb2.EdgeStats:
         edge = self.edge
         c = edge.pipeline.counters
         try:
-            rows = await asyncio.to_thread(edge.cache.count)
+            rows = await asyncio.wait_for(asyncio.to_thread(edge.cache.count), 5)
         except Exception:
             rows = -1  # the vector DB is down; the rest of the stats still matter
         return edge_pb2.EdgeStats(
@@ -80,6 +94,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             policy_version=edge.policies.current.version,
             experience_pending=edge.spool.count(), experience_sent=edge.uploader.sent,
             experience_dropped=edge.spool.dropped,
+            parts=[edge_pb2.PartStatus(name=name, up=p.ok, reason=p.reason)
+                   for name, p in edge.grpc.parts.items()],
+            shadow_verified=c.shadow_verified, shadow_skipped=c.shadow_skipped,
+            policies_rejected=len(edge.policies.rejected),
         )
 
 
@@ -90,6 +108,14 @@ class Edged(Daemon):
         super().__init__(cfg.listen, cfg.shutdown_grace_s)
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
+        self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        return self.cfg.tls.server_credentials()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        table = self.cfg.auth.table()
+        return [RequireToken(table, ROLES)] if table is not None else []
 
     async def startup(self) -> None:
         cfg = self.cfg
@@ -99,27 +125,59 @@ class Edged(Daemon):
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
         await asyncio.to_thread(self.cache.open)
+        await self.report(VECTOR_DB, True, "")
         self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records)
-        self.cloud = CloudClient(cfg.cloud, cfg.limits.request_timeout_s)
-        self.trainer_channel = grpc.aio.insecure_channel(cfg.trainer, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)]) if cfg.trainer else None
-        self.uploader = ExperienceUploader(self.trainer_channel, self.spool, cfg.upload_batch)
+        if self.spool.released_at_start:
+            log.warning("released experience records held by the previous run (their shadow "
+                        "verification never finished)", records=self.spool.released_at_start)
+        token = read_token(cfg.auth.token_file)
+        self.cloud = CloudClient(cfg.cloud, cfg.limits.request_timeout_s, cfg.tls, token)
+        self.trainer_channel = dial(cfg.trainer, cfg.tls, token, options=[
+            ("grpc.max_receive_message_length", cfg.policy.max_bytes + 64 * 1024)],
+        ) if cfg.trainer else None
+        self.uploader = ExperienceUploader(self.trainer_channel, self.spool, cfg.upload_batch,
+                                           self.report)
         self.policies = PolicyFollower(
             self.trainer_channel, baseline_from_name(cfg.policy.baseline, cfg.policy.seed),
             cfg.data_path / "policy", top_p=cfg.cache.top_p, embed_dim=self.embedder.dim,
-            sample=cfg.policy.sample, seed=cfg.policy.seed)
+            sample=cfg.policy.sample, seed=cfg.policy.seed, max_bytes=cfg.policy.max_bytes,
+            report=self.report)
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
-                                     self.spool, self.uploader)
-        self.tasks = [asyncio.create_task(coro) for coro in (
-            self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
-            self.pipeline.flush_loop())]
+                                     self.spool, self.uploader, self.report)
+        background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
+                      self.pipeline.flush_loop(), self._watch_vector_db()]
+        if self.cloud.stub is not None:
+            await self.report(CLOUD, *await self.cloud.check())  # known before SERVING
+            background.append(self.cloud.watch(self.report, CLOUD))
+        self.tasks = [asyncio.create_task(coro) for coro in background]
         self.grpc.add(edge_pb2_grpc.add_EdgeServiceServicer_to_server, EdgeServicer(self),
                       "velo.v1.EdgeService")
         await super().startup()
         log.info("edge ready", edge_id=cfg.edge_id, collection=cfg.collection,
                  vector_db=cfg.vector_db.uri, policy=self.policies.current.name,
                  cloud=cfg.cloud or None, trainer=cfg.trainer or None)
+
+    async def report(self, part: str, ok: bool, reason: str) -> None:
+        """A part of the edge is up or down (the trainer is not required to serve)."""
+        await self.grpc.set_part(part, ok, reason, required=part != TRAINER)
+
+    async def _watch_vector_db(self) -> None:
+        """Probe Milvus on a thread of its own (a frozen server must not tie up the threads
+        requests use), at most one probe at a time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ok = self.grpc.parts[VECTOR_DB].ok
+            await asyncio.sleep(VECTOR_DB_PROBE_S if ok else 1.0)
+            probe = loop.run_in_executor(self._probe_thread, self.cache.ping)
+            try:
+                problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
+            except TimeoutError:
+                problem = f"Milvus at {self.cfg.vector_db.uri} did not answer within 3 s"
+                await self.report(VECTOR_DB, False, problem)
+                await asyncio.gather(probe, return_exceptions=True)  # one probe at a time
+                continue
+            await self.report(VECTOR_DB, problem is None, problem or "")
 
     async def shutdown(self) -> None:
         await super().shutdown()  # drains in-flight requests
@@ -133,6 +191,7 @@ class Edged(Daemon):
             await self.trainer_channel.close()
         self.spool.close()
         await asyncio.to_thread(self.cache.close)
+        self._probe_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def action_name(action_pb: int) -> str:

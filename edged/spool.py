@@ -3,7 +3,13 @@
 Records get a per-edge sequence number that is never reused, even across restarts (trainerd
 deduplicates by edge and sequence number, so a reused number would silently drop a record).
 Records leave the spool only once trainerd has acknowledged them. When the spool is full the
-oldest records are dropped and counted: the edge keeps serving whatever happens upstream.
+oldest records are dropped and counted: the edge keeps serving whatever happens upstream,
+and so it does when the disk itself is full (oldest records make room, or the new one is
+dropped and counted; a request never fails because of its experience record).
+
+A record can be written *held* (shadow verification: stored at once, so that a crash loses
+nothing, but completed with q when the LLM's fresh answer arrives). Held records are not
+uploaded until `release`d; a restart releases whatever the previous process still held.
 """
 
 from __future__ import annotations
@@ -11,87 +17,156 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from velo.logs import get_logger
 
 log = get_logger("edged.spool")
 
+Encoder = Callable[[int], bytes]
+
 
 class Spool:
     def __init__(self, path: Path, max_records: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
+        self._unsaved_drops = 0  # dropped while not even the counter could be written
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB,"
+                         " ready INTEGER NOT NULL DEFAULT 1)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        if "ready" not in columns:  # a spool written before held records existed
+            self._db.execute("ALTER TABLE records ADD COLUMN ready INTEGER NOT NULL DEFAULT 1")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
         # Sequence numbers start at the creation time in microseconds, so an edge whose spool
         # was wiped still numbers above anything trainerd has seen from it (which it would
         # otherwise drop as duplicates).
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', ?), ('dropped', 0)",
                          (time.time_ns() // 1000,))
+        # The record count is kept in meta (exact and O(1): COUNT(*) scans the table, and
+        # held records leave holes in the run of sequence numbers).
+        (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('count', ?)", (count,))
+        self.released_at_start = self._db.execute("UPDATE records SET ready = 1 WHERE ready = 0"
+                                                  ).rowcount
 
     def _meta(self, key: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
-    def append(self, encode: Callable[[int], bytes]) -> int:
-        """Store `encode(seq)` under the next sequence number, which it returns."""
-        return self.append_many([encode])[0]
+    def _add_meta(self, key: str, delta: int) -> None:
+        self._db.execute("UPDATE meta SET value = value + ? WHERE key = ?", (delta, key))
 
-    def append_many(self, encoders: list[Callable[[int], bytes]]) -> list[int]:
-        """`append` for many records in one transaction (one fsync for a whole batch)."""
+    def append(self, encode: Encoder, held: bool = False) -> int | None:
+        """Store `encode(seq)` under the next sequence number, which it returns (None: the
+        disk is full and the record was dropped)."""
+        return self.append_many([(encode, held)])[0]
+
+    def append_many(self, records: Sequence[tuple[Encoder, bool]]) -> list[int | None]:
+        """`append` for many (encoder, held) records in one transaction (one fsync)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            first = self._meta("next_seq")
-            seqs = list(range(first, first + len(encoders)))
-            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'next_seq'",
-                             (len(encoders),))
-            self._db.executemany("INSERT INTO records VALUES (?, ?)",
-                                 [(seq, encode(seq)) for seq, encode in zip(seqs, encoders,
-                                                                             strict=True)])
-            excess = self._count() - self.max_records
-            if excess > 0:
-                self._db.execute("DELETE FROM records WHERE seq IN "
-                                 "(SELECT seq FROM records ORDER BY seq LIMIT ?)", (excess,))
-                self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'",
-                                 (excess,))
-            self._db.execute("COMMIT")
+            try:
+                return self._append(records)
+            except sqlite3.OperationalError as exc:
+                if "full" not in str(exc):
+                    raise
+            # The disk is full: make room by dropping the oldest records, as when the spool
+            # reaches max_records, then try once more before dropping these ones.
+            self._rollback()
+            self._drop_oldest(max(len(records), self._meta("count") // 10))
+            try:
+                return self._append(records)
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                self._add_meta_safely("dropped", len(records))  # outside any transaction
+                log.error("experience spool cannot write (disk full?); records dropped",
+                          dropped=len(records), error=str(exc))
+                return [None] * len(records)
+
+    def _append(self, records: Sequence[tuple[Encoder, bool]]) -> list[int | None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        first = self._meta("next_seq")
+        seqs = list(range(first, first + len(records)))
+        self._add_meta("next_seq", len(records))
+        self._db.executemany("INSERT INTO records VALUES (?, ?, ?)",
+                             [(seq, encode(seq), int(not held))
+                              for seq, (encode, held) in zip(seqs, records, strict=True)])
+        self._add_meta("count", len(records))
+        excess = self._meta("count") - self.max_records
+        if excess > 0:
+            self._delete_oldest(excess)
+        self._db.execute("COMMIT")
         if excess > 0:
             log.warning("experience spool full; dropped oldest", dropped=excess,
                         max_records=self.max_records)
-        return seqs
+        return list(seqs)
+
+    def _delete_oldest(self, n: int) -> int:
+        deleted = self._db.execute("DELETE FROM records WHERE seq IN "
+                                   "(SELECT seq FROM records ORDER BY seq LIMIT ?)", (n,)).rowcount
+        self._add_meta("count", -deleted)
+        self._add_meta("dropped", deleted)
+        return deleted
+
+    def _drop_oldest(self, n: int) -> None:
+        """Outside a transaction: delete (frees pages for reuse) and count the oldest `n`."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            deleted = self._delete_oldest(n)
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._rollback()
+            log.error("experience spool cannot make room", error=str(exc))
+            return
+        log.warning("experience spool: disk full; dropped oldest", dropped=deleted)
+
+    def _add_meta_safely(self, key: str, delta: int) -> None:
+        try:
+            self._add_meta(key, delta)
+        except sqlite3.OperationalError:
+            self._unsaved_drops += delta  # counted in memory until the disk has room
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def release(self, seq: int, body: bytes) -> bool:
+        """Complete a held record with its final body and let it be uploaded; False when it
+        is gone (dropped because the spool was full)."""
+        with self._lock:
+            return self._db.execute("UPDATE records SET body = ?, ready = 1 WHERE seq = ?",
+                                    (body, seq)).rowcount == 1
 
     def pending(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` records ready to upload, oldest first."""
         with self._lock:
-            return self._db.execute("SELECT seq, body FROM records ORDER BY seq LIMIT ?",
-                                    (limit,)).fetchall()
+            return self._db.execute("SELECT seq, body FROM records WHERE ready = 1 "
+                                    "ORDER BY seq LIMIT ?", (limit,)).fetchall()
 
-    def ack(self, upto_seq: int) -> None:
+    def ack(self, seqs: Sequence[int]) -> None:
+        """trainerd has these records: delete them."""
         with self._lock:
-            self._db.execute("DELETE FROM records WHERE seq <= ?", (upto_seq,))
-
-    def _count(self) -> int:
-        # Records are always one run of sequence numbers (appends go at the end, acks and
-        # drops remove the oldest), so min and max give the count without the full scan of
-        # COUNT(*), which made every request pay ~16 ms once 25k records were spooled
-        # (tools/bench_edge.py profile). Two subqueries: SQLite answers a lone MIN or MAX of
-        # the key from the b-tree's ends, but scans for MIN and MAX in one SELECT.
-        low, high = self._db.execute("SELECT (SELECT MIN(seq) FROM records), "
-                                     "(SELECT MAX(seq) FROM records)").fetchone()
-        return 0 if low is None else high - low + 1
+            self._db.execute("BEGIN IMMEDIATE")
+            deleted = 0
+            for start in range(0, len(seqs), 500):
+                chunk = list(seqs[start:start + 500])
+                deleted += self._db.execute(
+                    f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chunk))})",
+                    chunk).rowcount
+            self._add_meta("count", -deleted)
+            self._db.execute("COMMIT")
 
     def count(self) -> int:
         with self._lock:
-            return self._count()
+            return self._meta("count")
 
     @property
     def dropped(self) -> int:
         with self._lock:
-            return self._meta("dropped")
+            return self._meta("dropped") + self._unsaved_drops
 
     def close(self) -> None:
         with self._lock:

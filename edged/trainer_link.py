@@ -3,8 +3,12 @@
 - `ExperienceUploader` drains the on-disk spool into the ReportExperience client stream;
   records are deleted only after trainerd acknowledged them (it deduplicates resends).
 - `PolicyFollower` pulls the latest policy at start, then follows WatchPolicies; each new
-  version is fetched, verified (sha256, loads, probe state) and swapped in atomically. The last
-  verified policy is kept on disk so a restarted edge runs it even while trainerd is down.
+  version is fetched, verified (size, sha256, loads, probe state) and swapped in atomically.
+  The last verified policy is kept on disk so a restarted edge runs it even while trainerd is
+  down. A policy that fails verification is refused once and counted; the edge keeps the last
+  good one.
+
+Both report the edge's `trainer` part (not required: the edge serves without trainerd).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -25,12 +30,19 @@ from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("edged.trainer")
 MAX_BACKOFF_S = 10.0
+TRAINER = "trainer"
+PartReport = Callable[[str, bool, str], Awaitable[None]]
+
+
+async def _no_report(part: str, ok: bool, reason: str) -> None:
+    return None
 
 
 class ExperienceUploader:
-    def __init__(self, channel: grpc.aio.Channel | None, spool: Spool, batch: int) -> None:
+    def __init__(self, channel: grpc.aio.Channel | None, spool: Spool, batch: int,
+                 report: PartReport = _no_report) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
-        self.spool, self.batch = spool, batch
+        self.spool, self.batch, self.report = spool, batch, report
         self.sent = 0
         self.rejected = 0  # records trainerd refused as invalid (dropped, logged)
         self._wake = asyncio.Event()
@@ -41,19 +53,25 @@ class ExperienceUploader:
     async def run(self) -> None:
         backoff = 0.5
         while self.stub is not None:
-            pending = await asyncio.to_thread(self.spool.pending, self.batch)
-            if not pending:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                continue
             try:
+                pending = await asyncio.to_thread(self.spool.pending, self.batch)
+                if not pending:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    continue
                 await self._upload(pending)
+                await self.report(TRAINER, True, "")
                 backoff = 0.5
             except grpc.aio.AioRpcError as exc:
-                log.warning("trainerd unreachable; experience stays spooled",
-                            code=exc.code().name, detail=exc.details(), pending=len(pending),
-                            retry_in_s=backoff)
+                reason = f"trainerd refused or unreachable: {exc.code().name}: {exc.details()}"
+                await self.report(TRAINER, False, reason)
+                log.warning("experience stays spooled", code=exc.code().name,
+                            detail=exc.details(), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception as exc:  # the spool's disk (full, failing): keep trying
+                log.error("experience upload failed; will retry", error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
@@ -76,19 +94,25 @@ class ExperienceUploader:
                     log.error("trainerd refused an experience record; dropped",
                               seq=record.seq, detail=one.details())
             ack = None
-        await asyncio.to_thread(self.spool.ack, pending[-1][0])
+        await asyncio.to_thread(self.spool.ack, [seq for seq, _ in pending])
         self.sent += len(records)
         if ack is not None:
             log.debug("experience uploaded", stored=ack.stored, duplicates=ack.duplicates)
+            if ack.conflicts:
+                log.error("trainerd holds other records under some of this edge's sequence "
+                          "numbers (kept aside there)", conflicts=ack.conflicts)
 
 
 class PolicyFollower:
     def __init__(self, channel: grpc.aio.Channel | None, baseline: Policy, store_dir: Path, *,
-                 top_p: int, embed_dim: int, sample: bool, seed: int) -> None:
+                 top_p: int, embed_dim: int, sample: bool, seed: int, max_bytes: int,
+                 report: PartReport = _no_report) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
         self.current: Policy = baseline
         self.store_dir = store_dir
+        self.max_bytes, self.report = max_bytes, report
         self._args = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample, "seed": seed}
+        self.rejected: dict[int, str] = {}  # version -> why; never fetched again
         self.swapped = asyncio.Event()  # set after every successful swap (tests wait on it)
 
     def load_saved(self) -> None:
@@ -96,11 +120,11 @@ class PolicyFollower:
         meta_path = self.store_dir / "current.json"
         if not meta_path.exists():
             return
-        meta = json.loads(meta_path.read_text())
-        body = (self.store_dir / "current.onnx").read_bytes()
         try:
-            self._install(body, meta["version"], meta["name"], meta["sha256"], save=False)
-        except PolicyRejected as exc:
+            meta = json.loads(meta_path.read_text())
+            body = (self.store_dir / "current.onnx").read_bytes()
+            self._swap(self._verify(body, meta["version"], meta["name"], meta["sha256"]))
+        except (PolicyRejected, OSError, ValueError, KeyError) as exc:
             log.error("saved policy no longer verifies; running the baseline", error=str(exc))
 
     async def run(self) -> None:
@@ -111,43 +135,65 @@ class PolicyFollower:
                 async for info in self.stub.WatchPolicies(
                     trainer_pb2.WatchPoliciesRequest(after_version=self.current.version)
                 ):
+                    await self.report(TRAINER, True, "")
                     if info.version > self.current.version:
                         await self._fetch(info.version)
                     backoff = 0.5
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    await self.report(TRAINER, False, f"policy watch: {exc.code().name}: "
+                                                      f"{exc.details()}")
                     log.warning("policy watch interrupted", code=exc.code().name,
                                 detail=exc.details(), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _fetch(self, version: int) -> None:
+        if version in self.rejected:
+            return
         try:
             policy = await self.stub.GetPolicy(trainer_pb2.GetPolicyRequest(version=version),
                                                timeout=60)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND and version == 0:
                 return  # no learned policy yet: keep the baseline
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and version:
+                # Larger than this edge's channel accepts (policy.max_bytes).
+                self._reject(version, f"larger than policy.max_bytes ({self.max_bytes})")
+                return
             raise
-        if policy.info.version <= self.current.version:
+        info = policy.info
+        if info.version <= self.current.version or info.version in self.rejected:
             return
         try:
-            await asyncio.to_thread(self._install, policy.onnx, policy.info.version,
-                                    policy.info.name, policy.info.sha256)
+            # Loading and probing a policy is real work: off the event loop.
+            verified = await asyncio.to_thread(self._verify, policy.onnx, info.version,
+                                               info.name, info.sha256)
         except PolicyRejected as exc:
-            log.error("policy rejected; keeping the current one", version=policy.info.version,
-                      current=self.current.name, error=str(exc))
+            self._reject(info.version, str(exc))
+            return
+        await asyncio.to_thread(self._save, policy.onnx, {
+            "version": info.version, "name": info.name, "sha256": info.sha256})
+        self._swap(verified)
 
-    def _install(self, body: bytes, version: int, name: str, sha256: str,
-                 save: bool = True) -> None:
+    def _reject(self, version: int, why: str) -> None:
+        self.rejected[version] = why
+        log.error("policy rejected; keeping the current one", version=version,
+                  current=self.current.name, error=why)
+
+    def _verify(self, body: bytes, version: int, name: str, sha256: str) -> OnnxPolicy:
+        """Everything an edge checks before it runs a policy: size, sha256, loads, probes."""
+        if len(body) > self.max_bytes:
+            raise PolicyRejected(f"policy v{version} is {len(body)} bytes; this edge accepts "
+                                 f"at most {self.max_bytes} (policy.max_bytes)")
         if hashlib.sha256(body).hexdigest() != sha256:
             raise PolicyRejected(f"policy v{version}: sha256 mismatch (corrupted in transit?)")
-        policy = OnnxPolicy(body, version, name, **self._args)  # loads and probes
-        if save:
-            self._save(body, {"version": version, "name": name, "sha256": sha256})
+        return OnnxPolicy(body, version, name, **self._args)
+
+    def _swap(self, policy: OnnxPolicy) -> None:
         self.current = policy  # one reference assignment: requests see old or new, never half
         self.swapped.set()
-        log.info("policy swapped", policy=policy.name, sha256=sha256[:12])
+        log.info("policy swapped", policy=policy.name, sha256=policy.sha256[:12])
 
     def _save(self, body: bytes, meta: dict) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)

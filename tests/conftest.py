@@ -49,7 +49,7 @@ def edge_config(milvus, exported_embedder, tmp_path: Path) -> Callable[..., obje
         kwargs: dict = dict(edge_id=f"edge-{suffix}", listen="127.0.0.1:0", cloud="", trainer="",
                             data_dir=str(tmp_path / f"edge-{suffix}"),
                             embedder_dir=str(exported_embedder),
-                            vector_db=VectorDBConfig(uri=milvus.uri))
+                            vector_db=VectorDBConfig(uri=milvus.uri, token=milvus.token))
         kwargs.update(overrides)
         return EdgeConfig(**kwargs)
 

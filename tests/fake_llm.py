@@ -21,8 +21,8 @@ class FakeLLM:
     """A real OpenAI-compatible HTTP server (stdlib, on its own thread) that answers
     /v1/chat/completions deterministically and can be told to fail or to hang."""
 
-    def __init__(self) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
+    def __init__(self, port: int = 0) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _FakeHandler)
         self._httpd.daemon_threads = True
         self._httpd.fake = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._httpd.server_port}/v1"

@@ -53,6 +53,41 @@ async def test_batcher_passes_errors_to_every_caller_and_keeps_working() -> None
         batcher.close()
 
 
+async def test_an_error_in_an_items_place_fails_that_caller_alone() -> None:
+    """One bad query must not fail its batch-mates (a bad tenant once failed 98 of 120
+    requests of another tenant sharing its batches)."""
+    def checked(items: list[int]) -> list[int | Exception]:
+        time.sleep(0.02)
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    batcher = MicroBatcher(checked, max_batch=16, name="test")
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in (1, -1, 2, 3, -4, 5)),
+                                       return_exceptions=True)
+        assert [r if isinstance(r, int) else str(r) for r in results] == \
+            [1, "bad -1", 2, 3, "bad -4", 5]
+        assert batcher.calls < 6  # they really shared batches
+    finally:
+        batcher.close()
+
+
+def test_a_bad_tenant_in_a_batched_search_fails_alone(milvus) -> None:
+    cache = VectorCache(VectorDBConfig(uri=milvus.uri, token=milvus.token),
+                        f"t_{uuid.uuid4().hex[:8]}", DIM)
+    cache.open()
+    try:
+        v = np.ones(DIM, np.float32) / np.sqrt(DIM)
+        cache.insert_pair("t1", "q", "a", v, v, 0.0)
+        results = cache.search_many([("t1", v), ('acme" || tenant != "', v), ("acme\n", v),
+                                     ("t2", v)], 5)
+        assert [r.question for r in results[0]] == ["q", "q"]
+        assert isinstance(results[1], ValueError) and isinstance(results[2], ValueError)
+        assert results[3] == []  # another tenant sees nothing of t1's
+    finally:
+        cache.drop()
+        cache.close()
+
+
 async def test_batcher_runs_off_the_event_loop() -> None:
     loop_thread = threading.get_ident()
     seen: list[int] = []
@@ -69,7 +104,7 @@ def test_write_backs_are_seen_at_once_and_reach_milvus_on_flush(milvus) -> None:
     vecs = rng.normal(size=(4, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     name = f"wb_{uuid.uuid4().hex[:8]}"
-    cfg = VectorDBConfig(uri=milvus.uri)
+    cfg = VectorDBConfig(uri=milvus.uri, token=milvus.token)
     cache = VectorCache(cfg, name, DIM)
     cache.open()
     try:

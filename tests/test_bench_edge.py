@@ -6,6 +6,7 @@ labelled pairs at the same threshold."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
          "--rows", "1000", "--requests", "40", "--clients", "1,4", "--pairs", "120",
          "--port", str(free_port()), "--workdir", str(tmp_path / "work"), "--out", str(out),
          "--no-profile"],
-        check=True, timeout=600)
+        env={**os.environ, "VELO_MILVUS_TOKEN": milvus.token}, check=True, timeout=600)
     report = json.loads(out.read_text())
     size = report["sizes"]["1000"]
     assert set(size["velo"]) == {"model 2x2", "model-int8 2x2"}

@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
+import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudd.__main__ import main
-from cloudd.config import CloudConfig, LLMConfig, load
+from cloudd.config import CloudConfig, LLMConfig, LocalLLMConfig, load
 from cloudd.server import Cloudd
 from tests.fake_llm import FAKE_MODEL, FakeLLM
 from velo.config import ConfigError
 from velo.llm_server import LLMServerError, LocalLLMServer
+from velo.models import ROOT
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 
@@ -68,6 +73,10 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def closed_port() -> int:
@@ -233,6 +242,77 @@ async def test_action_c_context_reaches_the_llm(fake: FakeLLM) -> None:
     assert user["content"].endswith("\nWhich city is France's capital?")
 
 
+async def test_background_work_never_queues_and_never_crowds_out_users(fake: FakeLLM) -> None:
+    fake.gate.clear()  # the one LLM slot stays busy until we let go
+    async with running_cloudd(fake.url, max_concurrency=1, max_queue=4) as (daemon, stub):
+        servicer = daemon.servicer
+        user = asyncio.ensure_future(stub.Generate(ask("user", 2)))
+        await wait_until(lambda: servicer.in_flight == 1)
+        background = cloud_pb2.GenerateRequest(prompt="shadow check", max_tokens=2,
+                                               background=True)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(background)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "background" in err.value.details()
+        assert servicer.queued == 0  # it did not wait in the users' queue
+        fake.gate.set()
+        assert (await user).text == "ok 1"
+        assert (await stub.Generate(background)).text == "ok 1"  # a free slot: served
+        stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest())
+        assert stats.background_refused == 1 and stats.requests == 3
+
+
+@pytest.mark.parametrize(("request_fields", "expected"), [
+    ({"prompt": "x" * 1_000_000}, "prompt is 1000000 characters; cloudd accepts at most 32000"),
+    ({"context": [cloud_pb2.ContextQA(question="q", answer="a")] * 500},
+     "500 context items; cloudd accepts at most 8"),
+    ({"context": [cloud_pb2.ContextQA(question="q" * 20_000, answer="a" * 20_000)]},
+     "context is 40000 characters"),
+    ({"request_id": "r" * 10_000}, "(10000 characters) must be at most 128"),
+])
+async def test_cloudd_enforces_its_own_limits(fake: FakeLLM, request_fields: dict,
+                                              expected: str) -> None:
+    async with running_cloudd(fake.url) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(cloud_pb2.GenerateRequest(**{"prompt": "hi", **request_fields}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in err.value.details() and len(err.value.details()) < 400
+    assert fake.requests == []  # nothing reached the LLM
+
+
+async def test_health_is_not_serving_while_the_llm_is_down_and_says_why() -> None:
+    port = closed_port()
+    async with running_cloudd(f"http://127.0.0.1:{port}/v1") as (daemon, stub), \
+            grpc.aio.insecure_channel(daemon.grpc.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest()
+        assert (await health.Check(check)).status == NOT_SERVING
+        stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest())
+        assert not stats.llm_up and "Connection refused" in stats.llm_down_reason
+        server = FakeLLM(port).start()  # the LLM comes (back) up on its address
+        try:
+            await wait_until(lambda: daemon.grpc.serving, timeout_s=5)
+            assert (await health.Check(check)).status == SERVING
+            assert (await stub.Generate(ask("back?", 2))).text == "ok 1"
+        finally:
+            server.stop()
+        # Requests that find it gone again take the health down at once.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Generate(ask("gone?", 2))
+        assert (await health.Check(check)).status == NOT_SERVING
+
+
+def test_llm_server_that_dies_in_its_first_decode_is_never_called_ready(tmp_path: Any) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    server = LocalLLMServer(model=model, log_path=tmp_path / "llm.log", startup_timeout_s=30,
+                            launcher=(sys.executable, str(ROOT / "tests" / "crashing_llm.py")))
+    with pytest.raises(LLMServerError, match=r"was killed by SIGSEGV \(exit code -11\)") as err:
+        server.start()
+    assert "decode: about to crash" in str(err.value)  # the tail of its own log
+    assert not server.running
+
+
 # --- configuration and command line ---------------------------------------------------------
 
 
@@ -301,3 +381,30 @@ def test_llm_server_that_cannot_start_says_why(tmp_path: Any) -> None:
         server.start()
     assert "broken.gguf" in str(err.value)  # quoted from the tail of the server's own log
     assert not server.running
+
+
+@pytest.mark.llm
+async def test_cloudd_restarts_its_local_llm_and_says_how_it_died(tmp_path: Any) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    cfg = CloudConfig(listen="127.0.0.1:0", shutdown_grace_s=1.0,
+                      llm=LLMConfig(model="smollm2", default_max_tokens=4),
+                      local_llm=LocalLLMConfig(enabled=True, log_file=str(tmp_path / "llm.log")))
+    daemon = Cloudd(cfg)
+    await daemon.startup()
+    try:
+        async with grpc.aio.insecure_channel(daemon.grpc.address) as channel:
+            stub = cloud_pb2_grpc.CloudServiceStub(channel)
+            await wait_until(lambda: daemon.grpc.serving, timeout_s=120)
+            assert (await stub.Generate(ask("Say hi.", 4))).text.strip()
+            os.kill(daemon.supervisor.server.pid, signal.SIGSEGV)  # a crash mid-life
+            await wait_until(lambda: not daemon.grpc.serving, timeout_s=10)
+            stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest())
+            assert not stats.llm_up and stats.llm_restarts == 1
+            assert "was killed by SIGSEGV (exit code -11)" in stats.llm_down_reason
+            assert "last lines of" in stats.llm_down_reason  # its log, quoted
+            await wait_until(lambda: daemon.grpc.serving, timeout_s=120)  # restarted
+            assert (await stub.Generate(ask("Say hi again.", 4))).text.strip()
+    finally:
+        await daemon.shutdown()
+    assert not daemon.supervisor.server.running

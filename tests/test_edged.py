@@ -128,6 +128,14 @@ BAD_REQUESTS = {
     "no tenant": (edge_pb2.AskRequest(prompt="hi"), "tenant '' is invalid"),
     "bad tenant": (edge_pb2.AskRequest(prompt="hi", tenant='a" || tenant != "b'), "is invalid"),
     "max_tokens": (edge_pb2.AskRequest(prompt="hi", tenant="t1", max_tokens=5000), "max_tokens"),
+    # re.match with ^...$ once let a trailing newline through, into the Milvus filter.
+    "tenant with a newline": (edge_pb2.AskRequest(prompt="hi", tenant="acme\n"),
+                              "tenant 'acme\\n' is invalid"),
+    "10 KB tenant": (edge_pb2.AskRequest(prompt="hi", tenant="t" * 10_000), "(10000 characters)"),
+    "10 KB request_id": (edge_pb2.AskRequest(prompt="hi", tenant="t1", request_id="r" * 10_000),
+                         "must be at most 128 printable ASCII"),
+    "request_id with spaces": (edge_pb2.AskRequest(prompt="hi", tenant="t1", request_id="a b"),
+                               "request_id 'a b'"),
 }
 
 
@@ -138,15 +146,24 @@ async def test_bad_input_is_invalid_argument_and_the_edge_lives_on(edge_config) 
                 await stub.Ask(request)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
             assert message in err.value.details(), name
+            assert len(err.value.details()) < 400, name  # never echoes unbounded input
         # A newer client's field this edge does not know: reject rather than silently ignore.
         raw = edge_pb2.AskRequest(prompt="hi", tenant="t1").SerializeToString() + b"\xb8\x01\x07"
-        call = edge.grpc.address
-        async with grpc.aio.insecure_channel(call) as channel:
-            unary = channel.unary_unary("/velo.v1.EdgeService/Ask")
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await unary(raw)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "unknown field(s) [23]" in err.value.details()
+        undecodable = {
+            "unknown field(s) [23]": raw,
+            "not a valid protobuf message": b"\x0a\xff\xff\xff",  # truncated length
+            "not a valid protobuf message ": b"\x0a\x02\xff\xfe\x12\x02t1",  # bad UTF-8
+        }
+        async with grpc.aio.insecure_channel(edge.grpc.address) as channel:
+            for expected, body in undecodable.items():
+                for method in ("Ask", "AskStream"):
+                    call = (channel.unary_unary if method == "Ask" else channel.unary_stream)(
+                        f"/velo.v1.EdgeService/{method}")
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        reply = call(body)
+                        await (reply if method == "Ask" else reply.read())
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                    assert expected.strip() in err.value.details(), method
         await seed(edge, "t1")
         assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_REUSE
 
@@ -157,9 +174,16 @@ async def test_cloud_down_forward_is_unavailable_but_reuse_is_served(edge_config
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Ask(ask("What is the capital of Peru?"))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "cached answers are still served" in err.value.details()
+        # This tenant has nothing cached: no promise of cached answers.
+        assert "cached answers are still served" not in err.value.details()
         await seed(edge, "t1")
         assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_REUSE
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Ask(ask("What is the capital of Peru?"))
+        assert "cached answers are still served" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Ask(ask("What is the capital of Peru?", tenant="t2"))
+        assert "cached answers are still served" not in err.value.details()
 
 
 async def test_one_tenant_never_gets_another_tenants_answer(edge_config, cloud) -> None:
@@ -222,6 +246,29 @@ async def test_published_policy_is_swapped_in_and_used_by_the_next_request(
         assert reply.action == edge_pb2.ACTION_REUSE  # the new policy decided, not cache-0.5
         saved = json.loads((Path(edge.cfg.data_dir) / "policy" / "current.json").read_text())
         assert saved["version"] == info.version
+
+
+async def test_a_policy_larger_than_the_edge_accepts_is_refused_once_and_counted(
+        edge_config, tmp_path: Path) -> None:
+    port = free_port()
+    small = await asyncio.to_thread(export_mlp_policy, None, bias=(50.0, 0.0, 0.0))
+    cfg = edge_config(trainer=f"127.0.0.1:{port}",
+                      policy=PolicyConfig(max_bytes=len(small) + 1024))
+    big = await asyncio.to_thread(export_mlp_policy, None, hidden=512)  # a wider MLP
+    assert len(big) > cfg.policy.max_bytes + 64 * 1024  # more than the edge's channel takes
+    async with running(Trainerd(trainer_config(tmp_path, port))), \
+            running(Edged(cfg)) as edge, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        trainer = trainer_pb2_grpc.TrainerServiceStub(ch)
+        await trainer.PublishPolicy(trainer_pb2.PublishPolicyRequest(name="big", onnx=big))
+        await _until(lambda: edge.policies.rejected, timeout_s=30)
+        assert edge.policies.current.name == "cache-0.5"  # kept what it had
+        info = await trainer.PublishPolicy(trainer_pb2.PublishPolicyRequest(name="small",
+                                                                           onnx=small))
+        await asyncio.wait_for(edge.policies.swapped.wait(), timeout=30)
+        assert edge.policies.current.version == info.version
+        assert list(edge.policies.rejected) == [info.version - 1]
+        async with edge_client(edge.grpc.address) as stub:
+            assert (await stub.GetStats(edge_pb2.GetStatsRequest())).policies_rejected == 1
 
 
 # -- eviction (Algorithm 2, lines 15-22) -------------------------------------------------------
@@ -317,13 +364,21 @@ def test_state_is_padded_and_masks_a_and_c_when_nothing_is_cached() -> None:
 
 async def test_shadow_verification_measures_q_of_a_reuse_against_a_fresh_answer(
         edge_config, cloud, fake_llm) -> None:
-    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=1.0))
+    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=1.0,
+                                                       shadow_max_inflight=1))
     async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         await seed(edge, "t1")
+        fake_llm.gate.clear()  # the LLM takes its time with the shadow request
         reply = await stub.Ask(ask(QUESTION))
         assert reply.action == edge_pb2.ACTION_REUSE and not reply.has_satisfaction
-        await _until(lambda: edge.spool.count() == 1, timeout_s=10)
-        (_, body), = edge.spool.pending(1)
+        # Recorded before the answer left (a crash now loses nothing), held until q is known.
+        assert edge.spool.count() == 1 and edge.spool.pending(1) == []
+        # Its own small budget: while one shadow check runs, the next sample is skipped.
+        await stub.Ask(ask(QUESTION))
+        assert edge.pipeline.counters.shadow_skipped == 1
+        fake_llm.gate.set()
+        await _until(lambda: len(edge.spool.pending(2)) == 2, timeout_s=10)
+        (_, body), _ = edge.spool.pending(2)
         record = trainer_pb2.Experience.FromString(body)
         assert record.shadow_verified and record.has_satisfaction
         fresh, served = edge.embedder.embed([LLM_ANSWER, ANSWER])
@@ -361,7 +416,7 @@ def test_spool_is_bounded_and_never_reuses_a_sequence_number(tmp_path: Path) -> 
     seqs = [spool.append(lambda seq: str(seq).encode()) for _ in range(5)]
     assert seqs == list(range(seqs[0], seqs[0] + 5))
     assert [s for s, _ in spool.pending(10)] == seqs[2:] and spool.dropped == 2
-    spool.ack(seqs[3])
+    spool.ack(seqs[2:4])
     assert [body for _, body in spool.pending(10)] == [str(seqs[4]).encode()]
     spool.close()
     reopened = Spool(tmp_path / "spool.db", max_records=3)
@@ -414,18 +469,106 @@ async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
         assert reply.policy == "onnx:lrs-r1:v1"
 
 
-def test_spool_batches_keep_one_run_of_sequence_numbers(tmp_path: Path) -> None:
+def test_spool_batches_number_like_append_and_count_exactly(tmp_path: Path) -> None:
     """append_many (the edge's group commit) numbers like append, and the count stays right
-    through acks and drops (it is computed from the run's ends, not by a scan)."""
+    through acks and drops (kept in the spool's meta table, not by a scan)."""
     from edged.spool import Spool
 
     spool = Spool(tmp_path / "spool.db", max_records=5)
-    first = spool.append_many([lambda seq: b"a"] * 3)
-    second = spool.append_many([lambda seq: str(seq).encode()] * 4)
+    first = spool.append_many([(lambda seq: b"a", False)] * 3)
+    second = spool.append_many([(lambda seq: str(seq).encode(), False)] * 4)
     assert first + second == list(range(first[0], first[0] + 7))
     assert spool.count() == 5 and spool.dropped == 2  # the two oldest went
-    spool.ack(second[1])
-    assert spool.count() == 2
-    assert [body for _, body in spool.pending(10)] == [str(s).encode() for s in second[2:]]
-    spool.ack(second[-1])
+    spool.ack([first[2], second[0]])
+    assert spool.count() == 3
+    assert [body for _, body in spool.pending(10)] == [str(s).encode() for s in second[1:]]
+    spool.ack(second[1:])
     assert spool.count() == 0 and spool.append(lambda seq: b"x") == second[-1] + 1
+
+
+def test_held_records_wait_for_release_and_a_restart_releases_them(tmp_path: Path) -> None:
+    """Shadow verification writes its record first (held), then completes it: a crash in
+    between loses nothing, the next start releases the record as it was."""
+    from edged.spool import Spool
+
+    spool = Spool(tmp_path / "spool.db", max_records=100)
+    held = spool.append(lambda seq: b"no q yet", held=True)
+    ready = spool.append(lambda seq: b"plain")
+    assert [s for s, _ in spool.pending(10)] == [ready] and spool.count() == 2
+    spool.ack([ready])  # acknowledging later records leaves the held one alone
+    assert spool.release(held, b"with q") and spool.pending(10) == [(held, b"with q")]
+    crashed = spool.append(lambda seq: b"held when the edge died", held=True)
+    spool.close()  # the process ends with `crashed` still held
+    reopened = Spool(tmp_path / "spool.db", max_records=100)
+    assert reopened.released_at_start == 1
+    assert reopened.pending(10) == [(held, b"with q"), (crashed, b"held when the edge died")]
+    assert reopened.count() == 2
+
+
+def test_a_full_disk_drops_oldest_records_counted_and_never_raises(tmp_path: Path) -> None:
+    """SQLITE_FULL ('database or disk is full'), here from a page limit on the spool file:
+    the oldest records make room, and when nothing can, the new one is dropped and counted.
+    (tools/chaos.py fills a real filesystem.)"""
+    from edged.spool import Spool
+
+    spool = Spool(tmp_path / "spool.db", max_records=1_000_000)
+    spool._db.execute("PRAGMA max_page_count = 40")  # ~160 KB: the "disk"
+    body = b"x" * 2000
+    seqs = [spool.append(lambda seq: body) for _ in range(400)]
+    kept = [s for s, _ in spool.pending(1000)]
+    assert 0 < len(kept) < 400 and None not in seqs  # room was made each time
+    assert kept == sorted(kept) and kept[-1] == seqs[-1]  # the newest are the ones kept
+    assert spool.dropped == 400 - len(kept) and spool.count() == len(kept)
+
+
+def test_edge_never_reads_a_policys_external_weights_from_its_disk(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """A policy comes from the network: one that names weight files must not load, even when
+    such a file lies in the edge's working directory (onnxruntime would read it)."""
+    import onnx
+
+    from velo.policy import OnnxPolicy, PolicyRejected
+
+    model = onnx.load_from_string(export_mlp_policy(None, top_p=5, embed_dim=384, seed=0))
+    onnx.save_model(model, tmp_path / "policy.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # weights.bin is right here
+    with pytest.raises(PolicyRejected, match="cannot load policy"):
+        OnnxPolicy((tmp_path / "policy.onnx").read_bytes(), 1, "external", top_p=5,
+                   embed_dim=384)
+
+
+async def test_a_learned_policy_decides_off_the_event_loop() -> None:
+    """The forward pass of a (possibly large) ONNX policy must not block the loop that also
+    answers health checks and streams other answers."""
+    import threading
+
+    from edged.decision import Decider
+    from velo.policy import Decision
+    from velo.qos import Action
+
+    threads: list[str] = []
+
+    class Learned:
+        name, version, runs_model = "learned", 1, True
+
+        def decide(self, state) -> Decision:
+            threads.append(threading.current_thread().name)
+            return Decision(Action.FORWARD, np.array([0, 1, 0], np.float32))
+
+    class FakeEmbedder:
+        def embed(self, texts):
+            return [np.ones(4, np.float32) / 2 for _ in texts]
+
+    class EmptyCache:
+        def search_many(self, queries, top_p):
+            return [[] for _ in queries]
+
+    decider = Decider(FakeEmbedder(), EmptyCache(), lambda: Learned(), top_p=3)
+    try:
+        decided = await decider.decide("hello", "t1")
+    finally:
+        decider.close()
+    assert decided.decision.action is Action.FORWARD
+    assert threads and threads[0].startswith("policy")
+    assert threads[0] != threading.main_thread().name

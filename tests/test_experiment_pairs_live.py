@@ -71,7 +71,7 @@ def test_live_experiment_runs_the_real_stack_next_to_the_simulator(
     job = Job(Setting(), 0, ("lrs",), QUICK, DATA, LATENCIES, cache_dir,
               calibrate(tmp_path, DATA, cache_dir))
     report = live_experiment(job, tmp_path, requests=6, state_dir=tmp_path / "stack",
-                             max_tokens=8, milvus_uri=milvus.uri)
+                             max_tokens=8, milvus_uri=milvus.uri, milvus_token=milvus.token)
     assert (tmp_path / "live.md").read_text() == report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "policy" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["cache-0.5", "greedy-0.5", "random", "lrs"]

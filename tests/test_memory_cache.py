@@ -24,7 +24,7 @@ def view(rows) -> list[tuple]:
 
 def test_memory_cache_matches_milvus(milvus) -> None:
     rng = np.random.default_rng(0)
-    real = VectorCache(VectorDBConfig(uri=milvus.uri),
+    real = VectorCache(VectorDBConfig(uri=milvus.uri, token=milvus.token),
                        f"parity_{uuid.uuid4().hex[:8]}", DIM)
     real.open()
     memory = MemoryCache(DIM)

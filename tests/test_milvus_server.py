@@ -1,26 +1,46 @@
-"""The embedded Milvus's memory-mapping option reaches the config the server reads.
+"""The embedded Milvus: the config it writes, where it listens, its port, its root password,
+stop and restart.
 
-(Starting a second embedded server here is not possible: one per machine, and the session's
-runs already. tools/bench_edge.py --milvus-mmap measures what the option does.)"""
+Only one embedded server runs per machine (fixed etcd ports), so the tests that need a running
+one use the session's `milvus` fixture; the restart test stops and starts that one.
+(tools/bench_edge.py --milvus-mmap measures what the mmap option does.)"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
+import struct
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
-from velo.milvus_server import EmbeddedMilvus
+from velo.milvus_server import COMPONENTS, LOOPBACK, TOKEN_FILE, EmbeddedMilvus
 
 
-def written_config(data_dir: Path, mmap: bool) -> str:
-    from milvus import MilvusServer
-
-    server = MilvusServer(wait_for_started=False)
-    server.set_base_dir(str(data_dir))
-    if mmap:
-        EmbeddedMilvus(data_dir, mmap=True)._enable_mmap(server)
+def written_config(data_dir: Path, mmap: bool = False, auth: bool = True) -> str:
+    server = EmbeddedMilvus(data_dir, mmap=mmap, auth=auth)._new_server()
     server.config.resolve()  # writes configs/milvus.yaml, as start() does
     return (data_dir / "configs" / "milvus.yaml").read_text()
+
+
+def section(config: str, name: str) -> dict[str, str]:
+    """The `key: value` lines directly under a top-level section (comments dropped)."""
+    lines = config.splitlines()
+    start = lines.index(f"{name}:") + 1
+    values: dict[str, str] = {}
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break  # the next top-level section
+        if line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            key, value = line.strip().split(":", 1)
+            values[key] = value.split("#", 1)[0].strip()
+    return values
 
 
 @pytest.mark.parametrize("mmap", [True, False])
@@ -34,3 +54,248 @@ def test_mmap_dir_goes_under_query_node(tmp_path: Path, mmap: bool) -> None:
     assert mmap_lines == [query_node + 1]
     assert lines[query_node + 1] == f"  mmapDirPath: {tmp_path.resolve() / 'mmap'}"
     assert (tmp_path / "mmap").is_dir()
+
+
+def test_components_advertise_loopback_and_stop_without_handoff(tmp_path: Path) -> None:
+    config = written_config(tmp_path)
+    for name in COMPONENTS:
+        assert section(config, name)["ip"] == LOOPBACK, name
+    assert section(config, "queryNode")["gracefulStopTimeout"] == "0"
+
+
+def security(config: str) -> dict[str, str]:
+    """The `key: value` lines of common.security."""
+    lines = config.splitlines()
+    start = lines.index("  security:", lines.index("common:")) + 1
+    values = {}
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        if ":" in line and not line.strip().startswith("#"):
+            key, value = line.strip().split(":", 1)
+            values[key] = value.split("#", 1)[0].strip()
+    return values
+
+
+@pytest.mark.parametrize("auth", [True, False])
+def test_authorization_follows_auth(tmp_path: Path, auth: bool) -> None:
+    config = written_config(tmp_path, auth=auth)
+    assert security(config)["authorizationEnabled"] == ("true" if auth else "false")
+
+
+def test_api_needs_the_root_token(milvus) -> None:
+    """The default password was replaced by one of this data_dir's, kept in root.token (0600);
+    without it the API refuses gRPC and REST calls, with it a client works as before."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    path = milvus.data_dir / TOKEN_FILE
+    user, password = milvus.token.split(":", 1)
+    assert user == "root" and len(password) >= 24 and password != "Milvus"
+    assert path.read_text() == milvus.token
+    assert path.stat().st_mode & 0o777 == 0o600
+    for token in ("", "root:Milvus", "root:" + password[:-1]):
+        with pytest.raises(MilvusException, match="illegal connection params"):
+            MilvusClient(uri=milvus.uri, token=token).list_collections()
+    rest = urllib.request.Request(f"{milvus.uri}/v1/vector/collections")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(rest, timeout=5)
+
+    name = f"auth_{uuid.uuid4().hex[:8]}"
+    client = MilvusClient(uri=milvus.uri, token=milvus.token)
+    try:
+        client.create_collection(name, dimension=4)
+        client.insert(name, [{"id": i, "vector": [float(i), 1.0, 0.0, 0.5]} for i in range(10)])
+        hits = client.search(name, data=[[3.0, 1.0, 0.0, 0.5]], limit=1,
+                             consistency_level="Strong")
+    finally:
+        client.drop_collection(name)
+        client.close()
+    assert hits[0][0]["id"] == 3
+    # The readiness probe start() polls needs no credentials.
+    health = f"http://{LOOPBACK}:{milvus._server.webservice_port}/healthz"
+    with urllib.request.urlopen(health, timeout=5) as reply:
+        assert reply.read() == b"OK"
+
+
+def test_a_wrong_or_missing_token_file_fails_clearly(milvus, tmp_path: Path) -> None:
+    """Checked against the running server: another data_dir's view of the same port."""
+    deadline = time.monotonic() + 30
+    other = EmbeddedMilvus(tmp_path, port=milvus.port)
+    (tmp_path / TOKEN_FILE).write_text("root:not-the-password")
+    with pytest.raises(RuntimeError, match=r"refuses the root password in .*root\.token"):
+        other._secure(deadline)
+    (tmp_path / TOKEN_FILE).unlink()
+    # No root.token and the default password refused: the password of the data is unknown.
+    with pytest.raises(RuntimeError, match=r"password of its own but .*root\.token is missing"):
+        other._secure(deadline)
+    # A crash after the password changed, before root.token was written: root.token.new holds
+    # the password, and start() takes it.
+    (tmp_path / f"{TOKEN_FILE}.new").write_text(milvus.token)
+    assert other._secure(deadline) == milvus.token
+    assert (tmp_path / TOKEN_FILE).read_text() == milvus.token
+    assert not (tmp_path / f"{TOKEN_FILE}.new").exists()
+
+
+def _string_fields(*values: str) -> bytes:
+    """A protobuf message whose fields 2, 3... are these short strings."""
+    out = b""
+    for number, value in enumerate(values, start=2):
+        data = value.encode()
+        out += bytes([number << 3 | 2, len(data)]) + data
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="Milvus 2.3.5's internal proxy port (every interface, no "
+                   "auth) lets anyone set the password hash the proxy checks logins against")
+def test_the_internal_proxy_port_cannot_set_credentials(milvus) -> None:
+    import grpc
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    config = (milvus.data_dir / "configs" / "milvus.yaml").read_text()
+    internal = f"{LOOPBACK}:{section(config, 'proxy')['internalPort']}"
+
+    def cache_password(password: str) -> None:  # proxypb.UpdateCredCacheRequest
+        sha = hashlib.sha256(f"{password}root".encode()).hexdigest()  # Milvus's crypto.SHA256
+        with grpc.insecure_channel(internal) as channel:
+            channel.unary_unary("/milvus.proto.proxy.Proxy/UpdateCredentialCache",
+                                request_serializer=bytes, response_deserializer=bytes,
+                                )(_string_fields("root", sha), timeout=5)
+
+    cache_password("chosen-by-a-stranger")
+    try:
+        with pytest.raises(MilvusException):
+            MilvusClient(uri=milvus.uri, token="root:chosen-by-a-stranger").list_collections()
+    finally:
+        cache_password(milvus.token.split(":", 1)[1])  # what the proxy caches after a login
+    MilvusClient(uri=milvus.uri, token=milvus.token).list_collections()
+
+
+@pytest.mark.xfail(strict=True, reason="Milvus 2.3.5's webservice (every interface) evaluates "
+                   "expressions on its components for anyone who passes etcd.rootPath (by-dev)")
+def test_the_webservice_runs_no_expressions_without_a_secret(milvus) -> None:
+    url = (f"http://{LOOPBACK}:{milvus._server.webservice_port}/expr?"
+           f"{urllib.parse.urlencode({'code': 'rootcoord != nil', 'auth': 'by-dev'})}")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            output = reply.read()
+    except urllib.error.HTTPError:
+        return  # refused
+    assert b'"true"' not in output
+
+
+def process_tree(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The name in parentheses may hold spaces: the parent pid is 2nd after it.
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process exited meanwhile
+    tree, todo = set(), [pid]
+    while todo:
+        tree.add(parent := todo.pop())
+        todo += [child for child, of in parents.items() if of == parent]
+    return tree
+
+
+def listening_sockets(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets these processes listen on (from /proc, as ss does)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path("/proc/net", table)
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            # 32-bit words printed in host byte order; packed back they are the address bytes.
+            words = [int(address[i:i + 8], 16) for i in range(0, len(address), 8)]
+            raw = struct.pack(f"={len(words)}I", *words)
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def unbindable_ports(milvus: EmbeddedMilvus) -> set[int]:
+    """The ports Milvus 2.3.5 listens on with `":port"`, whatever its config says: the API,
+    webservice and internal gRPC ports (its etcd is the only part that listens on loopback)."""
+    config = (milvus.data_dir / "configs" / "milvus.yaml").read_text()
+    ports = {milvus.port, milvus._server.webservice_port,
+             int(section(config, "proxy")["internalPort"])}
+    ports |= {int(section(config, name)["port"]) for name in COMPONENTS}
+    return ports
+
+
+def test_nothing_but_milvus_grpc_and_webservice_listens_beyond_loopback(milvus) -> None:
+    listeners = listening_sockets(process_tree(milvus._server.server_proc.pid))
+    assert (LOOPBACK, 2379) in listeners and (LOOPBACK, 2380) in listeners  # etcd
+    assert milvus.port in {port for _, port in listeners}  # .port is where it listens
+    exposed = {port for address, port in listeners if address != LOOPBACK}
+    assert exposed <= unbindable_ports(milvus)
+
+
+@pytest.mark.xfail(strict=True, reason="Milvus 2.3.5 listens on ':port' for its API, webservice "
+                   "(9091) and internal gRPC ports; its config has no listen address")
+def test_every_listener_is_loopback(milvus) -> None:
+    listeners = listening_sockets(process_tree(milvus._server.server_proc.pid))
+    assert listeners
+    assert {address for address, _ in listeners} == {LOOPBACK}, sorted(listeners)
+
+
+def test_taken_port_fails_clearly(tmp_path: Path) -> None:
+    """The package would move to the next free port while .uri kept naming the taken one."""
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = EmbeddedMilvus(tmp_path, port=port)
+        try:
+            with pytest.raises(RuntimeError, match=f"port {port}: it is already in use"):
+                server.start()
+        finally:
+            server.stop()  # had it started elsewhere
+
+
+def test_stop_is_quick_and_a_restart_keeps_flushed_data(milvus) -> None:
+    """Stop the session's server with a loaded collection (the query node used to wait 1800 s
+    for a handoff, so every stop ran into SIGKILL) and start it again on the same data_dir: the
+    data and the root token survive."""
+    from pymilvus import MilvusClient
+
+    name = f"restart_{uuid.uuid4().hex[:8]}"
+    rows = [{"id": i, "vector": [float(i), 1.0, 0.0, 0.5]} for i in range(20)]
+    client = MilvusClient(uri=milvus.uri, token=milvus.token)
+    client.create_collection(name, dimension=4)
+    client.insert(name, rows)
+    client.flush(name)
+    client.load_collection(name)
+    client.close()
+    uri, token = milvus.uri, milvus.token
+
+    began = time.monotonic()
+    milvus.stop()
+    stop_s = time.monotonic() - began
+    milvus.start()
+
+    assert milvus.token == token  # read back from data_dir/root.token, and accepted
+    client = MilvusClient(uri=milvus.uri, token=token)
+    try:
+        client.load_collection(name)
+        found = client.query(name, filter="id >= 0", output_fields=["id", "vector"])
+    finally:
+        client.drop_collection(name)
+        client.close()
+    assert milvus.uri == uri  # clients holding the URI reconnect
+    assert sorted(row["id"] for row in found) == list(range(20))
+    assert [float(x) for x in next(r for r in found if r["id"] == 7)["vector"]] == rows[7]["vector"]
+    assert stop_s < 5, f"stop took {stop_s:.1f} s"

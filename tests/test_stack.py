@@ -1,11 +1,15 @@
-"""The whole stack as a newcomer runs it: real processes (Milvus, SmolLM2 via llama.cpp,
-trainerd, cloudd, edges), a workload replayed over gRPC, the `velo` CLI, a clean stop."""
+"""The whole stack as a newcomer runs it: real processes (Milvus, SmolLM2 via llama.cpp under
+cloudd, trainerd, edges), a workload replayed over gRPC, the `velo` CLI, supervision, and a
+clean stop on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,12 +26,12 @@ def stack(tmp_path_factory, exported_embedder, milvus):
     # One embedded Milvus per machine (fixed internal ports): share the session's server.
     stack = Stack(StackConfig(data_dir=tmp_path_factory.mktemp("stack"), edges=2,
                               edge_policies=("cache-0.5", "greedy-0.5"),
-                              milvus_uri=milvus.uri)).start()
+                              milvus_uri=milvus.uri, milvus_token=milvus.token)).start()
     yield stack
-    procs = list(stack.procs)
+    daemons = list(stack.daemons.values())
     stack.stop()
     # Every daemon drained and exited by itself on SIGTERM.
-    assert [(name, p.returncode) for name, p in procs] == [(name, 0) for name, _ in procs]
+    assert [(d.name, d.proc.returncode) for d in daemons] == [(d.name, 0) for d in daemons]
 
 
 def test_replay_through_two_edges_answers_everything(stack) -> None:
@@ -51,3 +55,74 @@ def test_velo_ask_cli_talks_to_an_edge(stack) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "[action B by cache-0.5 on edge-1" in result.stderr
+
+
+def test_a_dead_daemon_is_restarted_and_the_rest_keep_serving(stack) -> None:
+    edge = stack.daemons["edge-2"]
+    edge.proc.kill()
+    edge.proc.wait()
+    assert stack.diagnose()["edge-2"] == "not running (was killed by SIGKILL (exit code -9))"
+    assert stack.diagnose()["edge-1"] == "serving"  # one death does not take the stack down
+    deadline = time.monotonic() + 10
+    while "edge-2" not in stack.supervise():
+        assert time.monotonic() < deadline, "edge-2 was not restarted"
+        time.sleep(0.2)
+    assert edge.restarts == 1
+    stack.wait_healthy("edge-2")
+    items = load_qa(ROOT / "data" / "oasst1_dev.jsonl")[:2]
+    outcomes = asyncio.run(replay(zipf_workload(items, 2, seed=3, max_chars=400),
+                                  [stack.daemons["edge-2"].address], items, max_tokens=8,
+                                  progress=False))
+    assert [o.error for o in outcomes if o.action == "error"] == []
+
+
+def test_velo_up_stops_every_child_on_sigterm(tmp_path, milvus) -> None:
+    env = {**os.environ, "VELO_MILVUS_TOKEN": milvus.token, "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "velo.cli", "up", "--edges-count", "1", "--base-port", "0",
+         "--milvus-uri", milvus.uri, "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    try:
+        for line in up.stdout:
+            if line.startswith("VELO is up"):
+                break
+        else:
+            pytest.fail(f"velo up did not start (exit {up.wait()})")
+        children = _children(up.pid)
+        assert len(children) >= 4  # trainerd, cloudd, its LLM server, an edge
+        started = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+        took = time.monotonic() - started
+        alive = [pid for pid in children if _alive(pid)]
+        assert alive == [], f"children left running: {alive}"
+        assert took < 15, f"stopping took {took:.1f} s"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid`."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    parent = {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
+
+    def descends(p: int) -> bool:
+        while p in parent and p != 1:
+            p = parent[p]
+            if p == pid:
+                return True
+        return False
+
+    return [p for p in parent if descends(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead, only not yet reaped by its parent.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"

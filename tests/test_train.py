@@ -22,7 +22,8 @@ def env(milvus, exported_embedder, tmp_path_factory):
 
     items = load_qa(DATA / "oasst1_dev.jsonl")[:60]
     sim = SimEnv(SimConfig(edges=3, seed=0), items, Embedder(exported_embedder), milvus.uri,
-                 DATA / "llm_latency_llmperf.jsonl", tmp_path_factory.mktemp("embeddings"))
+                 DATA / "llm_latency_llmperf.jsonl", tmp_path_factory.mktemp("embeddings"),
+                 milvus_token=milvus.token)
     yield sim
     sim.close()
 

@@ -141,12 +141,17 @@ async def test_bad_record_is_invalid_argument_naming_the_field(
     assert daemon.store.count() == 2
 
 
-def test_store_add_counts_duplicates(tmp_path: Path) -> None:
+def test_store_add_counts_duplicates_and_keeps_conflicts_aside(tmp_path: Path) -> None:
     store = ExperienceStore(tmp_path / "experience.db")
     try:
-        assert store.add([experience(1), experience(1), experience(2)]) == (2, 1)
-        assert store.add([]) == (0, 0)
+        assert store.add([experience(1), experience(1), experience(2)]) == (2, 1, 0)
+        assert store.add([]) == (0, 0, 0)
         assert store.latest_seq("nobody") == 0
+        # Same key, other content (a forger claiming edge-1's numbers, then the real edge):
+        # the first stays stored, the other is kept aside, not dropped as a duplicate.
+        assert store.add([experience(2, delay_s=7.0)]) == (0, 0, 1)
+        assert store.read("edge-1")[1].delay_s == pytest.approx(0.01)
+        assert store.conflicts("edge-1") == 1 and store.count() == 2
     finally:
         store.close()
 
@@ -211,10 +216,53 @@ def _model_with_inputs(**inputs: list[object]) -> bytes:
     return model.SerializeToString()
 
 
+def _with_external_weights(policy: bytes, location: str) -> bytes:
+    """`policy` with its weights moved out of the file ("external data" at `location`)."""
+    model = onnx.load_from_string(policy)
+    onnx.external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            tensor.ClearField("raw_data")  # as onnx.save would: the bytes live in `location`
+    return model.SerializeToString()
+
+
+def _runs_nowhere() -> bytes:
+    """Passes the contract and the ONNX checker, but onnxruntime has no such operator: an
+    edge would refuse it, so trainerd must too."""
+    values = {"correlation": ["batch", 3, 5], "embedding": ["batch", 384],
+              "action_mask": ["batch", 3]}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mystery", ["action_mask"], ["probs"], domain="com.example")],
+        "policy", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, v)
+                   for n, v in values.items()],
+        [onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["batch", 3])])
+    model = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.example", 1)])
+    return model.SerializeToString()
+
+
+def _wrong_output() -> bytes:
+    """Right inputs and output name, but 'probs' is not a probability distribution."""
+    values = {"correlation": ["batch", 3, 5], "embedding": ["batch", 384],
+              "action_mask": ["batch", 3]}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["action_mask"], ["probs"])],
+        "policy", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, v)
+                   for n, v in values.items()],
+        [onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["batch", 3])])
+    return onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)]).SerializeToString()
+
+
 @pytest.mark.parametrize(
     ("onnx_bytes", "named"),
     [
         (b"definitely not an onnx model", "not a valid ONNX model"),
+        (_with_external_weights(export_mlp_policy(None, top_p=TOP_P, embed_dim=EMBED_DIM),
+                                "policy-weights.bin"), "external data"),
+        (_runs_nowhere(), "an edge would refuse this policy"),
+        (_wrong_output(), "not a masked probability distribution"),
         (b"", "empty"),
         (_model_with_inputs(action_mask=["batch", 3]), "correlation"),
         (_model_with_inputs(action_mask=["batch", 3], correlation=["batch", 3, 5],

@@ -223,7 +223,8 @@ async def bench_decision(decider: Decider, queries: list[str], requests: int,
 class EdgedProcess:
     """A real velo-edged serving the benchmark collection, no cloud, no trainer."""
 
-    def __init__(self, milvus_uri: str, workdir: Path, port: int, variant: Variant) -> None:
+    def __init__(self, milvus_uri: str, milvus_token: str, workdir: Path, port: int,
+                 variant: Variant) -> None:
         self.address = f"127.0.0.1:{port}"
         env = dict(os.environ,
                    VELO_EDGED__EMBEDDER_FILE=variant.file,
@@ -233,6 +234,7 @@ class EdgedProcess:
                    VELO_EDGED__CLOUD="", VELO_EDGED__TRAINER="",
                    VELO_EDGED__DATA_DIR=str(workdir / "edged"),
                    VELO_EDGED__VECTOR_DB__URI=milvus_uri,
+                   VELO_EDGED__VECTOR_DB__TOKEN=milvus_token,
                    VELO_EDGED__VECTOR_DB__COLLECTION=COLLECTION,
                    VELO_EDGED__LOG_LEVEL="warning",
                    # Hit traffic only updates values; keep every row for the whole run.
@@ -465,11 +467,11 @@ async def run(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(workdir / "edged", ignore_errors=True)  # each run starts an empty spool
     milvus = None
-    uri = args.milvus_uri
+    uri, token = args.milvus_uri, args.milvus_token
     if not uri:
         shutil.rmtree(workdir / "milvus", ignore_errors=True)  # a fresh server starts in ~10 s
         milvus = EmbeddedMilvus(workdir / "milvus", mmap=args.milvus_mmap).start()
-        uri = milvus.uri
+        uri, token = milvus.uri, milvus.token
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "python": platform.python_version()},
                     "threshold_l2": THETA, "gptcache_threshold": GPTCACHE_T,
@@ -482,16 +484,16 @@ async def run(args: argparse.Namespace) -> dict:
     report["hit_queries"] = len(queries)
     print(f"{len(queries)} hit queries (b sides of {len(data.cached_q)} cached pairs)", flush=True)
 
-    cache = VectorCache(VectorDBConfig(uri=uri), COLLECTION, reference.dim)
+    cache = VectorCache(VectorDBConfig(uri=uri, token=token), COLLECTION, reference.dim)
     cache.open()
     cache.drop()
     cache.open()
     if milvus is not None:  # the baseline: a started Milvus with the empty collection loaded
         cache.close()
         milvus = restart(milvus, args.milvus_mmap)
-        uri = milvus.uri
+        uri = milvus.uri  # the token stays: it is the data_dir's
         report["milvus_empty"] = loaded_memory(milvus, reference.dim, 0)
-        cache = VectorCache(VectorDBConfig(uri=uri), COLLECTION, reference.dim)
+        cache = VectorCache(VectorDBConfig(uri=uri, token=token), COLLECTION, reference.dim)
         cache.open()
     deciders = {v: Decider(e, cache, lambda: CachePolicy(THETA), top_p=5,
                            max_batch=args.max_batch, embed_workers=v.workers)
@@ -536,7 +538,7 @@ async def run(args: argparse.Namespace) -> dict:
                 side: dict = {"decision": await bench_decision(decider, queries, args.requests,
                                                                args.clients, lrs)}
                 if not args.no_grpc:
-                    edged = EdgedProcess(uri, workdir, args.port, variant)
+                    edged = EdgedProcess(uri, token, workdir, args.port, variant)
                     try:
                         await edged.wait_ready()
                         side["grpc_ask"] = await bench_grpc(
@@ -577,7 +579,7 @@ def restart(milvus: EmbeddedMilvus, mmap: bool) -> EmbeddedMilvus:
 def loaded_memory(milvus: EmbeddedMilvus, dim: int, rows: int) -> dict:
     """Memory of a restarted Milvus with the full cache loaded: the steady state of an edge.
     Right after a bulk fill Milvus also holds write buffers and growing segments (~1.6x)."""
-    cache = VectorCache(VectorDBConfig(uri=milvus.uri), COLLECTION, dim)
+    cache = VectorCache(VectorDBConfig(uri=milvus.uri, token=milvus.token), COLLECTION, dim)
     cache.open()  # loads the collection
     try:
         time.sleep(5.0)
@@ -712,6 +714,9 @@ def main(argv: list[str] | None = None) -> None:
                         "gets the first's file (default: float32 and int8, 2 runs at once "
                         "sharing one 2-thread session, as edged does)")
     parser.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
+    parser.add_argument("--milvus-token", default=os.environ.get("VELO_MILVUS_TOKEN", ""),
+                        help="its token, user:password (default: $VELO_MILVUS_TOKEN; the "
+                        "embedded one's is its own)")
     parser.add_argument("--milvus-mmap", action="store_true",
                         help="the embedded Milvus memory-maps loaded segments (less memory, "
                         "slower searches: README, Performance)")
@@ -733,7 +738,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = uvloop.run(run(args))
     report["args"] = {k: (v if isinstance(v, int | float | str | bool) else str(v))
-                      for k, v in vars(args).items()}
+                      for k, v in vars(args).items() if k != "milvus_token"}
     print_wrong_hits(report["wrong_hits"])
     report["memory"] = memory_model(report)
     if report["memory"]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trainerd.learner import LearnerConfig
 from velo.config import load_config, require
+from velo.security import AuthConfig, TLSConfig
 
 ENV_PREFIX = "VELO_TRAINERD"
 MiB = 1024 * 1024
@@ -22,11 +23,18 @@ class TrainerConfig:
     # Largest ONNX policy accepted by PublishPolicy; the gRPC message limit follows it, and
     # edges must allow the same on their channel to pull a policy this big.
     max_policy_bytes: int = 64 * MiB
+    # The edges' P (cache.top_p) and embedding width H: every published policy is loaded and
+    # run on states of this shape exactly as an edge will, and refused if an edge could not.
+    edge_top_p: int = 5
+    edge_embed_dim: int = 384
     # Experience records are committed to SQLite in transactions of at most this many, so a
     # long upload stream neither holds all its records in memory nor one huge transaction.
     max_batch_records: int = 10_000
     # Algorithm 1 on the experience streams (off by default: it needs the trainer extra, torch).
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    # Tokens of edges (role "edge", name = the edge id it reports as) and of publishers.
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", "must be HOST:PORT, e.g. 127.0.0.1:50070")
@@ -39,6 +47,9 @@ class TrainerConfig:
                 "must be between 1024 and 1073741824 (1 GiB)")
         require(1 <= self.max_batch_records <= 1_000_000, "max_batch_records",
                 "must be between 1 and 1000000")
+        require(1 <= self.edge_top_p <= 64, "edge_top_p", "must be between 1 and 64")
+        require(1 <= self.edge_embed_dim <= 8192, "edge_embed_dim",
+                "must be between 1 and 8192")
 
     @property
     def data_path(self) -> Path:

@@ -200,7 +200,7 @@ def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
 
 
 def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tokens: int = 48,
-                    milvus_uri: str = "") -> str:
+                    milvus_uri: str = "", milvus_token: str = "") -> str:
     """`--live`: LRS trained on the simulator, then the real stack and the simulator side by
     side on the same requests (trainerd.live). Returns the Markdown report."""
     from trainerd import live
@@ -212,7 +212,8 @@ def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tok
     items = [i for i in one_edge.items if len(i.question) <= 400]  # keep prompts short
     arrivals = live.evaluation_arrivals(items, requests, job.seed)
     started = time.monotonic()
-    measured = live.run_live(onnx, items, arrivals, state_dir, max_tokens, milvus_uri)
+    measured = live.run_live(onnx, items, arrivals, state_dir, max_tokens, milvus_uri,
+                             milvus_token)
     live_s = time.monotonic() - started
     policies = {p: lrs if p == "lrs" else baseline_from_name(p, job.seed)
                 for p in live.LIVE_POLICIES}

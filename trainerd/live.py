@@ -44,7 +44,8 @@ def evaluation_arrivals(items: list[QAItem], requests: int, seed: int) -> list[A
 
 
 def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_dir: Path,
-             max_tokens: int = 48, milvus_uri: str = "") -> dict[str, dict[str, float]]:
+             max_tokens: int = 48, milvus_uri: str = "", milvus_token: str = "",
+             ) -> dict[str, dict[str, float]]:
     """Start the stack with one edge per policy, publish LRS, replay, and measure each edge.
 
     Every edge starts from an empty cache: a fresh state directory and collections of its own.
@@ -52,7 +53,8 @@ def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_di
     shutil.rmtree(state_dir, ignore_errors=True)
     stack = Stack(StackConfig(data_dir=state_dir, edges=len(LIVE_POLICIES),
                               edge_policies=LIVE_POLICIES, log_level="warning",
-                              milvus_uri=milvus_uri, run_tag=f"-live-{uuid.uuid4().hex[:8]}"))
+                              milvus_uri=milvus_uri, milvus_token=milvus_token,
+                              run_tag=f"-live-{uuid.uuid4().hex[:8]}"))
     stack.start()
     try:
         edges = stack.edge_addresses

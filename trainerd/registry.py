@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
-_FILE = re.compile(r"^v(\d+)\.onnx$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
+from velo.policy import OnnxPolicy, PolicyRejected
+
+_FILE = re.compile(r"v(\d+)\.onnx")
+_NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")  # always fullmatch
 
 # name -> (shape as documented, {axis: required size}) of every tensor in the contract.
 _INPUTS = {
@@ -39,10 +42,6 @@ _INPUTS = {
     "action_mask": ("[batch, 3]", {1: 3}),
 }
 _OUTPUTS = {"probs": ("[batch, 3]", {1: 3})}
-
-
-class PolicyRejected(ValueError):
-    """A policy cannot be published; the message says what is wrong."""
 
 
 class PolicyTooLarge(PolicyRejected):
@@ -65,14 +64,16 @@ class PolicyInfo:
 class PolicyRegistry:
     """Versioned ONNX policies in `root`, and a way for watchers to wait for new ones."""
 
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
+    def __init__(self, root: str | Path, max_bytes: int,
+                 edge_shape: tuple[int, int] = (5, 384)) -> None:
+        """`edge_shape`: the edges' (P, H), the state shape a policy is probed on."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
+        self.max_bytes, self.edge_shape = max_bytes, edge_shape
         self._index_path = self.root / "index.json"
         self._policies = self._load_index()  # ordered by version
         # The highest version ever written, listed or not: the next one is always above it.
-        on_disk = [int(m.group(1)) for p in self.root.iterdir() if (m := _FILE.match(p.name))]
+        on_disk = [int(m.group(1)) for p in self.root.iterdir() if (m := _FILE.fullmatch(p.name))]
         self._last_version = max([0, *on_disk, *(p.version for p in self._policies)])
         self._write_lock = threading.Lock()  # publish runs in worker threads
         self._changed = asyncio.Condition()  # notified on each publish and on close
@@ -92,7 +93,7 @@ class PolicyRegistry:
         return info
 
     def _publish(self, name: str, onnx_bytes: bytes) -> PolicyInfo:
-        check_policy(name, onnx_bytes, self.max_bytes)
+        check_policy(name, onnx_bytes, self.max_bytes, self.edge_shape)
         with self._write_lock:
             info = PolicyInfo(
                 version=self._last_version + 1,
@@ -177,9 +178,12 @@ class PolicyRegistry:
         return sorted(policies, key=lambda p: p.version)
 
 
-def check_policy(name: str, onnx_bytes: bytes, max_bytes: int) -> None:
-    """Raise PolicyRejected (PolicyTooLarge for size) unless the policy may be published."""
-    if not _NAME.match(name):
+def check_policy(name: str, onnx_bytes: bytes, max_bytes: int,
+                 edge_shape: tuple[int, int] = (5, 384)) -> None:
+    """Raise PolicyRejected (PolicyTooLarge for size) unless the policy may be published: the
+    contract below, no external data, and then exactly what an edge does before it runs one
+    (velo.policy.OnnxPolicy: onnxruntime loads it and runs masked probe states)."""
+    if not _NAME.fullmatch(name):
         raise PolicyRejected(
             f"policy name {name!r} must be 1-128 characters of letters, digits, '_.:+-'"
         )
@@ -189,8 +193,18 @@ def check_policy(name: str, onnx_bytes: bytes, max_bytes: int) -> None:
         raise PolicyTooLarge(f"policy is {len(onnx_bytes)} bytes; the limit is {max_bytes}")
     try:
         model = onnx.load_from_string(onnx_bytes)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise PolicyRejected(f"not a valid ONNX model: {exc}") from exc
+    # Before the checker, which would look for the named files on this machine.
+    external = [t.name for t in external_data_helper._get_all_tensors(model)
+                if external_data_helper.uses_external_data(t)]
+    if external:
+        raise PolicyRejected(f"policy keeps weights outside the file (external data: "
+                             f"{', '.join(external[:3])}); edges load only self-contained "
+                             "policies: save it with all tensors inside")
+    try:
         onnx.checker.check_model(model)
-    except Exception as exc:  # protobuf DecodeError, ValidationError and friends
+    except Exception as exc:  # ValidationError and friends
         raise PolicyRejected(f"not a valid ONNX model: {exc}") from exc
     initializers = {init.name for init in model.graph.initializer}
     # Old exporters list weights as graph inputs too; they are not inputs a caller feeds.
@@ -206,6 +220,11 @@ def check_policy(name: str, onnx_bytes: bytes, max_bytes: int) -> None:
     for kind, expected, actual in (("input", _INPUTS, inputs), ("output", _OUTPUTS, outputs)):
         for tensor, (shape, sizes) in expected.items():
             _check_tensor(kind, actual[tensor], shape, sizes)
+    top_p, embed_dim = edge_shape
+    try:
+        OnnxPolicy(onnx_bytes, 0, name, top_p=top_p, embed_dim=embed_dim, sample=False)
+    except PolicyRejected as exc:
+        raise PolicyRejected(f"an edge would refuse this policy: {exc}") from exc
 
 
 def _check_tensor(kind: str, value: onnx.ValueInfoProto, shape: str, sizes: dict[int, int]) -> None:

@@ -3,20 +3,23 @@
     ReportExperience  client stream of Experience -> stored once per (edge_id, seq)
     GetPolicy         one version's ONNX bytes (0: the latest)
     WatchPolicies     server stream: the latest version at once, then each new one
-    PublishPolicy     check a policy against the contract and store it as the next version
+    PublishPolicy     verify a policy exactly as an edge will, store it as the next version
 
-The learner (Algorithm 1) is not here yet; it will read the ExperienceStore and publish
-through the PolicyRegistry.
+With a tokens file (velo.security), only edges report experience, each only as itself, and
+only publishers publish. The optional learner (Algorithm 1) reads the ExperienceStore and
+publishes through the PolicyRegistry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from trainerd.config import MiB, TrainerConfig
 from trainerd.learner import OnlineLearner
@@ -29,15 +32,26 @@ from trainerd.registry import (
 )
 from trainerd.store import ExperienceStore
 from velo.logs import get_logger
-from velo.serving import Daemon
+from velo.names import NAME_RULE, valid_name
+from velo.security import RequireToken, caller
+from velo.serving import Daemon, clip, request_id_problem
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("trainerd")
 
-MAX_EDGE_ID_CHARS = 128
 MAX_TOP_P = 64  # edged accepts top_p up to 64 too
 MAX_EMBED_DIM = 8192
 MAX_SEQ = 2**63 - 1  # SQLite integers are signed 64-bit
+MAX_DELAY_S = 86_400.0  # a day: anything longer is not a request's delay
+STORE = "store"  # the health part
+
+_READERS = frozenset({"edge", "publisher"})
+ROLES = {
+    "/velo.v1.TrainerService/ReportExperience": frozenset({"edge"}),
+    "/velo.v1.TrainerService/GetPolicy": _READERS,
+    "/velo.v1.TrainerService/WatchPolicies": _READERS,
+    "/velo.v1.TrainerService/PublishPolicy": frozenset({"publisher"}),
+}
 
 R = TypeVar("R")
 
@@ -66,8 +80,11 @@ def _never_unknown(
 
 def validate_experience(record: trainer_pb2.Experience) -> str | None:
     """What is wrong with `record` (a message naming the field), or None when it is valid."""
-    if not record.edge_id or len(record.edge_id) > MAX_EDGE_ID_CHARS:
-        return f"edge_id must be 1-{MAX_EDGE_ID_CHARS} characters"
+    unknown = sorted({f.field_number for f in UnknownFieldSet(record)})
+    if unknown:
+        return f"unknown field(s) {unknown[:8]}: not a velo.v1 Experience this trainer knows"
+    if not valid_name(record.edge_id):
+        return f"edge_id {clip(record.edge_id)} must be {NAME_RULE}"
     if not 1 <= record.seq <= MAX_SEQ:
         return "seq must be >= 1 (and below 2^63)"
     if not 1 <= record.top_p <= MAX_TOP_P:
@@ -81,9 +98,24 @@ def validate_experience(record: trainer_pb2.Experience) -> str | None:
         return f"action_mask has {len(record.action_mask)} values; must be 3 (A, B, C)"
     if record.action not in (0, 1, 2):
         return f"action is {record.action}; must be 0 (A), 1 (B) or 2 (C)"
+    if not record.action_mask[record.action]:
+        return f"action is {record.action} but action_mask says it was not allowed"
     if len(record.action_probs) not in (0, 3):
         return f"action_probs has {len(record.action_probs)} values; must be 3 (or none)"
-    return None
+    for name in ("correlation", "embedding", "action_probs"):
+        if not all(math.isfinite(v) for v in getattr(record, name)):
+            return f"{name} holds NaN or infinity"
+    if record.action_probs and (min(record.action_probs) < 0
+                                or abs(sum(record.action_probs) - 1) > 1e-3):
+        return "action_probs must be probabilities that sum to 1"
+    if not (math.isfinite(record.delay_s) and 0 <= record.delay_s <= MAX_DELAY_S):
+        return f"delay_s is {record.delay_s}; must be between 0 and {MAX_DELAY_S:g} seconds"
+    if not (math.isfinite(record.satisfaction) and -2.0 <= record.satisfaction <= 0.0):
+        return (f"satisfaction is {record.satisfaction}; eq. 2 between unit vectors lies in "
+                "[-2, 0]")
+    if not math.isfinite(record.unix_time) or record.unix_time < 0:
+        return f"unix_time is {record.unix_time}; must be a time"
+    return request_id_problem(record.request_id)
 
 
 def _info_proto(info: PolicyInfo) -> trainer_pb2.PolicyInfo:
@@ -97,10 +129,12 @@ def _info_proto(info: PolicyInfo) -> trainer_pb2.PolicyInfo:
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, store: ExperienceStore, registry: PolicyRegistry, max_batch_records: int):
+    def __init__(self, store: ExperienceStore, registry: PolicyRegistry, max_batch_records: int,
+                 report: Callable[[str, bool, str], Awaitable[None]]) -> None:
         self.store = store
         self.registry = registry
         self.max_batch_records = max_batch_records
+        self.report = report
 
     @_never_unknown
     async def ReportExperience(
@@ -108,19 +142,33 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         request_iterator: AsyncIterator[trainer_pb2.Experience],
         context: grpc.aio.ServicerContext,
     ) -> trainer_pb2.ExperienceAck:
-        stored = duplicates = received = 0
+        stored = duplicates = conflicts = received = 0
         batch: list[trainer_pb2.Experience] = []
+        edge = caller()  # with tokens: the edge this stream may report as, and no other
 
         async def flush() -> None:
-            nonlocal stored, duplicates
+            nonlocal stored, duplicates, conflicts
             if batch:
                 # SQLite commits (with fsync) block: run them in a worker thread.
-                new, dup = await asyncio.to_thread(self.store.add, list(batch))
-                stored, duplicates = stored + new, duplicates + dup
+                try:
+                    new, dup, clash = await asyncio.to_thread(self.store.add, list(batch))
+                except Exception as exc:  # disk full, I/O error: say so, keep serving
+                    await self.report(STORE, False, f"cannot store experience: {exc}")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"trainerd cannot store experience now ({exc}); "
+                                        f"{stored} records of this stream were stored")
+                await self.report(STORE, True, "")
+                stored, duplicates, conflicts = stored + new, duplicates + dup, conflicts + clash
                 batch.clear()
 
         async for record in request_iterator:
             received += 1
+            if edge is not None and record.edge_id != edge.name:
+                await flush()
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"record #{received}: this token belongs to edge {edge.name!r}, which may "
+                    f"not report as edge_id {clip(record.edge_id)}")
             problem = validate_experience(record)
             if problem is not None:
                 # Keep the valid records before it: storing is idempotent, so the edge may
@@ -128,7 +176,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 await flush()
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"record #{received} (edge_id={record.edge_id[:MAX_EDGE_ID_CHARS]!r}, "
+                    f"record #{received} (edge_id={clip(record.edge_id)}, "
                     f"seq={record.seq}): {problem}; the {received - 1} records before it "
                     f"were stored",
                 )
@@ -136,9 +184,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if len(batch) >= self.max_batch_records:
                 await flush()
         await flush()
+        if conflicts:
+            log.error("experience conflicts: records whose (edge_id, seq) was taken by other "
+                      "content were kept aside", conflicts=conflicts, peer=context.peer())
         log.info("experience received", records=received, stored=stored, duplicates=duplicates,
-                 peer=context.peer())
-        return trainer_pb2.ExperienceAck(stored=stored, duplicates=duplicates)
+                 conflicts=conflicts, peer=context.peer())
+        return trainer_pb2.ExperienceAck(stored=stored, duplicates=duplicates,
+                                         conflicts=conflicts)
 
     @_never_unknown
     async def GetPolicy(
@@ -199,11 +251,22 @@ class Trainerd(Daemon):
         self.registry: PolicyRegistry | None = None
         self.learner_task: asyncio.Task | None = None
 
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        return self.config.tls.server_credentials()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        table = self.config.auth.table()
+        return [RequireToken(table, ROLES)] if table is not None else []
+
     async def startup(self) -> None:
         data = self.config.data_path
         self.store = ExperienceStore(data / "experience.db")
-        self.registry = PolicyRegistry(data / "policies", max_bytes=self.config.max_policy_bytes)
-        servicer = TrainerServicer(self.store, self.registry, self.config.max_batch_records)
+        self.registry = PolicyRegistry(data / "policies", max_bytes=self.config.max_policy_bytes,
+                                       edge_shape=(self.config.edge_top_p,
+                                                   self.config.edge_embed_dim))
+        await self.grpc.set_part(STORE, True)
+        servicer = TrainerServicer(self.store, self.registry, self.config.max_batch_records,
+                                   self.grpc.set_part)
         self.grpc.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                       "velo.v1.TrainerService")
         latest = self.registry.latest()

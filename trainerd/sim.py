@@ -130,8 +130,10 @@ class EmbeddedTexts:
 
 class SimEnv:
     def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder,
-                 milvus_uri: str | None, latencies_path: Path, cache_dir: Path) -> None:
-        """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server)."""
+                 milvus_uri: str | None, latencies_path: Path, cache_dir: Path,
+                 milvus_token: str = "") -> None:
+        """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server).
+        `milvus_token`: its token ("user:password"), when it has authentication on."""
         self.cfg = cfg
         self.items = list(items)
         if len(self.items) < 2:
@@ -147,7 +149,8 @@ class SimEnv:
         self.split = "train"
         run = uuid.uuid4().hex[:8]
         self.caches: list[VectorCache | MemoryCache] = [
-            VectorCache(VectorDBConfig(uri=milvus_uri), f"sim_{run}_{n}", embedder.dim)
+            VectorCache(VectorDBConfig(uri=milvus_uri, token=milvus_token), f"sim_{run}_{n}",
+                        embedder.dim)
             if milvus_uri else MemoryCache(embedder.dim) for n in range(cfg.edges)]
         for cache in self.caches:
             cache.open()

@@ -32,6 +32,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from velo.config import require
+from velo.names import NAME_RULE, valid_name
 from velo.state import ANSWER, QUESTION, CachedRow
 
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
@@ -106,6 +107,15 @@ class VectorCache:
         self.client.create_collection(self.collection, schema=schema, index_params=index,
                                       consistency_level=CONSISTENCY)
 
+    def ping(self, timeout_s: float = 2.0) -> str | None:
+        """None when Milvus answers and holds this edge's collection; else what is wrong."""
+        try:
+            if not self.client.has_collection(self.collection, timeout=timeout_s):
+                return f"collection {self.collection} does not exist any more"
+        except Exception as exc:  # pymilvus raises many types
+            return f"Milvus at {self.cfg.uri} does not answer: {str(exc)[:300]}"
+        return None
+
     def close(self) -> None:
         """Flush pending write-backs (nothing learned is lost), then disconnect."""
         if self.client is not None:
@@ -116,24 +126,35 @@ class VectorCache:
     # -- queries ----------------------------------------------------------------------------
     def search(self, vector: np.ndarray, tenant: str, top_p: int) -> list[CachedRow]:
         """The top-P rows of this tenant by L2 distance J (eq. 1), nearest first."""
-        return self.search_many([(tenant, vector)], top_p)[0]
+        (result,) = self.search_many([(tenant, vector)], top_p)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def search_many(self, queries: list[tuple[str, np.ndarray]], top_p: int,
-                    ) -> list[list[CachedRow]]:
-        """`search` for many (tenant, vector) queries: one Milvus search per tenant."""
+                    ) -> list[list[CachedRow] | Exception]:
+        """`search` for many (tenant, vector) queries: one Milvus search per tenant.
+
+        A query that fails (a bad tenant, Milvus refusing one search) gets its exception in
+        its place and fails alone: the other tenants' queries of the batch are answered.
+        """
         by_tenant: dict[str, list[int]] = {}
         for i, (tenant, _) in enumerate(queries):
             by_tenant.setdefault(tenant, []).append(i)
-        results: list[list[CachedRow]] = [[] for _ in queries]
+        results: list[list[CachedRow] | Exception] = [[] for _ in queries]
         params = {"metric_type": "L2", "params": {"nprobe": self.cfg.nprobe, "ef": 64}}
         for tenant, positions in by_tenant.items():
             vectors = [queries[i][1] for i in positions]
-            found = self.client.search(
-                self.collection, data=[v.tolist() for v in vectors], limit=top_p,
-                filter=f'tenant == "{tenant}"', output_fields=_FIELDS,
-                search_params=params, consistency_level=CONSISTENCY)
-            for i, vector, hits in zip(positions, vectors, found, strict=True):
-                results[i] = self._merge_recent(hits, vector, tenant, top_p)
+            try:
+                found = self.client.search(
+                    self.collection, data=[v.tolist() for v in vectors], limit=top_p,
+                    filter=tenant_filter(tenant), output_fields=_FIELDS,
+                    search_params=params, consistency_level=CONSISTENCY)
+                for i, vector, hits in zip(positions, vectors, found, strict=True):
+                    results[i] = self._merge_recent(hits, vector, tenant, top_p)
+            except Exception as exc:  # pymilvus raises many types; each query gets its own
+                for i in positions:
+                    results[i] = exc
         return results
 
     def _merge_recent(self, hits: list[dict], vector: np.ndarray, tenant: str,
@@ -156,6 +177,8 @@ class VectorCache:
         """Cache a QA pair as two rows; returns the pair id (None if a text is too long)."""
         if max(len(question.encode()), len(answer.encode())) > MAX_TEXT_BYTES:
             return None
+        if not valid_name(tenant):
+            raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
         pair_id, rows = _pair_rows(tenant, question, answer, question_vec, answer_vec, value)
         self.client.insert(self.collection, rows)
         self._overlay.inserted(tenant, [_row(r, 0.0) for r in rows])
@@ -278,6 +301,15 @@ class VectorCache:
             created.append(made)
         return (np.array(ids, dtype=np.int64), np.array(values, dtype=np.float64),
                 np.array(created, dtype=np.float64))
+
+
+def tenant_filter(tenant: str) -> str:
+    """The Milvus filter of one tenant's rows; ValueError for a tenant that breaks the name
+    rule. Checked here too, whoever the caller: the filter is an expression, and the rule's
+    alphabet has no quote or backslash, so nothing a caller sends can become its syntax."""
+    if not valid_name(tenant):
+        raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
+    return f'tenant == "{tenant}"'
 
 
 def eviction_mask(values: np.ndarray, created: np.ndarray, *, below_mean: bool, max_rows: int,

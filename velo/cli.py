@@ -4,6 +4,7 @@
     velo ask "TEXT" [--edge ADDR] [--tenant T] [--stream]
     velo replay --data PATH [--requests N] [--edges A,B,C]
     velo demo                     up + replay + QoS summary + down, in one go
+    velo token --role R --name N  a new bearer token, and its line for a tokens file
     velo train [--mode nearest|all|both] ...   train LRS on the simulator, print every policy
     velo experiment [--figure N ...] [--quick] [--out DIR]   the paper's Fig. 4-10 over seeds
 """
@@ -43,10 +44,17 @@ def main(argv: list[str] | None = None) -> None:
     ask.add_argument("--tenant", default="default")
     ask.add_argument("--max-tokens", type=int, default=0)
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    _client_args(ask)
 
     rep = sub.add_parser("replay", help="replay a QA workload through running edges")
     _replay_args(rep)
     rep.add_argument("--edges", default=DEFAULT_EDGES, help="comma-separated edge addresses")
+    _client_args(rep)
+
+    tok = sub.add_parser("token", help="make a bearer token and print its tokens-file entry")
+    tok.add_argument("--role", required=True, choices=["tenant", "admin", "edge", "publisher"])
+    tok.add_argument("--name", required=True,
+                     help="the tenant (role tenant), edge id (role edge) or a label")
 
     demo = sub.add_parser("demo", help="start the stack, replay a workload, summarise, stop")
     _stack_args(demo)
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                     "greedy-llm,mappo,g-mappo,t-mappo,lrs,oracle")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
+    _milvus_token_arg(tr)
     tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train")
 
     ex = sub.add_parser("experiment", help="the paper's evaluation (Fig. 4-10) over seeds: "
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = {"ask", "replay", "demo", "train", "experiment"}
     configure_logging("warning" if args.command in quiet else "info")
     commands = {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo,
-                "train": cmd_train, "experiment": cmd_experiment}
+                "train": cmd_train, "experiment": cmd_experiment, "token": cmd_token}
     commands[args.command](args)
 
 
@@ -117,6 +126,28 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack")
     p.add_argument("--milvus-uri", default="",
                    help="use this Milvus server instead of starting the embedded one")
+    _milvus_token_arg(p)
+
+
+def _milvus_token_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--milvus-token", default=os.environ.get("VELO_MILVUS_TOKEN", ""),
+                   help="the token (user:password) of the --milvus-uri server, when it has "
+                   "authentication on (default: $VELO_MILVUS_TOKEN; the embedded server's is "
+                   "its own)")
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("VELO_API_KEY", ""),
+                   help="bearer token for edges with auth on (default: $VELO_API_KEY)")
+    p.add_argument("--tls-ca", default="", help="CA bundle (PEM): talk TLS to the edges")
+    p.add_argument("--tls-cert", default="", help="client certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", default="", help="its private key (PEM)")
+
+
+def _tls(args: argparse.Namespace):
+    from velo.security import TLSConfig
+
+    return TLSConfig(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -133,41 +164,50 @@ def _stack(args: argparse.Namespace, base_port: int):
 
     return Stack(StackConfig(data_dir=args.state_dir, edges=args.edge_count,
                              edge_policies=tuple(args.policies.split(",")), base_port=base_port,
-                             milvus_uri=args.milvus_uri))
+                             milvus_uri=args.milvus_uri, milvus_token=args.milvus_token))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
     stack = _stack(args, args.base_port)
-    print("starting the VELO stack (Milvus, SmolLM2 via llama.cpp, trainerd, cloudd, edges)...")
-    stack.start()
-    print("VELO is up:")
-    for name, address in stack.addresses.items():
-        print(f"  {name:9} {address}")
-    print(f"  milvus    {args.milvus_uri or stack.milvus.uri}\n  llm       {stack.llm.base_url}")
-    print(f"logs in {args.state_dir / 'logs'}; try: velo ask \"What is Milvus?\" "
-          f"--edge {stack.edge_addresses[0]}\nCtrl-C stops everything.")
     stopping = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
+    # Both, installed before anything starts: SIGTERM (systemd, kill) must stop the children
+    # as surely as Ctrl-C, and KeyboardInterrupt may land anywhere.
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    print("starting the VELO stack (Milvus, trainerd, cloudd with SmolLM2 via llama.cpp, "
+          "edges)...")
     try:
-        while not stopping and all(p.poll() is None for _, p in stack.procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        stack.start()
+    except RuntimeError as exc:
+        sys.exit(f"velo up: the stack did not start: {exc}")
+    print("VELO is up:")
+    for name, address in stack.addresses.items():
+        print(f"  {name:9} {address}")
+    print(f"  milvus    {stack.milvus_uri}")
+    print(f"logs in {stack.logs} (the LLM's in llm.log); try: velo ask \"What is Milvus?\" "
+          f"--edge {stack.edge_addresses[0]}\nCtrl-C stops everything; a daemon that dies is "
+          "restarted.")
+    while not stopping:
+        for name in stack.supervise():
+            print(f"restarted {name} (see {stack.logs / (name + '.log')})")
+        time.sleep(0.5)
     print("\nstopping...")
     stack.stop()
+    print("stopped.")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from velo.replay import LETTER
+    from velo.security import dial
     from velo.v1 import edge_pb2, edge_pb2_grpc
 
     async def run() -> None:
-        async with grpc.aio.insecure_channel(args.edge) as channel:
+        async with dial(args.edge, _tls(args), args.api_key) as channel:
             stub = edge_pb2_grpc.EdgeServiceStub(channel)
             request = edge_pb2.AskRequest(prompt=args.text, tenant=args.tenant,
                                           max_tokens=args.max_tokens)
@@ -198,7 +238,9 @@ def _load(args: argparse.Namespace):
     return path, items, arrivals
 
 
-def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str]) -> None:
+def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
+            tls=None, api_key: str = "") -> int:
+    """Replay the workload and print the QoS table; returns the number of failed requests."""
     from velo.replay import replay, summary_table
 
     path, items, arrivals = _load(args)
@@ -207,37 +249,70 @@ def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str]) -
           f"from {path} through {len(edges)} edges")
     started = time.monotonic()
     outcomes = asyncio.run(replay(arrivals, edges, items, tenant=args.tenant,
-                                  max_tokens=args.max_tokens))
+                                  max_tokens=args.max_tokens, tls=tls, api_key=api_key))
     print(f"\nQoS summary ({time.monotonic() - started:.1f} s; q = -||emb(answer) - "
           "emb(reference)||, reward = q - 0.1 d)\n")
     print(summary_table(outcomes, names))
     errors = [o for o in outcomes if o.action == "error"]
     if errors:
-        print(f"\n{len(errors)} requests failed, e.g.: {errors[0].error}")
+        print(f"\n{len(errors)} of {len(outcomes)} requests failed, e.g.: {errors[0].error}",
+              file=sys.stderr)
+    return len(errors)
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    _replay(args, args.edges.split(","), {})
+    from velo.diagnose import edge_health
+
+    edges = args.edges.split(",")
+    if _replay(args, edges, {}, _tls(args), args.api_key):
+        print("what is down:", file=sys.stderr)
+        for address in edges:
+            print(f"  edge {address}: {edge_health(address)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     stack = _stack(args, 0)
-    print("starting the VELO stack on loopback (Milvus, SmolLM2 via llama.cpp, trainerd, "
-          f"cloudd, {args.edge_count} edges)...")
+    print("starting the VELO stack on loopback (Milvus, trainerd, cloudd with SmolLM2 via "
+          f"llama.cpp, {args.edge_count} edges)...")
     started = time.monotonic()
-    stack.start()
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        sys.exit(f"velo demo: the stack did not start: {exc}")
     print(f"up in {time.monotonic() - started:.1f} s: " +
           ", ".join(f"{n} {a}" for n, a in stack.addresses.items()))
+    failed, diagnosis = 0, {}
     try:
         policies = args.policies.split(",")
         names = {a: f"{n} ({policies[i % len(policies)]})"
                  for i, (n, a) in enumerate((n, a) for n, a in stack.addresses.items()
                                             if n.startswith("edge-"))}
-        _replay(args, stack.edge_addresses, names)
+        failed = _replay(args, stack.edge_addresses, names)
+        if failed:
+            diagnosis = stack.diagnose()
     finally:
         print("\nstopping the stack...")
         stack.stop()
         print("stopped.")
+    if failed:
+        print("what was down:", file=sys.stderr)
+        for name, state in diagnosis.items():
+            print(f"  {name}: {state}", file=sys.stderr)
+        sys.exit(f"velo demo: {failed} requests failed (logs in {stack.logs})")
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    from velo.names import NAME_RULE, valid_name
+    from velo.security import new_token, token_sha256
+
+    if args.role in ("tenant", "edge") and not valid_name(args.name):
+        sys.exit(f"velo token: --name must be {NAME_RULE} for role {args.role}")
+    token = new_token()
+    print(f"token (give it to the {args.role}; it is not stored anywhere):\n  {token}\n")
+    print("add to the tokens file of the daemons it calls:\n")
+    print(f'[[token]]\nsha256 = "{token_sha256(token)}"\nrole = "{args.role}"\n'
+          f'name = "{args.name}"')
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -256,12 +331,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     latencies = _latencies()
     modes = ["nearest", "all"] if args.mode == "both" else [args.mode]
     with ExitStack() as stack:
-        uri = args.milvus_uri or stack.enter_context(EmbeddedMilvus(args.state_dir / "milvus")).uri
+        uri, token = args.milvus_uri, args.milvus_token
+        if not uri:
+            milvus = stack.enter_context(EmbeddedMilvus(args.state_dir / "milvus"))
+            uri, token = milvus.uri, milvus.token
         embedder = Embedder(embedder_dir())
         for mode in modes:
             started = time.monotonic()
             env = SimEnv(SimConfig(edges=args.edges, mode=mode, phi2=args.w, seed=args.seed),
-                         items, embedder, uri, latencies, args.state_dir / "cache")
+                         items, embedder, uri, latencies, args.state_dir / "cache",
+                         milvus_token=token)
             print(f"\n== {mode}-edge mode: {len(env.items)} QA items from {path}, "
                   f"{args.edges} edges, w = {args.w}")
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,6 +124,8 @@ class PolicyRejected(ValueError):
 class OnnxPolicy:
     """A learned policy exported to ONNX (contract in velo.state), run by onnxruntime."""
 
+    runs_model = True  # its forward pass is real work: edged runs it off the event loop
+
     def __init__(self, onnx_bytes: bytes, version: int, name: str, *, top_p: int, embed_dim: int,
                  sample: bool = True, seed: int = 0) -> None:
         import onnxruntime as ort
@@ -131,10 +134,18 @@ class OnnxPolicy:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(onnx_bytes, options,
-                                                providers=["CPUExecutionProvider"])
+            # A policy comes from the network: its weights must all be inside it. onnxruntime
+            # resolves "external data" weights as files relative to a folder (the working
+            # directory by default, where it read a file it was pointed at): point it at an
+            # empty one, so that such a policy fails to load instead of reading edge files.
+            with tempfile.TemporaryDirectory(prefix="velo-policy-") as empty:
+                options.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", empty)
+                self.session = ort.InferenceSession(onnx_bytes, options,
+                                                    providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
-            raise PolicyRejected(f"onnxruntime cannot load policy v{version}: {exc}") from exc
+            raise PolicyRejected(f"onnxruntime cannot load policy v{version}: "
+                                 f"{str(exc)[:500]}") from exc
         self.version, self.name = version, f"onnx:{name}:v{version}"
         self.top_p, self.embed_dim, self.sample = top_p, embed_dim, sample
         self.sha256 = hashlib.sha256(onnx_bytes).hexdigest()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from velo.security import TLSConfig, dial
 from velo.v1 import edge_pb2, edge_pb2_grpc
 from velo.workload import Arrival, QAItem
 
@@ -34,12 +35,13 @@ class Outcome:
 
 async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem], *,
                  tenant: str = "demo", max_tokens: int = 64, concurrency: int = 3,
-                 progress: bool = True, to_every_edge: bool = False) -> list[Outcome]:
+                 progress: bool = True, to_every_edge: bool = False,
+                 tls: TLSConfig | None = None, api_key: str = "") -> list[Outcome]:
     """Send each arrival to its user's edge, or, with `to_every_edge`, to every edge (one
     policy per edge, all on the same workload); arrivals are sent in order, `concurrency` at
     a time."""
     owner = {text: item.id for item in items for text in (item.question, *item.paraphrases)}
-    channels = [grpc.aio.insecure_channel(a) for a in edges]
+    channels = [dial(a, tls, api_key) for a in edges]
     stubs = [edge_pb2_grpc.EdgeServiceStub(c) for c in channels]
     outcomes: list[Outcome] = []
     sends = ([(a, n) for a in arrivals for n in range(len(edges))] if to_every_edge
@@ -61,7 +63,8 @@ async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem],
                     reply.reward if reply.has_satisfaction else None,
                     action == "A" and owner.get(reply.cached_question) != arrival.item.id))
             except grpc.aio.AioRpcError as exc:
-                outcomes.append(Outcome(edges[n], "error", error=exc.details() or ""))
+                outcomes.append(Outcome(edges[n], "error",
+                                        error=f"{exc.code().name}: {exc.details() or ''}"))
         if progress:
             done = len(outcomes)
             bar = "#" * (30 * done // total)

@@ -5,15 +5,24 @@ that reads top to bottom (as uvicorn's server does):
 
 A daemon subclasses `Daemon`, opens its resources in `startup()`, registers its services with
 `self.grpc.add(...)`, and releases them in `shutdown()` after in-flight RPCs have drained.
+
+Health follows the parts a daemon depends on (its vector database, its cloud, its LLM...):
+each part is reported under its own health service name (`velo.part.<name>`), and the
+daemon's overall status ("" and each of its services) is SERVING only while every required
+part is up. A part going down or coming back is logged once, with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
+import re
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -25,22 +34,64 @@ from velo.logs import get_logger
 
 log = get_logger("velo.serving")
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+PART_PREFIX = "velo.part."
+# How much of a caller's own input an error message may quote: enough to recognise it,
+# never enough to make the reply (or the log line) as large as the input.
+QUOTE_CHARS = 64
+
+
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(rf"[!-~]{{0,{MAX_REQUEST_ID_CHARS}}}")  # printable ASCII, no spaces
+
+
+def request_id_problem(request_id: str) -> str | None:
+    """Why a client-chosen request id cannot be used (it is logged and forwarded), or None."""
+    if _REQUEST_ID.fullmatch(request_id):
+        return None
+    return (f"request_id {clip(request_id)} must be at most {MAX_REQUEST_ID_CHARS} printable "
+            "ASCII characters without spaces")
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` quoted for an error message or a log line: its repr, cut to `limit` characters
+    with the full length said, so that a 10 KB field never comes back as 10 KB."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+@dataclass
+class Part:
+    ok: bool
+    reason: str
+    required: bool
+
 
 class GrpcServer:
-    """A grpc.aio server that also serves grpc.health.v1 and server reflection."""
+    """A grpc.aio server that also serves grpc.health.v1 and server reflection, and answers
+    undecodable requests with INVALID_ARGUMENT instead of grpc's UNKNOWN."""
 
-    def __init__(self, listen: str, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, listen: str, max_message_bytes: int = 8 * 1024 * 1024,
+                 credentials: grpc.ServerCredentials | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.listen = listen
+        self.credentials = credentials
         self.server = grpc.aio.server(
+            # Innermost: authentication (outer interceptors) decides before anything is decoded.
+            interceptors=[*interceptors, RejectUndecodable()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.parts: dict[str, Part] = {}
+        self.started = False
         self.port = 0
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any,
@@ -54,13 +105,15 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(self.listen)
+        else:
+            self.port = self.server.add_secure_port(self.listen, self.credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
-        for name in self._service_names:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.started = True
+        await self._publish_health()
         return self.port
 
     @property
@@ -68,12 +121,146 @@ class GrpcServer:
         host = self.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    # -- health -----------------------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        """True while every required part is up."""
+        return all(p.ok for p in self.parts.values() if p.required)
+
+    def down_parts(self) -> dict[str, str]:
+        """The parts that are down, with the reason each is down."""
+        return {name: p.reason for name, p in self.parts.items() if not p.ok}
+
+    async def set_part(self, name: str, ok: bool, reason: str = "", *,
+                       required: bool = True) -> None:
+        """Report one part (e.g. 'vector_db') up or down; logs transitions with the reason."""
+        before = self.parts.get(name)
+        self.parts[name] = Part(ok, reason, required)
+        if before is not None and before.ok == ok:
+            return
+        if ok:
+            if before is not None:  # the first report of a part that is up is not news
+                log.info("part up", part=name)
+        else:
+            log.warning("part down", part=name, reason=reason, required=required)
+        if self.started:
+            await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        for name, part in self.parts.items():
+            await self.health.set(PART_PREFIX + name, SERVING if part.ok else NOT_SERVING)
+        overall = SERVING if self.serving else NOT_SERVING
+        for name in self._service_names:
+            await self.health.set(name, overall)
+        await self.health.set("", overall)
+
     async def stop(self, grace_s: float) -> None:
         """Stop accepting RPCs, let in-flight ones finish for up to `grace_s`, then cancel."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
 
+# -- undecodable requests -------------------------------------------------------------------
+class _Undecodable:
+    """What the request deserializer hands on instead of raising (grpc would say UNKNOWN)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError (bad wire data, invalid UTF-8)
+            return _Undecodable(f"{method}: the request is not a valid protobuf message for "
+                                f"this method ({type(exc).__name__}: {clip(str(exc))}); check "
+                                "that client and server use the same velo.v1 protos")
+    return deserialize
+
+
+async def _reject(context: grpc.aio.ServicerContext, bad: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Turn a request that cannot be decoded (malformed protobuf, invalid UTF-8 in a string
+    field) into INVALID_ARGUMENT: it is the caller's fault, and grpc would answer UNKNOWN."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: handlers are fixed
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails,
+                                ) -> grpc.RpcMethodHandler | None:
+        guarded = self._guarded.get(details.method)
+        if guarded is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            guarded = self._guarded[details.method] = _guard(handler, details.method)
+        return guarded
+
+
+def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    deserialize = _lenient(handler.request_deserializer, method)
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _guard_unary(handler.unary_unary), deserialize, serialize)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _guard_unary(handler.unary_stream), deserialize, serialize)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _guard_stream(handler.stream_unary), deserialize, serialize)
+    return grpc.stream_stream_rpc_method_handler(
+        _guard_stream(handler.stream_stream), deserialize, serialize)
+
+
+def _guard_unary(behavior: Callable) -> Callable:
+    # grpc.aio tells a server-streaming async generator from a coroutine by inspection, so
+    # the guard must be the same kind of function as the behaviour it wraps.
+    if inspect.isasyncgenfunction(behavior):
+        @functools.wraps(behavior)
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            if isinstance(request, _Undecodable):
+                await _reject(context, request)
+            async for reply in behavior(request, context):
+                yield reply
+        return stream
+
+    @functools.wraps(behavior)
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _reject(context, request)
+        return await behavior(request, context)
+    return unary
+
+
+def _guard_stream(behavior: Callable) -> Callable:
+    async def checked(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                await _reject(context, request)
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+        @functools.wraps(behavior)
+        async def stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator:
+            async for reply in behavior(checked(requests, context), context):
+                yield reply
+        return stream
+
+    @functools.wraps(behavior)
+    async def unary(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(checked(requests, context), context)
+    return unary
+
+
+# -- the daemon -----------------------------------------------------------------------------
 class Daemon:
     """Base of edged, cloudd and trainerd. Subclasses override startup() and shutdown()."""
 
@@ -87,17 +274,28 @@ class Daemon:
         self.log = get_logger(self.name)
         self._grpc: GrpcServer | None = None
 
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS for the daemon's own port (None: plaintext); subclasses with a [tls] section
+        override this."""
+        return None
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Server interceptors (authentication) of this daemon."""
+        return ()
+
     @property
     def grpc(self) -> GrpcServer:
         """Created on first use, inside the running loop: grpc.aio binds a server to it."""
         if self._grpc is None:
-            self._grpc = GrpcServer(self.listen, self.max_message_bytes)
+            self._grpc = GrpcServer(self.listen, self.max_message_bytes,
+                                    self.server_credentials(), self.interceptors())
         return self._grpc
 
     async def startup(self) -> None:
         """Open resources, register services, then start the gRPC server (call super last)."""
         port = await self.grpc.start()
-        self.log.info("listening", address=self.grpc.address, port=port)
+        self.log.info("listening", address=self.grpc.address, port=port,
+                      tls=self.grpc.credentials is not None)
 
     async def main_loop(self) -> None:
         await self.should_exit.wait()

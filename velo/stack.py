@@ -1,10 +1,13 @@
 """The whole VELO stack on one machine, on loopback, with the embedded defaults:
 
-    Milvus standalone (PyPI `milvus`) + SmolLM2 served by llama.cpp (OpenAI-compatible)
-    + trainerd + cloudd + N x edged, each daemon its own process, configured by environment.
+    Milvus standalone (PyPI `milvus`) + trainerd + cloudd (which runs SmolLM2 with llama.cpp
+    as its supervised local LLM) + N x edged, each daemon its own process, configured by
+    environment.
 
-Used by `velo up` and `velo demo`. Stopping sends SIGTERM to every daemon (they drain) in the
-reverse order of starting.
+Used by `velo up`, `velo demo` and the chaos suite. The stack supervises its daemons: one that
+dies is logged (exit code, last lines of its log) and started again after a back-off, while the
+others keep running. Stopping sends SIGTERM (the daemons drain) edges first, then cloudd and
+trainerd, then Milvus.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from velo.llm_server import LocalLLMServer
+from velo.diagnose import cloud_health, daemon_health, edge_health
+from velo.llm_server import describe_exit, tail
 from velo.logs import get_logger
 from velo.milvus_server import EmbeddedMilvus, free_port
 
 log = get_logger("velo.stack")
+MAX_RESTART_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -38,106 +43,203 @@ class StackConfig:
     llm_threads: int = 2
     log_level: str = "info"
     milvus_uri: str = ""  # an existing Milvus server; empty: start the embedded one
+    milvus_token: str = ""  # its token ("user:password"), when it has authentication on
     run_tag: str = ""  # appended to every edge id (and so its collection): a run starting empty
+    restart: bool = True  # start a daemon that died again (supervise())
+
+
+@dataclass
+class Daemon:
+    """One daemon process of the stack and how to start it again."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    address: str
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = 0.0  # monotonic time of the last spawn
+    next_start: float = 0.0  # monotonic time of the next restart after a death
+    backoff_s: float = 1.0
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 @dataclass
 class Stack:
     cfg: StackConfig
     milvus: EmbeddedMilvus | None = None
-    llm: LocalLLMServer | None = None
-    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-    addresses: dict[str, str] = field(default_factory=dict)
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+    stopping: bool = False
 
     def _port(self, offset: int) -> int:
         return self.cfg.base_port + offset if self.cfg.base_port else free_port()
 
+    @property
+    def logs(self) -> Path:
+        return self.cfg.data_dir.resolve() / "logs"
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {name: d.address for name, d in self.daemons.items()}
+
+    @property
+    def edge_addresses(self) -> list[str]:
+        return [d.address for name, d in self.daemons.items() if name.startswith("edge-")]
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.cfg.milvus_uri or (self.milvus.uri if self.milvus else "")
+
+    @property
+    def milvus_token(self) -> str:
+        return self.cfg.milvus_token or (self.milvus.token if self.milvus else "")
+
     def start(self) -> Stack:
         cfg, data = self.cfg, self.cfg.data_dir.resolve()
-        (data / "logs").mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         try:
             if not cfg.milvus_uri:
                 self.milvus = EmbeddedMilvus(data / "milvus").start()
-            milvus_uri = cfg.milvus_uri or self.milvus.uri
-            # llama.cpp's server computes one request at a time and, by default, lets a new
-            # request interrupt the running one; concurrent requests then stall. cloudd queues
-            # them instead (max_concurrency 1).
-            self.llm = LocalLLMServer(n_threads=cfg.llm_threads,
-                                      log_path=data / "logs" / "llm.log",
-                                      extra_args=("--interrupt_requests", "False")).start()
             trainer = f"127.0.0.1:{self._port(0)}"
             cloud = f"127.0.0.1:{self._port(1)}"
-            self._spawn("trainerd", "trainerd", {"LISTEN": trainer,
-                                                 "DATA_DIR": str(data / "trainerd")})
-            self._spawn("cloudd", "cloudd", {"LISTEN": cloud, "LLM__BASE_URL": self.llm.base_url,
-                                             "LLM__MAX_CONCURRENCY": "1"})
+            self._add("trainerd", "trainerd", trainer, {"DATA_DIR": str(data / "trainerd")})
+            self._add("cloudd", "cloudd", cloud, {
+                "LOCAL_LLM__ENABLED": "true", "LOCAL_LLM__THREADS": str(cfg.llm_threads),
+                "LOCAL_LLM__LOG_FILE": str(self.logs / "llm.log"),
+                # llama.cpp's server computes one request at a time: cloudd queues the rest.
+                "LLM__MAX_CONCURRENCY": "1", "LLM__MODEL": "smollm2"})
             fixed = "lrs" in cfg.edge_policies
             for i in range(cfg.edges):
                 name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
                 learned = policy == "lrs"
-                self._spawn(name, "edged", {
-                    "EDGE_ID": name + cfg.run_tag, "LISTEN": f"127.0.0.1:{self._port(2 + i)}",
-                    "CLOUD": cloud,
+                self._add(name, "edged", f"127.0.0.1:{self._port(2 + i)}", {
+                    "EDGE_ID": name + cfg.run_tag, "CLOUD": cloud,
                     "TRAINER": trainer if learned or not fixed else "",
-                    "DATA_DIR": str(data / name), "VECTOR_DB__URI": milvus_uri,
+                    "DATA_DIR": str(data / name), "VECTOR_DB__URI": self.milvus_uri,
+                    "VECTOR_DB__TOKEN": self.milvus_token,
                     "POLICY__BASELINE": "cache-0.5" if learned else policy,
                     "POLICY__SAMPLE": "false" if learned else "true",
                 })
-            for name, _ in self.procs:
-                self._wait_healthy(name)
+            for daemon in self.daemons.values():
+                daemon.spawn()
+            for name in self.daemons:
+                self.wait_healthy(name)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, name: str, module: str, settings: dict[str, str]) -> None:
+    def _add(self, name: str, module: str, listen: str, settings: dict[str, str]) -> None:
         prefix = f"VELO_{module.upper()}__"
         env = {**os.environ, **{prefix + k: v for k, v in settings.items()},
-               prefix + "LOG_LEVEL": self.cfg.log_level}
-        self.addresses[name] = settings["LISTEN"]
-        out = open(self.cfg.data_dir.resolve() / "logs" / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        out.close()
-        self.procs.append((name, proc))
+               prefix + "LISTEN": listen, prefix + "LOG_LEVEL": self.cfg.log_level}
+        self.daemons[name] = Daemon(name, module, env, listen, self.logs / f"{name}.log")
 
-    def _wait_healthy(self, name: str, timeout_s: float = 120.0) -> None:
-        address, proc = self.addresses[name], dict(self.procs)[name]
+    def wait_healthy(self, name: str, timeout_s: float = 180.0) -> None:
+        """Wait until `name` says SERVING; fail fast, quoting its log, if it exits."""
+        daemon = self.daemons[name]
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(daemon.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see "
-                                       f"{self.cfg.data_dir / 'logs' / (name + '.log')}")
+                if not daemon.running:
+                    code = daemon.proc.returncode if daemon.proc else None
+                    raise RuntimeError(f"{name} {describe_exit(code)} while starting; last "
+                                       f"lines of {daemon.log_path}:\n{tail(daemon.log_path)}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        log.info("ready", daemon=name, address=address)
+                        log.info("ready", daemon=name, address=daemon.address)
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.3)
-        raise RuntimeError(f"{name} did not become healthy at {address} in {timeout_s} s")
+        raise RuntimeError(f"{name} did not become healthy at {daemon.address} in "
+                           f"{timeout_s:.0f} s: {self.diagnose().get(name, '')} (see "
+                           f"{daemon.log_path})")
 
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log.warning("killing daemon that did not stop", daemon=name)
-                proc.kill()
-        self.procs.clear()
-        if self.llm is not None:
-            self.llm.stop()
-            self.llm = None
+    def supervise(self) -> list[str]:
+        """Restart what died (after its back-off); returns the names started again. Call it
+        every second or so while the stack runs (`velo up` does)."""
+        started = []
+        if self.stopping or not self.cfg.restart:
+            return started
+        now = time.monotonic()
+        for daemon in self.daemons.values():
+            if daemon.running or daemon.proc is None:
+                continue
+            if not daemon.next_start:  # just found dead: report, then wait the back-off
+                if now - daemon.started > 60:
+                    daemon.backoff_s = 1.0
+                daemon.next_start = now + daemon.backoff_s
+                log.error("daemon died; restarting it", daemon=daemon.name,
+                          how=describe_exit(daemon.proc.returncode),
+                          restart_in_s=daemon.backoff_s, log=str(daemon.log_path),
+                          last_lines=tail(daemon.log_path, 8))
+            elif now >= daemon.next_start:
+                daemon.restarts += 1
+                daemon.next_start = 0.0
+                daemon.backoff_s = min(daemon.backoff_s * 2, MAX_RESTART_BACKOFF_S)
+                daemon.spawn()
+                log.warning("daemon restarted", daemon=daemon.name, restarts=daemon.restarts)
+                started.append(daemon.name)
+        if self.milvus is not None and not self.milvus.running:
+            log.error("embedded Milvus died; restarting it", log=str(self.milvus.data_dir))
+            self.milvus.stop()
+            self.milvus.start()
+            started.append("milvus")
+        return started
+
+    def diagnose(self) -> dict[str, str]:
+        """Each daemon's health in words: 'serving', 'down: ...' with the parts that are down
+        and why (for the demo, when requests fail)."""
+        report = {}
+        for name, daemon in self.daemons.items():
+            if not daemon.running:
+                code = daemon.proc.returncode if daemon.proc else None
+                report[name] = f"not running ({describe_exit(code) if code is not None else '?'})"
+            elif daemon.module == "edged":
+                report[name] = edge_health(daemon.address)
+            elif daemon.module == "cloudd":
+                report[name] = cloud_health(daemon.address)
+            else:
+                report[name] = daemon_health(daemon.address)
+        if self.milvus is not None and not self.milvus.running:
+            report["milvus"] = "not running"
+        return report
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM edges first (they drain and flush to Milvus and trainerd), then cloudd and
+        trainerd, then Milvus; SIGKILL what does not stop within `timeout_s`."""
+        self.stopping = True
+        edges = [d for n, d in self.daemons.items() if n.startswith("edge-")]
+        others = [d for n, d in self.daemons.items() if not n.startswith("edge-")]
+        for group in (edges, others):
+            for daemon in group:
+                if daemon.running:
+                    daemon.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for daemon in group:
+                if daemon.proc is None:
+                    continue
+                try:
+                    daemon.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("killing daemon that did not stop", daemon=daemon.name)
+                    daemon.proc.kill()
+                    daemon.proc.wait()
         if self.milvus is not None:
             self.milvus.stop()
             self.milvus = None
 
-    @property
-    def edge_addresses(self) -> list[str]:
-        return [a for n, a in self.addresses.items() if n.startswith("edge-")]

@@ -15,16 +15,18 @@ class ContextQA(_message.Message):
     def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "context", "max_tokens", "request_id")
+    __slots__ = ("prompt", "context", "max_tokens", "request_id", "background")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     context: _containers.RepeatedCompositeFieldContainer[ContextQA]
     max_tokens: int
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[ContextQA, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    background: bool
+    def __init__(self, prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[ContextQA, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., background: bool = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "model", "prompt_tokens", "completion_tokens", "llm_s")
@@ -47,3 +49,27 @@ class GenerateChunk(_message.Message):
     text: str
     done: GenerateResponse
     def __init__(self, text: _Optional[str] = ..., done: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class CloudStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CloudStats(_message.Message):
+    __slots__ = ("llm_up", "llm_down_reason", "llm_restarts", "requests", "failures", "in_flight", "queued", "background_refused")
+    LLM_UP_FIELD_NUMBER: _ClassVar[int]
+    LLM_DOWN_REASON_FIELD_NUMBER: _ClassVar[int]
+    LLM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    llm_up: bool
+    llm_down_reason: str
+    llm_restarts: int
+    requests: int
+    failures: int
+    in_flight: int
+    queued: int
+    background_refused: int
+    def __init__(self, llm_up: bool = ..., llm_down_reason: _Optional[str] = ..., llm_restarts: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., background_refused: _Optional[int] = ...) -> None: ...

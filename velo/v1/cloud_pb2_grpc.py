@@ -44,6 +44,11 @@ class CloudServiceStub(object):
                 request_serializer=velo_dot_v1_dot_cloud__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=velo_dot_v1_dot_cloud__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.GetCloudStats = channel.unary_unary(
+                '/velo.v1.CloudService/GetCloudStats',
+                request_serializer=velo_dot_v1_dot_cloud__pb2.CloudStatsRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_cloud__pb2.CloudStats.FromString,
+                _registered_method=True)
 
 
 class CloudServiceServicer(object):
@@ -62,6 +67,13 @@ class CloudServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCloudStats(self, request, context):
+        """The state of cloudd and of its LLM (why it is down, restarts, queue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CloudServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_CloudServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=velo_dot_v1_dot_cloud__pb2.GenerateRequest.FromString,
                     response_serializer=velo_dot_v1_dot_cloud__pb2.GenerateChunk.SerializeToString,
+            ),
+            'GetCloudStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCloudStats,
+                    request_deserializer=velo_dot_v1_dot_cloud__pb2.CloudStatsRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_cloud__pb2.CloudStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +147,33 @@ class CloudService(object):
             '/velo.v1.CloudService/GenerateStream',
             velo_dot_v1_dot_cloud__pb2.GenerateRequest.SerializeToString,
             velo_dot_v1_dot_cloud__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCloudStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velo.v1.CloudService/GetCloudStats',
+            velo_dot_v1_dot_cloud__pb2.CloudStatsRequest.SerializeToString,
+            velo_dot_v1_dot_cloud__pb2.CloudStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,7 +91,7 @@ class ActionStats(_message.Message):
     def __init__(self, action: _Optional[_Union[Action, str]] = ..., requests: _Optional[int] = ..., delay_sum_s: _Optional[float] = ..., satisfaction_count: _Optional[int] = ..., satisfaction_sum: _Optional[float] = ..., reward_sum: _Optional[float] = ...) -> None: ...
 
 class EdgeStats(_message.Message):
-    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped")
+    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped", "parts", "shadow_verified", "shadow_skipped", "policies_rejected")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,10 @@ class EdgeStats(_message.Message):
     EXPERIENCE_PENDING_FIELD_NUMBER: _ClassVar[int]
     EXPERIENCE_SENT_FIELD_NUMBER: _ClassVar[int]
     EXPERIENCE_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     requests: int
     errors: int
@@ -114,4 +118,18 @@ class EdgeStats(_message.Message):
     experience_pending: int
     experience_sent: int
     experience_dropped: int
-    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[PartStatus]
+    shadow_verified: int
+    shadow_skipped: int
+    policies_rejected: int
+    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ..., shadow_verified: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., policies_rejected: _Optional[int] = ...) -> None: ...
+
+class PartStatus(_message.Message):
+    __slots__ = ("name", "up", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    up: bool
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., up: bool = ..., reason: _Optional[str] = ...) -> None: ...

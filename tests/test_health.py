@@ -1,0 +1,128 @@
+"""Health that goes down with the parts a daemon depends on, and comes back with them: an edge
+whose cloudd is gone or whose Milvus is frozen says NOT_SERVING, and why; when cloudd is back
+the edge reconnects within about a second (it once took 7.5-10 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloudd.config import CloudConfig, LLMConfig
+from cloudd.server import Cloudd
+from edged.server import Edged
+from tests.conftest import ask, edge_client, running
+from tests.fake_llm import FAKE_MODEL, FakeLLM
+from velo.milvus_server import free_port
+from velo.v1 import edge_pb2
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def fake_llm():
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+def cloud_config(llm_url: str, port: int) -> CloudConfig:
+    return CloudConfig(listen=f"127.0.0.1:{port}", shutdown_grace_s=0.5,
+                       llm=LLMConfig(base_url=llm_url, model=FAKE_MODEL, default_max_tokens=4))
+
+
+async def status(address: str, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2)
+    return reply.status
+
+
+async def until(condition: Callable[[], object], timeout_s: float) -> float:
+    """Wait for `condition` (sync or async); returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout_s, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_edge_follows_its_cloud_down_and_back_and_reconnects_promptly(
+        edge_config, fake_llm) -> None:
+    port = free_port()
+    cloud = Cloudd(cloud_config(fake_llm.url, port))
+    await cloud.startup()
+    async with running(Edged(edge_config(cloud=f"127.0.0.1:{port}"))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        address = edge.grpc.address
+        assert await status(address) == SERVING
+        assert (await stub.Ask(ask("What is the capital of Peru?"))).action == \
+            edge_pb2.ACTION_FORWARD
+        await cloud.shutdown()
+        await until(lambda: not edge.grpc.serving, timeout_s=5)
+        assert await status(address) == NOT_SERVING
+        assert await status(address, "velo.part.cloud") == NOT_SERVING
+        assert await status(address, "velo.part.vector_db") == SERVING
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        (cloud_part,) = [p for p in stats.parts if p.name == "cloud"]
+        assert f"cloudd at 127.0.0.1:{port} is unreachable" in cloud_part.reason
+
+        cloud = Cloudd(cloud_config(fake_llm.url, port))  # back, on the same address
+        await cloud.startup()
+        try:
+            async def forwarded() -> bool:
+                try:
+                    reply = await stub.Ask(ask(f"A new question at {time.monotonic()}?"))
+                except grpc.aio.AioRpcError:
+                    return False
+                return reply.action == edge_pb2.ACTION_FORWARD
+
+            took = await until(forwarded, timeout_s=10)
+            assert took < 3.0, f"B/C failed for {took:.1f} s after cloudd was back"
+            await until(lambda: edge.grpc.serving, timeout_s=3)
+        finally:
+            await cloud.shutdown()
+
+
+async def test_edge_follows_its_cloud_when_cloudd_says_its_llm_is_down(edge_config) -> None:
+    llm_port = free_port()
+    port = free_port()
+    cfg = cloud_config(f"http://127.0.0.1:{llm_port}/v1", port)  # no LLM there (yet)
+    async with running(Cloudd(cfg)), \
+            running(Edged(edge_config(cloud=f"127.0.0.1:{port}"))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        assert await status(edge.grpc.address) == NOT_SERVING
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        (cloud_part,) = [p for p in stats.parts if p.name == "cloud"]
+        assert "is not serving: its LLM is down" in cloud_part.reason
+        assert "Connection refused" in cloud_part.reason
+        llm = FakeLLM(llm_port).start()
+        try:
+            await until(lambda: edge.grpc.serving, timeout_s=10)
+        finally:
+            llm.stop()
+
+
+async def test_edge_is_not_serving_while_milvus_is_frozen(edge_config, milvus) -> None:
+    async with running(Edged(edge_config())) as edge:
+        assert await status(edge.grpc.address) == SERVING
+        os.kill(milvus.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: not edge.grpc.serving, timeout_s=10)
+            assert await status(edge.grpc.address) == NOT_SERVING  # the edge itself answers
+            assert "did not answer" in edge.grpc.parts["vector_db"].reason or \
+                "does not answer" in edge.grpc.parts["vector_db"].reason
+        finally:
+            os.kill(milvus.pid, signal.SIGCONT)
+        await until(lambda: edge.grpc.serving, timeout_s=15)
