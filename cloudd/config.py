@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from velo.config import load_config, require
+from velo.config import is_file, load_config, require
 from velo.security import AuthConfig, TLSConfig
 
 ENV_PREFIX = "VELO_CLOUDD"
@@ -38,7 +38,7 @@ def _formats(template: str, **values: str) -> bool:
     """True when `template` formats with exactly these placeholders (and uses all of them)."""
     try:
         text = template.format(**{k: f"\0{k}\0" for k in values})
-    except (KeyError, IndexError, ValueError):
+    except Exception:  # KeyError, IndexError, ValueError; "{question.x}": AttributeError ...
         return False
     return all(f"\0{k}\0" in text for k in values)
 
@@ -125,7 +125,7 @@ class LocalLLMConfig:
     max_restart_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
-        require(not self.model_file or Path(self.model_file).is_file(), "model_file",
+        require(not self.model_file or is_file(self.model_file), "model_file",
                 f"{self.model_file} is not a file")
         require(self.threads >= 1, "threads", "must be >= 1")
         require(self.n_ctx >= 256, "n_ctx", "must be >= 256")

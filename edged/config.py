@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from velo.cache import VectorDBConfig
-from velo.config import load_config, require
+from velo.config import is_file, load_config, require
 from velo.names import NAME_RULE, valid_name
 from velo.security import AuthConfig, TLSConfig
 
@@ -95,7 +96,7 @@ class EdgeAuthConfig(AuthConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(not self.token_file or Path(self.token_file).is_file(), "token_file",
+        require(not self.token_file or is_file(self.token_file), "token_file",
                 f"{self.token_file} is not a readable file")
 
 
@@ -118,6 +119,8 @@ class EdgeConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
     spool_max_records: int = 200_000  # experience kept while trainerd is unreachable
+    # ... and at most this many bytes of it (and half of the disk's free space at start)
+    spool_max_bytes: int = 1024 * MiB
     upload_batch: int = 256  # experience records per upload stream
     vector_db: VectorDBConfig = field(default_factory=VectorDBConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -128,7 +131,10 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         require(valid_name(self.edge_id), "edge_id", f"must be {NAME_RULE}")
+        require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
+                "must be debug, info, warning, error or critical")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
+        require(self.spool_max_bytes >= 64 * 1024, "spool_max_bytes", "must be >= 65536")
         require(self.embedder_threads >= 1 and self.embedder_workers >= 1, "embedder_workers",
                 "embedder_threads and embedder_workers must be >= 1")
 

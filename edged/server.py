@@ -126,7 +126,8 @@ class Edged(Daemon):
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
         await asyncio.to_thread(self.cache.open)
         await self.report(VECTOR_DB, True, "")
-        self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records)
+        self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records,
+                           cfg.spool_max_bytes)
         if self.spool.released_at_start:
             log.warning("released experience records held by the previous run (their shadow "
                         "verification never finished)", records=self.spool.released_at_start)

@@ -7,6 +7,12 @@ oldest records are dropped and counted: the edge keeps serving whatever happens 
 and so it does when the disk itself is full (oldest records make room, or the new one is
 dropped and counted; a request never fails because of its experience record).
 
+The spool is bounded in bytes too, so that it does not fill its disk: at most `max_bytes`, and
+at most half of what its disk had free when the edge started (its database pages in use). Past
+that, the oldest records are dropped and counted as when it reaches `max_records`. If the disk
+fills anyway (another writer), the oldest quarter is dropped to make room, and records that
+still cannot be written are dropped and counted; the request is answered either way.
+
 A record can be written *held* (shadow verification: stored at once, so that a crash loses
 nothing, but completed with q when the LLM's fresh answer arrives). Held records are not
 uploaded until `release`d; a restart releases whatever the previous process still held.
@@ -14,6 +20,7 @@ uploaded until `release`d; a restart releases whatever the previous process stil
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
@@ -25,10 +32,14 @@ from velo.logs import get_logger
 log = get_logger("edged.spool")
 
 Encoder = Callable[[int], bytes]
+# The write-ahead log is folded into the database every 32 pages (128 KiB) and kept at that
+# size: on a small disk SQLite's default (4 MiB) would not fit.
+WAL_PAGES = 32
+ACK_CHUNK = 32  # records deleted per transaction: a few pages of log each
 
 
 class Spool:
-    def __init__(self, path: Path, max_records: int) -> None:
+    def __init__(self, path: Path, max_records: int, max_bytes: int = 1 << 30) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self._unsaved_drops = 0  # dropped while not even the counter could be written
@@ -36,6 +47,8 @@ class Spool:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
         self._db.execute("CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB,"
                          " ready INTEGER NOT NULL DEFAULT 1)")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
@@ -53,6 +66,18 @@ class Spool:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('count', ?)", (count,))
         self.released_at_start = self._db.execute("UPDATE records SET ready = 1 WHERE ready = 0"
                                                   ).rowcount
+        self._page_size = self._pragma("page_size")
+        free = shutil.disk_usage(path.parent).free
+        self.max_bytes = min(max_bytes, free // 2 + self._used_bytes())
+        if self.max_bytes < max_bytes:
+            log.warning("experience spool bounded by its disk", max_bytes=self.max_bytes,
+                        disk_free=free)
+
+    def _pragma(self, name: str) -> int:
+        return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
+
+    def _used_bytes(self) -> int:
+        return (self._pragma("page_count") - self._pragma("freelist_count")) * self._page_size
 
     def _meta(self, key: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
@@ -73,10 +98,8 @@ class Spool:
             except sqlite3.OperationalError as exc:
                 if "full" not in str(exc):
                     raise
-            # The disk is full: make room by dropping the oldest records, as when the spool
-            # reaches max_records, then try once more before dropping these ones.
             self._rollback()
-            self._drop_oldest(max(len(records), self._meta("count") // 10))
+            self._make_room()
             try:
                 return self._append(records)
             except sqlite3.OperationalError as exc:
@@ -85,6 +108,15 @@ class Spool:
                 log.error("experience spool cannot write (disk full?); records dropped",
                           dropped=len(records), error=str(exc))
                 return [None] * len(records)
+
+    def _make_room(self) -> None:
+        """The disk is full: fold the log into the database and drop the oldest quarter of the
+        records (counted), whose pages new records then reuse."""
+        self._checkpoint()
+        self._drop_oldest(max(1, self._meta_or("count", 0) // 4))
+        self._checkpoint()
+        log.warning("experience spool: the disk is full; dropped the oldest records",
+                    records=self._meta_or("count", -1))
 
     def _append(self, records: Sequence[tuple[Encoder, bool]]) -> list[int | None]:
         self._db.execute("BEGIN IMMEDIATE")
@@ -95,13 +127,17 @@ class Spool:
                              [(seq, encode(seq), int(not held))
                               for seq, (encode, held) in zip(seqs, records, strict=True)])
         self._add_meta("count", len(records))
-        excess = self._meta("count") - self.max_records
+        count = self._meta("count")
+        excess = count - self.max_records
+        used = self._used_bytes()
+        if used > self.max_bytes:  # as many of the oldest as the excess bytes hold
+            excess = max(excess, -(-(used - self.max_bytes) * count // used))
         if excess > 0:
             self._delete_oldest(excess)
         self._db.execute("COMMIT")
         if excess > 0:
             log.warning("experience spool full; dropped oldest", dropped=excess,
-                        max_records=self.max_records)
+                        max_records=self.max_records, max_bytes=self.max_bytes)
         return list(seqs)
 
     def _delete_oldest(self, n: int) -> int:
@@ -115,13 +151,24 @@ class Spool:
         """Outside a transaction: delete (frees pages for reuse) and count the oldest `n`."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            deleted = self._delete_oldest(n)
+            self._delete_oldest(n)
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._rollback()
             log.error("experience spool cannot make room", error=str(exc))
-            return
-        log.warning("experience spool: disk full; dropped oldest", dropped=deleted)
+
+    def _meta_or(self, key: str, default: int) -> int:
+        try:
+            return self._meta(key)
+        except sqlite3.OperationalError:
+            return default
+
+    def _checkpoint(self) -> None:
+        try:
+            # RESTART, not TRUNCATE: the log keeps its allocated room for the next writes.
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.OperationalError as exc:
+            log.error("experience spool cannot checkpoint", error=str(exc))
 
     def _add_meta_safely(self, key: str, delta: int) -> None:
         try:
@@ -147,17 +194,21 @@ class Spool:
                                     "ORDER BY seq LIMIT ?", (limit,)).fetchall()
 
     def ack(self, seqs: Sequence[int]) -> None:
-        """trainerd has these records: delete them."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            deleted = 0
-            for start in range(0, len(seqs), 500):
-                chunk = list(seqs[start:start + 500])
-                deleted += self._db.execute(
-                    f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chunk))})",
-                    chunk).rowcount
-            self._add_meta("count", -deleted)
-            self._db.execute("COMMIT")
+        """trainerd has these records: delete them, in small transactions (each must fit in
+        the write-ahead log's room, which matters on a nearly full disk)."""
+        for start in range(0, len(seqs), ACK_CHUNK):
+            chunk = list(seqs[start:start + ACK_CHUNK])
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    deleted = self._db.execute(
+                        f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chunk))})",
+                        chunk).rowcount
+                    self._add_meta("count", -deleted)
+                    self._db.execute("COMMIT")
+                except sqlite3.OperationalError:
+                    self._rollback()  # kept, and sent again: trainerd stores each record once
+                    raise
 
     def count(self) -> int:
         with self._lock:

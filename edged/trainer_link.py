@@ -2,11 +2,11 @@
 
 - `ExperienceUploader` drains the on-disk spool into the ReportExperience client stream;
   records are deleted only after trainerd acknowledged them (it deduplicates resends).
-- `PolicyFollower` pulls the latest policy at start, then follows WatchPolicies; each new
-  version is fetched, verified (size, sha256, loads, probe state) and swapped in atomically.
-  The last verified policy is kept on disk so a restarted edge runs it even while trainerd is
-  down. A policy that fails verification is refused once and counted; the edge keeps the last
-  good one.
+- `PolicyFollower` follows WatchPolicies (the latest version at once, then each new one);
+  each new version is fetched, verified (size, sha256, loads, probe state) and swapped in
+  atomically. The last verified policy is kept on disk so a restarted edge runs it even
+  while trainerd is down. A policy that fails verification is refused once and counted; the
+  edge keeps the last good one.
 
 Both report the edge's `trainer` part (not required: the edge serves without trainerd).
 """
@@ -131,7 +131,7 @@ class PolicyFollower:
         backoff = 0.5
         while self.stub is not None:
             try:
-                await self._fetch(0)
+                # The watch announces the latest version at once, then each new one.
                 async for info in self.stub.WatchPolicies(
                     trainer_pb2.WatchPoliciesRequest(after_version=self.current.version)
                 ):
@@ -155,11 +155,12 @@ class PolicyFollower:
             policy = await self.stub.GetPolicy(trainer_pb2.GetPolicyRequest(version=version),
                                                timeout=60)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND and version == 0:
-                return  # no learned policy yet: keep the baseline
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and version:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # Larger than this edge's channel accepts (policy.max_bytes).
                 self._reject(version, f"larger than policy.max_bytes ({self.max_bytes})")
+                return
+            if exc.code() == grpc.StatusCode.DATA_LOSS:
+                self._reject(version, f"trainerd's copy is corrupted: {exc.details()}")
                 return
             raise
         info = policy.info

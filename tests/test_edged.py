@@ -505,6 +505,16 @@ def test_held_records_wait_for_release_and_a_restart_releases_them(tmp_path: Pat
     assert reopened.count() == 2
 
 
+def test_the_spool_is_bounded_in_bytes_and_drops_the_oldest(tmp_path: Path) -> None:
+    from edged.spool import Spool
+
+    spool = Spool(tmp_path / "spool.db", max_records=1_000_000, max_bytes=200_000)
+    seqs = [spool.append(lambda seq: b"x" * 2000) for _ in range(500)]
+    kept = [s for s, _ in spool.pending(1000)]
+    assert kept == seqs[-len(kept):] and 40 < len(kept) < 100  # the newest, ~200 KB of them
+    assert spool.dropped == 500 - len(kept) and spool.count() == len(kept)
+
+
 def test_a_full_disk_drops_oldest_records_counted_and_never_raises(tmp_path: Path) -> None:
     """SQLITE_FULL ('database or disk is full'), here from a page limit on the spool file:
     the oldest records make room, and when nothing can, the new one is dropped and counted.

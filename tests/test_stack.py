@@ -126,3 +126,38 @@ def _alive(pid: int) -> bool:
     # A zombie is dead, only not yet reaped by its parent.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_velo_demo_fails_loudly_when_the_llm_cannot_start(tmp_path, milvus) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"this is not a GGUF file")
+    env = {**os.environ, "VELO_MILVUS_TOKEN": milvus.token,
+           "VELO_CLOUDD__LOCAL_LLM__MODEL_FILE": str(broken)}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "velo.cli", "demo", "--requests", "3", "--edges-count", "1",
+         "--milvus-uri", milvus.uri, "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, env=env, timeout=170)
+    assert result.returncode != 0
+    assert "the stack did not start: cloudd's LLM server failed to start" in result.stderr
+    assert "broken.gguf" in result.stderr  # the LLM server's own words, quoted
+    assert time.monotonic() - started < 120
+
+
+def test_velo_replay_exits_1_and_says_what_is_down(tmp_path, edge_config) -> None:
+    from edged.server import Edged
+    from tests.conftest import running
+    from velo.milvus_server import free_port
+
+    async def scenario() -> subprocess.CompletedProcess:
+        cfg = edge_config(cloud=f"127.0.0.1:{free_port()}")  # no cloudd there
+        async with running(Edged(cfg)) as edge:
+            return await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "velo.cli", "replay", "--requests", "3",
+                "--edges", edge.grpc.address], capture_output=True, text=True, timeout=120)
+
+    result = asyncio.run(scenario())
+    assert result.returncode == 1
+    assert "3 of 3 requests failed" in result.stderr
+    assert "cloud down: cloudd at 127.0.0.1:" in result.stderr
+    assert "cached answers are still served" not in result.stderr + result.stdout

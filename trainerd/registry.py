@@ -31,6 +31,7 @@ import onnx
 from onnx import external_data_helper
 
 from velo.policy import OnnxPolicy, PolicyRejected
+from velo.serving import clip
 
 _FILE = re.compile(r"v(\d+)\.onnx")
 _NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")  # always fullmatch
@@ -46,6 +47,10 @@ _OUTPUTS = {"probs": ("[batch, 3]", {1: 3})}
 
 class PolicyTooLarge(PolicyRejected):
     """A policy is larger than the registry accepts."""
+
+
+class PolicyCorrupted(RuntimeError):
+    """A stored policy file no longer matches the sha256 it was published with."""
 
 
 class PolicyNotFound(LookupError):
@@ -132,10 +137,14 @@ class PolicyRegistry:
     def get(self, version: int = 0) -> tuple[PolicyInfo, bytes]:
         """The policy `version` (0: the latest) and its ONNX bytes, checked against its sha256."""
         info = self.info(version)
-        data = self._file(info.version).read_bytes()
+        try:
+            data = self._file(info.version).read_bytes()
+        except OSError as exc:
+            raise PolicyCorrupted(f"policy v{info.version} cannot be read: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != info.sha256:
             # Never hand an edge a policy that is not the one that was checked and published.
-            raise RuntimeError(f"{self._file(info.version)} does not match its sha256 in the index")
+            raise PolicyCorrupted(f"policy v{info.version} ({self._file(info.version).name}) "
+                                  "does not match its sha256 in the index: the file changed")
         return info, data
 
     def policies(self) -> list[PolicyInfo]:
@@ -185,7 +194,7 @@ def check_policy(name: str, onnx_bytes: bytes, max_bytes: int,
     (velo.policy.OnnxPolicy: onnxruntime loads it and runs masked probe states)."""
     if not _NAME.fullmatch(name):
         raise PolicyRejected(
-            f"policy name {name!r} must be 1-128 characters of letters, digits, '_.:+-'"
+            f"policy name {clip(name)} must be 1-128 characters of letters, digits, '_.:+-'"
         )
     if not onnx_bytes:
         raise PolicyRejected("policy is empty (no ONNX bytes)")

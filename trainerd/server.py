@@ -24,6 +24,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from trainerd.config import MiB, TrainerConfig
 from trainerd.learner import OnlineLearner
 from trainerd.registry import (
+    PolicyCorrupted,
     PolicyInfo,
     PolicyNotFound,
     PolicyRegistry,
@@ -203,6 +204,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             info, data = await asyncio.to_thread(self.registry.get, request.version)
         except PolicyNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except PolicyCorrupted as exc:
+            log.error("stored policy corrupted", error=str(exc))
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         return trainer_pb2.Policy(info=_info_proto(info), onnx=data)
 
     @_never_unknown

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.client.types import LoadState
 
 from velo.config import require
 from velo.names import NAME_RULE, valid_name
@@ -108,10 +109,17 @@ class VectorCache:
                                       consistency_level=CONSISTENCY)
 
     def ping(self, timeout_s: float = 2.0) -> str | None:
-        """None when Milvus answers and holds this edge's collection; else what is wrong."""
+        """None when Milvus answers and this edge's collection is loaded; else what is wrong.
+
+        A restarted Milvus 2.3 standalone may come back with the collection released (every
+        search then fails "collection not loaded"): the ping loads it again.
+        """
         try:
             if not self.client.has_collection(self.collection, timeout=timeout_s):
                 return f"collection {self.collection} does not exist any more"
+            state = self.client.get_load_state(self.collection, timeout=timeout_s)["state"]
+            if state != LoadState.Loaded:
+                self.client.load_collection(self.collection, timeout=60)
         except Exception as exc:  # pymilvus raises many types
             return f"Milvus at {self.cfg.uri} does not answer: {str(exc)[:300]}"
         return None

@@ -34,11 +34,11 @@ def load_config(cls: type[T], path: str | Path | None, env_prefix: str) -> T:
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not is_file(path):
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError, a 5000-digit int
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _apply_env(cls, data, env_prefix, os.environ)
     return _build(cls, data, "")
@@ -108,12 +108,29 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         items = [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}' is too large a number") from None
     if tp in (int, float, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {_quote(value)}")
     return value
+
+
+def _quote(value: Any) -> str:
+    """A value for an error message, cut short: a config value can be any size."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+
+
+def is_file(path: str | Path) -> bool:
+    """Path.is_file() that says False instead of raising (a 5000-character path raises)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _from_env(tp: Any, value: _EnvValue, key: str) -> Any:
@@ -132,12 +149,12 @@ def _from_env(tp: Any, value: _EnvValue, key: str) -> Any:
             parts = [p.strip() for p in raw.split(",") if p.strip()]
             items = [_from_env(item_tp, _EnvValue(p, value.source), key) for p in parts]
             return tuple(items) if typing.get_origin(tp) is tuple else items
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     else:
         return raw
     name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{value.source} (config key '{key}') must be {name}, got {raw!r}")
+    raise ConfigError(f"{value.source} (config key '{key}') must be {name}, got {_quote(raw)}")
 
 
 class _FieldError(ConfigError):

@@ -16,7 +16,6 @@ crash in its first decode (llama-cpp-python 0.3.36 built on an AVX-512/AMX CPU d
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import socket
@@ -30,17 +29,13 @@ from pathlib import Path
 
 import httpx
 
+from velo.lifeline import child_env, follow_parent
 from velo.logs import get_logger
 from velo.models import smollm2_gguf
 
 log = get_logger("velo.llm")
 
 DEFAULT_ALIAS = "smollm2"
-
-# Loaded before any fork: the pre-exec hook below must not import or allocate much.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
-
 
 class LLMServerError(RuntimeError):
     """The local LLM server could not be started; the message quotes its log."""
@@ -50,14 +45,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when its parent dies, so a killed test run or
-    `velo up` leaves no server behind (atexit does not run on SIGTERM/SIGKILL). Linux ties this
-    to the thread that started the child: call start() from a thread that outlives the server."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def tail(path: Path | None, lines: int = 20) -> str:
@@ -165,7 +152,7 @@ class LocalLLMServer:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _LIBC is not None else None,
+                env=child_env(dict(os.environ)),  # it dies with us (velo.lifeline)
             )
         # Stop it on a normal interpreter exit too, even if nobody called stop().
         atexit.register(self.stop)
@@ -256,9 +243,9 @@ class LLMSupervisor:
     last lines of its log) and start it again after a back-off that doubles up to
     `max_backoff_s` (reset once a server has stayed up for a minute).
 
-    It runs in its own thread, which owns the child for its whole life (the parent-death
-    signal is tied to the thread that forked). `on_state(up, reason)` is called from that
-    thread on every change.
+    It runs in its own thread, which owns the child for its whole life (velo.lifeline: the
+    parent-death signal is tied to the thread that forked). `on_state(up, reason)` is called
+    from that thread on every change.
     """
 
     def __init__(self, server: LocalLLMServer, on_state: Callable[[bool, str], None], *,
@@ -315,6 +302,7 @@ def _serve(argv: list[str]) -> None:
     params are patched here before the model loads. They only change how weights are laid out
     in memory; for a 135M model the speed difference is small.
     """
+    follow_parent()
     import llama_cpp.llama_cpp as native
     from llama_cpp.server.__main__ import main
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from velo.config import require
+from velo.config import is_file, require
 
 ROLES = ("tenant", "admin", "edge", "publisher")
 
@@ -72,7 +72,7 @@ class TLSConfig:
                 "and key_file must be set together (a certificate needs its private key)")
         for key in ("cert_file", "key_file", "ca_file"):
             path = getattr(self, key)
-            require(not path or Path(path).is_file(), key, f"{path} is not a readable file")
+            require(not path or is_file(path), key, f"{path} is not a readable file")
         require(not self.client_auth or bool(self.ca_file and self.cert_file), "client_auth",
                 "needs ca_file (to check client certificates) and cert_file/key_file")
 
@@ -102,7 +102,7 @@ class AuthConfig:
     tokens_file: str = ""
 
     def __post_init__(self) -> None:
-        require(not self.tokens_file or Path(self.tokens_file).is_file(), "tokens_file",
+        require(not self.tokens_file or is_file(self.tokens_file), "tokens_file",
                 f"{self.tokens_file} is not a readable file")
         if self.tokens_file:
             try:

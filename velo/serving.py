@@ -354,8 +354,10 @@ def daemon_main(name: str, description: str, example: str, load: Callable[[str |
     import sys
 
     from velo.config import ConfigError
+    from velo.lifeline import follow_parent
     from velo.logs import configure_logging
 
+    follow_parent()  # started by a stack: go when it goes
     env = f"VELO_{name.upper()}"
     parser = argparse.ArgumentParser(
         prog=f"velo-{name}", description=description,

@@ -6,8 +6,9 @@
 
 Used by `velo up`, `velo demo` and the chaos suite. The stack supervises its daemons: one that
 dies is logged (exit code, last lines of its log) and started again after a back-off, while the
-others keep running. Stopping sends SIGTERM (the daemons drain) edges first, then cloudd and
-trainerd, then Milvus.
+others keep running; start and supervise it from one thread that lives as long as the stack
+(the main thread), because the daemons die with the thread that started them. Stopping sends
+SIGTERM (the daemons drain) edges first, then cloudd and trainerd, then Milvus.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from velo.diagnose import cloud_health, daemon_health, edge_health
+from velo.lifeline import child_env
 from velo.llm_server import describe_exit, tail
 from velo.logs import get_logger
 from velo.milvus_server import EmbeddedMilvus, free_port
+from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = get_logger("velo.stack")
 MAX_RESTART_BACKOFF_S = 30.0
@@ -65,9 +68,10 @@ class Daemon:
 
     def spawn(self) -> None:
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            # A stack killed outright takes its daemons with it (they get SIGTERM and drain).
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module],
+                                         env=child_env(self.env), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started = time.monotonic()
 
     @property
@@ -124,10 +128,8 @@ class Stack:
                 name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
                 learned = policy == "lrs"
                 self._add(name, "edged", f"127.0.0.1:{self._port(2 + i)}", {
-                    "EDGE_ID": name + cfg.run_tag, "CLOUD": cloud,
+                    **self._edge_settings(name), "CLOUD": cloud,
                     "TRAINER": trainer if learned or not fixed else "",
-                    "DATA_DIR": str(data / name), "VECTOR_DB__URI": self.milvus_uri,
-                    "VECTOR_DB__TOKEN": self.milvus_token,
                     "POLICY__BASELINE": "cache-0.5" if learned else policy,
                     "POLICY__SAMPLE": "false" if learned else "true",
                 })
@@ -139,6 +141,20 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def _edge_settings(self, name: str) -> dict[str, str]:
+        return {"EDGE_ID": name + self.cfg.run_tag,
+                "DATA_DIR": str(self.cfg.data_dir.resolve() / name),
+                "VECTOR_DB__URI": self.milvus_uri, "VECTOR_DB__TOKEN": self.milvus_token}
+
+    def add_edge(self, name: str, **settings: str) -> Daemon:
+        """Start one more edge on this stack's Milvus (no cloud or trainer unless given as
+        CLOUD=/TRAINER=; any VELO_EDGED__ key by its suffix) and wait until it serves."""
+        self._add(name, "edged", f"127.0.0.1:{free_port()}",
+                  {**self._edge_settings(name), "CLOUD": "", "TRAINER": "", **settings})
+        self.daemons[name].spawn()
+        self.wait_healthy(name)
+        return self.daemons[name]
 
     def _add(self, name: str, module: str, listen: str, settings: dict[str, str]) -> None:
         prefix = f"VELO_{module.upper()}__"
@@ -162,12 +178,25 @@ class Stack:
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         log.info("ready", daemon=name, address=daemon.address)
                         return
+                    if daemon.module == "cloudd":
+                        self._fail_if_llm_cannot_start(channel)
                 except grpc.RpcError:
                     pass
                 time.sleep(0.3)
         raise RuntimeError(f"{name} did not become healthy at {daemon.address} in "
                            f"{timeout_s:.0f} s: {self.diagnose().get(name, '')} (see "
                            f"{daemon.log_path})")
+
+    @staticmethod
+    def _fail_if_llm_cannot_start(channel: grpc.Channel) -> None:
+        """cloudd restarts a local LLM server that fails to start for ever (it may be a
+        passing problem in production); the stack gives up on the second failure and says
+        why, rather than waiting out its timeout."""
+        stats = cloud_pb2_grpc.CloudServiceStub(channel).GetCloudStats(
+            cloud_pb2.CloudStatsRequest(), timeout=1)
+        if stats.llm_restarts >= 2:
+            raise RuntimeError(f"cloudd's LLM server failed to start {stats.llm_restarts} "
+                               f"times: {stats.llm_down_reason}")
 
     def supervise(self) -> list[str]:
         """Restart what died (after its back-off); returns the names started again. Call it
