@@ -28,7 +28,6 @@ from cloudd.backend import (
 from cloudd.config import CloudConfig, LLMConfig
 from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.logs import get_logger
-from velo.security import RequireToken
 from velo.serving import Daemon, GrpcServer, clip, request_id_problem
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
@@ -228,19 +227,13 @@ class Cloudd(Daemon):
     name = "cloudd"
 
     def __init__(self, cfg: CloudConfig) -> None:
-        super().__init__(cfg.listen, cfg.shutdown_grace_s)
+        super().__init__(cfg.listen, cfg.shutdown_grace_s, tls=cfg.tls, auth=cfg.auth,
+                         roles=ROLES)
         self.cfg = cfg
         self.backend: OpenAIBackend | None = None
         self.servicer: CloudServicer | None = None
         self.supervisor: LLMSupervisor | None = None
         self.watcher: asyncio.Task | None = None
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        return self.cfg.tls.server_credentials()
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        table = self.cfg.auth.table()
-        return [RequireToken(table, ROLES)] if table is not None else []
 
     async def startup(self) -> None:
         llm_cfg = self.cfg.llm

@@ -257,6 +257,8 @@ class EdgePipeline:
             body = rec.experience_encoder(self.cfg.edge_id)(seq)
             await asyncio.to_thread(self.spool.release, seq, body)
             self.uploader.wake()
+        if rec.q is None:
+            return
         self.counters.shadow_verified += 1
         self.q_estimate += 0.05 * (rec.q - self.q_estimate)
         c = self.counters.actions[rec.decision.action]

@@ -29,7 +29,7 @@ from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
 from velo.qos import Action
-from velo.security import RequireToken, dial, read_token
+from velo.security import dial, read_token
 from velo.serving import Daemon
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
@@ -105,17 +105,11 @@ class Edged(Daemon):
     name = "edged"
 
     def __init__(self, cfg: EdgeConfig) -> None:
-        super().__init__(cfg.listen, cfg.shutdown_grace_s)
+        super().__init__(cfg.listen, cfg.shutdown_grace_s, tls=cfg.tls, auth=cfg.auth,
+                         roles=ROLES)
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        return self.cfg.tls.server_credentials()
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        table = self.cfg.auth.table()
-        return [RequireToken(table, ROLES)] if table is not None else []
 
     async def startup(self) -> None:
         cfg = self.cfg

@@ -387,6 +387,20 @@ async def test_shadow_verification_measures_q_of_a_reuse_against_a_fresh_answer(
         assert len(fake_llm.requests) == 1  # the shadow request, off the user's path
 
 
+async def test_a_shadow_check_the_cloud_cannot_take_releases_its_record_without_q(
+        edge_config) -> None:
+    cfg = edge_config(cloud=f"127.0.0.1:{free_port()}", policy=PolicyConfig(shadow_rate=1.0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        assert (await stub.Ask(ask(QUESTION))).action == edge_pb2.ACTION_REUSE
+        await _until(lambda: edge.spool.pending(1), timeout_s=10)
+        (_, body), = edge.spool.pending(1)
+        record = trainer_pb2.Experience.FromString(body)
+        assert not record.has_satisfaction and not record.shadow_verified
+        counters = edge.pipeline.counters
+        assert (counters.shadow_skipped, counters.shadow_verified) == (1, 0)
+
+
 async def test_over_capacity_is_resource_exhausted_and_shutdown_drains(
         edge_config, cloud, fake_llm) -> None:
     from edged.config import LimitsConfig

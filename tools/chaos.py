@@ -114,7 +114,7 @@ class Load:
         `new_share` of questions not asked before (misses: the cloud LLM answers and the pair
         is cached); or only questions from `pool`."""
         edges = edges or self.chaos.stack.edge_addresses
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds * self.chaos.pace
 
         async def client(worker: int) -> None:
             while time.monotonic() < deadline:
@@ -155,8 +155,9 @@ class Load:
 
 
 class Chaos:
-    def __init__(self, stack: Stack, items: list, out: Path) -> None:
-        self.stack, self.out = stack, out
+    def __init__(self, stack: Stack, items: list, out: Path, pace: float = 1.0) -> None:
+        """`pace`: how long each workload runs, as a share of its full length (--quick)."""
+        self.stack, self.out, self.pace = stack, out, pace
         self.run_id = hex(int(time.time()))[2:]
         self.rng = random.Random(7)
         self.fresh = itertools.cycle([item.question for item in items])
@@ -371,7 +372,8 @@ async def load_64(chaos: Chaos, load: Load, row: Row) -> None:
     await load.run(seconds=12, concurrency=64, new_share=0.0)
     failures = {c: n for c, n in load.codes.items() if c != "OK"}
     deliberate = set(failures) <= {"RESOURCE_EXHAUSTED"}
-    row.note = (f"64 clients for 12 s ({load.sent / 12:.0f} req/s); failures: "
+    row.note = (f"64 clients for {12 * chaos.pace:g} s ({load.sent / 12 / chaos.pace:.0f} "
+                f"req/s); failures: "
                 f"{failures or 'none'}" + ("" if deliberate else " - NOT ONLY deliberate "
                                                                    "RESOURCE_EXHAUSTED"))
     if not deliberate:
@@ -583,7 +585,7 @@ async def main_async(args: argparse.Namespace) -> int:
     items = [i for i in load_qa(args.data) if len(i.question) <= 300]
     print(f"chaos: starting the stack in {args.out / 'stack'} ...", flush=True)
     stack.start()  # from this (the main) thread: the daemons die with the thread that forks
-    chaos = Chaos(stack, items, args.out)
+    chaos = Chaos(stack, items, args.out, pace=0.6 if args.quick else 1.0)
     rows: list[Row] = []
     try:
         for fault in faults:

@@ -34,7 +34,7 @@ from trainerd.registry import (
 from trainerd.store import ExperienceStore
 from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name
-from velo.security import RequireToken, caller
+from velo.security import caller
 from velo.serving import Daemon, clip, request_id_problem
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -249,18 +249,12 @@ class Trainerd(Daemon):
     def __init__(self, config: TrainerConfig) -> None:
         # A policy travels as one message: gRPC's limit must fit the largest accepted policy.
         super().__init__(config.listen, config.shutdown_grace_s,
-                         max_message_bytes=config.max_policy_bytes + MiB)
+                         max_message_bytes=config.max_policy_bytes + MiB, tls=config.tls,
+                         auth=config.auth, roles=ROLES)
         self.config = config
         self.store: ExperienceStore | None = None
         self.registry: PolicyRegistry | None = None
         self.learner_task: asyncio.Task | None = None
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        return self.config.tls.server_credentials()
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        table = self.config.auth.table()
-        return [RequireToken(table, ROLES)] if table is not None else []
 
     async def startup(self) -> None:
         data = self.config.data_path

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from velo.logs import get_logger
+from velo.security import AuthConfig, RequireToken, TLSConfig
 
 log = get_logger("velo.serving")
 
@@ -267,28 +268,27 @@ class Daemon:
     name = "daemon"
 
     def __init__(self, listen: str, shutdown_grace_s: float = 10.0,
-                 max_message_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 8 * 1024 * 1024, *, tls: TLSConfig | None = None,
+                 auth: AuthConfig | None = None,
+                 roles: dict[str, frozenset[str]] | None = None) -> None:
+        """`tls`: the daemon's [tls] (its port and its links); `auth`: its [auth], with `roles`
+        saying which token roles may call each method (velo.security)."""
         self.listen, self.max_message_bytes = listen, max_message_bytes
         self.shutdown_grace_s = shutdown_grace_s
+        self.tls, self.auth, self.roles = tls, auth, roles or {}
         self.should_exit = asyncio.Event()
         self.log = get_logger(self.name)
         self._grpc: GrpcServer | None = None
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS for the daemon's own port (None: plaintext); subclasses with a [tls] section
-        override this."""
-        return None
-
-    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
-        """Server interceptors (authentication) of this daemon."""
-        return ()
 
     @property
     def grpc(self) -> GrpcServer:
         """Created on first use, inside the running loop: grpc.aio binds a server to it."""
         if self._grpc is None:
-            self._grpc = GrpcServer(self.listen, self.max_message_bytes,
-                                    self.server_credentials(), self.interceptors())
+            table = self.auth.table() if self.auth is not None else None
+            self._grpc = GrpcServer(
+                self.listen, self.max_message_bytes,
+                self.tls.server_credentials() if self.tls is not None else None,
+                [RequireToken(table, self.roles)] if table is not None else [])
         return self._grpc
 
     async def startup(self) -> None:
