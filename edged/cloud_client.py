@@ -16,6 +16,8 @@ from velo.serving import clip
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 PartReport = Callable[[str, bool, str], Awaitable[None]]
+CHECK_TIMEOUT_S = 3.0
+SLOW_CHECKS = 3  # health checks that time out in a row before the cloud counts as down
 
 
 class CloudError(Exception):
@@ -64,29 +66,44 @@ class CloudClient:
 
     async def watch(self, report: PartReport, part: str, every_s: float = 1.0) -> None:
         """Check cloudd's health every `every_s` and report `part` up or down with the reason
-        (cloudd unreachable, or cloudd's own account of why its LLM is down)."""
+        (cloudd unreachable, or cloudd's own account of why its LLM is down).
+
+        A check that only ran out of time counts after SLOW_CHECKS in a row: on a loaded box
+        one slow answer is not an outage, and health that flaps takes edges out of rotation.
+        """
         assert self.health is not None
+        slow = 0
         while True:
-            ok, reason = await self.check()
-            await report(part, ok, reason)
+            ok, reason, timed_out = await self._check()
+            slow = slow + 1 if timed_out else 0
+            if not timed_out or slow >= SLOW_CHECKS:
+                await report(part, ok, reason)
             await asyncio.sleep(every_s)
 
     async def check(self) -> tuple[bool, str]:
         """(up, why not) of cloudd and its LLM."""
+        ok, reason, _ = await self._check()
+        return ok, reason
+
+    async def _check(self) -> tuple[bool, str, bool]:
         assert self.health is not None and self.stub is not None
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(),
+                                            timeout=CHECK_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             return False, (f"cloudd at {self.address} is unreachable: {exc.code().name}: "
-                           f"{clip(exc.details() or '', 200)}")
+                           f"{clip(exc.details() or '', 200)}"), \
+                exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            return True, ""
+            return True, "", False
         try:
-            stats = await self.stub.GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=2)
+            stats = await self.stub.GetCloudStats(cloud_pb2.CloudStatsRequest(),
+                                                  timeout=CHECK_TIMEOUT_S)
             why = stats.llm_down_reason.splitlines()[0] if stats.llm_down_reason else "?"
         except grpc.aio.AioRpcError as exc:
             why = f"(cannot ask why: {exc.code().name})"
-        return False, f"cloudd at {self.address} is not serving: its LLM is down: {clip(why, 300)}"
+        return False, (f"cloudd at {self.address} is not serving: its LLM is down: "
+                       f"{clip(why, 300)}"), False
 
     async def close(self) -> None:
         if self.channel is not None:

@@ -159,17 +159,22 @@ class Edged(Daemon):
 
     async def _watch_vector_db(self) -> None:
         """Probe Milvus on a thread of its own (a frozen server must not tie up the threads
-        requests use), at most one probe at a time."""
+        requests use), at most one probe at a time. A probe that only runs out of time counts
+        after two in a row (a slow answer on a loaded box is not an outage)."""
         loop = asyncio.get_running_loop()
+        slow = 0
         while True:
             ok = self.grpc.parts[VECTOR_DB].ok
             await asyncio.sleep(VECTOR_DB_PROBE_S if ok else 1.0)
             probe = loop.run_in_executor(self._probe_thread, self.cache.ping)
             try:
                 problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
+                slow = 0
             except TimeoutError:
-                problem = f"Milvus at {self.cfg.vector_db.uri} did not answer within 3 s"
-                await self.report(VECTOR_DB, False, problem)
+                slow += 1
+                if slow >= 2:
+                    await self.report(VECTOR_DB, False, f"Milvus at {self.cfg.vector_db.uri} "
+                                                        "did not answer within 3 s")
                 await asyncio.gather(probe, return_exceptions=True)  # one probe at a time
                 continue
             await self.report(VECTOR_DB, problem is None, problem or "")

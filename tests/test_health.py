@@ -119,7 +119,7 @@ async def test_edge_is_not_serving_while_milvus_is_frozen(edge_config, milvus) -
         assert await status(edge.grpc.address) == SERVING
         os.kill(milvus.pid, signal.SIGSTOP)
         try:
-            await until(lambda: not edge.grpc.serving, timeout_s=10)
+            await until(lambda: not edge.grpc.serving, timeout_s=20)
             assert await status(edge.grpc.address) == NOT_SERVING  # the edge itself answers
             assert "did not answer" in edge.grpc.parts["vector_db"].reason or \
                 "does not answer" in edge.grpc.parts["vector_db"].reason

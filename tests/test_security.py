@@ -246,3 +246,22 @@ async def test_edge_with_mutual_tls_and_tokens_on_every_link(
         assert trainer.store.count("edge-sec") == 1
         (record,) = trainer.store.read("edge-sec")
         assert record.request_id == reply.request_id
+
+
+def test_velo_token_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from velo.security import TokenTable
+
+    out = subprocess.run([sys.executable, "-m", "velo.cli", "token", "--role", "edge",
+                          "--name", "edge-7"], capture_output=True, text=True, check=True).stdout
+    token = out.split("\n")[1].strip()
+    entry = out[out.index("[[token]]"):]
+    (tmp_path / "tokens.toml").write_text(entry)
+    principal = TokenTable.load(tmp_path / "tokens.toml").lookup(token)
+    assert (principal.role, principal.name) == ("edge", "edge-7")
+    assert token not in entry  # the file holds only its sha256
+    bad = subprocess.run([sys.executable, "-m", "velo.cli", "token", "--role", "tenant",
+                          "--name", "acme\n"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--name must be" in bad.stderr
