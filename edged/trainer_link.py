@@ -30,6 +30,7 @@ from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("edged.trainer")
 MAX_BACKOFF_S = 10.0
+FALLBACK_VERSIONS = 8  # older versions tried when the latest is refused
 TRAINER = "trainer"
 PartReport = Callable[[str, bool, str], Awaitable[None]]
 
@@ -136,8 +137,7 @@ class PolicyFollower:
                     trainer_pb2.WatchPoliciesRequest(after_version=self.current.version)
                 ):
                     await self.report(TRAINER, True, "")
-                    if info.version > self.current.version:
-                        await self._fetch(info.version)
+                    await self._adopt_newest_good(info.version)
                     backoff = 0.5
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
@@ -148,9 +148,18 @@ class PolicyFollower:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _fetch(self, version: int) -> None:
+    async def _adopt_newest_good(self, latest: int) -> None:
+        """Run the newest version that verifies, from `latest` down to the one running now: an
+        edge that refuses the latest (corrupted, too large) still gets the last good one, even
+        if it never saw it announced (the watch only announces the latest)."""
+        for version in range(latest, max(self.current.version, latest - FALLBACK_VERSIONS), -1):
+            if await self._fetch(version):
+                return
+
+    async def _fetch(self, version: int) -> bool:
+        """Fetch, verify and swap to `version`; False when it is refused (or was before)."""
         if version in self.rejected:
-            return
+            return False
         try:
             policy = await self.stub.GetPolicy(trainer_pb2.GetPolicyRequest(version=version),
                                                timeout=60)
@@ -158,24 +167,27 @@ class PolicyFollower:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # Larger than this edge's channel accepts (policy.max_bytes).
                 self._reject(version, f"larger than policy.max_bytes ({self.max_bytes})")
-                return
+                return False
             if exc.code() == grpc.StatusCode.DATA_LOSS:
                 self._reject(version, f"trainerd's copy is corrupted: {exc.details()}")
-                return
+                return False
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False  # never published, or gone: nothing to run
             raise
         info = policy.info
-        if info.version <= self.current.version or info.version in self.rejected:
-            return
+        if info.version <= self.current.version:
+            return True  # nothing newer to run
         try:
             # Loading and probing a policy is real work: off the event loop.
             verified = await asyncio.to_thread(self._verify, policy.onnx, info.version,
                                                info.name, info.sha256)
         except PolicyRejected as exc:
             self._reject(info.version, str(exc))
-            return
+            return False
         await asyncio.to_thread(self._save, policy.onnx, {
             "version": info.version, "name": info.name, "sha256": info.sha256})
         self._swap(verified)
+        return True
 
     def _reject(self, version: int, why: str) -> None:
         self.rejected[version] = why

@@ -271,6 +271,26 @@ async def test_a_policy_larger_than_the_edge_accepts_is_refused_once_and_counted
             assert (await stub.GetStats(edge_pb2.GetStatsRequest())).policies_rejected == 1
 
 
+async def test_an_edge_refusing_the_latest_policy_runs_the_newest_good_one(
+        edge_config, tmp_path: Path) -> None:
+    """The watch announces only the latest version: when it is corrupted on trainerd's disk,
+    an edge that never saw the previous one still ends up running it."""
+    port = free_port()
+    onnx = await asyncio.to_thread(export_mlp_policy, None, bias=(0.0, 50.0, 0.0))
+    async with running(Trainerd(trainer_config(tmp_path, port))) as trainer:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            for name in ("first", "second"):
+                await stub.PublishPolicy(trainer_pb2.PublishPolicyRequest(name=name, onnx=onnx))
+        rotten = Path(trainer.config.data_dir) / "policies" / "v000002.onnx"
+        rotten.write_bytes(rotten.read_bytes()[:-8] + b"\x00" * 8)  # bit rot under v2
+        async with running(Edged(edge_config(trainer=f"127.0.0.1:{port}"))) as edge:
+            await asyncio.wait_for(edge.policies.swapped.wait(), timeout=30)
+            assert edge.policies.current.name == "onnx:first:v1"
+            assert set(edge.policies.rejected) == {2}
+            assert "corrupted" in edge.policies.rejected[2]
+
+
 # -- eviction (Algorithm 2, lines 15-22) -------------------------------------------------------
 async def test_eviction_drops_below_mean_rows_then_enforces_cap_and_ttl(edge_config) -> None:
     async with running(Edged(edge_config())) as edge:
