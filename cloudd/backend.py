@@ -53,16 +53,20 @@ class BackendTimeout(BackendError):
 
 
 def build_messages(
-    cfg: LLMConfig, prompt: str, context: Sequence[tuple[str, str]] = ()
+    cfg: LLMConfig, prompt: str, context: Sequence[tuple[str, str]] = (),
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, str]]:
-    """The chat messages for a prompt: system prompt, then the user message.
+    """The chat messages for a prompt: system prompt, the conversation's earlier turns
+    (`history`, (role, content) oldest first; its own system message replaces the configured
+    one), then the user message.
 
     With context (Action C) the user message is `cfg.context_template` filled with the cached
     QA pairs and the prompt; without, it is the prompt itself.
     """
     messages = []
-    if cfg.system_prompt:
+    if cfg.system_prompt and not any(role == "system" for role, _ in history):
         messages.append({"role": "system", "content": cfg.system_prompt})
+    messages += [{"role": role, "content": content} for role, content in history]
     if context:
         items = "\n\n".join(
             cfg.context_item_template.format(question=q, answer=a) for q, a in context
@@ -137,11 +141,12 @@ class OpenAIBackend:
             ) from exc
 
     def _body(
-        self, prompt: str, context: Sequence[tuple[str, str]], max_tokens: int, stream: bool
+        self, prompt: str, context: Sequence[tuple[str, str]], max_tokens: int, stream: bool,
+        history: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.cfg.model,
-            "messages": build_messages(self.cfg, prompt, context),
+            "messages": build_messages(self.cfg, prompt, context, history),
             "max_tokens": max_tokens or self.cfg.default_max_tokens,
             "temperature": self.cfg.temperature,
             "stream": stream,
@@ -152,11 +157,12 @@ class OpenAIBackend:
         return body
 
     async def generate(
-        self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0
+        self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0,
+        history: Sequence[tuple[str, str]] = (),
     ) -> Completion:
         """One completion; `max_tokens=0` means the configured default."""
         started = time.perf_counter()
-        response = await self._send(self._body(prompt, context, max_tokens, stream=False))
+        response = await self._send(self._body(prompt, context, max_tokens, False, history))
         try:
             body = response.json()
             choice = body["choices"][0]
@@ -175,7 +181,8 @@ class OpenAIBackend:
         )
 
     async def stream(
-        self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0
+        self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0,
+        history: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[str | Completion]:
         """Yield the answer's text deltas as they arrive, then one `Completion` with all of it.
 
@@ -184,7 +191,7 @@ class OpenAIBackend:
         which tells the LLM server to stop generating.
         """
         started = time.perf_counter()
-        response = await self._send(self._body(prompt, context, max_tokens, stream=True),
+        response = await self._send(self._body(prompt, context, max_tokens, True, history),
                                     stream=True)
         parts: list[str] = []
         model, usage = self.cfg.model, {}

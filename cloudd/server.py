@@ -26,6 +26,7 @@ from cloudd.backend import (
     OpenAIBackend,
 )
 from cloudd.config import CloudConfig, LLMConfig
+from velo.conversation import history_problem
 from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.logs import get_logger
 from velo.serving import Daemon, GrpcServer, clip, request_id_problem
@@ -132,6 +133,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         if context_chars > cfg.max_context_chars:
             return (f"context is {context_chars} characters; cloudd accepts at most "
                     f"{cfg.max_context_chars} (llm.max_context_chars)")
+        if problem := history_problem(_history(request), cfg.max_context_chars):
+            return f"{problem} (llm.max_context_chars)"
         limit = cfg.max_tokens_limit
         if not 0 <= request.max_tokens <= limit:
             return (
@@ -169,7 +172,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                         background=request.background)
         try:
             async with self._slot(request.background):
-                completion = await self.backend.generate(request.prompt, qa, request.max_tokens)
+                completion = await self.backend.generate(request.prompt, qa, request.max_tokens,
+                                                         _history(request))
         except asyncio.CancelledError:
             rlog.info("generate cancelled by the client")
             raise
@@ -194,7 +198,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                 # aclosing: however we leave (client gone, error), the HTTP stream is closed
                 # and the LLM server stops generating for nobody.
                 contextlib.aclosing(
-                    self.backend.stream(request.prompt, qa, request.max_tokens)
+                    self.backend.stream(request.prompt, qa, request.max_tokens,
+                                        _history(request))
                 ) as pieces,
             ):
                 async for piece in pieces:
@@ -298,3 +303,6 @@ class Cloudd(Daemon):
         if self.backend is not None:
             await self.backend.aclose()
 
+
+def _history(request: cloud_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in request.history]

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from velo.security import TLSConfig, dial
 from velo.serving import clip
-from velo.v1 import cloud_pb2, cloud_pb2_grpc
+from velo.v1 import chat_pb2, cloud_pb2, cloud_pb2_grpc
 
 PartReport = Callable[[str, bool, str], Awaitable[None]]
 CHECK_TIMEOUT_S = 3.0
@@ -38,7 +38,8 @@ class CloudClient:
 
     async def generate(self, prompt: str, context: list[tuple[str, str]], max_tokens: int,
                        request_id: str, on_text: Callable[[str], Awaitable[None]] | None = None,
-                       background: bool = False) -> tuple[str, float]:
+                       background: bool = False, history: list[tuple[str, str]] | None = None,
+                       ) -> tuple[str, float]:
         """Ask the cloud LLM; returns (answer, seconds). Streams pieces to `on_text` if given."""
         if self.stub is None:
             raise CloudError(grpc.StatusCode.UNAVAILABLE,
@@ -46,6 +47,7 @@ class CloudClient:
         request = cloud_pb2.GenerateRequest(
             prompt=prompt, max_tokens=max_tokens, request_id=request_id, background=background,
             context=[cloud_pb2.ContextQA(question=q, answer=a) for q, a in context],
+            history=[chat_pb2.ChatMessage(role=r, content=c) for r, c in history or ()],
         )
         start = time.perf_counter()
         try:

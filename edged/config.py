@@ -9,6 +9,7 @@ from pathlib import Path
 
 from velo.cache import VectorDBConfig
 from velo.config import is_file, load_config, require
+from velo.embedder import EMBEDDER_KINDS
 from velo.names import NAME_RULE, valid_name
 from velo.security import AuthConfig, TLSConfig
 
@@ -89,6 +90,35 @@ class LimitsConfig:
 
 
 @dataclass
+class ReuseConfig:
+    # The verifier of reuse (edged.reuse): an ONNX file written by `velo experiment --pairs`
+    # (OUT/verifier.onnx). Empty: no verifier; the guard then scores rows by cosine similarity.
+    verifier: str = ""
+    # Reuse only at a score >= this (the verifier's P(same), or the cosine similarity). 0 with a
+    # verifier: the threshold the verifier file was calibrated with for `delta`. 0 without a
+    # verifier: the guard is off and A serves what the policy picks, as in the paper.
+    threshold: float = 0.0
+    # The bound on the error rate (wrong answers served / requests) the threshold is taken for;
+    # it must be one the verifier file was calibrated for (velo experiment --pairs prints them).
+    delta: float = 0.05
+    calibrate_rows: bool = True  # learn per-row thresholds from verification (velo.calibration)
+    # A verified answer is right when its q (eq. 2) against the fresh answer is at least this
+    # (-0.6: the two answers' embeddings have cosine >= 0.82).
+    right_q: float = -0.6
+
+    def __post_init__(self) -> None:
+        require(not self.verifier or is_file(self.verifier), "verifier",
+                f"{self.verifier} is not a readable file")
+        require(0.0 <= self.threshold <= 1.0, "threshold", "must be in [0, 1]")
+        require(0.0 < self.delta < 1.0, "delta", "must be in (0, 1)")
+        require(-2.0 <= self.right_q <= 0.0, "right_q", "must be in [-2, 0] (eq. 2)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.verifier) or self.threshold > 0
+
+
+@dataclass
 class EdgeAuthConfig(AuthConfig):
     # tokens_file: users' API keys (role "tenant": the one tenant a key may ask as; "admin":
     # GetStats). token_file: this edge's own token (role "edge" at cloudd and trainerd).
@@ -107,6 +137,9 @@ class EdgeConfig:
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
     trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
     data_dir: str = "var/edged"  # experience spool and last verified policy
+    # "minilm" (English, 384 wide) or "use-multilingual" (16 languages, 512 wide: a cached
+    # answer serves the question in every language). A different width needs a new collection.
+    embedder: str = "minilm"
     embedder_dir: str = ""  # exported ONNX embedder; empty: models/minilm-l6-v2
     # "model.onnx" (float32, what trainerd uses) or "model-int8.onnx" (~2x less CPU per
     # request, slightly different distances: measure with tools/bench_edge.py first).
@@ -126,11 +159,14 @@ class EdgeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
     auth: EdgeAuthConfig = field(default_factory=EdgeAuthConfig)
 
     def __post_init__(self) -> None:
         require(valid_name(self.edge_id), "edge_id", f"must be {NAME_RULE}")
+        require(self.embedder in EMBEDDER_KINDS, "embedder",
+                f"must be one of {', '.join(EMBEDDER_KINDS)}")
         require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
                 "must be debug, info, warning, error or critical")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")

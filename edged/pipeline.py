@@ -24,10 +24,12 @@ from edged.batching import MicroBatcher
 from edged.cloud_client import CloudClient, CloudError
 from edged.config import EdgeConfig
 from edged.decision import Decider, VectorDBError
+from edged.reuse import Candidate, ReuseGuard
 from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
 from velo.cache import VectorCache
+from velo.conversation import cache_scope, context_key, history_problem
 from velo.embedder import Embedder
 from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name
@@ -76,8 +78,10 @@ class Counters:
 class EdgePipeline:
     def __init__(self, cfg: EdgeConfig, embedder: Embedder, cache: VectorCache,
                  cloud: CloudClient, policies: PolicyFollower, spool: Spool,
-                 uploader: ExperienceUploader, report: PartReport) -> None:
+                 uploader: ExperienceUploader, report: PartReport,
+                 guard: ReuseGuard | None = None) -> None:
         self.cfg, self.embedder, self.cache, self.cloud = cfg, embedder, cache, cloud
+        self.guard = guard
         self.policies, self.spool, self.uploader = policies, spool, uploader
         self.report = report
         self.weights = qos.QosWeights(cfg.cache.phi1, cfg.cache.phi2)
@@ -121,9 +125,12 @@ class EdgePipeline:
         request_id = request.request_id or uuid.uuid4().hex
         max_tokens = request.max_tokens
         prompt = request.prompt
+        history = [(m.role, m.content) for m in request.history]
+        # Conversation-aware keys: a turn is looked up and cached within its context.
+        scope = cache_scope(tenant, context_key(history))
 
         try:
-            decided = await self.decider.decide(prompt, tenant)
+            decided = await self.decider.decide(prompt, scope)
         except VectorDBError as exc:
             raise await self._vector_db_down("search", exc) from exc
         f, state, policy, decision = decided.embedding, decided.state, decided.policy, \
@@ -132,6 +139,14 @@ class EdgePipeline:
 
         action = decision.action
         row = self._select(state) if action is not Action.FORWARD else None
+        candidate = self.guard.best(prompt, state.rows) if self.guard and state.rows else None
+        if action is Action.REUSE and candidate is not None:
+            if candidate.trusted:
+                row = candidate.row  # the verifier's best, not eq. 4's pick
+            else:  # the guard does not trust this reuse: ask the LLM instead
+                self.guard.vetoed += 1
+                action, row = Action.FORWARD, None
+                decision = Decision(action, decision.probs)
         cloud_s = 0.0
         if action is Action.REUSE:
             answer = row.answer
@@ -141,7 +156,7 @@ class EdgePipeline:
             context = [(row.question, row.answer)] if action is Action.AUGMENT else []
             try:
                 answer, cloud_s = await self.cloud.generate(prompt, context, max_tokens,
-                                                            request_id, on_text)
+                                                            request_id, on_text, history=history)
             except CloudError as exc:
                 # Say so only when it is true for this request: its tenant has cached rows.
                 hint = "; cached answers are still served" if state.rows else ""
@@ -154,8 +169,8 @@ class EdgePipeline:
                 self.embedder.embed, [answer, request.reference_answer])
             q = qos.satisfaction(answer_vec, reference_vec)
 
-        record = _Record(request_id, tenant, prompt, answer, f, answer_vec, state, decision,
-                         policy.version, row, d, q)
+        record = _Record(request_id, scope, prompt, answer, f, answer_vec, state, decision,
+                         policy.version, row, d, q, history=history, candidate=candidate)
         if hasattr(policy, "observe"):  # policies that learn online (Greedy-LLM)
             policy.observe(action, q if q is not None else self.q_estimate, d)
         shadow = q is None and action is not Action.FORWARD and self._shadow_sampled()
@@ -163,6 +178,8 @@ class EdgePipeline:
         if shadow and seq is not None:
             self.shadows += 1
             self._spawn(self._shadow_verify(record, seq))
+        if action is Action.FORWARD and candidate is not None:
+            self._spawn(self._verify_candidate(record))  # a free verification of the best row
 
         response = edge_pb2.AskResponse(
             answer=answer, action=_ACTION_PB[action], request_id=request_id,
@@ -185,7 +202,7 @@ class EdgePipeline:
         if unknown:
             raise _invalid(f"request has unknown field(s) {unknown[:8]}: this edge speaks "
                            "velo.v1 AskRequest (prompt=1, tenant=2, request_id=3, "
-                           "reference_answer=4, max_tokens=5)")
+                           "reference_answer=4, max_tokens=5, history=6)")
         if not request.prompt.strip():
             raise _invalid("prompt is empty")
         if len(request.prompt) > limits.max_prompt_chars:
@@ -201,6 +218,9 @@ class EdgePipeline:
             tenant = principal.name
         if not valid_name(tenant):
             raise _invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
+        if problem := history_problem([(m.role, m.content) for m in request.history],
+                                      4 * limits.max_prompt_chars):
+            raise _invalid(problem)
         if not 0 <= request.max_tokens <= limits.max_tokens:
             raise _invalid(f"max_tokens must be between 0 (default) and {limits.max_tokens}")
         if len(request.reference_answer) > limits.max_reference_chars:
@@ -221,11 +241,11 @@ class EdgePipeline:
             answer_vec = rec.answer_vec
             if answer_vec is None:
                 answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
-            await self._vector_db(self.cache.insert_pair, rec.tenant, rec.prompt, rec.answer,
+            await self._vector_db(self.cache.insert_pair, rec.scope, rec.prompt, rec.answer,
                                   rec.prompt_vec, answer_vec, q_used - rec.d)
         else:
             # Write-behind (velo.cache): no Milvus call here, so no thread either.
-            self.cache.update_row(rec.row, rec.tenant, rec.row.hits + 1,
+            self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
                                   qos.updated_value(rec.row.value, q_used, rec.d))
         if rec.q is not None:
             self.q_estimate += 0.05 * (rec.q - self.q_estimate)
@@ -245,7 +265,8 @@ class EdgePipeline:
         release the held record, with q when it was measured."""
         try:
             shadow_id = f"{rec.request_id[:MAX_REQUEST_ID_CHARS - 7]}-shadow"
-            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, shadow_id, background=True)
+            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, shadow_id, background=True,
+                                                 history=rec.history)
             served_vec, fresh_vec = await asyncio.to_thread(self.embedder.embed,
                                                             [rec.answer, fresh])
             rec.q, rec.shadow = qos.satisfaction(served_vec, fresh_vec), True
@@ -259,12 +280,21 @@ class EdgePipeline:
             self.uploader.wake()
         if rec.q is None:
             return
+        if rec.candidate is not None and rec.decision.action is Action.REUSE:
+            self.guard.observe(rec.candidate, rec.q, reused=True)
         self.counters.shadow_verified += 1
         self.q_estimate += 0.05 * (rec.q - self.q_estimate)
         c = self.counters.actions[rec.decision.action]
         c.satisfaction_count += 1
         c.satisfaction_sum += rec.q
         c.reward_sum += qos.reward(rec.q, rec.d, self.weights)
+
+    async def _verify_candidate(self, rec: _Record) -> None:
+        """After a forward: would the best cached row have been right? Its answer against the
+        fresh one is a verified outcome at no LLM cost (edged.reuse)."""
+        row_vec, fresh_vec = await asyncio.to_thread(
+            self.embedder.embed, [rec.candidate.row.answer, rec.answer])
+        self.guard.observe(rec.candidate, qos.satisfaction(row_vec, fresh_vec), reused=False)
 
     def _count(self, rec: _Record) -> None:
         self.counters.requests += 1
@@ -319,6 +349,8 @@ class EdgePipeline:
             except TimeoutError:
                 below_mean = False
             self.eviction_due.clear()
+            if self.guard is not None:
+                await asyncio.to_thread(self.guard.save)
             try:
                 if below_mean:
                     below_mean = await asyncio.to_thread(self.cache.count) >= \
@@ -349,6 +381,8 @@ class EdgePipeline:
             await asyncio.gather(*self.background, return_exceptions=True)
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.save()
         self.decider.close()
         self.spool_writes.close()
 
@@ -356,7 +390,7 @@ class EdgePipeline:
 @dataclass
 class _Record:
     request_id: str
-    tenant: str
+    scope: str  # the cache scope: the tenant, or its conversation scope (velo.conversation)
     prompt: str
     answer: str
     prompt_vec: np.ndarray
@@ -368,6 +402,8 @@ class _Record:
     d: float
     q: float | None
     shadow: bool = False
+    history: list[tuple[str, str]] = field(default_factory=list)
+    candidate: Candidate | None = None  # the reuse guard's best row, when the guard is on
 
     def experience_encoder(self, edge_id: str) -> Encoder:
         def encode(seq: int) -> bytes:

@@ -21,10 +21,11 @@ import grpc
 from edged.cloud_client import CloudClient
 from edged.config import EdgeConfig
 from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline, RequestError
+from edged.reuse import ReuseGuard
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo.cache import VectorCache
-from velo.embedder import Embedder
+from velo.embedder import load_embedder
 from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
@@ -32,6 +33,7 @@ from velo.qos import Action
 from velo.security import dial, read_token
 from velo.serving import Daemon
 from velo.v1 import edge_pb2, edge_pb2_grpc
+from velo.verifier import OnnxVerifier
 
 log = get_logger("edged")
 
@@ -98,7 +100,29 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                    for name, p in edge.grpc.parts.items()],
             shadow_verified=c.shadow_verified, shadow_skipped=c.shadow_skipped,
             policies_rejected=len(edge.policies.rejected),
+            **_guard_stats(edge.pipeline.guard),
         )
+
+
+def _guard_stats(guard: ReuseGuard | None) -> dict:
+    if guard is None:
+        return {}
+    return {"reuses_vetoed": guard.vetoed, "reuses_verified": guard.verified,
+            "reuses_judged_wrong": guard.judged_wrong,
+            "false_hit_estimate": guard.false_hit_estimate}
+
+
+def reuse_guard(cfg: EdgeConfig) -> ReuseGuard | None:
+    """The [reuse] guard, or None when it is off. A bad verifier file stops the start with the
+    reason (better than serving unguarded reuses the operator asked to guard)."""
+    reuse = cfg.reuse
+    if not reuse.enabled:
+        return None
+    verifier = OnnxVerifier(Path(reuse.verifier)) if reuse.verifier else None
+    threshold = reuse.threshold or verifier.threshold_for(reuse.delta)
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    return ReuseGuard(verifier, threshold, reuse.calibrate_rows, reuse.right_q,
+                      cfg.data_path / "reuse_rows.json")
 
 
 class Edged(Daemon):
@@ -114,8 +138,8 @@ class Edged(Daemon):
     async def startup(self) -> None:
         cfg = self.cfg
         model_dir = Path(cfg.embedder_dir) if cfg.embedder_dir else embedder_dir()
-        self.embedder = Embedder(model_dir, threads=cfg.embedder_threads,
-                                 model_file=cfg.embedder_file)
+        self.embedder = load_embedder(cfg.embedder, model_dir, cfg.embedder_threads,
+                                      cfg.embedder_file)
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
         await asyncio.to_thread(self.cache.open)
@@ -139,7 +163,7 @@ class Edged(Daemon):
             report=self.report)
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
-                                     self.spool, self.uploader, self.report)
+                                     self.spool, self.uploader, self.report, reuse_guard(cfg))
         background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                       self.pipeline.flush_loop(), self._watch_vector_db()]
         if self.cloud.stub is not None:

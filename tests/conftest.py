@@ -74,3 +74,29 @@ async def edge_client(address: str) -> AsyncIterator[edge_pb2_grpc.EdgeServiceSt
 
 def ask(prompt: str, tenant: str = "t1", **kw: object) -> edge_pb2.AskRequest:
     return edge_pb2.AskRequest(prompt=prompt, tenant=tenant, **kw)
+
+
+@pytest.fixture(scope="module")
+def fake_llm():
+    """An OpenAI-compatible HTTP server on loopback standing in for the LLM."""
+    from tests.fake_llm import FakeLLM
+
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cloud(fake_llm):
+    """A real cloudd in front of `fake_llm`; yields its address."""
+    from cloudd.config import CloudConfig, LLMConfig
+    from cloudd.server import Cloudd
+    from tests.fake_llm import FAKE_MODEL
+
+    fake_llm.reset()
+    cfg = CloudConfig(listen="127.0.0.1:0", shutdown_grace_s=1.0,
+                      llm=LLMConfig(base_url=fake_llm.url, model=FAKE_MODEL, default_max_tokens=8,
+                                    retry_backoff_s=0.01))
+    async with running(Cloudd(cfg)) as daemon:
+        yield daemon.grpc.address
+    fake_llm.gate.set()

@@ -15,12 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from cloudd.config import CloudConfig, LLMConfig
-from cloudd.server import Cloudd
 from edged.config import CacheConfig, PolicyConfig
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
-from tests.fake_llm import FAKE_MODEL, FakeLLM, fake_tokens
+from tests.fake_llm import fake_tokens
 from trainerd.config import TrainerConfig
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
@@ -35,24 +33,6 @@ LLM_ANSWER = "".join(fake_tokens(8))
 async def seed(edge: Edged, tenant: str, question: str = QUESTION, answer: str = ANSWER) -> None:
     q_vec, a_vec = edge.embedder.embed([question, answer])
     await asyncio.to_thread(edge.cache.insert_pair, tenant, question, answer, q_vec, a_vec, -1.0)
-
-
-@pytest.fixture(scope="module")
-def fake_llm():
-    server = FakeLLM().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def cloud(fake_llm):
-    fake_llm.reset()
-    cfg = CloudConfig(listen="127.0.0.1:0", shutdown_grace_s=1.0,
-                      llm=LLMConfig(base_url=fake_llm.url, model=FAKE_MODEL, default_max_tokens=8,
-                                    retry_backoff_s=0.01))
-    async with running(Cloudd(cfg)) as daemon:
-        yield daemon.grpc.address
-    fake_llm.gate.set()
 
 
 def trainer_config(tmp_path: Path, port: int) -> TrainerConfig:

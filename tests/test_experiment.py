@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainerd.experiment import QUICK, Job, Setting, calibrate, run_job
+from lab.experiment import QUICK, Job, Setting, calibrate, run_job
 from velo.models import ROOT
 
 DATA = ROOT / "data" / "oasst1_dev.jsonl"
@@ -21,7 +21,7 @@ LATENCIES = ROOT / "data" / "llm_latency_llmperf.jsonl"
 def quick_run(exported_embedder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("experiment")
     result = subprocess.run(
-        [sys.executable, "-m", "velo.cli", "experiment", "--quick", "--data", str(DATA),
+        [sys.executable, "-m", "velo_cli", "experiment", "--quick", "--data", str(DATA),
          "--out", str(out), "--jobs", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,7 +94,7 @@ def test_items_without_a_second_answer_get_an_honest_simulated_llm(exported_embe
                                                                    tmp_path) -> None:
     import numpy as np
 
-    from trainerd.sim import SimConfig, SimEnv
+    from lab.sim import SimConfig, SimEnv
     from velo.embedder import Embedder
     from velo.workload import QAItem
 

@@ -7,7 +7,7 @@ import uuid
 
 import numpy as np
 
-from trainerd.memory_cache import MemoryCache
+from lab.memory_cache import MemoryCache
 from velo.cache import VectorCache, VectorDBConfig
 
 DIM = 16

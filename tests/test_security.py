@@ -254,7 +254,7 @@ def test_velo_token_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) 
 
     from velo.security import TokenTable
 
-    out = subprocess.run([sys.executable, "-m", "velo.cli", "token", "--role", "edge",
+    out = subprocess.run([sys.executable, "-m", "velo_cli", "token", "--role", "edge",
                           "--name", "edge-7"], capture_output=True, text=True, check=True).stdout
     token = out.split("\n")[1].strip()
     entry = out[out.index("[[token]]"):]
@@ -262,6 +262,6 @@ def test_velo_token_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) 
     principal = TokenTable.load(tmp_path / "tokens.toml").lookup(token)
     assert (principal.role, principal.name) == ("edge", "edge-7")
     assert token not in entry  # the file holds only its sha256
-    bad = subprocess.run([sys.executable, "-m", "velo.cli", "token", "--role", "tenant",
+    bad = subprocess.run([sys.executable, "-m", "velo_cli", "token", "--role", "tenant",
                           "--name", "acme\n"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--name must be" in bad.stderr

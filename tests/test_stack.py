@@ -49,7 +49,7 @@ def test_replay_through_two_edges_answers_everything(stack) -> None:
 
 def test_velo_ask_cli_talks_to_an_edge(stack) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "velo.cli", "ask", "Name one colour of the sky.",
+        [sys.executable, "-m", "velo_cli", "ask", "Name one colour of the sky.",
          "--edge", stack.edge_addresses[0], "--max-tokens", "12", "--stream"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -79,7 +79,7 @@ def test_a_dead_daemon_is_restarted_and_the_rest_keep_serving(stack) -> None:
 def test_velo_up_stops_every_child_on_sigterm(tmp_path, milvus) -> None:
     env = {**os.environ, "VELO_MILVUS_TOKEN": milvus.token, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
-        [sys.executable, "-m", "velo.cli", "up", "--edges-count", "1", "--base-port", "0",
+        [sys.executable, "-m", "velo_cli", "up", "--edges-count", "1", "--base-port", "0",
          "--milvus-uri", milvus.uri, "--state-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
@@ -135,7 +135,7 @@ def test_velo_demo_fails_loudly_when_the_llm_cannot_start(tmp_path, milvus) -> N
            "VELO_CLOUDD__LOCAL_LLM__MODEL_FILE": str(broken)}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "velo.cli", "demo", "--requests", "3", "--edges-count", "1",
+        [sys.executable, "-m", "velo_cli", "demo", "--requests", "3", "--edges-count", "1",
          "--milvus-uri", milvus.uri, "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, env=env, timeout=170)
     assert result.returncode != 0
@@ -153,7 +153,7 @@ def test_velo_replay_exits_1_and_says_what_is_down(tmp_path, edge_config) -> Non
         cfg = edge_config(cloud=f"127.0.0.1:{free_port()}")  # no cloudd there
         async with running(Edged(cfg)) as edge:
             return await asyncio.to_thread(subprocess.run, [
-                sys.executable, "-m", "velo.cli", "replay", "--requests", "3",
+                sys.executable, "-m", "velo_cli", "replay", "--requests", "3",
                 "--edges", edge.grpc.address], capture_output=True, text=True, timeout=120)
 
     result = asyncio.run(scenario())

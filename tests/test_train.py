@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lab.sim import SimConfig, SimEnv
+from lab.train import run, table
 from trainerd.lrs import LRSConfig
-from trainerd.sim import SimConfig, SimEnv
-from trainerd.train import run, table
 from velo.embedder import Embedder
 from velo.models import ROOT
 from velo.qos import Action

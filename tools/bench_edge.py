@@ -55,7 +55,7 @@ import grpc  # noqa: E402
 import uvloop  # noqa: E402
 
 from edged.decision import Decider  # noqa: E402
-from trainerd.pairs import load_pairs  # noqa: E402
+from lab.pairs import load_pairs  # noqa: E402
 from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
 from velo.embedder import Embedder  # noqa: E402
 from velo.milvus_server import EmbeddedMilvus  # noqa: E402

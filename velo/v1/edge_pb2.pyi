@@ -1,3 +1,4 @@
+from velo.v1 import chat_pb2 as _chat_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -19,18 +20,20 @@ ACTION_FORWARD: Action
 ACTION_AUGMENT: Action
 
 class AskRequest(_message.Message):
-    __slots__ = ("prompt", "tenant", "request_id", "reference_answer", "max_tokens")
+    __slots__ = ("prompt", "tenant", "request_id", "reference_answer", "max_tokens", "history")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ANSWER_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     tenant: str
     request_id: str
     reference_answer: str
     max_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., reference_answer: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., reference_answer: _Optional[str] = ..., max_tokens: _Optional[int] = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answer", "action", "request_id", "edge_id", "policy", "delay_s", "edge_s", "cloud_s", "cached_question", "similarity", "has_satisfaction", "satisfaction", "reward")
@@ -91,7 +94,7 @@ class ActionStats(_message.Message):
     def __init__(self, action: _Optional[_Union[Action, str]] = ..., requests: _Optional[int] = ..., delay_sum_s: _Optional[float] = ..., satisfaction_count: _Optional[int] = ..., satisfaction_sum: _Optional[float] = ..., reward_sum: _Optional[float] = ...) -> None: ...
 
 class EdgeStats(_message.Message):
-    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped", "parts", "shadow_verified", "shadow_skipped", "policies_rejected")
+    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped", "parts", "shadow_verified", "shadow_skipped", "policies_rejected", "reuses_vetoed", "reuses_verified", "reuses_judged_wrong", "false_hit_estimate")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +110,10 @@ class EdgeStats(_message.Message):
     SHADOW_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     POLICIES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REUSES_VETOED_FIELD_NUMBER: _ClassVar[int]
+    REUSES_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    REUSES_JUDGED_WRONG_FIELD_NUMBER: _ClassVar[int]
+    FALSE_HIT_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     requests: int
     errors: int
@@ -122,7 +129,11 @@ class EdgeStats(_message.Message):
     shadow_verified: int
     shadow_skipped: int
     policies_rejected: int
-    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ..., shadow_verified: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., policies_rejected: _Optional[int] = ...) -> None: ...
+    reuses_vetoed: int
+    reuses_verified: int
+    reuses_judged_wrong: int
+    false_hit_estimate: float
+    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ..., shadow_verified: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., policies_rejected: _Optional[int] = ..., reuses_vetoed: _Optional[int] = ..., reuses_verified: _Optional[int] = ..., reuses_judged_wrong: _Optional[int] = ..., false_hit_estimate: _Optional[float] = ...) -> None: ...
 
 class PartStatus(_message.Message):
     __slots__ = ("name", "up", "reason")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainerd.memory_cache import MemoryCache
+from lab.memory_cache import MemoryCache
 from velo import qos
 from velo.cache import VectorCache, VectorDBConfig
 from velo.embedder import Embedder

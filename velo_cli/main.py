@@ -100,8 +100,21 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --pairs of positives only: share of `a` sides left out of the "
                     "cache to make negatives (0: cache all, as GPTCache's benchmark)")
     ex.add_argument("--delta", type=float, default=None,
-                    help="with --pairs: a bound on the false-hit rate the learned policy must "
-                    "respect (reuse only when P(A) >= a calibrated tau)")
+                    help="with --pairs: a bound on the error rate (wrong answers served / "
+                    "queries); each reuse rule's threshold is calibrated for it on a "
+                    "calibration split and checked on the test split")
+    ex.add_argument("--no-lrs", action="store_true",
+                    help="with --pairs: skip training LRS (the verifier and cosine curves only)")
+    ex.add_argument("--feedback", action="store_true",
+                    help="learning from feedback: static thresholds against per-row "
+                    "calibration on Quora duplicate clusters and restated conversation turns "
+                    "(writes feedback.md)")
+    ex.add_argument("--multilingual", type=Path, default=None, metavar="FILE",
+                    help="cross-lingual reuse with MiniLM and multilingual USE on an xquad-style "
+                    "file (writes multilingual.md)")
+    ex.add_argument("--multiturn", type=Path, default=None, metavar="FILE",
+                    help="conversation-aware keys against last-message keys on a multi-turn "
+                    "file such as multiturn_dev.jsonl (writes multiturn.md)")
     ex.add_argument("--live", action="store_true",
                     help="a small version through the real daemons and the real local LLM, "
                     "next to the simulator on the same requests (writes live.md)")
@@ -318,9 +331,9 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from contextlib import ExitStack
 
+    from lab.sim import SimConfig, SimEnv
+    from lab.train import run, table
     from trainerd.lrs import LRSConfig
-    from trainerd.sim import SimConfig, SimEnv
-    from trainerd.train import run, table
     from velo.embedder import Embedder
     from velo.milvus_server import EmbeddedMilvus
     from velo.models import embedder_dir
@@ -366,7 +379,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
-    from trainerd.experiment import FIGURES, QUICK, Scale, plan, run_experiment, write_reports
+    from lab.experiment import FIGURES, QUICK, Scale, plan, run_experiment, write_reports
 
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
     scale = QUICK if args.quick else Scale()
@@ -377,8 +390,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     figures = sorted(set(args.figure or FIGURES))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs or args.live:
-        from trainerd.experiment import Job, Setting, calibrate, live_experiment, pairs_benchmark
-        from trainerd.pairs import markdown
+        from lab.experiment import Job, Setting, calibrate, live_experiment, pairs_benchmark
+        from lab.pairs import markdown
 
         cache_dir = ROOT / "var" / "train" / "cache"
         edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
@@ -390,10 +403,30 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print(f"{args.out / 'live.md'}")
         return
     if args.pairs:
-        print(f"velo experiment --pairs {args.pairs}: training LRS on {data}, then the "
-              "benchmark...")
-        print(markdown(pairs_benchmark(args.pairs, job, args.out, args.delta, args.holdout)))
-        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png")
+        print(f"velo experiment --pairs {args.pairs}: training the verifier"
+              f"{'' if args.no_lrs else f' and LRS (on {data})'}, then the benchmark...")
+        print(markdown(pairs_benchmark(args.pairs, job, args.out, args.delta, args.holdout,
+                                       lrs=not args.no_lrs)))
+        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png, verifier.onnx")
+        return
+    if args.feedback or args.multiturn or args.multilingual:
+        from lab.experiment import (
+            feedback_experiment,
+            multilingual_experiment,
+            multiturn_experiment,
+        )
+
+        cache_dir = ROOT / "var" / "train" / "cache"
+        if args.multilingual:
+            print(multilingual_experiment(args.out, args.multilingual, cache_dir,
+                                          args.delta or 0.05))
+        if args.multiturn:
+            print(multiturn_experiment(args.out, args.multiturn, cache_dir))
+        if args.feedback:
+            shared = DEFAULT_DATA.parent
+            print(feedback_experiment(args.out, shared / "qqp_pairs_dev.jsonl",
+                                      shared / "multiturn_dev.jsonl", shared / "xquad_dev.jsonl",
+                                      cache_dir))
         return
     runs = plan(figures, scale)
     print(f"velo experiment: figures {', '.join(map(str, figures))} on {data}: {len(runs)} runs "

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from lab.sim import SimEnv, StepResult
 from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
-from trainerd.sim import SimEnv, StepResult
 from velo.policy import OnnxPolicy, Policy, baseline_from_name
 from velo.qos import Action
 

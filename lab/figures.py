@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,8 +11,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
 import numpy as np
 
-if TYPE_CHECKING:
-    from trainerd.experiment import Figure, RunResult
+from lab.design import Figure, RunResult
 
 PANELS = (("reward", "(a) reward"), ("q", "(b) satisfaction q"), ("d", "(c) delay d (s)"),
           ("llm_freq", "(d) LLM direct-request frequency"))

@@ -20,17 +20,19 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lab.design import Figure, RunResult, Setting
+from lab.figures import plot_curves, plot_sweep
+from lab.memory_cache import MemoryCache
+from lab.sim import EmbeddedTexts, SimConfig, SimEnv, item_texts, measure_embedding
+from lab.train import LEARNED as VARIANTS
+from lab.train import collect_demos, evaluate, train
 from trainerd.lrs import LRSConfig
-from trainerd.memory_cache import MemoryCache
-from trainerd.sim import EmbeddedTexts, SimConfig, SimEnv, item_texts, measure_embedding
-from trainerd.train import LEARNED as VARIANTS
-from trainerd.train import collect_demos, evaluate, train
 from velo import qos
 from velo.policy import OnnxPolicy, baseline_from_name
 from velo.workload import load_qa
@@ -44,23 +46,8 @@ MEASURES = ("reward", "q", "d", "llm_freq", "hit_rate", "false_hit_rate", "preci
             "cloud_calls", "normalized")
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One point of a figure: offload mode, reward weight, number of edges, training set."""
-
-    mode: str = "nearest"  # "nearest" or "all" (fastest of all edges wins)
-    w: float = 0.1  # w = phi2 / phi1
-    edges: int = 3  # N
-    train_share: float = 1.0  # share of the QA items in the training set (most popular first)
 
 
-@dataclass(frozen=True)
-class Figure:
-    number: int
-    title: str
-    vary: str  # the Setting field on the x axis, or "update" for training curves
-    mode: str
-    policies: tuple[str, ...]
 
 
 FIGURES = {
@@ -113,13 +100,6 @@ class Job:
     edge_s: float
 
 
-@dataclass
-class RunResult:
-    setting: Setting
-    seed: int
-    metrics: dict[str, dict[str, float]]  # policy -> measures
-    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # learned policies
-    seconds: float = 0.0
 
 
 def run_job(job: Job) -> RunResult:
@@ -176,34 +156,156 @@ def train_lrs(env: SimEnv, job: Job) -> tuple[OnnxPolicy, bytes]:
 
 
 def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
-                    holdout: float = 0.5) -> dict:
-    """The labelled false-hit benchmark (trainerd.pairs) with LRS trained on `job`'s setting."""
-    from trainerd import pairs
+                    holdout: float = 0.5, lrs: bool = True) -> dict:
+    """The labelled false-hit benchmark (lab.pairs): the verifier trained on the train split,
+    δ calibrated on the calibration split, every curve measured on the test split; LRS trained
+    on `job`'s setting. Writes OUT/pairs.{md,csv,png} and the trained OUT/verifier.onnx."""
+    from lab import pairs
+    from lab.verifier import (
+        DELTAS,
+        VerifierConfig,
+        candidate_examples,
+        split_by_component,
+        train_verifier,
+        with_thresholds,
+    )
+    from velo.verifier import OnnxVerifier
 
-    env = make_env(job)
-    policy, _ = train_lrs(env, job)
-    # c^r of a freshly cached pair, as the simulator writes it: q - d of a typical B answer.
-    q_b = np.median([qos.satisfaction(env.llm_vecs[n], env.vec[i.answer])
-                     for n, i in enumerate(env.items)])
-    value = float(q_b - np.median(env.latencies))
-    env.close()
     data = pairs.load_pairs(pairs_path)
-    vectors = EmbeddedTexts({t for p in data for t in (p.a, p.b)}, _embedder(), job.cache_dir)
-    queries = pairs.build_queries(data, vectors, _embedder().dim, value, job.seed, holdout)
-    report = pairs.benchmark(queries, policy, delta, job.seed)
+    train, calib, test = split_by_component(data, (0.6, 0.2, 0.2), job.seed)
+    embedder = _embedder()
+    vectors = EmbeddedTexts({t for p in data for t in (p.a, p.b)}, embedder, job.cache_dir)
+    cfg = VerifierConfig(seed=job.seed)
+    onnx = train_verifier(*candidate_examples(train, vectors, embedder.dim, cfg.candidates), cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verifier.onnx").write_bytes(onnx)
+    verifier = OnnxVerifier(onnx)
+    value, policy = 0.0, None
+    if lrs:
+        env = make_env(job)
+        policy, _ = train_lrs(env, job)
+        # c^r of a freshly cached pair, as the simulator writes it: q - d of a typical B answer.
+        q_b = np.median([qos.satisfaction(env.llm_vecs[n], env.vec[i.answer])
+                         for n, i in enumerate(env.items)])
+        value = float(q_b - np.median(env.latencies))
+        env.close()
+    splits = {}
+    for name, part in (("calib", calib), ("test", test)):
+        queries = pairs.build_queries(part, vectors, embedder.dim, value, job.seed, holdout)
+        pairs.score_verifier(queries, verifier)
+        splits[name] = queries
+    report: dict = {"rows": [], "split": {"train": len(train), "calib": len(calib),
+                                          "test": len(test)}}
+    if policy is not None:
+        pairs.score_policy(splits["calib"], policy)
+        report["learned"] = pairs.score_policy(splits["test"], policy)
+    rules = [r for r in pairs.RULES if r in splits["test"][0].scores]
+    for rule in rules:
+        report["rows"] += pairs.curve(splits["test"], rule)
+    if delta is not None:
+        report["delta"] = [pairs.calibrate(splits["calib"], splits["test"], rule, delta)
+                           for rule in rules]
+    # The file an edge loads ([reuse] verifier) carries the threshold for each usual δ.
+    table = {d: pairs.calibrate(splits["calib"], splits["test"], "verifier", d)["threshold"]
+             for d in sorted({*DELTAS, *([delta] if delta else [])})}
+    (out / "verifier.onnx").write_bytes(with_thresholds(
+        onnx, {d: t for d, t in table.items() if math.isfinite(t)}))
+    report["summary"] = pairs.targets(report)
     pairs.plot(report, out / "pairs.png")
-    (out / "pairs.md").write_text(f"# Labelled pairs: `{pairs_path.name}`, {holdout:.0%} of the "
-                                  f"`a` sides left out\n\n{pairs.markdown(report)}\n")
+    sizes = report["split"]
+    (out / "pairs.md").write_text(
+        f"# Labelled pairs: `{pairs_path.name}`\n\nSplit by connected component: "
+        f"{sizes['train']} pairs train the verifier, {sizes['calib']} calibrate δ, "
+        f"{sizes['test']} test (every number below).\n\n{pairs.markdown(report)}\n")
     write_csv(report["rows"] + ([report["learned"]] if "learned" in report else []),
               out / "pairs.csv")
     return report
 
 
+def feedback_experiment(out: Path, pairs_path: Path, multiturn_path: Path, xquad_path: Path,
+                        cache_dir: Path, seeds: int = 3, requests: int = 6000) -> str:
+    """Learning from feedback (lab.feedback): static thresholds against per-row calibration on
+    Quora duplicate clusters (the test split of lab.verifier's split), the `nc-*` restated
+    conversation turns and xquad's five languages (multilingual USE). Writes OUT/feedback.md
+    and feedback-*.png."""
+    from lab import feedback
+    from lab.pairs import load_pairs
+    from lab.verifier import split_by_component
+    from velo.embedder import MultilingualEmbedder
+
+    workloads = []
+    if pairs_path.exists():
+        test = split_by_component(load_pairs(pairs_path), (0.6, 0.2, 0.2), 0)[2]
+        intents = [i for i in feedback.quora_intents(test) if len(i) > 1]
+        workloads.append(("Quora duplicate clusters (MiniLM)", intents, None, _embedder))
+    if multiturn_path.exists():
+        intents, scopes = feedback.restatement_intents(multiturn_path)
+        workloads.append(("restated conversation turns, nc-* (MiniLM)", intents, scopes,
+                          _embedder))
+    if xquad_path.exists():
+        intents, _ = feedback.restatement_intents(xquad_path)
+        workloads.append(("xquad, five languages (multilingual USE)", intents, None,
+                          MultilingualEmbedder))
+    md = ["# Learning from feedback\n",
+          f"Each workload: {seeds} streams of {requests} requests, intents by Zipf popularity "
+          f"(skew {SimConfig.skew}), a uniform restatement each; every forward verifies the best "
+          "row for free, every reuse is shadow-verified; the verdict is the data's label (a "
+          "perfect judge). Rates over the last third of each replay, averaged over the streams; "
+          "cosine scores.\n"]
+    out.mkdir(parents=True, exist_ok=True)
+    for number, (name, intents, scopes, make_embedder) in enumerate(workloads):
+        vectors = EmbeddedTexts({t for i in intents for t in i}, make_embedder(), cache_dir)
+        streams = [feedback.arrivals(intents, requests, SimConfig.skew, seed)
+                   for seed in range(seeds)]
+        report = feedback.compare(streams, vectors, feedback.cosine_scorer, scope_of=scopes)
+        figure = f"feedback-{number}.png"
+        feedback.plot(name, report, 0.8, out / figure)
+        md += [feedback.markdown(f"{name}: {len(intents)} intents", report),
+               f"\n![{name}]({figure})\n"]
+    (out / "feedback.md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def multiturn_experiment(out: Path, multiturn_path: Path, cache_dir: Path) -> str:
+    """Conversation-aware keys against last-message keys (lab.multiturn); OUT/multiturn.md."""
+    from lab import multiturn
+
+    turns = multiturn.load_turns(multiturn_path)
+    texts = {t["question"] for t in turns} | {p for t in turns for p in t.get("paraphrases") or ()}
+    vectors = EmbeddedTexts(texts, _embedder(), cache_dir)
+    rows = [{"keys": "context-aware" if aware else "last message", "threshold": threshold,
+             **multiturn.run(turns, vectors, aware, threshold)}
+            for aware in (False, True) for threshold in multiturn.THRESHOLDS]
+    text = (f"# Multi-turn reuse: `{multiturn_path.name}`\n\n{multiturn.markdown(rows)}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multiturn.md").write_text(text)
+    return text
+
+
+def multilingual_experiment(out: Path, path: Path, cache_dir: Path, delta: float = 0.05,
+                            seed: int = 0) -> str:
+    """Cross-lingual reuse with MiniLM and multilingual USE (lab.multilingual)."""
+    from lab import multilingual
+    from velo.embedder import MultilingualEmbedder
+
+    items = multilingual.load_items(path)
+    results = {}
+    for name, embedder in (("minilm", _embedder()), ("use-multilingual", MultilingualEmbedder())):
+        vectors = EmbeddedTexts(multilingual.texts_of(items), embedder, cache_dir)
+        results[name] = multilingual.run(items, vectors, delta, seed)
+    text = (f"# Cross-lingual reuse: `{path.name}`\n\n{len(items)} items, half calibrate each "
+            f"embedder's threshold for δ = {delta}, the other half is asked in four languages "
+            f"against the English questions.\n\n{multilingual.markdown(results, delta)}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multilingual.md").write_text(text)
+    return text
+
+
 def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tokens: int = 48,
                     milvus_uri: str = "", milvus_token: str = "") -> str:
     """`--live`: LRS trained on the simulator, then the real stack and the simulator side by
-    side on the same requests (trainerd.live). Returns the Markdown report."""
-    from trainerd import live
+    side on the same requests (lab.live). Returns the Markdown report."""
+    from lab import live
 
     env = make_env(job)
     lrs, onnx = train_lrs(env, job)
@@ -390,8 +492,6 @@ def rows_at(rows: list[dict], setting: Setting) -> dict[str, dict]:
 
 def write_reports(results: list[RunResult], figures: list[int], scale: Scale, out: Path,
                   data: Path, started: float) -> list[dict]:
-    from trainerd.figures import plot_curves, plot_sweep
-
     rows = aggregate(results)
     write_csv(rows, out / "results.csv")
     per_seed = [{**asdict(r.setting), "seed": r.seed, "policy": p, **m}

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from trainerd.train import Metrics
+from lab.train import Metrics
 from velo.replay import Outcome, replay
 from velo.stack import Stack, StackConfig
 from velo.v1 import edge_pb2, edge_pb2_grpc, trainer_pb2, trainer_pb2_grpc

@@ -1,0 +1,208 @@
+"""Reuse that knows when it is right (issue 12): the verifier's features and ONNX contract,
+per-row calibration, conversation-aware keys, and the edge's reuse guard against real parts
+(Milvus, the ONNX embedder, cloudd and an OpenAI-compatible HTTP LLM on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edged.config import PolicyConfig, ReuseConfig
+from edged.server import Edged, reuse_guard
+from lab import feedback, multiturn
+from lab.sim import EmbeddedTexts
+from lab.verifier import train_verifier, with_thresholds
+from tests.conftest import ask, edge_client, running
+from tests.test_edged import LLM_ANSWER, QUESTION, seed
+from velo.calibration import RowCalibration
+from velo.conversation import cache_scope, context_key, history_problem
+from velo.embedder import Embedder
+from velo.names import valid_scope
+from velo.v1 import chat_pb2, edge_pb2
+from velo.verifier import FEATURES, OnnxVerifier, VerifierError, pair_features
+
+from .conftest import SHARED_DATA
+
+PARAPHRASE = "How can I reset my router to its factory settings?"
+
+
+# -- the verifier's features and file ---------------------------------------------------------
+def test_pair_features_see_what_a_similarity_cannot() -> None:
+    f = dict(zip(FEATURES, pair_features("How do I learn Python?", "How do I learn Java?", 0.8),
+                 strict=True))
+    assert f["similarity"] == pytest.approx(0.8) and f["exact"] == 0
+    assert f["new_only"] == f["cached_only"] == pytest.approx(0.5)  # python vs java
+    same = dict(zip(FEATURES, pair_features("How do I learn Python?", "how do i LEARN python",
+                                            0.99), strict=True))
+    assert same["exact"] == 1 and same["new_only"] == 0
+    numbers = dict(zip(FEATURES, pair_features("Is 2 + 2 = 4?", "Is 2 + 2 = 5?", 0.97),
+                       strict=True))
+    assert numbers["numbers_differ"] == 1
+    negated = dict(zip(FEATURES, pair_features("Why can't I sleep?", "Why can I sleep?", 0.95),
+                       strict=True))
+    assert negated["negation_differs"] == 1
+
+
+def _tiny_verifier() -> bytes:
+    """A verifier trained on synthetic pairs: right when similar and the words agree."""
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    for _ in range(400):
+        sim = rng.uniform(0.5, 1.0)
+        same = rng.random() < 0.5
+        words = "how do i learn python" if same else "how do i learn java"
+        rows.append(pair_features("how do i learn python", words, sim))
+        labels.append(float(same and sim > 0.7))
+    from lab.verifier import VerifierConfig
+
+    return train_verifier(np.stack(rows), np.array(labels, np.float32),
+                          VerifierConfig(epochs=30))
+
+
+def test_the_verifier_file_carries_its_features_and_calibrated_thresholds(tmp_path) -> None:
+    model = with_thresholds(_tiny_verifier(), {0.05: 0.7})
+    verifier = OnnxVerifier(model)
+    right = verifier.score("how do i learn python", "How do I learn Python", 0.95)
+    wrong = verifier.score("how do i learn python", "how do i learn java", 0.95)
+    assert 0 <= wrong < right <= 1
+    assert verifier.threshold_for(0.05) == pytest.approx(0.7)
+    with pytest.raises(VerifierError, match=r"not calibrated for delta = 0\.01"):
+        verifier.threshold_for(0.01)
+    import onnx
+
+    graph = onnx.load_from_string(model)
+    for prop in graph.metadata_props:
+        if prop.key == "velo.verifier.features":
+            prop.value = "similarity,something_else"
+    with pytest.raises(VerifierError, match="retrain"):
+        OnnxVerifier(graph.SerializeToString())
+    with pytest.raises(VerifierError, match="not a usable verifier"):
+        OnnxVerifier(b"not onnx")
+
+
+# -- per-row calibration ----------------------------------------------------------------------
+def test_a_row_stops_reusing_where_it_was_wrong_and_widens_where_it_was_right() -> None:
+    rows = RowCalibration(global_threshold=0.8, step=0.01)
+    assert rows.threshold(7) == 0.8
+    rows.observe(7, 0.9, correct=False)  # a near-miss at 0.9: never again at or below it
+    assert rows.threshold(7) == pytest.approx(0.91)
+    rows.observe(7, 0.85, correct=True)  # right, but below a known wrong score: no change
+    assert rows.threshold(7) == pytest.approx(0.91)
+    rows.observe(8, 0.7, correct=True)  # row 8 proved right down to 0.7
+    assert rows.threshold(8) == pytest.approx(0.7)
+    rows.observe(8, 0.4, correct=True)  # but never below the floor (global - 0.25)
+    assert rows.threshold(8) == pytest.approx(0.55)
+    rows.forget([7, 8])
+    assert rows.threshold(7) == rows.threshold(8) == 0.8
+
+
+def test_learning_from_feedback_stops_a_recurring_wrong_reuse() -> None:
+    """Intent 0 has a near-miss (intent 1) at cosine 0.9; the stream repeats it."""
+    base = np.array([1.0, 0.0, 0.0], np.float32)
+    near = np.array([0.9, np.sqrt(1 - 0.81), 0.0], np.float32)
+    vectors = {"a": base, "b": near}
+    stream = [(0, "a")] + [(1, "b")] * 20
+    static = feedback.replay(stream, vectors, feedback.cosine_scorer, 0.85, learn=False)
+    learned = feedback.replay(stream, vectors, feedback.cosine_scorer, 0.85, learn=True)
+    assert static.wrong.sum() == 20  # every repeat served intent 0's answer
+    assert learned.wrong.sum() == 1  # wrong once, verified, then forwarded and cached
+    assert not learned.hit[2] and learned.hit[3:].all()  # forwarded once, then its own row
+
+
+# -- conversation-aware keys ------------------------------------------------------------------
+def test_context_keys_follow_the_users_context_and_never_cross_tenants() -> None:
+    france = [("user", "What is the capital of France?"), ("assistant", "Paris.")]
+    assert context_key([]) == "" and cache_scope("acme", "") == "acme"
+    assert context_key(france) == context_key(
+        [("user", "what is the  capital of France?"), ("assistant", "It is Paris, of course.")])
+    assert context_key(france) != context_key([("user", "What is the capital of Italy?")])
+    scope = cache_scope("acme", context_key(france))
+    assert scope != cache_scope("other", context_key(france)) and valid_scope(scope)
+    assert not valid_scope('acme" or tenant != "x')
+    assert history_problem([("robot", "hi")], 100).startswith("history message 0 has role")
+    assert "at most 10" in history_problem([("user", "x" * 11)], 10)
+
+
+def test_multiturn_followups_never_reuse_across_contexts(exported_embedder, tmp_path) -> None:
+    path = SHARED_DATA / "multiturn_dev.jsonl"
+    if not path.exists():
+        pytest.skip("needs ../shared/data/multiturn_dev.jsonl")
+    turns = multiturn.load_turns(path)
+    texts = {t["question"] for t in turns} | {p for t in turns for p in t.get("paraphrases") or ()}
+    vectors = EmbeddedTexts(texts, Embedder(), tmp_path)
+    last_message = multiturn.run(turns, vectors, context_aware=False, threshold=0.8)
+    aware = multiturn.run(turns, vectors, context_aware=True, threshold=0.8)
+    assert last_message["foreign_wrong_reuses"] > 100  # the same follow-up, other first turn
+    assert aware["foreign_wrong_reuses"] == 0
+    assert aware["restated_hit_rate"] > 0.4  # restated turns still hit
+
+
+def _history(*turns: tuple[str, str]) -> list[chat_pb2.ChatMessage]:
+    return [chat_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+
+
+async def test_a_followup_is_reused_only_after_the_same_first_turn(edge_config, cloud,
+                                                                   fake_llm) -> None:
+    france = _history(("system", "Be brief."), ("user", "What is the capital of France?"),
+                      ("assistant", "Paris."))
+    italy = _history(("user", "What is the capital of Italy?"), ("assistant", "Rome."))
+    followup = "Name a famous landmark there."
+    async with running(Edged(edge_config(cloud=cloud))) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        first = await stub.Ask(ask(followup, history=france))
+        assert first.action == edge_pb2.ACTION_FORWARD
+        messages = fake_llm.requests[-1]["messages"]  # the LLM saw the conversation
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+        assert messages[1]["content"] == "What is the capital of France?"
+        other = await stub.Ask(ask(followup, history=italy))
+        assert other.action == edge_pb2.ACTION_FORWARD  # never France's answer
+        again = await stub.Ask(ask(followup, history=france))
+        assert again.action == edge_pb2.ACTION_REUSE and again.cached_question == followup
+        alone = await stub.Ask(ask(followup))  # no history: the tenant's own scope, empty
+        assert alone.action == edge_pb2.ACTION_FORWARD
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.Ask(ask(followup, history=_history(("robot", "beep"))))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "role" in bad.value.details()
+
+
+# -- the reuse guard at the edge --------------------------------------------------------------
+async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_config,
+                                                                         cloud) -> None:
+    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=1.0),
+                      reuse=ReuseConfig(threshold=0.99))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        vetoed = await stub.Ask(ask(PARAPHRASE))  # cache-0.5 says A; cosine ~0.95 < 0.99
+        assert vetoed.action == edge_pb2.ACTION_FORWARD and vetoed.answer == LLM_ANSWER
+        exact = await stub.Ask(ask(QUESTION))
+        assert exact.action == edge_pb2.ACTION_REUSE
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        assert stats.reuses_vetoed == 1
+        for _ in range(50):  # the shadow check of the reuse and the forward's free check
+            if edge.pipeline.guard.verified == 1 and len(edge.pipeline.guard.rows.rows) >= 1:
+                break
+            await asyncio.sleep(0.1)
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        # The seeded answer differs from the LLM's: the verified reuse was judged wrong.
+        assert stats.reuses_verified == 1 and stats.reuses_judged_wrong == 1
+        assert stats.false_hit_estimate == pytest.approx(1.0)
+    saved = json.loads((Path(cfg.data_dir) / "reuse_rows.json").read_text())
+    assert saved["global"] == 0.99 and saved["rows"]  # learned thresholds survive a restart
+    guard = reuse_guard(cfg)
+    assert guard.rows.rows.keys() == {int(k) for k in saved["rows"]}
+
+
+def test_an_edge_with_a_verifier_not_calibrated_for_its_delta_says_so(edge_config,
+                                                                      tmp_path) -> None:
+    path = tmp_path / "verifier.onnx"
+    path.write_bytes(with_thresholds(_tiny_verifier(), {0.05: 0.7}))
+    ok = reuse_guard(edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.05)))
+    assert ok.rows.global_threshold == pytest.approx(0.7) and ok.verifier is not None
+    with pytest.raises(VerifierError, match=r"delta = 0\.02"):
+        reuse_guard(edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.02)))
