@@ -23,6 +23,7 @@ from velo.cache import VectorCache
 from velo.embedder import Embedder
 from velo.policy import Decision, Policy
 from velo.state import CachedRow, EdgeState, build_state
+from velo.verifier import OnnxVerifier
 
 
 class VectorDBError(Exception):
@@ -52,8 +53,9 @@ class Decided:
 
 class Decider:
     def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
-                 top_p: int, max_batch: int = 16, embed_workers: int = 2) -> None:
-        self.top_p, self.current_policy = top_p, current_policy
+                 top_p: int, max_batch: int = 16, embed_workers: int = 2,
+                 verifier: OnnxVerifier | None = None) -> None:
+        self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
         # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL);
         # vector searches are batched on one (one Milvus search for many requests).
         self.embeddings: MicroBatcher[str, np.ndarray] = MicroBatcher(
@@ -71,9 +73,9 @@ class Decider:
         except Exception as exc:  # pymilvus raises many types; the caller needs one
             raise VectorDBError(str(exc)) from exc
         t2 = time.perf_counter()
-        state = build_state(f, rows, self.top_p)
-        t3 = time.perf_counter()
         policy = self.current_policy()
+        state = build_state(f, rows, self.top_p, self._verify(policy, prompt))
+        t3 = time.perf_counter()
         if getattr(policy, "runs_model", False):
             decision = await asyncio.get_running_loop().run_in_executor(
                 self._policy_thread, policy.decide, state)
@@ -81,6 +83,13 @@ class Decider:
             decision = policy.decide(state)
         t4 = time.perf_counter()
         return Decided(f, state, policy, decision, StageTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+
+    def _verify(self, policy: Policy, prompt: str,
+                ) -> Callable[[tuple[CachedRow, ...]], np.ndarray] | None:
+        """The verified state's scorer when the policy was trained on it (velo.state)."""
+        if getattr(policy, "state", "paper") != "verified" or self.verifier is None:
+            return None
+        return self.verifier.scorer_for(prompt)
 
     def close(self) -> None:
         self.embeddings.close()

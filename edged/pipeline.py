@@ -93,7 +93,8 @@ class EdgePipeline:
         self.shadows = 0  # shadow verifications in flight
         self.rng = np.random.default_rng(cfg.policy.seed)
         self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
-                               cfg.limits.max_batch, cfg.embedder_workers)
+                               cfg.limits.max_batch, cfg.embedder_workers,
+                               guard.verifier if guard is not None else None)
         # Concurrent requests' experience goes to disk in one transaction.
         self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
             spool.append_many, 256, "spool")
@@ -220,7 +221,7 @@ class EdgePipeline:
             raise _invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
         if problem := history_problem([(m.role, m.content) for m in request.history],
                                       4 * limits.max_prompt_chars):
-            raise _invalid(problem)
+            raise _invalid(f"{problem} (history may hold 4 x limits.max_prompt_chars)")
         if not 0 <= request.max_tokens <= limits.max_tokens:
             raise _invalid(f"max_tokens must be between 0 (default) and {limits.max_tokens}")
         if len(request.reference_answer) > limits.max_reference_chars:

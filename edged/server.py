@@ -160,7 +160,7 @@ class Edged(Daemon):
             self.trainer_channel, baseline_from_name(cfg.policy.baseline, cfg.policy.seed),
             cfg.data_path / "policy", top_p=cfg.cache.top_p, embed_dim=self.embedder.dim,
             sample=cfg.policy.sample, seed=cfg.policy.seed, max_bytes=cfg.policy.max_bytes,
-            report=self.report)
+            report=self.report, has_verifier=bool(cfg.reuse.verifier))
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg))

@@ -107,11 +107,12 @@ class ExperienceUploader:
 class PolicyFollower:
     def __init__(self, channel: grpc.aio.Channel | None, baseline: Policy, store_dir: Path, *,
                  top_p: int, embed_dim: int, sample: bool, seed: int, max_bytes: int,
-                 report: PartReport = _no_report) -> None:
+                 report: PartReport = _no_report, has_verifier: bool = False) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
         self.current: Policy = baseline
         self.store_dir = store_dir
         self.max_bytes, self.report = max_bytes, report
+        self.has_verifier = has_verifier  # a "verified"-state policy needs [reuse] verifier
         self._args = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample, "seed": seed}
         self.rejected: dict[int, str] = {}  # version -> why; never fetched again
         self.swapped = asyncio.Event()  # set after every successful swap (tests wait on it)
@@ -201,7 +202,11 @@ class PolicyFollower:
                                  f"at most {self.max_bytes} (policy.max_bytes)")
         if hashlib.sha256(body).hexdigest() != sha256:
             raise PolicyRejected(f"policy v{version}: sha256 mismatch (corrupted in transit?)")
-        return OnnxPolicy(body, version, name, **self._args)
+        policy = OnnxPolicy(body, version, name, **self._args)
+        if policy.state == "verified" and not self.has_verifier:
+            raise PolicyRejected(f"policy v{version} was trained on the verified state; this "
+                                 "edge has no verifier ([reuse] verifier)")
+        return policy
 
     def _swap(self, policy: OnnxPolicy) -> None:
         self.current = policy  # one reference assignment: requests see old or new, never half

@@ -145,6 +145,10 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
                 scale.eval_steps, log=lambda _: None, curve=curve)
     onnx = lrs.export_onnx()
+    if env.verifier is not None:  # edges must build the same state to run it
+        from lab.verifier import mark_state
+
+        onnx = mark_state(onnx, "verified")
     return OnnxPolicy(onnx, 1, name, top_p=cfg.top_p, embed_dim=cfg.embed_dim,
                       sample=False), onnx
 

@@ -46,6 +46,7 @@ from velo.cache import VectorCache, VectorDBConfig
 from velo.embedder import Embedder
 from velo.qos import Action
 from velo.state import EdgeState, build_state, select_row
+from velo.verifier import OnnxVerifier
 from velo.workload import QAItem
 
 TENANT = "sim"
@@ -70,6 +71,10 @@ class SimConfig:
     b_distance: tuple[float, float] = (0.762, 0.251)
     train_items: int = 0  # training set: the N most popular items (0: all); tests use all
     edge_s: float = 0.0  # > 0: a calibrated constant edge time (reproducible runs); 0: measured
+    # The correctness-aware reward: subtracted from r whenever the served answer belongs to
+    # another question (a false hit, or C parroting a wrong context). 0: eq. 2's reward alone,
+    # the paper's. 1.0 makes a wrong answer cost as much as 10 s of delay at w = 0.1.
+    false_hit_penalty: float = 0.0
     seed: int = 0
 
 
@@ -131,10 +136,12 @@ class EmbeddedTexts:
 class SimEnv:
     def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder,
                  milvus_uri: str | None, latencies_path: Path, cache_dir: Path,
-                 milvus_token: str = "") -> None:
+                 milvus_token: str = "", verifier: OnnxVerifier | None = None) -> None:
         """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server).
-        `milvus_token`: its token ("user:password"), when it has authentication on."""
+        `milvus_token`: its token ("user:password"), when it has authentication on.
+        `verifier`: the agents see the `verified` state (velo.state.build_state)."""
         self.cfg = cfg
+        self.verifier = verifier
         self.items = list(items)
         if len(self.items) < 2:
             raise ValueError("the simulator needs at least 2 QA items")
@@ -208,7 +215,8 @@ class SimEnv:
         for cache, (_, text) in zip(self.caches, self.arrivals, strict=True):
             start = time.perf_counter()
             f = self.vec[text]
-            state = build_state(f, cache.search(f, TENANT, self.cfg.top_p), self.cfg.top_p)
+            state = build_state(f, cache.search(f, TENANT, self.cfg.top_p), self.cfg.top_p,
+                                self.verifier.scorer_for(text) if self.verifier else None)
             self.edge_s.append(self.cfg.edge_s or self.embed_s + time.perf_counter() - start)
             self.states.append(state)
         return self.states
@@ -263,7 +271,10 @@ class SimEnv:
                     row_id: int | None = None) -> Outcome:
             q = qos.satisfaction(answer_vec, reference)
             d = qos.delay(action, edge_s, cloud_s)
-            return Outcome(q, d, qos.reward(q, d, weights), answer_vec, answer_item, row_id)
+            r = qos.reward(q, d, weights)
+            if answer_item != item_index:
+                r -= self.cfg.false_hit_penalty
+            return Outcome(q, d, r, answer_vec, answer_item, row_id)
 
         # B: the LLM's answer is a second human answer to the same prompt.
         llm_vec = self.llm_vecs[item_index]

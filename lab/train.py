@@ -126,10 +126,12 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
     return lrs
 
 
-def evaluate(env: SimEnv, policy: Policy | str, steps: int, seed: int) -> dict[str, float]:
-    """Run one policy on a fresh cache and the request stream of `seed`."""
+def evaluate(env: SimEnv, policy: Policy | str, steps: int, seed: int,
+             split: str = "test") -> dict[str, float]:
+    """Run one policy on a fresh cache and the request stream of `seed` ("train": the training
+    questions, for tuning a baseline without seeing the test stream)."""
     metrics = Metrics()
-    states = env.reset(seed, split="test")
+    states = env.reset(seed, split=split)
     for _ in range(steps):
         if policy == "oracle":
             actions = env.best_actions()

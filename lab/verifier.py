@@ -143,3 +143,12 @@ def with_thresholds(model: bytes, thresholds: dict[float, float]) -> bytes:
     graph.metadata_props.add(key="velo.verifier.thresholds",
                              value=json.dumps({str(k): v for k, v in thresholds.items()}))
     return graph.SerializeToString()
+
+
+def mark_state(policy: bytes, state: str) -> bytes:
+    """An ONNX policy labelled with the state it was trained on (velo.policy.STATES)."""
+    import onnx
+
+    graph = onnx.load_from_string(policy)
+    graph.metadata_props.add(key="velo.state", value=state)
+    return graph.SerializeToString()

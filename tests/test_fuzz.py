@@ -51,6 +51,7 @@ from velo.config import ConfigError
 from velo.embedder import Embedder
 from velo.models import ROOT
 from velo.v1 import (
+    chat_pb2,
     cloud_pb2,
     cloud_pb2_grpc,
     edge_pb2,
@@ -166,14 +167,18 @@ def messages(cls: type, fields: dict[str, st.SearchStrategy], **base: Any,
     return st.fixed_dictionaries({}, optional=fields).map(lambda drawn: cls(**{**base, **drawn}))
 
 
+CHAT_FIELDS = {"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), TEXT),
+               "content": TEXT}
+HISTORY = lists(messages(chat_pb2.ChatMessage, CHAT_FIELDS, role="user", content="Hi"))
 ASK_FIELDS = {"prompt": PROMPTS, "tenant": NAMES, "request_id": REQUEST_IDS,
-              "reference_answer": TEXT, "max_tokens": st.one_of(st.integers(0, 1100), INT32)}
+              "reference_answer": TEXT, "max_tokens": st.one_of(st.integers(0, 1100), INT32),
+              "history": HISTORY}
 CONTEXT_QA_FIELDS = {"question": PROMPTS, "answer": TEXT}
 GENERATE_FIELDS = {
     "prompt": PROMPTS,
     "context": lists(messages(cloud_pb2.ContextQA, CONTEXT_QA_FIELDS, question="Q", answer="A")),
     "max_tokens": st.one_of(st.integers(0, 1100), INT32), "request_id": REQUEST_IDS,
-    "background": st.booleans(),
+    "background": st.booleans(), "history": HISTORY,
 }
 EXPERIENCE_FIELDS = {
     "edge_id": NAMES, "seq": st.one_of(st.integers(0, 10), UINT64), "unix_time": DOUBLES,
@@ -221,6 +226,7 @@ FIELD_STRATEGIES: dict[type, dict[str, st.SearchStrategy]] = {
     edge_pb2.GetStatsRequest: {},
     cloud_pb2.GenerateRequest: GENERATE_FIELDS,
     cloud_pb2.ContextQA: CONTEXT_QA_FIELDS,
+    chat_pb2.ChatMessage: CHAT_FIELDS,
     cloud_pb2.CloudStatsRequest: {},
     trainer_pb2.Experience: EXPERIENCE_FIELDS,
     trainer_pb2.GetPolicyRequest: {"version": st.one_of(st.integers(-1, 3), INT64)},

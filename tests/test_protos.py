@@ -21,6 +21,6 @@ def test_a_changed_proto_is_detected(tmp_path, monkeypatch) -> None:
     for source in (ROOT / "proto" / "velo" / "v1").glob("*.proto"):
         (proto / source.name).write_text(source.read_text())
     (proto / "edge.proto").write_text((proto / "edge.proto").read_text().replace(
-        "int32 max_tokens = 5;", "int32 max_tokens = 5;\n  string extra = 6;"))
+        "int32 max_tokens = 5;", "int32 max_tokens = 5;\n  string extra = 99;"))
     monkeypatch.setattr(gen_protos, "PROTO_ROOT", tmp_path)
     assert "velo/v1/edge_pb2.py" in gen_protos.stale_files()

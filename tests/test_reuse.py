@@ -206,3 +206,63 @@ def test_an_edge_with_a_verifier_not_calibrated_for_its_delta_says_so(edge_confi
     assert ok.rows.global_threshold == pytest.approx(0.7) and ok.verifier is not None
     with pytest.raises(VerifierError, match=r"delta = 0\.02"):
         reuse_guard(edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.02)))
+
+
+# -- LRS on the verified state, the correctness-aware reward ------------------------------------
+def test_the_verified_state_puts_p_same_where_the_similarity_was() -> None:
+    from velo.state import CachedRow, build_state
+
+    rows = [CachedRow(i, i, 1, q, "answer", 0, -1.0, 0.0, d)
+            for i, (q, d) in enumerate([("How do I learn Java?", 0.3),
+                                        ("How do I learn Python?", 0.5)])]
+    f = np.ones(4, np.float32)
+    paper = build_state(f, rows, 3)
+    verifier = OnnxVerifier(_tiny_verifier())
+    verified = build_state(f, rows, 3, verifier.scorer_for("how do i learn python"))
+    assert np.allclose(paper.correlation[1:], verified.correlation[1:])  # c^k, c^r unchanged
+    assert paper.correlation[0, 0] > paper.correlation[0, 1]  # Java is nearer by cosine...
+    assert verified.correlation[0, 1] > verified.correlation[0, 0]  # ...Python means the same
+    assert verified.correlation[0, 2] == 0  # padding stays padding
+
+
+def test_an_edge_without_a_verifier_refuses_a_verified_state_policy(tmp_path) -> None:
+    import hashlib
+
+    from edged.trainer_link import PolicyFollower
+    from lab.verifier import mark_state
+    from trainerd.export import export_mlp_policy
+    from velo.policy import OnnxPolicy, PolicyRejected, RandomPolicy
+
+    body = mark_state(export_mlp_policy(), "verified")
+    assert OnnxPolicy(body, 1, "v", top_p=5, embed_dim=384).state == "verified"
+    digest = hashlib.sha256(body).hexdigest()
+    args = dict(top_p=5, embed_dim=384, sample=False, seed=0, max_bytes=1 << 22)
+    without = PolicyFollower(None, RandomPolicy(), tmp_path, **args)
+    with pytest.raises(PolicyRejected, match="no verifier"):
+        without._verify(body, 1, "v", digest)
+    with_verifier = PolicyFollower(None, RandomPolicy(), tmp_path, **args, has_verifier=True)
+    assert with_verifier._verify(body, 1, "v", digest).state == "verified"
+    with pytest.raises(PolicyRejected, match="wants state"):
+        OnnxPolicy(mark_state(export_mlp_policy(), "psychic"), 2, "x", top_p=5, embed_dim=384)
+
+
+def test_the_correctness_aware_reward_charges_every_wrong_answer(exported_embedder,
+                                                                 tmp_path) -> None:
+    from lab.sim import SimConfig, SimEnv
+    from lab.train import evaluate
+    from velo.models import ROOT
+    from velo.policy import CachePolicy
+    from velo.workload import load_qa
+
+    items = load_qa(ROOT / "data" / "oasst1_dev.jsonl")[:40]
+    results = {}
+    for penalty in (0.0, 1.0):
+        env = SimEnv(SimConfig(edges=1, seed=0, edge_s=0.01, false_hit_penalty=penalty), items,
+                     Embedder(exported_embedder), None, ROOT / "data" / "llm_latency_llmperf.jsonl",
+                     tmp_path)
+        results[penalty] = evaluate(env, CachePolicy(2.0), 60, 7)  # reuse whatever is nearest
+        env.close()
+    paper, correct = results[0.0], results[1.0]
+    assert paper["false_hit_rate"] > 0.2  # always-reuse serves other questions' answers
+    wrong_share = paper["false_hit_rate"] * paper["hit_rate"]
+    assert correct["reward"] == pytest.approx(paper["reward"] - wrong_share, abs=1e-6)

@@ -117,6 +117,9 @@ def baseline_from_name(name: str, seed: int = 0) -> Policy:
     return CachePolicy(theta) if match.group(1) == "cache" else GreedyPolicy(theta)
 
 
+STATES = ("paper", "verified")
+
+
 class PolicyRejected(ValueError):
     """An ONNX policy failed verification; the message says why."""
 
@@ -146,6 +149,12 @@ class OnnxPolicy:
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise PolicyRejected(f"onnxruntime cannot load policy v{version}: "
                                  f"{str(exc)[:500]}") from exc
+        # The state it was trained on: "paper" (c^s in the first row) or "verified" (the
+        # verifier's P(same) there; an edge runs it only with a verifier, velo.state).
+        self.state = self.session.get_modelmeta().custom_metadata_map.get("velo.state", "paper")
+        if self.state not in STATES:
+            raise PolicyRejected(f"policy v{version} wants state {self.state[:40]!r}; this edge "
+                                 f"builds {', '.join(STATES)}")
         self.version, self.name = version, f"onnx:{name}:v{version}"
         self.top_p, self.embed_dim, self.sample = top_p, embed_dim, sample
         self.sha256 = hashlib.sha256(onnx_bytes).hexdigest()

@@ -1,6 +1,7 @@
 """The agent's local state (eq. 6-8), built the same way on the edge and in the trainer.
 
-The ONNX policy contract (every learned policy, exported by trainerd):
+The ONNX policy contract (every learned policy, exported by trainerd; a policy trained on the
+`verified` state, metadata velo.state = "verified", reads P(same) in place of c^s):
   inputs  correlation [B, 3, P] float32  rows c^s, c^k, c^r of the top-P cached rows (eq. 6)
           embedding   [B, H]    float32  the request embedding f, input of T[.] (eq. 7)
           action_mask [B, 3]    float32  1 where the action is valid, order A, B, C
@@ -9,6 +10,7 @@ The ONNX policy contract (every learned policy, exported by trainerd):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,15 +62,22 @@ def select_row(rows: tuple[CachedRow, ...], phi1: float, phi2: float,
     return max(near, key=lambda r: phi1 * r.similarity + phi2 * r.hits)
 
 
-def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int) -> EdgeState:
+def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int,
+                verify: Callable[[tuple[CachedRow, ...]], np.ndarray] | None = None,
+                ) -> EdgeState:
     """Eq. 6-8: the 3 x P correlation matrix (zero-padded) next to the request embedding.
 
     A and C need a cached row, so they are masked out when the search returned nothing.
+    `verify` (the `verified` state): the first row holds the verifier's P(same) of each cached
+    row instead of its similarity c^s (velo.verifier), the same shape, so the policy contract
+    is unchanged and the policy learns from what tells a near-miss from a paraphrase.
     """
     rows = sorted(rows, key=lambda r: r.distance)[:top_p]
     correlation = np.zeros((3, top_p), dtype=np.float32)
     for p, row in enumerate(rows):
         correlation[:, p] = (row.similarity, row.kind, row.value)
+    if verify is not None and rows:
+        correlation[0, : len(rows)] = verify(tuple(rows))
     mask = np.ones(3, dtype=bool)
     if not rows:
         mask[Action.REUSE] = mask[Action.AUGMENT] = False

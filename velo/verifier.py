@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from velo.state import CachedRow
 
 # Lower-case words, and numbers with their decimals ("3.5", "2024") as one token.
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+", re.UNICODE)
@@ -148,6 +151,14 @@ class OnnxVerifier:
         """P(same meaning) for a batch of pair features [B, K] -> [B]."""
         (out,) = self._session.run(None, {"features": np.asarray(features, np.float32)})
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def scorer_for(self, text: str) -> Callable[[tuple[CachedRow, ...]], np.ndarray]:
+        """P(same) of each cached row for the request `text`: the `verified` state's first row
+        (velo.state.build_state)."""
+        def verify(rows: tuple[CachedRow, ...]) -> np.ndarray:
+            return self.p_same(np.stack([pair_features(text, r.question, r.similarity)
+                                         for r in rows]))
+        return verify
 
     def score(self, new: str, cached: str, similarity: float) -> float:
         return float(self.p_same(pair_features(new, cached, similarity)[None])[0])

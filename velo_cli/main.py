@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--multiturn", type=Path, default=None, metavar="FILE",
                     help="conversation-aware keys against last-message keys on a multi-turn "
                     "file such as multiturn_dev.jsonl (writes multiturn.md)")
+    ex.add_argument("--ablation", action="store_true",
+                    help="LRS on the paper's state and on the verified state, under eq. 2's and "
+                    "the correctness-aware reward, both modes, next to the baselines (Cache-θ "
+                    "tuned on the training split), on --data and multiturn_dev.jsonl")
+    ex.add_argument("--verifier", type=Path, default=ROOT / "docs" / "reuse" / "verifier.onnx",
+                    help="with --ablation: the verifier of the verified state")
     ex.add_argument("--live", action="store_true",
                     help="a small version through the real daemons and the real local LLM, "
                     "next to the simulator on the same requests (writes live.md)")
@@ -408,6 +414,24 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print(markdown(pairs_benchmark(args.pairs, job, args.out, args.delta, args.holdout,
                                        lrs=not args.no_lrs)))
         print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png, verifier.onnx")
+        return
+    if args.ablation:
+        from lab import ablation
+        from lab.experiment import calibrate
+
+        cache_dir = ROOT / "var" / "train" / "cache"
+        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
+        datas = [data] + [p for p in [DEFAULT_DATA.parent / "multiturn_dev.jsonl"] if p.exists()]
+        cases = [ablation.Case(d, mode, reward, seed) for d in datas
+                 for mode in ("nearest", "all") for reward in ablation.REWARDS
+                 for seed in range(args.seeds or 1)]
+        print(f"velo experiment --ablation: {len(cases)} cases, 2 LRS trainings each...")
+        results = ablation.run_all(cases, scale, args.verifier, _latencies(), cache_dir, edge_s,
+                                   args.jobs)
+        text = f"# Ablation: the paper's state against the verified state\n\n" \
+               f"{ablation.markdown(results)}\n"
+        (args.out / "ablation.md").write_text(text)
+        print(text)
         return
     if args.feedback or args.multiturn or args.multilingual:
         from lab.experiment import (
