@@ -15,6 +15,7 @@ ONNX contract (exported by lab.verifier):
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections.abc import Callable
@@ -52,7 +53,7 @@ FEATURES = (
     "length_ratio",      # shorter / longer, in words
     "exact",             # the same text once case, spaces and punctuation are ignored
 )
-_WH = ("how", "what", "why", "when", "where", "who", "which")
+_WH_SET = frozenset({"how", "what", "why", "when", "where", "who", "which"})
 
 
 def tokens(text: str) -> list[str]:
@@ -68,29 +69,46 @@ def _trigrams(text: str) -> set[str]:
     return {s[i:i + 3] for i in range(max(len(s) - 2, 1))}
 
 
+@dataclass(frozen=True)
+class _Side:
+    """What the features need of one text, computed once per text (cached: the same cached
+    questions come back in search after search)."""
+
+    length: int
+    words: frozenset[str]
+    content: frozenset[str]
+    numbers: frozenset[str]
+    wh: frozenset[str]
+    negated: bool
+    trigrams: frozenset[str]
+    normal: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=16384)
+def _side(text: str) -> _Side:
+    t = tokens(text)
+    words = frozenset(t)
+    return _Side(len(t), words, words - _STOP, frozenset(w for w in words if w[0].isdigit()),
+                 words & _WH_SET, bool(words & _NEGATIONS), frozenset(_trigrams(text)), tuple(t))
+
+
 def pair_features(new: str, cached: str, similarity: float) -> np.ndarray:
     """The verifier's input for one (new question, cached question) pair: [len(FEATURES)]."""
-    tn, tc = tokens(new), tokens(cached)
-    wn, wc = set(tn), set(tc)
-    cn, cc = wn - _STOP, wc - _STOP
-    nums_n = {t for t in wn if t[0].isdigit()}
-    nums_c = {t for t in wc if t[0].isdigit()}
-    wh_n = {t for t in wn if t in _WH}
-    wh_c = {t for t in wc if t in _WH}
+    n, c = _side(new), _side(cached)
     return np.array([
         similarity,
         similarity * similarity,
-        _jaccard(wn, wc),
-        _jaccard(cn, cc),
-        len(cn - cc) / len(cn) if cn else 0.0,
-        len(cc - cn) / len(cc) if cc else 0.0,
-        _jaccard(_trigrams(new), _trigrams(cached)),
-        float(bool(nums_n) and bool(nums_c) and nums_n != nums_c),
-        float(bool(nums_n) != bool(nums_c)),
-        float(bool(wn & _NEGATIONS) != bool(wc & _NEGATIONS)),
-        float(bool(wh_n) and bool(wh_c) and wh_n != wh_c),
-        min(len(tn), len(tc)) / max(len(tn), len(tc), 1),
-        float(tn == tc),
+        _jaccard(n.words, c.words),
+        _jaccard(n.content, c.content),
+        len(n.content - c.content) / len(n.content) if n.content else 0.0,
+        len(c.content - n.content) / len(c.content) if c.content else 0.0,
+        _jaccard(n.trigrams, c.trigrams),
+        float(bool(n.numbers) and bool(c.numbers) and n.numbers != c.numbers),
+        float(bool(n.numbers) != bool(c.numbers)),
+        float(n.negated != c.negated),
+        float(bool(n.wh) and bool(c.wh) and n.wh != c.wh),
+        min(n.length, c.length) / max(n.length, c.length, 1),
+        float(n.normal == c.normal),
     ], dtype=np.float32)
 
 
