@@ -147,7 +147,8 @@ class EdgePipeline:
             else:  # the guard does not trust this reuse: ask the LLM instead
                 self.guard.vetoed += 1
                 action, row = Action.FORWARD, None
-                decision = Decision(action, decision.probs)
+                # What the edge did (policy and guard together) is what the learner must see.
+                decision = Decision(action, np.eye(3, dtype=np.float32)[action])
         cloud_s = 0.0
         if action is Action.REUSE:
             answer = row.answer

@@ -23,7 +23,8 @@ from velo.calibration import RowCalibration
 from velo.conversation import cache_scope, context_key, history_problem
 from velo.embedder import Embedder
 from velo.names import valid_scope
-from velo.v1 import chat_pb2, edge_pb2
+from velo.qos import Action
+from velo.v1 import chat_pb2, edge_pb2, trainer_pb2
 from velo.verifier import FEATURES, OnnxVerifier, VerifierError, pair_features
 
 from .conftest import SHARED_DATA
@@ -184,6 +185,10 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
         assert exact.action == edge_pb2.ACTION_REUSE
         stats = await stub.GetStats(edge_pb2.GetStatsRequest())
         assert stats.reuses_vetoed == 1
+        # The learner sees what the edge did: a forward, taken with certainty.
+        (_, body), *_ = edge.spool.pending(1)
+        record = trainer_pb2.Experience.FromString(body)
+        assert record.action == Action.FORWARD and list(record.action_probs) == [0, 1, 0]
         for _ in range(50):  # the shadow check of the reuse and the forward's free check
             if edge.pipeline.guard.verified == 1 and len(edge.pipeline.guard.rows.rows) >= 1:
                 break
