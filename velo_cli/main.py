@@ -28,7 +28,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
 BUNDLED_DATA = ROOT / "data" / "oasst1_dev.jsonl"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option of `velo` (each option says what it does: a test checks)."""
     parser = argparse.ArgumentParser(prog="velo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="trainerd = base, cloudd = base+1, edges = base+2... (default 50050)")
 
     ask = sub.add_parser("ask", help="ask one edge a question")
-    ask.add_argument("text")
-    ask.add_argument("--edge", default=DEFAULT_EDGES.split(",")[0])
-    ask.add_argument("--tenant", default="default")
-    ask.add_argument("--max-tokens", type=int, default=0)
+    ask.add_argument("text", help="the question")
+    ask.add_argument("--edge", default=DEFAULT_EDGES.split(",")[0],
+                     help="the edge's address (default: the first edge of `velo up`)")
+    ask.add_argument("--tenant", default="default", help="cache namespace to ask in")
+    ask.add_argument("--max-tokens", type=int, default=0,
+                     help="cap on generated tokens (0: the edge's default)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     _client_args(ask)
 
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     _client_args(rep)
 
     tok = sub.add_parser("token", help="make a bearer token and print its tokens-file entry")
-    tok.add_argument("--role", required=True, choices=["tenant", "admin", "edge", "publisher"])
+    tok.add_argument("--role", required=True, choices=["tenant", "admin", "edge", "publisher"],
+                     help="what the token may do: ask as one tenant, read stats (admin), act "
+                     "as an edge, or publish policies")
     tok.add_argument("--name", required=True,
                      help="the tenant (role tenant), edge id (role edge) or a label")
 
@@ -64,26 +69,33 @@ def main(argv: list[str] | None = None) -> None:
                         "then evaluate every policy (needs the trainer extra)")
     tr.add_argument("--data", type=Path, default=None, help="QA JSON lines (default: oasst1 dev)")
     tr.add_argument("--items", type=int, default=0, help="use the first N items (0: all)")
-    tr.add_argument("--edges", type=int, default=3)
+    tr.add_argument("--edges-count", type=int, default=3, dest="edge_count",
+                    help="number of simulated edges N (as in `velo up`; `velo replay --edges` "
+                    "takes addresses)")
     tr.add_argument("--mode", choices=["nearest", "all", "both"], default="both",
                     help="each request to its nearest edge, to all edges (fastest wins), or both")
     tr.add_argument("--w", type=float, default=0.1, help="delay weight w = phi2/phi1")
-    tr.add_argument("--updates", type=int, default=40)
-    tr.add_argument("--rollout-steps", type=int, default=64)
-    tr.add_argument("--eval-steps", type=int, default=150)
+    tr.add_argument("--updates", type=int, default=40, help="network updates u per policy")
+    tr.add_argument("--rollout-steps", type=int, default=64,
+                    help="steps per update (x N edges transitions)")
+    tr.add_argument("--eval-steps", type=int, default=150,
+                    help="test steps per policy, from empty caches")
     tr.add_argument("--demos", type=int, default=2048,
                     help="l_g: expert demonstrations collected and mixed into the first update")
     tr.add_argument("--policies", default="random,greedy-0.1,greedy-0.3,greedy-0.5,cache-0.5,"
-                    "greedy-llm,mappo,g-mappo,t-mappo,lrs,oracle")
-    tr.add_argument("--seed", type=int, default=0)
+                    "greedy-llm,mappo,g-mappo,t-mappo,lrs,oracle",
+                    help="comma-separated policies to train (learned) and evaluate")
+    tr.add_argument("--seed", type=int, default=0, help="seed of training and test streams")
     tr.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
     _milvus_token_arg(tr)
-    tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train")
+    tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train",
+                    help="embeddings cache and the trained policies")
 
     ex = sub.add_parser("experiment", help="the paper's evaluation (Fig. 4-10) over seeds: "
                         "figures, results.csv and results.md (needs the trainer extra)")
     ex.add_argument("--data", type=Path, default=None, help="QA JSON lines (default: oasst1 dev)")
-    ex.add_argument("--out", type=Path, default=ROOT / "var" / "experiment")
+    ex.add_argument("--out", type=Path, default=ROOT / "var" / "experiment",
+                    help="folder for the reports, CSVs and figures")
     ex.add_argument("--figure", type=int, action="append", choices=range(4, 11),
                     metavar="{4..10}", help="reproduce this figure (repeatable; default: all)")
     ex.add_argument("--all", action="store_true", help="every figure (the default)")
@@ -124,11 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--live", action="store_true",
                     help="a small version through the real daemons and the real local LLM, "
                     "next to the simulator on the same requests (writes live.md)")
-    ex.add_argument("--live-requests", type=int, default=40)
+    ex.add_argument("--live-requests", type=int, default=40,
+                    help="with --live: requests to each of the 4 edges")
     ex.add_argument("--recalibrate", action="store_true",
                     help="measure the edge time again instead of reusing OUT/calibration.json")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from velo.logs import configure_logging
 
     quiet = {"ask", "replay", "demo", "train", "experiment"}
@@ -139,10 +155,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--edges-count", type=int, default=3, dest="edge_count")
+    p.add_argument("--edges-count", type=int, default=3, dest="edge_count",
+                   help="number of edges to start")
     p.add_argument("--policies", default="cache-0.5,greedy-0.5,random",
                    help="baseline policy per edge, cycled (default: one of each)")
-    p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack")
+    p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack",
+                   help="Milvus data, daemons' state and logs")
     p.add_argument("--milvus-uri", default="",
                    help="use this Milvus server instead of starting the embedded one")
     _milvus_token_arg(p)
@@ -172,10 +190,10 @@ def _tls(args: argparse.Namespace):
 def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None,
                    help="QA JSON lines (default: shared/data/oasst1_dev.jsonl or the bundled copy)")
-    p.add_argument("--requests", type=int, default=90)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tenant", default="demo")
+    p.add_argument("--requests", type=int, default=90, help="requests to replay")
+    p.add_argument("--max-tokens", type=int, default=48, help="cap on generated tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Zipf request stream")
+    p.add_argument("--tenant", default="demo", help="cache namespace the requests use")
 
 
 def _stack(args: argparse.Namespace, base_port: int):
@@ -357,11 +375,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         embedder = Embedder(embedder_dir())
         for mode in modes:
             started = time.monotonic()
-            env = SimEnv(SimConfig(edges=args.edges, mode=mode, phi2=args.w, seed=args.seed),
+            env = SimEnv(SimConfig(edges=args.edge_count, mode=mode, phi2=args.w,
+                                   seed=args.seed),
                          items, embedder, uri, latencies, args.state_dir / "cache",
                          milvus_token=token)
             print(f"\n== {mode}-edge mode: {len(env.items)} QA items from {path}, "
-                  f"{args.edges} edges, w = {args.w}")
+                  f"{args.edge_count} edges, w = {args.w}")
             try:
                 results = run(env, policies=args.policies.split(","),
                               lrs_cfg=LRSConfig(seed=args.seed, demos_first=args.demos),
