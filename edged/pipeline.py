@@ -240,11 +240,10 @@ class EdgePipeline:
         returns the experience record's sequence number (None: it could not be stored)."""
         q_used = rec.q if rec.q is not None else self.q_estimate
         if rec.decision.action is Action.FORWARD:
-            answer_vec = rec.answer_vec
-            if answer_vec is None:
-                answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
+            if rec.answer_vec is None:  # kept on the record: the reuse guard's check needs it
+                rec.answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
             await self._vector_db(self.cache.insert_pair, rec.scope, rec.prompt, rec.answer,
-                                  rec.prompt_vec, answer_vec, q_used - rec.d)
+                                  rec.prompt_vec, rec.answer_vec, q_used - rec.d)
         else:
             # Write-behind (velo.cache): no Milvus call here, so no thread either.
             self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
@@ -294,9 +293,9 @@ class EdgePipeline:
     async def _verify_candidate(self, rec: _Record) -> None:
         """After a forward: would the best cached row have been right? Its answer against the
         fresh one is a verified outcome at no LLM cost (edged.reuse)."""
-        row_vec, fresh_vec = await asyncio.to_thread(
-            self.embedder.embed, [rec.candidate.row.answer, rec.answer])
-        self.guard.observe(rec.candidate, qos.satisfaction(row_vec, fresh_vec), reused=False)
+        row_vec = await asyncio.to_thread(self.embedder.embed_one, rec.candidate.row.answer)
+        self.guard.observe(rec.candidate, qos.satisfaction(row_vec, rec.answer_vec),
+                           reused=False)
 
     def _count(self, rec: _Record) -> None:
         self.counters.requests += 1

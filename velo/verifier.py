@@ -16,6 +16,7 @@ ONNX contract (exported by lab.verifier):
 from __future__ import annotations
 
 import functools
+import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -135,13 +136,14 @@ class OnnxVerifier:
         data = Path(model).read_bytes() if isinstance(model, Path) else model
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        # A model must be self-contained: external-data weights resolve against this empty
-        # folder (onnxruntime would otherwise read them from the working directory).
-        self._empty = tempfile.TemporaryDirectory(prefix="velo-verifier-")
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                      self._empty.name)
         try:
-            self._session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            # A model must be self-contained, as a policy must (velo.policy): external-data
+            # weights resolve against an empty folder, never the working directory.
+            with tempfile.TemporaryDirectory(prefix="velo-verifier-") as empty:
+                opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", empty)
+                self._session = ort.InferenceSession(data, opts,
+                                                     providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise VerifierError(f"not a usable verifier model: {str(exc)[:300]}") from None
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -152,8 +154,6 @@ class OnnxVerifier:
                 "retrain it with `velo verifier train`")
         self.name = meta.get("velo.verifier.name", "verifier")
         # δ -> threshold, calibrated by `velo experiment --pairs` on its calibration split.
-        import json
-
         self.thresholds = {float(k): float(v) for k, v in
                            json.loads(meta.get("velo.verifier.thresholds", "{}")).items()}
 
