@@ -6,7 +6,7 @@ EMBEDDER := models/minilm-l6-v2/model-int8.onnx
 # Every install resolves the versions in constraints.txt, on every machine, every time.
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo smoke up test lint protos constraints clean
+.PHONY: setup demo smoke up test lint protos constraints clean triton
 
 setup: $(VENV)/.installed $(EMBEDDER)
 
@@ -38,6 +38,11 @@ smoke: setup
 
 up: setup
 	$(BIN)/velo up
+
+# A real Triton Inference Server 2.51 on :8001 serving deploy/triton/model_repository (its own
+# venv, var/triton-venv, built on first use) for edged's embedder = "triton".
+triton: setup
+	$(BIN)/python tools/triton_server.py --bench
 
 test: setup
 	$(BIN)/python -m pytest

@@ -137,6 +137,7 @@ class LocalLLMConfig:
 @dataclass
 class CloudConfig:
     listen: str = "127.0.0.1:50060"  # gRPC address; "0.0.0.0:50060" to serve other hosts
+    metrics_listen: str = ""  # Prometheus /metrics, e.g. "127.0.0.1:9160"; empty: off
     log_level: str = "info"
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
     llm: LLMConfig = field(default_factory=LLMConfig)

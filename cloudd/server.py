@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import Histogram
 
 from cloudd.backend import (
     BackendError,
@@ -29,6 +30,7 @@ from cloudd.config import CloudConfig, LLMConfig
 from velo.conversation import history_problem
 from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.logs import get_logger
+from velo.metrics import Reading
 from velo.serving import Daemon, GrpcServer, clip, request_id_problem
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
@@ -88,6 +90,37 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         self.background = 0  # background requests holding a slot
         self.stats = cloud_pb2.CloudStats()
         self.supervisor: LLMSupervisor | None = None
+        self.tokens = {"prompt": 0, "completion": 0}  # counted from the LLM's usage reports
+        self.llm_seconds: Histogram | None = None  # set when metrics are on
+
+    def _generated(self, completion: Completion, rlog: object) -> None:
+        self.tokens["prompt"] += completion.prompt_tokens
+        self.tokens["completion"] += completion.completion_tokens
+        if self.llm_seconds is not None:
+            self.llm_seconds.observe(completion.llm_s)
+        rlog.info("generated", tokens=completion.completion_tokens,
+                  llm_s=round(completion.llm_s, 3))
+
+    def readings(self) -> list[Reading]:
+        """Scrape-time values for /metrics (velo.metrics)."""
+        stats = self.stats
+        part = self.server.parts.get(LLM)
+        return [
+            Reading("velo_cloud_requests_total", "Generate requests received", stats.requests,
+                    True),
+            Reading("velo_cloud_llm_errors_total", "Requests the LLM failed", stats.failures,
+                    True),
+            Reading("velo_cloud_background_refused_total", "Background (shadow) requests "
+                    "refused for want of a free slot", stats.background_refused, True),
+            Reading("velo_cloud_in_flight", "Requests talking to the LLM now", self.in_flight),
+            Reading("velo_cloud_queued", "Requests waiting for an LLM slot", self.queued),
+            Reading("velo_cloud_llm_up", "1 while the LLM answers",
+                    float(part is not None and part.ok)),
+            Reading("velo_cloud_llm_restarts_total", "Restarts of the local LLM server",
+                    self.supervisor.restarts if self.supervisor is not None else 0, True),
+            *(Reading("velo_cloud_llm_tokens_total", "Tokens the LLM reported, by kind", n,
+                      True, {"kind": kind}) for kind, n in self.tokens.items()),
+        ]
 
     @contextlib.asynccontextmanager
     async def _slot(self, background: bool) -> AsyncIterator[None]:
@@ -180,8 +213,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         except Exception as exc:
             await self._failed(exc, rlog, context, "generate")
         await self._answered()
-        rlog.info("generated", tokens=completion.completion_tokens,
-                  llm_s=round(completion.llm_s, 3))
+        self._generated(completion, rlog)
         return _response(completion)
 
     async def GenerateStream(
@@ -204,8 +236,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             ):
                 async for piece in pieces:
                     if isinstance(piece, Completion):
-                        rlog.info("generated", tokens=piece.completion_tokens,
-                                  llm_s=round(piece.llm_s, 3))
+                        self._generated(piece, rlog)
                         yield cloud_pb2.GenerateChunk(done=_response(piece))
                     else:
                         yield cloud_pb2.GenerateChunk(text=piece)
@@ -233,7 +264,7 @@ class Cloudd(Daemon):
 
     def __init__(self, cfg: CloudConfig) -> None:
         super().__init__(cfg.listen, cfg.shutdown_grace_s, tls=cfg.tls, auth=cfg.auth,
-                         roles=ROLES)
+                         roles=ROLES, metrics_listen=cfg.metrics_listen)
         self.cfg = cfg
         self.backend: OpenAIBackend | None = None
         self.servicer: CloudServicer | None = None
@@ -251,6 +282,9 @@ class Cloudd(Daemon):
             llm_cfg = dataclasses.replace(llm_cfg, base_url=server.base_url)
         self.backend = OpenAIBackend(llm_cfg)
         self.servicer = CloudServicer(self.backend, llm_cfg, self.grpc)
+        self.servicer.llm_seconds = self.metrics.histogram(
+            "velo_cloud_llm_seconds", "Time waiting on the LLM per answered request")
+        self.metrics.read(self.servicer.readings)
         self.grpc.add(cloud_pb2_grpc.add_CloudServiceServicer_to_server, self.servicer,
                       "velo.v1.CloudService")
         if local.enabled:

@@ -10,6 +10,7 @@ from pathlib import Path
 from velo.cache import VectorDBConfig
 from velo.config import is_file, load_config, require
 from velo.embedder import EMBEDDER_KINDS
+from velo.fleet import MqttConfig
 from velo.names import NAME_RULE, valid_name
 from velo.security import AuthConfig, TLSConfig
 
@@ -31,7 +32,12 @@ class CacheConfig:
     eviction_every: int = 100  # xi: run the below-mean eviction every xi requests (Alg. 2)
     eviction_min_rows: int = 200  # below-mean eviction only once the edge holds this many rows
     max_rows: int = 100_000  # hard cap; the lowest-value rows go first
-    ttl_s: float = 0.0  # answers older than this are dropped (0 = never)
+    # Per-entry TTL: an answer is never served once this old (counted from when it was cached;
+    # a hit does not refresh it) and is dropped by the next eviction (0 = never).
+    ttl_s: float = 0.0
+    # Similarity floor: rows below it are never used for A or C, whatever the policy says. A
+    # request may raise it (AskRequest.cache.min_similarity), never lower it.
+    min_similarity: float = 0.0
     # Hit counts and values written back on reuse (eq. 4-5) reach Milvus in one batch this
     # often (and on shutdown); searches on this edge see them at once either way.
     flush_every_s: float = 0.5
@@ -41,6 +47,7 @@ class CacheConfig:
         require(self.eviction_every >= 1, "eviction_every", "must be >= 1")
         require(self.max_rows >= 2, "max_rows", "must be >= 2 (a QA pair is two rows)")
         require(self.ttl_s >= 0, "ttl_s", "must be >= 0")
+        require(0.0 <= self.min_similarity <= 1.0, "min_similarity", "must be in [0, 1]")
         require(self.flush_every_s > 0, "flush_every_s", "must be > 0")
 
 
@@ -119,6 +126,23 @@ class ReuseConfig:
 
 
 @dataclass
+class HttpConfig:
+    # The OpenAI-compatible HTTP front (edged.openai_front), e.g. "0.0.0.0:8080"; empty: off.
+    # It uses the edge's [tls] and [auth] as the gRPC port does (an API key names the tenant).
+    listen: str = ""
+    model: str = "velo"  # the model name /v1/models lists (requests may name any model)
+    # Tenant of requests when [auth] is off and no x-velo-tenant header is sent.
+    tenant: str = "default"
+    max_body_bytes: int = 1 * MiB  # larger request bodies get 413
+
+    def __post_init__(self) -> None:
+        require(not self.listen or ":" in self.listen, "listen", "must be host:port")
+        require(valid_name(self.tenant), "tenant", f"must be {NAME_RULE}")
+        require(1024 <= self.max_body_bytes <= 64 * MiB, "max_body_bytes",
+                "must be between 1024 and 67108864")
+
+
+@dataclass
 class EdgeAuthConfig(AuthConfig):
     # tokens_file: users' API keys (role "tenant": the one tenant a key may ask as; "admin":
     # GetStats). token_file: this edge's own token (role "edge" at cloudd and trainerd).
@@ -134,16 +158,24 @@ class EdgeAuthConfig(AuthConfig):
 class EdgeConfig:
     edge_id: str = "edge-1"  # unique in the fleet; names the collection and experience
     listen: str = "127.0.0.1:50051"
+    # Prometheus /metrics (velo.metrics), e.g. "127.0.0.1:9151"; empty: not served.
+    metrics_listen: str = ""
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
     trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
     data_dir: str = "var/edged"  # experience spool and last verified policy
     # "minilm" (English, 384 wide) or "use-multilingual" (16 languages, 512 wide: a cached
     # answer serves the question in every language). A different width needs a new collection.
+    # "triton": the same MiniLM vectors from a Triton Inference Server (triton_url): the edge
+    # box spends no CPU on embedding; the server must answer when edged starts.
     embedder: str = "minilm"
     embedder_dir: str = ""  # exported ONNX embedder; empty: models/minilm-l6-v2
     # "model.onnx" (float32, what trainerd uses) or "model-int8.onnx" (~2x less CPU per
     # request, slightly different distances: measure with tools/bench_edge.py first).
     embedder_file: str = "model.onnx"
+    # embedder = "triton": the server's gRPC address (host:port; tools/triton_server.py) and
+    # model (deploy/triton/model_repository/minilm; which ONNX file it runs is set there).
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "minilm"
     # onnxruntime intra-op threads of the one embedding session (idle ones sleep): the
     # machine's cores, so that a lone request uses them all.
     embedder_threads: int = 2
@@ -160,8 +192,12 @@ class EdgeConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
     auth: EdgeAuthConfig = field(default_factory=EdgeAuthConfig)
+    # Learn of new policies from trainerd's MQTT announcements too (see velo.fleet); the
+    # weights still come from `trainer` over gRPC. Off by default.
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     def __post_init__(self) -> None:
         require(valid_name(self.edge_id), "edge_id", f"must be {NAME_RULE}")
@@ -170,6 +206,8 @@ class EdgeConfig:
         require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
                 "must be debug, info, warning, error or critical")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
+        require(not self.mqtt.enabled or bool(self.trainer), "mqtt",
+                "needs trainer: announced policies are pulled from trainerd over gRPC")
         require(self.spool_max_bytes >= 64 * 1024, "spool_max_bytes", "must be >= 65536")
         require(self.embedder_threads >= 1 and self.embedder_workers >= 1, "embedder_workers",
                 "embedder_threads and embedder_workers must be >= 1")

@@ -64,7 +64,10 @@ class Decider:
             lambda queries: cache.search_many(queries, top_p), max_batch, "search")
         self._policy_thread = ThreadPoolExecutor(1, thread_name_prefix="policy")
 
-    async def decide(self, prompt: str, tenant: str) -> Decided:
+    async def decide(self, prompt: str, tenant: str,
+                     usable: Callable[[CachedRow], bool] | None = None) -> Decided:
+        """`usable`: which searched rows this request may use (cache control, TTL); the
+        policy sees only those, so a state never offers a row the edge would not serve."""
         t0 = time.perf_counter()
         f = await self.embeddings.submit(prompt)
         t1 = time.perf_counter()
@@ -72,6 +75,8 @@ class Decider:
             rows = await self.searches.submit((tenant, f))
         except Exception as exc:  # pymilvus raises many types; the caller needs one
             raise VectorDBError(str(exc)) from exc
+        if usable is not None:
+            rows = [row for row in rows if usable(row)]
         t2 = time.perf_counter()
         policy = self.current_policy()
         state = build_state(f, rows, self.top_p, self._verify(policy, prompt))

@@ -11,6 +11,7 @@ completed with q when the LLM's fresh answer arrives (edged.spool: held records)
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,13 +25,14 @@ from edged.batching import MicroBatcher
 from edged.cloud_client import CloudClient, CloudError
 from edged.config import EdgeConfig
 from edged.decision import Decider, VectorDBError
+from edged.metrics import EdgeMetrics
 from edged.reuse import Candidate, ReuseGuard
 from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
 from velo.cache import VectorCache
 from velo.conversation import cache_scope, context_key, history_problem
-from velo.embedder import Embedder
+from velo.embedder import Embedder, EmbedderUnavailable
 from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name
 from velo.policy import Decision
@@ -42,6 +44,11 @@ from velo.v1 import edge_pb2, trainer_pb2
 
 log = get_logger("edged.pipeline")
 TextSink = Callable[[str], Awaitable[None]]
+# Told how a request will be served (action, policy, cached entry) before its answer exists:
+# a stream's HTTP headers can carry it.
+DecisionSink = Callable[[edge_pb2.AskResponse], Awaitable[None]]
+REPLAY_WORDS = 4  # a streamed reuse is replayed in pieces of this many words
+MAX_AGE_S = 10 * 365 * 86400.0  # largest cache.max_age_s accepted (ten years)
 # Reports a part of the edge up or down: (part, ok, reason).
 PartReport = Callable[[str, bool, str], Awaitable[None]]
 VECTOR_DB, CLOUD, TRAINER = "vector_db", "cloud", "trainer"
@@ -79,8 +86,9 @@ class EdgePipeline:
     def __init__(self, cfg: EdgeConfig, embedder: Embedder, cache: VectorCache,
                  cloud: CloudClient, policies: PolicyFollower, spool: Spool,
                  uploader: ExperienceUploader, report: PartReport,
-                 guard: ReuseGuard | None = None) -> None:
+                 guard: ReuseGuard | None = None, metrics: EdgeMetrics | None = None) -> None:
         self.cfg, self.embedder, self.cache, self.cloud = cfg, embedder, cache, cloud
+        self.metrics = metrics
         self.guard = guard
         self.policies, self.spool, self.uploader = policies, spool, uploader
         self.report = report
@@ -100,28 +108,31 @@ class EdgePipeline:
             spool.append_many, 256, "spool")
 
     async def ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None = None,
-                  ) -> edge_pb2.AskResponse:
+                  on_decided: DecisionSink | None = None) -> edge_pb2.AskResponse:
         if self.inflight >= self.cfg.limits.max_inflight:
+            self._refused(grpc.StatusCode.RESOURCE_EXHAUSTED)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"edge {self.cfg.edge_id} is at capacity "
                                f"({self.inflight} requests in flight); retry shortly")
         self.inflight += 1
         try:
-            return await asyncio.wait_for(self._ask(request, on_text),
+            return await asyncio.wait_for(self._ask(request, on_text, on_decided),
                                           self.cfg.limits.request_timeout_s)
         except TimeoutError:
             self.counters.errors += 1
+            self._refused(grpc.StatusCode.DEADLINE_EXCEEDED)
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"request took longer than {self.cfg.limits.request_timeout_s} s "
                                "(edged limits.request_timeout_s)") from None
-        except RequestError:
+        except RequestError as exc:
             self.counters.errors += 1
+            self._refused(exc.code)
             raise
         finally:
             self.inflight -= 1
 
     async def _ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None,
-                   ) -> edge_pb2.AskResponse:
+                   on_decided: DecisionSink | None) -> edge_pb2.AskResponse:
         tenant = self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         max_tokens = request.max_tokens
@@ -131,9 +142,11 @@ class EdgePipeline:
         scope = cache_scope(tenant, context_key(history))
 
         try:
-            decided = await self.decider.decide(prompt, scope)
+            decided = await self.decider.decide(prompt, scope, self._usable(request.cache))
         except VectorDBError as exc:
             raise await self._vector_db_down("search", exc) from exc
+        except EmbedderUnavailable as exc:  # embedder = "triton" and the server is not answering
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         f, state, policy, decision = decided.embedding, decided.state, decided.policy, \
             decided.decision
         edge_s = decided.times.total_s
@@ -149,11 +162,21 @@ class EdgePipeline:
                 action, row = Action.FORWARD, None
                 # What the edge did (policy and guard together) is what the learner must see.
                 decision = Decision(action, np.eye(3, dtype=np.float32)[action])
+        head = edge_pb2.AskResponse(action=_ACTION_PB[action], request_id=request_id,
+                                    edge_id=self.cfg.edge_id, policy=policy.name,
+                                    policy_version=policy.version)
+        if row is not None:
+            head.cached_question, head.similarity = row.question, row.similarity
+            head.cached_entry_id = row.pair_id
+            head.cached_age_s = max(0.0, time.time() - row.created)
+        if on_decided is not None:
+            await on_decided(head)
         cloud_s = 0.0
         if action is Action.REUSE:
             answer = row.answer
-            if on_text is not None:
-                await on_text(answer)
+            if on_text is not None:  # replayed as a stream, as the LLM would have sent it
+                for piece in replay_pieces(answer):
+                    await on_text(piece)
         else:
             context = [(row.question, row.answer)] if action is Action.AUGMENT else []
             try:
@@ -172,7 +195,8 @@ class EdgePipeline:
             q = qos.satisfaction(answer_vec, reference_vec)
 
         record = _Record(request_id, scope, prompt, answer, f, answer_vec, state, decision,
-                         policy.version, row, d, q, history=history, candidate=candidate)
+                         policy.version, row, d, q, history=history, candidate=candidate,
+                         store=not request.cache.no_store)
         if hasattr(policy, "observe"):  # policies that learn online (Greedy-LLM)
             policy.observe(action, q if q is not None else self.q_estimate, d)
         shadow = q is None and action is not Action.FORWARD and self._shadow_sampled()
@@ -183,20 +207,36 @@ class EdgePipeline:
         if action is Action.FORWARD and candidate is not None:
             self._spawn(self._verify_candidate(record))  # a free verification of the best row
 
-        response = edge_pb2.AskResponse(
-            answer=answer, action=_ACTION_PB[action], request_id=request_id,
-            edge_id=self.cfg.edge_id, policy=policy.name, delay_s=d, edge_s=edge_s,
-            cloud_s=cloud_s, has_satisfaction=q is not None,
-        )
-        if row is not None:
-            response.cached_question, response.similarity = row.question, row.similarity
+        response = head
+        response.answer, response.delay_s, response.edge_s = answer, d, edge_s
+        response.cloud_s, response.has_satisfaction = cloud_s, q is not None
+        response.stored = record.stored
         if q is not None:
             response.satisfaction, response.reward = q, qos.reward(q, d, self.weights)
+        if self.metrics is not None:
+            self.metrics.answered(action, decided.times, cloud_s, d,
+                                  row.similarity if row is not None else None)
         log.info("answered", request_id=request_id, tenant=tenant, action=action.letter,
                  delay_s=round(d, 4), edge_ms=round(edge_s * 1000, 2), policy=policy.name)
         return response
 
     # -- steps ------------------------------------------------------------------------------
+    def _refused(self, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(code.name)
+
+    def _usable(self, control: edge_pb2.CacheControl) -> Callable[[CachedRow], bool] | None:
+        """Which cached rows this request may use: the edge's TTL and similarity floor, made
+        stricter (never looser) by the request's cache control. None: every row."""
+        if control.no_cache:
+            return lambda row: False
+        floor = max(self.cfg.cache.min_similarity, control.min_similarity)
+        ages = [age for age in (self.cfg.cache.ttl_s, control.max_age_s) if age > 0]
+        if floor <= 0 and not ages:
+            return None
+        oldest = time.time() - min(ages) if ages else float("-inf")  # per entry, from creation
+        return lambda row: row.similarity >= floor and row.created >= oldest
+
     def _validate(self, request: edge_pb2.AskRequest) -> str:
         """Check the request; returns the tenant it runs as (an API key's own tenant)."""
         limits = self.cfg.limits
@@ -204,7 +244,7 @@ class EdgePipeline:
         if unknown:
             raise _invalid(f"request has unknown field(s) {unknown[:8]}: this edge speaks "
                            "velo.v1 AskRequest (prompt=1, tenant=2, request_id=3, "
-                           "reference_answer=4, max_tokens=5, history=6)")
+                           "reference_answer=4, max_tokens=5, history=6, cache=7)")
         if not request.prompt.strip():
             raise _invalid("prompt is empty")
         if len(request.prompt) > limits.max_prompt_chars:
@@ -229,6 +269,8 @@ class EdgePipeline:
             raise _invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
         if problem := request_id_problem(request.request_id):
             raise _invalid(problem)
+        if problem := cache_control_problem(request.cache):
+            raise _invalid(problem)
         return tenant
 
     def _select(self, state: EdgeState) -> CachedRow:
@@ -242,8 +284,11 @@ class EdgePipeline:
         if rec.decision.action is Action.FORWARD:
             if rec.answer_vec is None:  # kept on the record: the reuse guard's check needs it
                 rec.answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
-            await self._vector_db(self.cache.insert_pair, rec.scope, rec.prompt, rec.answer,
-                                  rec.prompt_vec, rec.answer_vec, q_used - rec.d)
+            if rec.store:
+                pair_id = await self._vector_db(self.cache.insert_pair, rec.scope, rec.prompt,
+                                                 rec.answer, rec.prompt_vec, rec.answer_vec,
+                                                 q_used - rec.d)
+                rec.stored = pair_id is not None
         else:
             # Write-behind (velo.cache): no Milvus call here, so no thread either.
             self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
@@ -405,6 +450,8 @@ class _Record:
     shadow: bool = False
     history: list[tuple[str, str]] = field(default_factory=list)
     candidate: Candidate | None = None  # the reuse guard's best row, when the guard is on
+    store: bool = True  # cache the answer of a forward (the request's cache.no_store unset)
+    stored: bool = False  # it was cached
 
     def experience_encoder(self, edge_id: str) -> Encoder:
         def encode(seq: int) -> bytes:
@@ -424,6 +471,26 @@ class _Record:
 
 _ACTION_PB = {Action.REUSE: edge_pb2.ACTION_REUSE, Action.FORWARD: edge_pb2.ACTION_FORWARD,
               Action.AUGMENT: edge_pb2.ACTION_AUGMENT}
+
+
+def cache_control_problem(control: edge_pb2.CacheControl) -> str | None:
+    """Why a request's cache control cannot be honoured, or None."""
+    if not 0.0 <= control.max_age_s <= MAX_AGE_S:  # also false for NaN
+        return f"cache.max_age_s must be between 0 (any age) and {MAX_AGE_S:.0f} seconds"
+    if not 0.0 <= control.min_similarity <= 1.0:
+        return "cache.min_similarity must be between 0 and 1 (a cosine similarity)"
+    return None
+
+
+def replay_pieces(answer: str, words: int = REPLAY_WORDS) -> list[str]:
+    """A cached answer cut into stream pieces of a few words each (whitespace kept, so the
+    pieces join back to the answer exactly)."""
+    tokens = re.findall(r"\s*\S+", answer)
+    if not tokens:
+        return [answer]
+    pieces = ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
+    pieces[-1] += answer[sum(map(len, tokens)):]  # trailing whitespace
+    return pieces
 
 
 def _invalid(message: str) -> RequestError:

@@ -18,14 +18,18 @@ from pathlib import Path
 
 import grpc
 
+from edged.announcements import AnnouncementListener
 from edged.cloud_client import CloudClient
 from edged.config import EdgeConfig
+from edged.metrics import EdgeMetrics, stats_readings
+from edged.openai_front import OpenAIFront
 from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline, RequestError
 from edged.reuse import ReuseGuard
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo.cache import VectorCache
 from velo.embedder import load_embedder
+from velo.http_server import HttpServer
 from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
@@ -43,6 +47,8 @@ ROLES = {
     "/velo.v1.EdgeService/GetStats": frozenset({"admin"}),
 }
 VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
+EMBEDDER_PROBE_S = 2.0  # the same for a remote (Triton) embedder
+EMBEDDER = "embedder"
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
@@ -130,16 +136,17 @@ class Edged(Daemon):
 
     def __init__(self, cfg: EdgeConfig) -> None:
         super().__init__(cfg.listen, cfg.shutdown_grace_s, tls=cfg.tls, auth=cfg.auth,
-                         roles=ROLES)
+                         roles=ROLES, metrics_listen=cfg.metrics_listen)
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
+        self.http: HttpServer | None = None
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
 
     async def startup(self) -> None:
         cfg = self.cfg
         model_dir = Path(cfg.embedder_dir) if cfg.embedder_dir else embedder_dir()
         self.embedder = load_embedder(cfg.embedder, model_dir, cfg.embedder_threads,
-                                      cfg.embedder_file)
+                                      cfg.embedder_file, cfg.triton_url, cfg.triton_model)
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
         await asyncio.to_thread(self.cache.open)
@@ -163,9 +170,17 @@ class Edged(Daemon):
             report=self.report, has_verifier=bool(cfg.reuse.verifier))
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
-                                     self.spool, self.uploader, self.report, reuse_guard(cfg))
+                                     self.spool, self.uploader, self.report, reuse_guard(cfg),
+                                     EdgeMetrics(self.metrics))
+        self.metrics.read(stats_readings(self.stats))
         background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                       self.pipeline.flush_loop(), self._watch_vector_db()]
+        if hasattr(self.embedder, "check"):  # a remote embedder (Triton) can go away
+            background.append(self._watch_embedder())
+        if cfg.mqtt.enabled and self.trainer_channel is not None:
+            # Announced versions are pulled over the trainer channel, as the watch's are.
+            self.announcements = AnnouncementListener(cfg.mqtt, self.policies, cfg.edge_id)
+            background.append(self.announcements.run())
         if self.cloud.stub is not None:
             await self.report(CLOUD, *await self.cloud.check())  # known before SERVING
             background.append(self.cloud.watch(self.report, CLOUD))
@@ -173,9 +188,37 @@ class Edged(Daemon):
         self.grpc.add(edge_pb2_grpc.add_EdgeServiceServicer_to_server, EdgeServicer(self),
                       "velo.v1.EdgeService")
         await super().startup()
+        if cfg.http.listen:
+            front = OpenAIFront(cfg, self.pipeline, cfg.auth.table(), self.required_down)
+            self.http = HttpServer(front.app, cfg.http.listen, cfg.tls, cfg.shutdown_grace_s)
+            await self.http.start()
+            log.info("OpenAI-compatible front listening", url=f"{self.http.url}/v1")
         log.info("edge ready", edge_id=cfg.edge_id, collection=cfg.collection,
                  vector_db=cfg.vector_db.uri, policy=self.policies.current.name,
                  cloud=cfg.cloud or None, trainer=cfg.trainer or None)
+
+    def stats(self) -> dict[str, float]:
+        """This edge's counters by name (GetStats and /metrics), without asking Milvus."""
+        c, guard = self.pipeline.counters, self.pipeline.guard
+        return {"requests": c.requests, "errors": c.errors, "evicted_rows": c.evicted_rows,
+                "inflight": self.pipeline.inflight, "cached_rows": self._cached_rows(),
+                "policy_version": self.policies.current.version,
+                "policies_rejected": len(self.policies.rejected),
+                "experience_pending": self.spool.count(), "experience_sent": self.uploader.sent,
+                "experience_dropped": self.spool.dropped,
+                "shadow_verified": c.shadow_verified, "shadow_skipped": c.shadow_skipped,
+                **_guard_stats(guard)}
+
+    def _cached_rows(self) -> int:
+        try:
+            return self.cache.count()
+        except Exception:
+            return -1  # the vector DB is down; the rest of the stats still matter
+
+    def required_down(self) -> dict[str, str]:
+        """The parts without which this edge does not serve that are down, and why."""
+        return {name: p.reason for name, p in self.grpc.parts.items()
+                if p.required and not p.ok}
 
     async def report(self, part: str, ok: bool, reason: str) -> None:
         """A part of the edge is up or down (the trainer is not required to serve)."""
@@ -203,7 +246,16 @@ class Edged(Daemon):
                 continue
             await self.report(VECTOR_DB, problem is None, problem or "")
 
+    async def _watch_embedder(self) -> None:
+        """Probe a remote embedder (Triton): the edge is not SERVING while it is down."""
+        while True:
+            problem = await asyncio.to_thread(self.embedder.check)
+            await self.report(EMBEDDER, problem is None, problem or "")
+            await asyncio.sleep(EMBEDDER_PROBE_S if problem is None else 1.0)
+
     async def shutdown(self) -> None:
+        if self.http is not None:
+            await self.http.stop()  # drains in-flight HTTP requests
         await super().shutdown()  # drains in-flight requests
         await self.pipeline.drain()
         self.pipeline.close()

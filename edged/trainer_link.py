@@ -6,7 +6,8 @@
   each new version is fetched, verified (size, sha256, loads, probe state) and swapped in
   atomically. The last verified policy is kept on disk so a restarted edge runs it even
   while trainerd is down. A policy that fails verification is refused once and counted; the
-  edge keeps the last good one.
+  edge keeps the last good one. With MQTT on, edged.announcements also hands it each
+  announced version (follow_announcement), fetched and checked the same way.
 
 Both report the edge's `trainer` part (not required: the edge serves without trainerd).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from edged.spool import Spool
+from velo.fleet import Announcement
 from velo.logs import get_logger
 from velo.policy import OnnxPolicy, Policy, PolicyRejected
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
@@ -116,6 +118,9 @@ class PolicyFollower:
         self._args = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample, "seed": seed}
         self.rejected: dict[int, str] = {}  # version -> why; never fetched again
         self.swapped = asyncio.Event()  # set after every successful swap (tests wait on it)
+        # The watch stream and MQTT announcements (edged.announcements) may both ask for the
+        # same version at once: one fetch at a time, and the second finds it running already.
+        self._fetching = asyncio.Lock()
 
     def load_saved(self) -> None:
         """Start from the last verified policy on disk, if any."""
@@ -157,8 +162,21 @@ class PolicyFollower:
             if await self._fetch(version):
                 return
 
-    async def _fetch(self, version: int) -> bool:
-        """Fetch, verify and swap to `version`; False when it is refused (or was before)."""
+    async def follow_announcement(self, announced: Announcement) -> bool:
+        """An MQTT announcement named a version: pull it over gRPC at once and run it if its
+        sha256 and size are the announced ones (the announcement itself never carries weights).
+        True when that version (or a newer one) runs now."""
+        return await self._fetch(announced.version, announced)
+
+    async def _fetch(self, version: int, announced: Announcement | None = None) -> bool:
+        """Fetch, verify and swap to `version`; False when it is refused (or was before), or
+        does not match what `announced` says."""
+        async with self._fetching:
+            if version <= self.current.version:
+                return True  # already running (the other path got there first)
+            return await self._fetch_locked(version, announced)
+
+    async def _fetch_locked(self, version: int, announced: Announcement | None) -> bool:
         if version in self.rejected:
             return False
         try:
@@ -178,6 +196,14 @@ class PolicyFollower:
         info = policy.info
         if info.version <= self.current.version:
             return True  # nothing newer to run
+        if announced is not None and (info.sha256, info.size_bytes, len(policy.onnx)) != (
+                announced.sha256, announced.size_bytes, announced.size_bytes):
+            # Not recorded as rejected: the policy may be fine and the announcement forged or
+            # stale; the watch stream still delivers this version if it is good.
+            log.error("policy does not match its MQTT announcement; ignored", version=version,
+                      announced_sha256=announced.sha256[:12], sha256=info.sha256[:12],
+                      announced_size=announced.size_bytes, size=len(policy.onnx))
+            return False
         try:
             # Loading and probing a policy is real work: off the event loop.
             verified = await asyncio.to_thread(self._verify, policy.onnx, info.version,

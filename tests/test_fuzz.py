@@ -170,9 +170,12 @@ def messages(cls: type, fields: dict[str, st.SearchStrategy], **base: Any,
 CHAT_FIELDS = {"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), TEXT),
                "content": TEXT}
 HISTORY = lists(messages(chat_pb2.ChatMessage, CHAT_FIELDS, role="user", content="Hi"))
+CACHE_FIELDS = {"no_cache": st.booleans(), "no_store": st.booleans(),
+                "max_age_s": st.one_of(st.sampled_from([0.0, 1.0, 3.2e8]), DOUBLES),
+                "min_similarity": st.one_of(st.floats(0, 1), DOUBLES)}
 ASK_FIELDS = {"prompt": PROMPTS, "tenant": NAMES, "request_id": REQUEST_IDS,
               "reference_answer": TEXT, "max_tokens": st.one_of(st.integers(0, 1100), INT32),
-              "history": HISTORY}
+              "history": HISTORY, "cache": messages(edge_pb2.CacheControl, CACHE_FIELDS)}
 CONTEXT_QA_FIELDS = {"question": PROMPTS, "answer": TEXT}
 GENERATE_FIELDS = {
     "prompt": PROMPTS,
@@ -224,6 +227,7 @@ PUBLISH_FIELDS = {
 FIELD_STRATEGIES: dict[type, dict[str, st.SearchStrategy]] = {
     edge_pb2.AskRequest: ASK_FIELDS,
     edge_pb2.GetStatsRequest: {},
+    edge_pb2.CacheControl: CACHE_FIELDS,
     cloud_pb2.GenerateRequest: GENERATE_FIELDS,
     cloud_pb2.ContextQA: CONTEXT_QA_FIELDS,
     chat_pb2.ChatMessage: CHAT_FIELDS,

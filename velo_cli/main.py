@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stack_args(up)
     up.add_argument("--base-port", type=int, default=50050,
                     help="trainerd = base, cloudd = base+1, edges = base+2... (default 50050)")
+    up.add_argument("--http-port", type=int, default=8080,
+                    help="the edges' OpenAI-compatible fronts: edge-1 on this port, edge-2 on "
+                         "the next... (default 8080; 0: none)")
 
     ask = sub.add_parser("ask", help="ask one edge a question")
     ask.add_argument("text", help="the question")
@@ -196,16 +199,17 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", default="demo", help="cache namespace the requests use")
 
 
-def _stack(args: argparse.Namespace, base_port: int):
+def _stack(args: argparse.Namespace, base_port: int, http_port: int = 0):
     from velo.stack import Stack, StackConfig
 
     return Stack(StackConfig(data_dir=args.state_dir, edges=args.edge_count,
                              edge_policies=tuple(args.policies.split(",")), base_port=base_port,
-                             milvus_uri=args.milvus_uri, milvus_token=args.milvus_token))
+                             http_port=http_port, milvus_uri=args.milvus_uri,
+                             milvus_token=args.milvus_token))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    stack = _stack(args, args.base_port)
+    stack = _stack(args, args.base_port, args.http_port)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -226,6 +230,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     for name, address in stack.addresses.items():
         print(f"  {name:9} {address}")
     print(f"  milvus    {stack.milvus_uri}")
+    for name, url in stack.http_urls.items():
+        print(f"  {name:9} OpenAI-compatible: base_url={url}")
     print(f"logs in {stack.logs} (the LLM's in llm.log); try: velo ask \"What is Milvus?\" "
           f"--edge {stack.edge_addresses[0]}\nCtrl-C stops everything; a daemon that dies is "
           "restarted.")

@@ -20,23 +20,37 @@ ACTION_FORWARD: Action
 ACTION_AUGMENT: Action
 
 class AskRequest(_message.Message):
-    __slots__ = ("prompt", "tenant", "request_id", "reference_answer", "max_tokens", "history")
+    __slots__ = ("prompt", "tenant", "request_id", "reference_answer", "max_tokens", "history", "cache")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ANSWER_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     tenant: str
     request_id: str
     reference_answer: str
     max_tokens: int
     history: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., reference_answer: _Optional[str] = ..., max_tokens: _Optional[int] = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    cache: CacheControl
+    def __init__(self, prompt: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., reference_answer: _Optional[str] = ..., max_tokens: _Optional[int] = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., cache: _Optional[_Union[CacheControl, _Mapping]] = ...) -> None: ...
+
+class CacheControl(_message.Message):
+    __slots__ = ("no_cache", "no_store", "max_age_s", "min_similarity")
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    NO_STORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    no_cache: bool
+    no_store: bool
+    max_age_s: float
+    min_similarity: float
+    def __init__(self, no_cache: bool = ..., no_store: bool = ..., max_age_s: _Optional[float] = ..., min_similarity: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("answer", "action", "request_id", "edge_id", "policy", "delay_s", "edge_s", "cloud_s", "cached_question", "similarity", "has_satisfaction", "satisfaction", "reward")
+    __slots__ = ("answer", "action", "request_id", "edge_id", "policy", "delay_s", "edge_s", "cloud_s", "cached_question", "similarity", "has_satisfaction", "satisfaction", "reward", "cached_entry_id", "cached_age_s", "policy_version", "stored")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +64,10 @@ class AskResponse(_message.Message):
     HAS_SATISFACTION_FIELD_NUMBER: _ClassVar[int]
     SATISFACTION_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
     answer: str
     action: Action
     request_id: str
@@ -63,7 +81,11 @@ class AskResponse(_message.Message):
     has_satisfaction: bool
     satisfaction: float
     reward: float
-    def __init__(self, answer: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., request_id: _Optional[str] = ..., edge_id: _Optional[str] = ..., policy: _Optional[str] = ..., delay_s: _Optional[float] = ..., edge_s: _Optional[float] = ..., cloud_s: _Optional[float] = ..., cached_question: _Optional[str] = ..., similarity: _Optional[float] = ..., has_satisfaction: bool = ..., satisfaction: _Optional[float] = ..., reward: _Optional[float] = ...) -> None: ...
+    cached_entry_id: int
+    cached_age_s: float
+    policy_version: int
+    stored: bool
+    def __init__(self, answer: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., request_id: _Optional[str] = ..., edge_id: _Optional[str] = ..., policy: _Optional[str] = ..., delay_s: _Optional[float] = ..., edge_s: _Optional[float] = ..., cloud_s: _Optional[float] = ..., cached_question: _Optional[str] = ..., similarity: _Optional[float] = ..., has_satisfaction: bool = ..., satisfaction: _Optional[float] = ..., reward: _Optional[float] = ..., cached_entry_id: _Optional[int] = ..., cached_age_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., stored: bool = ...) -> None: ...
 
 class AskChunk(_message.Message):
     __slots__ = ("text", "done")

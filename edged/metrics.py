@@ -1,0 +1,81 @@
+"""What edged exports to Prometheus (velo.metrics): request outcomes and stage latencies as
+they happen, and at each scrape the counters GetStats reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edged.decision import StageTimes
+from velo.metrics import Metrics, Reading
+from velo.qos import Action
+
+SIMILARITY = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0)
+ACTION_LABELS = {Action.REUSE: "reuse", Action.FORWARD: "forward", Action.AUGMENT: "augment"}
+
+
+class EdgeMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.requests = metrics.counter(
+            "velo_edge_requests_total", "Requests by action (reuse/forward/augment; none when "
+            "refused) and status (ok or the gRPC status code)", ["action", "status"])
+        self.stage_seconds = metrics.histogram(
+            "velo_edge_stage_seconds", "Time spent per stage of the request path "
+            "(embed, search, state, policy, cloud; delay is eq. 3's d)", ["stage"])
+        self.reuse_similarity = metrics.histogram(
+            "velo_edge_reuse_similarity", "Similarity c^s of the cached entry each reuse (A) "
+            "served", buckets=SIMILARITY)
+
+    def answered(self, action: Action, times: StageTimes, cloud_s: float, delay_s: float,
+                 similarity: float | None) -> None:
+        self.requests.labels(ACTION_LABELS[action], "ok").inc()
+        for stage, seconds in (("embed", times.embed_s), ("search", times.search_s),
+                               ("state", times.state_s), ("policy", times.policy_s),
+                               ("delay", delay_s)):
+            self.stage_seconds.labels(stage).observe(seconds)
+        if action is not Action.REUSE:
+            self.stage_seconds.labels("cloud").observe(cloud_s)
+        elif similarity is not None:
+            self.reuse_similarity.observe(similarity)
+
+    def refused(self, status: str) -> None:
+        self.requests.labels("none", status).inc()
+
+
+def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[Reading]]:
+    """Scrape-time readings of the edge's own counters (`stats()` returns them by name)."""
+    described = {
+        "cached_rows": ("velo_edge_cache_rows", "Rows in this edge's vector cache (two per QA "
+                        "pair)", False),
+        "evicted_rows": ("velo_edge_evicted_rows_total", "Rows evicted (below-mean value, TTL, "
+                         "cap)", True),
+        "inflight": ("velo_edge_requests_in_flight", "Requests being answered now", False),
+        "policy_version": ("velo_edge_policy_version", "Version of the learned policy in use "
+                           "(0: the baseline)", False),
+        "policies_rejected": ("velo_edge_policies_rejected_total", "Learned policies this edge "
+                              "refused (it kept the last good one)", True),
+        "experience_pending": ("velo_edge_experience_spooled", "Experience records on disk "
+                               "waiting for trainerd", False),
+        "experience_sent": ("velo_edge_experience_sent_total", "Experience records trainerd "
+                            "acknowledged", True),
+        "experience_dropped": ("velo_edge_experience_dropped_total", "Experience records "
+                               "dropped (spool full, or refused by trainerd)", True),
+        "shadow_verified": ("velo_edge_shadow_verified_total", "Answers re-asked to the LLM "
+                            "to measure q", True),
+        "shadow_skipped": ("velo_edge_shadow_skipped_total", "Shadow samples skipped (cloud or "
+                           "shadow budget busy)", True),
+        "reuses_vetoed": ("velo_edge_reuses_vetoed_total", "Reuses the reuse guard turned into "
+                          "forwards", True),
+        "reuses_verified": ("velo_edge_reuses_verified_total", "Reuses checked against a fresh "
+                            "LLM answer", True),
+        "reuses_judged_wrong": ("velo_edge_reuses_judged_wrong_total", "Verified reuses judged "
+                                "wrong", True),
+        "false_hit_estimate": ("velo_edge_false_hit_estimate", "Share of verified reuses judged "
+                               "wrong (shadow verification)", False),
+    }
+
+    def read() -> list[Reading]:
+        return [Reading(name, help, float(value), counter)
+                for key, value in stats().items() if key in described
+                for name, help, counter in [described[key]]]
+
+    return read
