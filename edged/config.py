@@ -90,10 +90,15 @@ class LimitsConfig:
     # (natural batching: no added wait when the edge is idle).
     max_batch: int = 16
     request_timeout_s: float = 120.0  # whole request, cloud included
+    # Embeddings of this many recent distinct prompts are kept (1.5 KB each at 384-d): a
+    # repeated prompt skips the embedding, most of an edge's CPU (0: embed every request).
+    prompt_vectors: int = 10_000
 
     def __post_init__(self) -> None:
         require(self.max_inflight >= 1, "max_inflight", "must be >= 1")
         require(1 <= self.max_batch <= 256, "max_batch", "must be between 1 and 256")
+        require(0 <= self.prompt_vectors <= 10_000_000, "prompt_vectors",
+                "must be between 0 and 10000000")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,11 +52,42 @@ class Decided:
     times: StageTimes
 
 
+class PromptVectors:
+    """The exact-match layer in front of the semantic one: the embeddings of the most recent
+    distinct prompts (an embedding depends only on the text), so that a repeated prompt is
+    never embedded twice. Least recently used first out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, prompt: str) -> np.ndarray | None:
+        vector = self._vectors.get(prompt)
+        if vector is None:
+            self.misses += 1
+            return None
+        self._vectors.move_to_end(prompt)
+        self.hits += 1
+        return vector
+
+    def put(self, prompt: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        vector.flags.writeable = False  # shared by every request with this prompt
+        self._vectors[prompt] = vector
+        self._vectors.move_to_end(prompt)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+
+
 class Decider:
     def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
                  top_p: int, max_batch: int = 16, embed_workers: int = 2,
-                 verifier: OnnxVerifier | None = None) -> None:
+                 verifier: OnnxVerifier | None = None, prompt_vectors: int = 0) -> None:
+        """`prompt_vectors`: how many distinct prompts' embeddings to keep (0: none)."""
         self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
+        self.prompt_vectors = PromptVectors(prompt_vectors)
         # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL);
         # vector searches are batched on one (one Milvus search for many requests).
         self.embeddings: MicroBatcher[str, np.ndarray] = MicroBatcher(
@@ -69,7 +101,10 @@ class Decider:
         """`usable`: which searched rows this request may use (cache control, TTL); the
         policy sees only those, so a state never offers a row the edge would not serve."""
         t0 = time.perf_counter()
-        f = await self.embeddings.submit(prompt)
+        f = self.prompt_vectors.get(prompt)
+        if f is None:
+            f = await self.embeddings.submit(prompt)
+            self.prompt_vectors.put(prompt, f)
         t1 = time.perf_counter()
         try:
             rows = await self.searches.submit((tenant, f))

@@ -63,6 +63,9 @@ def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[R
                             "to measure q", True),
         "shadow_skipped": ("velo_edge_shadow_skipped_total", "Shadow samples skipped (cloud or "
                            "shadow budget busy)", True),
+        "prompt_vector_hits": ("velo_edge_prompt_vector_hits_total", "Requests whose prompt's "
+                               "embedding was kept from an earlier request (not embedded again)",
+                               True),
         "reuses_vetoed": ("velo_edge_reuses_vetoed_total", "Reuses the reuse guard turned into "
                           "forwards", True),
         "reuses_verified": ("velo_edge_reuses_verified_total", "Reuses checked against a fresh "

@@ -102,7 +102,8 @@ class EdgePipeline:
         self.rng = np.random.default_rng(cfg.policy.seed)
         self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
                                cfg.limits.max_batch, cfg.embedder_workers,
-                               guard.verifier if guard is not None else None)
+                               guard.verifier if guard is not None else None,
+                               cfg.limits.prompt_vectors)
         # Concurrent requests' experience goes to disk in one transaction.
         self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
             spool.append_many, 256, "spool")

@@ -207,6 +207,7 @@ class Edged(Daemon):
                 "experience_pending": self.spool.count(), "experience_sent": self.uploader.sent,
                 "experience_dropped": self.spool.dropped,
                 "shadow_verified": c.shadow_verified, "shadow_skipped": c.shadow_skipped,
+                "prompt_vector_hits": self.pipeline.decider.prompt_vectors.hits,
                 **_guard_stats(guard)}
 
     def _cached_rows(self) -> int:

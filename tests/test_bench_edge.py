@@ -1,7 +1,7 @@
 """tools/bench_edge.py runs end to end on a small cache: real Milvus, a real velo-edged process,
-GPTCache beside it. Its numbers are not asserted (this machine is shared and noisy); what it
-reports is: every stage measured, hit traffic that really hits, both systems asked the same
-labelled pairs at the same threshold."""
+GPTCache beside it (as shipped and patched), and the floor. Its numbers are not asserted (this
+machine is shared and noisy); what it reports is: every stage measured, hit traffic that really
+hits, both systems asked the same labelled pairs at the same threshold."""
 
 from __future__ import annotations
 
@@ -35,7 +35,13 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
         ask = side["grpc_ask"]
         assert ask["actions"] == {"A": sum(ask["actions"].values())}  # no miss, no error
         assert set(ask["throughput"]) == {"1", "4"} and ask["edged_rss_mb"] > 50
-    assert size["gptcache"]["hit_share"] == 1.0
+    for name, floor in size["floor"].items():  # one embedding + one in-process probe
+        assert floor["total"]["p50_ms"] >= floor["embed"]["p50_ms"] > 0
+        assert floor["probe"]["n"] == 40 and name in size["velo"]
+    assert len(size["gptcache"]) == 2  # as shipped, and with the index it lacks
+    for gpt_side in size["gptcache"].values():
+        assert gpt_side["hit_share"] == 1.0 and gpt_side["memory_mb"]["faiss_index"] > 0
+        assert all("errors" in t for t in gpt_side["throughput"].values())
 
     wrong = report["wrong_hits"]
     velo, gpt = wrong["velo cache-0.5, model 2x2"], wrong["gptcache T=0.9375"]
@@ -44,4 +50,6 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
     # up to the approximate index; the held-out half makes some hits wrong.
     assert abs(velo["hits"] - gpt["hits"]) <= 6 and velo["wrong"] > 0
     assert wrong["gptcache T=0.8 (its default)"]["wrong"] > gpt["wrong"]
-    assert out.with_suffix(".md").read_text().count("| 1,000 |") == 5
+    # per embedder: the floor, the decision and the Ask (the first: also with repeated prompts
+    # not embedded again); and both GPTCache variants
+    assert out.with_suffix(".md").read_text().count("| 1,000 |") == 9

@@ -596,3 +596,21 @@ async def test_a_learned_policy_decides_off_the_event_loop() -> None:
     assert decided.decision.action is Action.FORWARD
     assert threads and threads[0].startswith("policy")
     assert threads[0] != threading.main_thread().name
+
+
+def test_a_repeated_prompt_is_embedded_once() -> None:
+    from edged.decision import PromptVectors
+
+    kept = PromptVectors(2)
+    for prompt in ("a", "b"):
+        assert kept.get(prompt) is None
+        kept.put(prompt, np.full(3, ord(prompt), dtype=np.float32))
+    assert kept.get("a")[0] == ord("a")  # "a" is now the most recent: "b" goes first
+    kept.put("c", np.zeros(3, dtype=np.float32))
+    assert kept.get("b") is None and kept.get("a") is not None and kept.get("c") is not None
+    assert (kept.hits, kept.misses) == (3, 3)
+    with pytest.raises(ValueError):
+        kept.get("a")[0] = 1.0  # shared between requests: nobody may change it
+    off = PromptVectors(0)
+    off.put("a", np.zeros(3, dtype=np.float32))
+    assert off.get("a") is None

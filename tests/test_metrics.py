@@ -58,6 +58,7 @@ async def test_edge_and_cloud_metrics_follow_the_requests(edge_config, fake_llm)
             assert value(samples, requests, action="reuse", status="ok") == 1
             assert value(samples, requests, action="none", status="INVALID_ARGUMENT") == 1
             assert value(samples, "velo_edge_stage_seconds_count", stage="embed") == 2
+            assert value(samples, "velo_edge_prompt_vector_hits_total") == 0  # two new prompts
             assert value(samples, "velo_edge_stage_seconds_count", stage="cloud") == 1
             assert value(samples, "velo_edge_reuse_similarity_count") == 1
             assert value(samples, "velo_edge_reuse_similarity_sum") == \
