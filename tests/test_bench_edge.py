@@ -32,6 +32,7 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
         assert stages["total"]["p50_ms"] >= stages["embed"]["p50_ms"] > 0
         assert side["decision"]["hit_share"] == 1.0  # the queries are hits: all reuse
         assert side["decision"]["lrs_policy"]["n"] == 40
+        assert side["decision"]["verifier"]["n"] == 40  # the reuse guard's cost per decision
         ask = side["grpc_ask"]
         assert ask["actions"] == {"A": sum(ask["actions"].values())}  # no miss, no error
         assert set(ask["throughput"]) == {"1", "4"} and ask["edged_rss_mb"] > 50

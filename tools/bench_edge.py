@@ -62,6 +62,7 @@ from velo.milvus_server import EmbeddedMilvus  # noqa: E402
 from velo.models import embedder_dir  # noqa: E402
 from velo.policy import CachePolicy, OnnxPolicy  # noqa: E402
 from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
+from velo.verifier import OnnxVerifier  # noqa: E402
 from velo.workload import load_qa  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -185,14 +186,16 @@ async def closed_loop(call, queries: list[str], clients: int, total: int) -> tup
 
 
 async def bench_decision(decider: Decider, queries: list[str], requests: int,
-                         clients: list[int], lrs: OnnxPolicy | None) -> dict:
+                         clients: list[int], lrs: OnnxPolicy | None,
+                         verifier: OnnxVerifier | None = None) -> dict:
     for prompt in queries[:20]:  # warm the sessions and the search path
         await decider.decide(prompt, TENANT)
     stages: dict[str, list[float]] = {"embed": [], "search": [], "state": [], "policy": [],
                                       "total": []}
-    states, reused = [], 0
+    states, prompts, reused = [], [], 0
     for i in range(requests):
-        decided = await decider.decide(queries[i % len(queries)], TENANT)
+        prompts.append(queries[i % len(queries)])
+        decided = await decider.decide(prompts[-1], TENANT)
         t = decided.times
         for name, value in (("embed", t.embed_s), ("search", t.search_s), ("state", t.state_s),
                             ("policy", t.policy_s), ("total", t.total_s)):
@@ -208,6 +211,13 @@ async def bench_decision(decider: Decider, queries: list[str], requests: int,
             lrs.decide(state)
             times.append(time.perf_counter() - t)
         out["lrs_policy"] = pct(times)
+    if verifier is not None:  # the reuse guard's P(same) of the top-P rows (edged [reuse])
+        times = []
+        for prompt, state in zip(prompts, states, strict=True):
+            t = time.perf_counter()
+            verifier.scorer_for(prompt)(state.rows)
+            times.append(time.perf_counter() - t)
+        out["verifier"] = pct(times)
     out["throughput"] = {}
     for c in clients:
         embeddings, searches = decider.embeddings, decider.searches
@@ -577,6 +587,7 @@ async def run(args: argparse.Namespace) -> dict:
                            max_batch=args.max_batch, embed_workers=v.workers)
                 for v, e in embedders.items()}
     lrs = _untrained_lrs(reference.dim) if args.lrs else None
+    verifier = OnnxVerifier(Path(args.verifier)) if args.verifier else None
     gpts: dict[str, GPTCacheSide] = {}
     try:
         held_in, answers = load_labelled(data, cache)
@@ -623,7 +634,7 @@ async def run(args: argparse.Namespace) -> dict:
                                                             args.requests)
             for variant, decider in deciders.items():
                 side: dict = {"decision": await bench_decision(decider, queries, args.requests,
-                                                               args.clients, lrs)}
+                                                               args.clients, lrs, verifier)}
                 if not args.no_grpc:
                     edged = EdgedProcess(uri, token, workdir, args.port, variant)
                     try:
@@ -709,6 +720,10 @@ def print_size(result: dict, clients: list[int]) -> None:
             s = d[stage]
             label = "edge decision" if stage == "total" else "  " + stage
             print(f"  {label:<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
+        if "verifier" in side["decision"]:
+            s = side["decision"]["verifier"]
+            print(f"  {'  reuse verifier, top-P rows':<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} "
+                  f"{s['p99_ms']:7.2f}")
         if "lrs_policy" in side["decision"]:
             s = side["decision"]["lrs_policy"]
             print(f"  {'  policy if ONNX LRS':<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} "
@@ -868,6 +883,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the collection's index (IVF_FLAT, IVF_SQ8: 8-bit vectors, HNSW)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")
     parser.add_argument("--no-gptcache", action="store_true")
+    parser.add_argument("--verifier", default=str(ROOT / "docs" / "reuse" / "verifier.onnx"),
+                        help="time the reuse guard's verifier on each state ('' to skip)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip py-spy on velo-edged during the busiest gRPC load")
     parser.add_argument("--no-grpc", action="store_true", help="skip the velo-edged process")
