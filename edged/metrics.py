@@ -24,16 +24,23 @@ class EdgeMetrics:
         self.reuse_similarity = metrics.histogram(
             "velo_edge_reuse_similarity", "Similarity c^s of the cached entry each reuse (A) "
             "served", buckets=SIMILARITY)
+        # Bound once: a labels() lookup per observation would cost on every request.
+        self._answered = {action: self.requests.labels(label, "ok")
+                          for action, label in ACTION_LABELS.items()}
+        self._stages = {stage: self.stage_seconds.labels(stage) for stage in
+                        ("embed", "search", "state", "policy", "delay", "cloud")}
 
     def answered(self, action: Action, times: StageTimes, cloud_s: float, delay_s: float,
                  similarity: float | None) -> None:
-        self.requests.labels(ACTION_LABELS[action], "ok").inc()
-        for stage, seconds in (("embed", times.embed_s), ("search", times.search_s),
-                               ("state", times.state_s), ("policy", times.policy_s),
-                               ("delay", delay_s)):
-            self.stage_seconds.labels(stage).observe(seconds)
+        self._answered[action].inc()
+        stages = self._stages
+        stages["embed"].observe(times.embed_s)
+        stages["search"].observe(times.search_s)
+        stages["state"].observe(times.state_s)
+        stages["policy"].observe(times.policy_s)
+        stages["delay"].observe(delay_s)
         if action is not Action.REUSE:
-            self.stage_seconds.labels("cloud").observe(cloud_s)
+            stages["cloud"].observe(cloud_s)
         elif similarity is not None:
             self.reuse_similarity.observe(similarity)
 

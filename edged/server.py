@@ -85,28 +85,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     async def GetStats(self, request: edge_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> edge_pb2.EdgeStats:
         edge = self.edge
-        c = edge.pipeline.counters
         try:
             rows = await asyncio.wait_for(asyncio.to_thread(edge.cache.count), 5)
         except Exception:
             rows = -1  # the vector DB is down; the rest of the stats still matter
+        counts = {key: value for key, value in edge.stats(rows).items()
+                  if key in edge_pb2.EdgeStats.DESCRIPTOR.fields_by_name}
         return edge_pb2.EdgeStats(
-            edge_id=edge.cfg.edge_id, requests=c.requests, errors=c.errors,
+            edge_id=edge.cfg.edge_id, policy=edge.policies.current.name, **counts,
             actions=[edge_pb2.ActionStats(action=int(a) + 1, requests=s.requests,
                                           delay_sum_s=s.delay_sum_s,
                                           satisfaction_count=s.satisfaction_count,
                                           satisfaction_sum=s.satisfaction_sum,
                                           reward_sum=s.reward_sum)
-                     for a, s in c.actions.items()],
-            cached_rows=rows, evicted_rows=c.evicted_rows, policy=edge.policies.current.name,
-            policy_version=edge.policies.current.version,
-            experience_pending=edge.spool.count(), experience_sent=edge.uploader.sent,
-            experience_dropped=edge.spool.dropped,
+                     for a, s in edge.pipeline.counters.actions.items()],
             parts=[edge_pb2.PartStatus(name=name, up=p.ok, reason=p.reason)
                    for name, p in edge.grpc.parts.items()],
-            shadow_verified=c.shadow_verified, shadow_skipped=c.shadow_skipped,
-            policies_rejected=len(edge.policies.rejected),
-            **_guard_stats(edge.pipeline.guard),
         )
 
 
@@ -172,7 +166,7 @@ class Edged(Daemon):
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg),
                                      EdgeMetrics(self.metrics))
-        self.metrics.read(stats_readings(self.stats))
+        self.metrics.read(stats_readings(self._scraped_stats))
         background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                       self.pipeline.flush_loop(), self._watch_vector_db()]
         if hasattr(self.embedder, "check"):  # a remote embedder (Triton) can go away
@@ -197,11 +191,11 @@ class Edged(Daemon):
                  vector_db=cfg.vector_db.uri, policy=self.policies.current.name,
                  cloud=cfg.cloud or None, trainer=cfg.trainer or None)
 
-    def stats(self) -> dict[str, float]:
-        """This edge's counters by name (GetStats and /metrics), without asking Milvus."""
+    def stats(self, cached_rows: int) -> dict[str, float]:
+        """This edge's counters by name, the one source of GetStats and /metrics."""
         c, guard = self.pipeline.counters, self.pipeline.guard
         return {"requests": c.requests, "errors": c.errors, "evicted_rows": c.evicted_rows,
-                "inflight": self.pipeline.inflight, "cached_rows": self._cached_rows(),
+                "inflight": self.pipeline.inflight, "cached_rows": cached_rows,
                 "policy_version": self.policies.current.version,
                 "policies_rejected": len(self.policies.rejected),
                 "experience_pending": self.spool.count(), "experience_sent": self.uploader.sent,
@@ -210,11 +204,13 @@ class Edged(Daemon):
                 "prompt_vector_hits": self.pipeline.decider.prompt_vectors.hits,
                 **_guard_stats(guard)}
 
-    def _cached_rows(self) -> int:
+    def _scraped_stats(self) -> dict[str, float]:
+        """`stats` for a Prometheus scrape (on the scrape thread: Milvus may be asked)."""
         try:
-            return self.cache.count()
+            rows = self.cache.count()
         except Exception:
-            return -1  # the vector DB is down; the rest of the stats still matter
+            rows = -1  # the vector DB is down; the rest of the stats still matter
+        return self.stats(rows)
 
     def required_down(self) -> dict[str, str]:
         """The parts without which this edge does not serve that are down, and why."""

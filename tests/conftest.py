@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -16,6 +18,15 @@ from velo.models import ROOT, embedder_dir
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (tools/ is not a package: they run as scripts)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
+from tests.conftest import load_tool
 from velo.embedder import Embedder
 from velo.models import ModelNotFound, embedder_dir, minilm_source_dir
 
@@ -26,22 +25,12 @@ SENTENCES = [
 ]
 
 
-def _load_export_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "export_embedder", ROOT / "tools" / "export_embedder.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The exported embedder; exported here (a few seconds) if missing or incomplete."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    tool = _load_export_tool()
+    tool = load_tool("export_embedder")
     out = embedder_dir()
     if not tool.is_complete(out):
         tool.export(out)

@@ -6,7 +6,6 @@ where that or the server cannot work on this machine."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA, ask, edge_client, running
+from tests.conftest import SHARED_DATA, ask, edge_client, load_tool, running
 from velo.embedder import Embedder, EmbedderUnavailable, load_embedder
 from velo.models import ROOT
 from velo.v1 import edge_pb2
@@ -28,19 +27,10 @@ from velo.triton_embedder import TritonEmbedder
 MIN_COSINE = 0.999
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("triton_server",
-                                                  ROOT / "tools" / "triton_server.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
     """tools/triton_server.py with its venv built (skips where that cannot work here)."""
-    module = _load_tool()
+    module = load_tool("triton_server")
     try:
         module.build(log=lambda _: None)
     except module.TritonUnavailable as exc:
