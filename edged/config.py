@@ -13,6 +13,7 @@ from velo.embedder import EMBEDDER_KINDS
 from velo.fleet import MqttConfig
 from velo.names import NAME_RULE, valid_name
 from velo.security import AuthConfig, TLSConfig
+from velo.texts import store_path
 
 ENV_PREFIX = "VELO_EDGED"
 MiB = 1024 * 1024
@@ -167,7 +168,7 @@ class EdgeConfig:
     metrics_listen: str = ""
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
     trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
-    data_dir: str = "var/edged"  # experience spool and last verified policy
+    data_dir: str = "var/edged"  # experience spool, last verified policy, cached pairs' texts
     # "minilm" (English, 384 wide) or "use-multilingual" (16 languages, 512 wide: a cached
     # answer serves the question in every language). A different width needs a new collection.
     # "triton": the same MiniLM vectors from a Triton Inference Server (triton_url): the edge
@@ -224,6 +225,11 @@ class EdgeConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def texts_path(self) -> Path:
+        """The SQLite file of the cached pairs' texts (velo/texts.py)."""
+        return store_path(self.data_path, self.collection)
 
 
 def load(path: str | Path | None) -> EdgeConfig:

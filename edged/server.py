@@ -142,7 +142,8 @@ class Edged(Daemon):
         self.embedder = load_embedder(cfg.embedder, model_dir, cfg.embedder_threads,
                                       cfg.embedder_file, cfg.triton_url, cfg.triton_model)
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
-        self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0)
+        self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0,
+                                 texts_path=cfg.texts_path)
         await asyncio.to_thread(self.cache.open)
         await self.report(VECTOR_DB, True, "")
         self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records,

@@ -99,13 +99,13 @@ async def test_batcher_runs_off_the_event_loop() -> None:
         batcher.close()
 
 
-def test_write_backs_are_seen_at_once_and_reach_milvus_on_flush(milvus) -> None:
+def test_write_backs_are_seen_at_once_and_reach_milvus_on_flush(milvus, tmp_path) -> None:
     rng = np.random.default_rng(1)
     vecs = rng.normal(size=(4, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     name = f"wb_{uuid.uuid4().hex[:8]}"
     cfg = VectorDBConfig(uri=milvus.uri, token=milvus.token)
-    cache = VectorCache(cfg, name, DIM)
+    cache = VectorCache(cfg, name, DIM, texts_path=tmp_path / "texts.db")
     cache.open()
     try:
         cache.insert_pair("t", "q0", "a0", vecs[0], vecs[1], value=-1.0)
@@ -131,17 +131,17 @@ def test_write_backs_are_seen_at_once_and_reach_milvus_on_flush(milvus) -> None:
         cache.update_row(seen, "t", hits=4, value=0.5)
     finally:
         cache.close()
-    reopened = VectorCache(cfg, name, DIM)
+    reopened = VectorCache(cfg, name, DIM, texts_path=tmp_path / "texts.db")
     reopened.open()
     try:
         (again,) = reopened.search(vecs[0], "t", 1)
-        assert (again.hits, again.value) == (4, 0.5)
+        assert (again.hits, again.value, again.question, again.answer) == (4, 0.5, "q0", "a0")
         assert again.vector is None  # searches do not fetch the stored vectors from Milvus
         # An evicted row is not brought back by a late write-back.
         reopened.update_row(again, "t", hits=5, value=-9.0)
         assert reopened.evict(below_mean=True, max_rows=100, ttl_s=0) == 1
         reopened.flush_updates()
-        left = reopened.client.query(name, filter="id >= 0", output_fields=["question", "kind"],
+        left = reopened.client.query(name, filter="id >= 0", output_fields=["kind"],
                                      consistency_level="Strong")
         assert row.id not in {r["id"] for r in left} and len(left) == 3
     finally:

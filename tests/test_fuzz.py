@@ -605,7 +605,8 @@ async def test_no_tenant_is_ever_served_another_tenants_answer(
     async with running(Edged(cfg)) as daemon:
         # A client of its own, as a chaos tool would have: the edge must see its writes.
         embedder = Embedder(exported_embedder)
-        cache = VectorCache(cfg.vector_db, cfg.collection, embedder.dim)
+        cache = VectorCache(cfg.vector_db, cfg.collection, embedder.dim,
+                            texts_path=cfg.texts_path)
         await asyncio.to_thread(cache.open)
         try:
             report = await fuzz.isolation_probes(daemon.grpc.address, cache, embedder,

@@ -61,6 +61,7 @@ from velo.embedder import Embedder  # noqa: E402
 from velo.milvus_server import EmbeddedMilvus  # noqa: E402
 from velo.models import embedder_dir  # noqa: E402
 from velo.policy import CachePolicy, OnnxPolicy  # noqa: E402
+from velo.texts import store_path  # noqa: E402
 from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
 from velo.verifier import OnnxVerifier  # noqa: E402
 from velo.workload import load_qa  # noqa: E402
@@ -570,8 +571,10 @@ async def run(args: argparse.Namespace) -> dict:
     report["hit_queries"] = len(queries)
     print(f"{len(queries)} hit queries (b sides of {len(data.cached_q)} cached pairs)", flush=True)
 
+    # The texts go where the benchmarked velo-edged reads them (its data_dir).
+    texts = store_path(workdir / "edged", COLLECTION)
     cache = VectorCache(VectorDBConfig(uri=uri, token=token, index_type=args.index_type),
-                        COLLECTION, reference.dim)
+                        COLLECTION, reference.dim, texts_path=texts)
     cache.open()
     cache.drop()
     cache.open()
@@ -581,7 +584,7 @@ async def run(args: argparse.Namespace) -> dict:
         uri = milvus.uri  # the token stays: it is the data_dir's
         report["milvus_empty"] = loaded_memory(milvus, reference.dim, 0)
         cache = VectorCache(VectorDBConfig(uri=uri, token=token, index_type=args.index_type),
-                        COLLECTION, reference.dim)
+                            COLLECTION, reference.dim, texts_path=texts)
         cache.open()
     deciders = {v: Decider(e, cache, lambda: CachePolicy(THETA), top_p=5,
                            max_batch=args.max_batch, embed_workers=v.workers)
@@ -616,8 +619,9 @@ async def run(args: argparse.Namespace) -> dict:
                 cache.wait_indexed()
                 fill_s = time.perf_counter() - t
                 vectors += [qv, av]
-                for gpt in gpts.values():
-                    gpt.add(qs + qs, ans + ans, np.concatenate([qv, av]))
+                if rows <= args.gptcache_max_rows:
+                    for gpt in gpts.values():
+                        gpt.add(qs + qs, ans + ans, np.concatenate([qv, av]))
             else:
                 fill_s = 0.0
             await asyncio.sleep(1.0)
@@ -625,9 +629,13 @@ async def run(args: argparse.Namespace) -> dict:
             result: dict = {"rows": rows, "velo": {}, "floor": {}}
             if milvus is not None:
                 result["milvus_memory_mb"] = memory_mb(milvus._server.server_proc.pid)
+            # On disk, in the kernel's reclaimable page cache when read: not in the memory target.
+            result["text_store_mb"] = sum(f.stat().st_size for f in texts.parent.glob(
+                texts.name + "*")) / 2**20
             result["gptcache"] = {label: bench_gptcache(gpt, queries, args.requests,
                                                         args.clients)
-                                  for label, gpt in gpts.items()}
+                                  for label, gpt in gpts.items()
+                                  if rows <= args.gptcache_max_rows}
             floor_index = ivf_index(np.concatenate(vectors))
             for variant, embedder in embedders.items():
                 result["floor"][variant.name] = bench_floor(embedder, floor_index, queries,
@@ -772,6 +780,8 @@ def print_size(result: dict, clients: list[int]) -> None:
     if "milvus_memory_mb" in result:
         m = result["milvus_memory_mb"]
         extra.append(f"Milvus RSS {m['rss']:.0f} MB (anon {m['anon']:.0f} MB)")
+    if "text_store_mb" in result:
+        extra.append(f"texts file (disk) {result['text_store_mb']:.0f} MB")
     for name, side in result["velo"].items():
         if "grpc_ask" in side:
             extra.append(f"edged RSS ({name}) {side['grpc_ask']['edged_rss_mb']:.0f} MB")
@@ -883,6 +893,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the collection's index (IVF_FLAT, IVF_SQ8: 8-bit vectors, HNSW)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")
     parser.add_argument("--no-gptcache", action="store_true")
+    parser.add_argument("--gptcache-max-rows", type=int, default=100_000,
+                        help="measure GPTCache up to this many rows (its flat index and "
+                        "answer-table scans take minutes per measurement at 10^6)")
     parser.add_argument("--verifier", default=str(ROOT / "docs" / "reuse" / "verifier.onnx"),
                         help="time the reuse guard's verifier on each state ('' to skip)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",

@@ -55,6 +55,7 @@ from velo.embedder import Embedder  # noqa: E402
 from velo.logs import configure_logging  # noqa: E402
 from velo.models import embedder_dir  # noqa: E402
 from velo.stack import Stack, StackConfig  # noqa: E402
+from velo.texts import store_path  # noqa: E402
 from velo.v1 import (  # noqa: E402
     cloud_pb2,
     cloud_pb2_grpc,
@@ -420,9 +421,11 @@ async def spool_disk_full(chaos: Chaos, load: Load, row: Row) -> None:
 async def seed_cache(chaos: Chaos, edge_name: str, count: int = 40) -> list[str]:
     """Cache `count` questions on `edge_name` directly (an edge without a cloud cannot
     answer its misses); returns them once the edge sees them."""
+    collection = "velo_" + edge_name.replace("-", "_")
+    texts = store_path(chaos.stack.cfg.data_dir.resolve() / edge_name, collection)
     cache = VectorCache(VectorDBConfig(uri=chaos.stack.milvus_uri,
-                                       token=chaos.stack.milvus_token),
-                        "velo_" + edge_name.replace("-", "_"), 384)
+                                       token=chaos.stack.milvus_token), collection, 384,
+                        texts_path=texts)
     embedder = Embedder(embedder_dir())
     questions = [next(chaos.fresh) for _ in range(count)]
     vectors = await asyncio.to_thread(embedder.embed, questions)
@@ -511,7 +514,9 @@ async def fuzz_row(chaos: Chaos, requests: int) -> Row:
 async def isolation_row(chaos: Chaos, probes: int) -> Row:
     edge = chaos.stack.daemons.get("probe-edge") or chaos.stack.add_edge("probe-edge")
     cache = VectorCache(VectorDBConfig(uri=chaos.stack.milvus_uri,
-                                       token=chaos.stack.milvus_token), "velo_probe_edge", 384)
+                                       token=chaos.stack.milvus_token), "velo_probe_edge", 384,
+                        texts_path=store_path(chaos.stack.cfg.data_dir.resolve() / "probe-edge",
+                                              "velo_probe_edge"))
     await asyncio.to_thread(cache.open)
     started = time.monotonic()
     try:

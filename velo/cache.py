@@ -1,8 +1,11 @@
 """The edge's vector cache: QA pairs in a Milvus collection (SPEC §3).
 
 Each answered question becomes two rows, the question vector (kind 1) and the answer vector
-(kind 2), both carrying the texts, the hit count c^f and the cache value c^r. Searches are
-filtered by tenant, so one tenant never sees another tenant's answers.
+(kind 2), each carrying the hit count c^f and the cache value c^r. The texts of the pair are
+stored once, outside Milvus, in the edge's `TextStore` (velo/texts.py), and read for the top-P
+rows of a search only: in Milvus, both texts on both rows were a quarter of its memory. Row ids
+are `2 * pair_id + kind - 1`, so a search fetches neither. Searches are filtered by tenant, so
+one tenant never sees another tenant's answers.
 
 pymilvus is synchronous; the daemon calls these methods through `asyncio.to_thread`.
 
@@ -27,6 +30,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -35,15 +39,16 @@ from pymilvus.client.types import LoadState
 from velo.config import require
 from velo.names import NAME_RULE, valid_scope
 from velo.state import ANSWER, QUESTION, CachedRow
+from velo.texts import MEMORY, TextStore
 
-MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
+MAX_TEXT_BYTES = 65_535  # the longest question or answer cached (Milvus's VARCHAR limit)
 RECENT_S = 15.0  # longer than Milvus's Bounded staleness (gracefulTime, 5 s by default)
 MAX_DIRTY = 512  # pending write-backs that trigger a flush from update_row itself
 CONSISTENCY = "Bounded"
 # Milvus 2.3 servers do not report the MVCC timestamp pymilvus 3 asks for; the iterator falls
 # back to a client timestamp (fine for eviction scans) and warns on every scan.
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
-_FIELDS = ["id", "pair_id", "kind", "question", "answer", "hits", "value", "created", "tenant"]
+_FIELDS = ["id", "hits", "value", "created"]  # what a search fetches of a row
 
 
 @dataclass
@@ -68,28 +73,54 @@ class VectorDBConfig:
 
 class VectorCache:
     def __init__(self, cfg: VectorDBConfig, collection: str, dim: int,
-                 flush_at: int = MAX_DIRTY) -> None:
+                 flush_at: int = MAX_DIRTY, texts_path: str | Path = MEMORY) -> None:
         """`flush_at`: pending write-backs at which `update_row` flushes them itself (0: never;
-        edged flushes from a background task instead, off the event loop)."""
+        edged flushes from a background task instead, off the event loop). `texts_path`: the
+        SQLite file of the pairs' texts (edged keeps it in its data_dir); the default keeps
+        them in this process, for caches that do not outlive it."""
         self.cfg, self.collection, self.dim = cfg, collection, dim
         self.flush_at = flush_at
+        self.texts_path = texts_path
         self.client: MilvusClient | None = None
+        self.texts: TextStore | None = None
+        self._text_fields = False  # a collection made before the texts moved out of Milvus
         self._overlay = _Overlay()
         self._flush_lock = threading.Lock()  # one flush at a time
 
     # -- life -------------------------------------------------------------------------------
     def open(self) -> None:
         """Connect, create the collection and its index if missing, and load it."""
+        if self.texts is None:
+            self.texts = TextStore(self.texts_path)
         self.client = MilvusClient(uri=self.cfg.uri, token=self.cfg.token,
                                    timeout=self.cfg.timeout_s)
         if not self.client.has_collection(self.collection):
             self._create()
+        fields = self.client.describe_collection(self.collection)["fields"]
+        self._text_fields = any(f["name"] == "question" for f in fields)
         self.client.load_collection(self.collection)
         # Before reporting ready: wait until Milvus has caught up with every write made before
         # now (a Strong read; ~20 s on a fresh collection), so that rows written by this edge
         # before a restart are visible to the Bounded searches that follow.
         self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
                            consistency_level="Strong")
+        if self._text_fields:
+            self._copy_texts_out()
+
+    def _copy_texts_out(self) -> None:
+        """A collection whose rows still carry their texts (VELO before the TextStore): copy
+        the texts the store lacks into it. Its rows keep theirs (new rows get empty ones), and
+        leave Milvus's memory as they are evicted."""
+        iterator = self.client.query_iterator(
+            self.collection, batch_size=2048, filter="id >= 0",
+            output_fields=["id", "question", "answer"], consistency_level="Strong")
+        try:
+            while batch := iterator.next():
+                texts = {int(r["id"]) // 2: (r["question"], r["answer"]) for r in batch}
+                known = self.texts.has(texts)
+                self.texts.put((p, q, a) for p, (q, a) in texts.items() if p not in known)
+        finally:
+            iterator.close()
 
     def _create(self) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -98,8 +129,6 @@ class VectorCache:
         schema.add_field("pair_id", DataType.INT64)
         schema.add_field("kind", DataType.INT64)
         schema.add_field("tenant", DataType.VARCHAR, max_length=64)
-        schema.add_field("question", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-        schema.add_field("answer", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
         schema.add_field("hits", DataType.INT64)
         schema.add_field("value", DataType.DOUBLE)
         schema.add_field("created", DataType.DOUBLE)
@@ -132,6 +161,9 @@ class VectorCache:
             self.flush_updates()
             self.client.close()
             self.client = None
+        if self.texts is not None:
+            self.texts.close()
+            self.texts = None
 
     # -- queries ----------------------------------------------------------------------------
     def search(self, vector: np.ndarray, tenant: str, top_p: int) -> list[CachedRow]:
@@ -172,8 +204,13 @@ class VectorCache:
         # Milvus reports squared L2 for metric L2; eq. 1 is the plain distance.
         found = {int(h["entity"]["id"]): _row(h["entity"], float(np.sqrt(max(h["distance"], 0))))
                  for h in hits}
-        return sorted(self._overlay.merge(found, vector, tenant).values(),
-                      key=lambda r: r.distance)[:top_p]
+        nearest = sorted(self._overlay.merge(found, vector, tenant).values(),
+                         key=lambda r: r.distance)[:top_p]
+        texts = self.texts.get(r.pair_id for r in nearest)
+        # A row without texts (its pair's texts lost with the edge's data_dir) is left out
+        # rather than served empty.
+        return [replace(r, question=texts[r.pair_id][0], answer=texts[r.pair_id][1])
+                for r in nearest if r.pair_id in texts]
 
     def count(self) -> int:
         """Rows held by this edge (Bounded: may lag the last few seconds of writes)."""
@@ -189,7 +226,8 @@ class VectorCache:
             return None
         if not valid_scope(tenant):
             raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
-        pair_id, rows = _pair_rows(tenant, question, answer, question_vec, answer_vec, value)
+        pair_id, rows = _pair_rows(tenant, question_vec, answer_vec, value, self._text_fields)
+        self.texts.put([(pair_id, question, answer)])  # before the rows that point at them
         self.client.insert(self.collection, rows)
         self._overlay.inserted(tenant, [_row(r, 0.0) for r in rows])
         return pair_id
@@ -202,18 +240,27 @@ class VectorCache:
         Unlike `insert_pair`, imported rows are not overlaid on searches: they become visible
         once Milvus catches up (Bounded staleness, or at once after `wait_indexed`).
         """
+        if not valid_scope(tenant):
+            raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
         written = 0
         rows: list[dict] = []
+        texts: list[tuple[int, str, str]] = []
+
+        def write() -> int:
+            self.texts.put(texts)
+            self.client.insert(self.collection, rows)
+            return len(rows)
+
         for q, a, qv, av in zip(questions, answers, question_vecs, answer_vecs, strict=True):
             if max(len(q.encode()), len(a.encode())) > MAX_TEXT_BYTES:
                 continue
-            rows += _pair_rows(tenant, q, a, qv, av, value)[1]
+            pair_id, pair = _pair_rows(tenant, qv, av, value, self._text_fields)
+            rows += pair
+            texts.append((pair_id, q, a))
             if len(rows) >= batch:
-                self.client.insert(self.collection, rows)
-                written, rows = written + len(rows), []
+                written, rows, texts = written + write(), [], []
         if rows:
-            self.client.insert(self.collection, rows)
-            written += len(rows)
+            written += write()
         return written
 
     def wait_indexed(self, timeout_s: float = 600.0) -> None:
@@ -252,7 +299,8 @@ class VectorCache:
                                                consistency_level=CONSISTENCY):
                         vectors[int(r["id"])] = r["vec"]
                 # Rows evicted meanwhile (no vector found, or deleted since) stay deleted.
-                rows = [_entity(tenant, row, vectors[i]) for i, (tenant, row) in dirty.items()
+                rows = [_entity(tenant, row, vectors[i], self._text_fields)
+                        for i, (tenant, row) in dirty.items()
                         if i in vectors and not self._overlay.is_deleted(i)]
                 if rows:
                     self.client.upsert(self.collection, rows)
@@ -264,6 +312,7 @@ class VectorCache:
     def drop(self) -> None:
         """Delete the whole collection (simulation teardown; never called by edged)."""
         self.client.drop_collection(self.collection)
+        self.texts.clear()
         self._overlay = _Overlay()  # pending write-backs went with it
 
     def clear(self) -> None:
@@ -273,6 +322,7 @@ class VectorCache:
             chunk = ids[start : start + 1000]
             self.client.delete(self.collection, filter=f"id in {chunk}")
             self._overlay.deleted(chunk)
+        self.texts.clear()
 
     def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float) -> int:
         """Algorithm 2 lines 15-22 plus a row cap and a TTL; returns the rows dropped.
@@ -287,6 +337,9 @@ class VectorCache:
             chunk = doomed[start : start + 1000].tolist()
             self.client.delete(self.collection, filter=f"id in {chunk}")
             self._overlay.deleted(chunk)
+        # A pair's texts go once neither of its rows is left (rows are evicted one by one).
+        gone = set((doomed // 2).tolist()) - set((ids[~drop] // 2).tolist())
+        self.texts.delete(gone)
         return len(doomed)
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -443,28 +496,35 @@ class _Overlay:
                 del table[row_id]
 
 
-def _entity(tenant: str, row: CachedRow, vector: list[float]) -> dict:
-    return {"id": row.id, "vec": vector, "pair_id": row.pair_id, "kind": row.kind,
-            "tenant": tenant, "question": row.question, "answer": row.answer, "hits": row.hits,
-            "value": float(row.value), "created": row.created}
+def _entity(tenant: str, row: CachedRow, vector: list[float], text_fields: bool) -> dict:
+    entity = {"id": row.id, "vec": vector, "pair_id": row.pair_id, "kind": row.kind,
+              "tenant": tenant, "hits": row.hits, "value": float(row.value),
+              "created": row.created}
+    if text_fields:  # an old collection's required fields; the texts are in the TextStore
+        entity.update(question="", answer="")
+    return entity
 
 
-def _pair_rows(tenant: str, question: str, answer: str, question_vec: np.ndarray,
-               answer_vec: np.ndarray, value: float) -> tuple[int, list[dict]]:
+def _pair_rows(tenant: str, question_vec: np.ndarray, answer_vec: np.ndarray, value: float,
+               text_fields: bool) -> tuple[int, list[dict]]:
     pair_id = secrets.randbits(61)
     now = time.time()
-    return pair_id, [
-        {"id": pair_id * 2 + kind - 1, "vec": np.asarray(vec, np.float32).tolist(),
-         "pair_id": pair_id, "kind": kind, "tenant": tenant, "question": question,
-         "answer": answer, "hits": 0, "value": float(value), "created": now}
-        for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec))
-    ]
+    rows = [{"id": pair_id * 2 + kind - 1, "vec": np.asarray(vec, np.float32).tolist(),
+             "pair_id": pair_id, "kind": kind, "tenant": tenant, "hits": 0,
+             "value": float(value), "created": now}
+            for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec))]
+    if text_fields:
+        for row in rows:
+            row.update(question="", answer="")
+    return pair_id, rows
 
 
 def _row(entity: dict, distance: float) -> CachedRow:
+    """A row as Milvus returns it; its texts are filled in from the TextStore."""
+    row_id = int(entity["id"])
     return CachedRow(
-        id=int(entity["id"]), pair_id=int(entity["pair_id"]), kind=int(entity["kind"]),
-        question=entity["question"], answer=entity["answer"], hits=int(entity["hits"]),
-        value=float(entity["value"]), created=float(entity["created"]), distance=distance,
+        id=row_id, pair_id=row_id // 2, kind=row_id % 2 + 1, question="", answer="",
+        hits=int(entity["hits"]), value=float(entity["value"]),
+        created=float(entity["created"]), distance=distance,
         vector=np.asarray(entity["vec"], dtype=np.float32) if "vec" in entity else None,
     )
