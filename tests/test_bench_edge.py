@@ -39,6 +39,7 @@ def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_pat
     for name, floor in size["floor"].items():  # one embedding + one in-process probe
         assert floor["total"]["p50_ms"] >= floor["embed"]["p50_ms"] > 0
         assert floor["probe"]["n"] == 40 and name in size["velo"]
+    assert size["text_store_mb"] > 0  # the texts are where the benchmarked edged reads them
     assert len(size["gptcache"]) == 2  # as shipped, and with the index it lacks
     for gpt_side in size["gptcache"].values():
         assert gpt_side["hit_share"] == 1.0 and gpt_side["memory_mb"]["faiss_index"] > 0
