@@ -156,9 +156,9 @@ def settle(cache: VectorCache, milvus: EmbeddedMilvus | None, timeout_s: float =
     while cache.client.get_compaction_state(job) != "Completed" and time.monotonic() < deadline:
         time.sleep(1.0)
     cache.wait_indexed(max(deadline - time.monotonic(), 1.0))
-    if milvus is None:  # another machine's server: its load is not ours to see
+    pid = milvus.pid if milvus is not None else None
+    if pid is None:  # another machine's server: its load is not ours to see
         return
-    pid = milvus._server.server_proc.pid
     while time.monotonic() < deadline:
         before = cpu_seconds(pid)
         time.sleep(3.0)
@@ -655,7 +655,7 @@ async def run(args: argparse.Namespace) -> dict:
             print(f"\n== {rows} rows (filled in {fill_s:.0f} s) ==", flush=True)
             result: dict = {"rows": rows, "velo": {}, "floor": {}}
             if milvus is not None:
-                result["milvus_memory_mb"] = memory_mb(milvus._server.server_proc.pid)
+                result["milvus_memory_mb"] = memory_mb(milvus.pid)
             # On disk, in the kernel's reclaimable page cache when read: not in the memory target.
             result["text_store_mb"] = sum(f.stat().st_size for f in texts.parent.glob(
                 texts.name + "*")) / 2**20
@@ -725,7 +725,7 @@ def loaded_memory(milvus: EmbeddedMilvus, dim: int, rows: int) -> dict:
     cache.open()  # loads the collection
     try:
         time.sleep(5.0)
-        return {"rows": rows, **memory_mb(milvus._server.server_proc.pid)}
+        return {"rows": rows, **memory_mb(milvus.pid)}
     finally:
         cache.close()
 

@@ -509,14 +509,12 @@ def _pair_rows(tenant: str, question_vec: np.ndarray, answer_vec: np.ndarray, va
                text_fields: bool) -> tuple[int, list[dict]]:
     pair_id = secrets.randbits(61)
     now = time.time()
-    rows = [{"id": pair_id * 2 + kind - 1, "vec": np.asarray(vec, np.float32).tolist(),
-             "pair_id": pair_id, "kind": kind, "tenant": tenant, "hits": 0,
-             "value": float(value), "created": now}
-            for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec))]
-    if text_fields:
-        for row in rows:
-            row.update(question="", answer="")
-    return pair_id, rows
+    return pair_id, [
+        _entity(tenant, CachedRow(id=pair_id * 2 + kind - 1, pair_id=pair_id, kind=kind,
+                                  question="", answer="", hits=0, value=float(value),
+                                  created=now, distance=0.0),
+                np.asarray(vec, np.float32).tolist(), text_fields)
+        for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec))]
 
 
 def _row(entity: dict, distance: float) -> CachedRow:
