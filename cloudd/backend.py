@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 
 from cloudd.config import LLMConfig
+from velo.conversation import Turn
 from velo.logs import get_logger
+from velo.shape import Shape, estimate_tokens, llm_fields
 
 log = get_logger("cloudd.backend")
 
@@ -34,6 +36,21 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     llm_s: float  # time spent waiting on the LLM server, retries included
+    # Why the LLM stopped ("stop", "length", "tool_calls", ...); inferred from the token count
+    # when the server does not say.
+    finish_reason: str = "stop"
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's tool_calls, when it called tools
+    logprobs: dict[str, Any] | None = None  # OpenAI's logprobs object, when asked for
+    max_tokens: int = 0  # the cap the LLM was given
+    usage_estimated: bool = False  # the server reported no usage: counts are estimates
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A streamed piece of the answer (and its tokens' logprobs, when asked for)."""
+
+    text: str
+    logprobs: dict[str, Any] | None = None
 
 
 class BackendError(Exception):
@@ -54,25 +71,26 @@ class BackendTimeout(BackendError):
 
 def build_messages(
     cfg: LLMConfig, prompt: str, context: Sequence[tuple[str, str]] = (),
-    history: Sequence[tuple[str, str]] = (),
-) -> list[dict[str, str]]:
+    history: Sequence[Turn] = (),
+) -> list[dict[str, Any]]:
     """The chat messages for a prompt: system prompt, the conversation's earlier turns
-    (`history`, (role, content) oldest first; its own system message replaces the configured
-    one), then the user message.
+    (`history`, oldest first; its own system message replaces the configured one), then the
+    user message.
 
     With context (Action C) the user message is `cfg.context_template` filled with the cached
     QA pairs and the prompt; without, it is the prompt itself.
     """
-    messages = []
-    if cfg.system_prompt and not any(role == "system" for role, _ in history):
+    messages: list[dict[str, Any]] = []
+    if cfg.system_prompt and not any(turn.role == "system" for turn in history):
         messages.append({"role": "system", "content": cfg.system_prompt})
-    messages += [{"role": role, "content": content} for role, content in history]
+    messages += [turn.openai() for turn in history]
     if context:
         items = "\n\n".join(
             cfg.context_item_template.format(question=q, answer=a) for q, a in context
         )
         prompt = cfg.context_template.format(context=items, prompt=prompt)
-    messages.append({"role": "user", "content": prompt})
+    if prompt:  # none after tool results: the LLM answers them
+        messages.append({"role": "user", "content": prompt})
     return messages
 
 
@@ -99,6 +117,40 @@ def _server_message(response: httpx.Response) -> str:
             error = error.get("message") or error.get("detail") or error
         text = str(error).strip()
     return (text[:500] + "...") if len(text) > 500 else (text or response.reason_phrase)
+
+
+def _estimated_tokens(body: dict[str, Any]) -> int:
+    """A prompt's tokens when the server does not say, plus a few per message for the chat
+    template."""
+    return sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in body["messages"])
+
+
+def _finish(reported: object, tool_calls: object, completion_tokens: int,
+            max_tokens: int) -> str:
+    """The LLM's finish_reason; when it sent none, what the answer itself says."""
+    if isinstance(reported, str) and reported:
+        return reported
+    if tool_calls:
+        return "tool_calls"
+    return "length" if completion_tokens >= max_tokens else "stop"
+
+
+def _join_tool_calls(calls: dict[int, dict[str, Any]], fragments: object) -> None:
+    """Add streamed tool-call fragments (OpenAI: by index; the id, type and name come once,
+    the arguments in pieces) to the calls joined so far."""
+    if not isinstance(fragments, list):
+        return
+    for fragment in fragments:
+        if not isinstance(fragment, dict):
+            continue
+        index = fragment.get("index", len(calls))
+        call = calls.setdefault(index, {"id": "", "type": "function",
+                                        "function": {"name": "", "arguments": ""}})
+        call["id"] = fragment.get("id") or call["id"]
+        call["type"] = fragment.get("type") or call["type"]
+        function = fragment.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -142,7 +194,7 @@ class OpenAIBackend:
 
     def _body(
         self, prompt: str, context: Sequence[tuple[str, str]], max_tokens: int, stream: bool,
-        history: Sequence[tuple[str, str]] = (),
+        history: Sequence[Turn] = (), shape: Shape | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.cfg.model,
@@ -150,6 +202,7 @@ class OpenAIBackend:
             "max_tokens": max_tokens or self.cfg.default_max_tokens,
             "temperature": self.cfg.temperature,
             "stream": stream,
+            **llm_fields(shape or Shape()),
         }
         if stream:
             # Ask for token counts in the last chunk (OpenAI, vLLM, Ollama); others ignore it.
@@ -158,43 +211,59 @@ class OpenAIBackend:
 
     async def generate(
         self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0,
-        history: Sequence[tuple[str, str]] = (),
+        history: Sequence[Turn] = (), shape: Shape | None = None,
     ) -> Completion:
         """One completion; `max_tokens=0` means the configured default."""
         started = time.perf_counter()
-        response = await self._send(self._body(prompt, context, max_tokens, False, history))
+        body = self._body(prompt, context, max_tokens, False, history, shape)
+        response = await self._send(body)
         try:
-            body = response.json()
-            choice = body["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
-            usage = body.get("usage") or {}
+            answer = response.json()
+            choice = answer["choices"][0]
+            message = choice.get("message") or {}
+            text = message.get("content") or ""
+            usage = answer.get("usage") or {}
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            tool_calls = message.get("tool_calls") or None
+            if tool_calls is not None and not isinstance(tool_calls, list):
+                raise TypeError("tool_calls is not a list")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendError(
                 f"LLM server at {self.url} sent an unexpected response: {response.text[:200]!r}"
             ) from exc
         return Completion(
             text=text,
-            model=body.get("model") or self.cfg.model,
+            model=answer.get("model") or self.cfg.model,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            completion_tokens=completion_tokens,
             llm_s=time.perf_counter() - started,
+            finish_reason=_finish(choice.get("finish_reason"), tool_calls, completion_tokens,
+                                  body["max_tokens"]),
+            tool_calls=tool_calls,
+            logprobs=choice.get("logprobs") if isinstance(choice.get("logprobs"), dict)
+            else None,
+            max_tokens=body["max_tokens"],
         )
 
     async def stream(
         self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0,
-        history: Sequence[tuple[str, str]] = (),
-    ) -> AsyncIterator[str | Completion]:
-        """Yield the answer's text deltas as they arrive, then one `Completion` with all of it.
+        history: Sequence[Turn] = (), shape: Shape | None = None,
+    ) -> AsyncIterator[Piece | Completion]:
+        """Yield the answer's pieces as they arrive, then one `Completion` with all of it.
 
-        Only opening the stream is retried: once text has been yielded a failure is final.
-        Closing this generator early (e.g. the gRPC client went away) closes the HTTP stream,
-        which tells the LLM server to stop generating.
+        Tool calls arrive in fragments (OpenAI's streamed `delta.tool_calls`); they are joined
+        and reported whole in the Completion. Only opening the stream is retried: once text has
+        been yielded a failure is final. Closing this generator early (e.g. the gRPC client went
+        away) closes the HTTP stream, which tells the LLM server to stop generating.
         """
         started = time.perf_counter()
-        response = await self._send(self._body(prompt, context, max_tokens, True, history),
-                                    stream=True)
+        body = self._body(prompt, context, max_tokens, True, history, shape)
+        response = await self._send(body, stream=True)
         parts: list[str] = []
-        model, usage = self.cfg.model, {}
+        deltas = 0  # content deltas: servers send one per token (llama.cpp, vLLM, TGI)
+        model, usage, finish = self.cfg.model, {}, None
+        calls: dict[int, dict[str, Any]] = {}
+        logprobs: list[Any] = []
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -217,10 +286,18 @@ class OpenAIBackend:
                 model = event.get("model") or model
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        parts.append(delta)
-                        yield delta
+                    finish = choice.get("finish_reason") or finish
+                    delta = choice.get("delta") or {}
+                    _join_tool_calls(calls, delta.get("tool_calls"))
+                    piece_logprobs = choice.get("logprobs")
+                    if isinstance(piece_logprobs, dict):
+                        logprobs += piece_logprobs.get("content") or []
+                    else:
+                        piece_logprobs = None
+                    if delta.get("content"):
+                        parts.append(delta["content"])
+                        deltas += 1
+                        yield Piece(delta["content"], piece_logprobs)
         except httpx.TimeoutException as exc:
             raise BackendTimeout(
                 f"LLM server at {self.url} sent nothing for {self.cfg.timeout_s:g} s mid-stream"
@@ -231,14 +308,19 @@ class OpenAIBackend:
             ) from exc
         finally:
             await response.aclose()
+        tool_calls = [calls[i] for i in sorted(calls)] or None
+        completion_tokens = int(usage.get("completion_tokens") or deltas)
         yield Completion(
             text="".join(parts),
             model=model,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            # Without usage in the stream (llama-cpp-python sends none) the prompt count stays 0
-            # (unknown), and servers send one delta per token (llama.cpp, vLLM, TGI).
-            completion_tokens=int(usage.get("completion_tokens") or len(parts)),
+            prompt_tokens=int(usage.get("prompt_tokens") or _estimated_tokens(body)),
+            completion_tokens=completion_tokens,
+            usage_estimated=not usage,
             llm_s=time.perf_counter() - started,
+            finish_reason=_finish(finish, tool_calls, completion_tokens, body["max_tokens"]),
+            tool_calls=tool_calls,
+            logprobs={"content": logprobs} if body.get("logprobs") else None,
+            max_tokens=body["max_tokens"],
         )
 
     async def _send(self, body: dict[str, Any], stream: bool = False) -> httpx.Response:

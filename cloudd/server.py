@@ -27,11 +27,12 @@ from cloudd.backend import (
     OpenAIBackend,
 )
 from cloudd.config import CloudConfig, LLMConfig
-from velo.conversation import history_problem
+from velo.conversation import Turn, history_problem, prompt_problem
 from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.logs import get_logger
 from velo.metrics import Reading
 from velo.serving import Daemon, GrpcServer, clip, request_id_problem
+from velo.shape import Shape, shape_problem, to_json
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = get_logger("cloudd")
@@ -57,7 +58,13 @@ def _response(c: Completion) -> cloud_pb2.GenerateResponse:
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         llm_s=c.llm_s,
+        finish_reason=c.finish_reason,
+        tool_calls_json=to_json(c.tool_calls),
+        logprobs_json=to_json(c.logprobs),
+        max_tokens=c.max_tokens,
+        usage_estimated=c.usage_estimated,
     )
+
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -154,8 +161,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
     def _invalid(self, request: cloud_pb2.GenerateRequest) -> str | None:
         """Why the request is invalid, or None."""
         cfg = self.cfg
-        if not request.prompt.strip():
-            return "prompt is empty"
+        if problem := prompt_problem(request.prompt, _history(request)):
+            return problem
         if len(request.prompt) > cfg.max_prompt_chars:
             return (f"prompt is {len(request.prompt)} characters; cloudd accepts at most "
                     f"{cfg.max_prompt_chars} (llm.max_prompt_chars)")
@@ -168,6 +175,11 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                     f"{cfg.max_context_chars} (llm.max_context_chars)")
         if problem := history_problem(_history(request), cfg.max_context_chars):
             return f"{problem} (llm.max_context_chars)"
+        try:
+            if problem := shape_problem(Shape.from_proto(request.shape)):
+                return problem
+        except ValueError as exc:
+            return str(exc)
         limit = cfg.max_tokens_limit
         if not 0 <= request.max_tokens <= limit:
             return (
@@ -206,7 +218,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         try:
             async with self._slot(request.background):
                 completion = await self.backend.generate(request.prompt, qa, request.max_tokens,
-                                                         _history(request))
+                                                         _history(request),
+                                                         Shape.from_proto(request.shape))
         except asyncio.CancelledError:
             rlog.info("generate cancelled by the client")
             raise
@@ -231,7 +244,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                 # and the LLM server stops generating for nobody.
                 contextlib.aclosing(
                     self.backend.stream(request.prompt, qa, request.max_tokens,
-                                        _history(request))
+                                        _history(request), Shape.from_proto(request.shape))
                 ) as pieces,
             ):
                 async for piece in pieces:
@@ -239,7 +252,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                         self._generated(piece, rlog)
                         yield cloud_pb2.GenerateChunk(done=_response(piece))
                     else:
-                        yield cloud_pb2.GenerateChunk(text=piece)
+                        yield cloud_pb2.GenerateChunk(text=piece.text,
+                                                      logprobs_json=to_json(piece.logprobs))
         except asyncio.CancelledError:
             rlog.info("stream cancelled by the client")
             raise
@@ -338,5 +352,5 @@ class Cloudd(Daemon):
             await self.backend.aclose()
 
 
-def _history(request: cloud_pb2.GenerateRequest) -> list[tuple[str, str]]:
-    return [(m.role, m.content) for m in request.history]
+def _history(request: cloud_pb2.GenerateRequest) -> list[Turn]:
+    return [Turn.from_proto(m) for m in request.history]

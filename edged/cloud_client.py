@@ -5,27 +5,57 @@ down, with cloudd's own reason."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edged.contract import EdgeError, ErrorKind, Piece, Usage
+from velo.conversation import Turn
 from velo.security import TLSConfig, dial
 from velo.serving import clip
-from velo.v1 import chat_pb2, cloud_pb2, cloud_pb2_grpc
+from velo.shape import Shape
+from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 PartReport = Callable[[str, bool, str], Awaitable[None]]
+PieceSink = Callable[[Piece], Awaitable[None]]
 CHECK_TIMEOUT_S = 3.0
 SLOW_CHECKS = 3  # health checks that time out in a row before the cloud counts as down
 
 
-class CloudError(Exception):
-    """cloudd could not answer; `code` is the gRPC status the edge passes on to its caller."""
+class CloudError(EdgeError):
+    """cloudd could not answer; `kind` is what the edge tells its caller (cloudd's status)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+@dataclass(frozen=True)
+class Generation:
+    """The cloud LLM's answer and what it reported of it."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    max_tokens: int  # the cap the LLM was given
+    cloud_s: float  # the whole call, as the edge saw it
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
+    usage_estimated: bool = False  # the LLM reported no counts: cloudd estimated them
+
+    @classmethod
+    def from_response(cls, done: cloud_pb2.GenerateResponse, cloud_s: float) -> Generation:
+        return cls(done.text, done.finish_reason or "stop", done.prompt_tokens,
+                   done.completion_tokens, done.max_tokens, cloud_s,
+                   json.loads(done.tool_calls_json) if done.tool_calls_json else None,
+                   json.loads(done.logprobs_json) if done.logprobs_json else None,
+                   done.usage_estimated)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.usage_estimated)
 
 
 class CloudClient:
@@ -37,34 +67,42 @@ class CloudClient:
         self.health = health_pb2_grpc.HealthStub(self.channel) if self.channel else None
 
     async def generate(self, prompt: str, context: list[tuple[str, str]], max_tokens: int,
-                       request_id: str, on_text: Callable[[str], Awaitable[None]] | None = None,
-                       background: bool = False, history: list[tuple[str, str]] | None = None,
-                       ) -> tuple[str, float]:
-        """Ask the cloud LLM; returns (answer, seconds). Streams pieces to `on_text` if given."""
+                       request_id: str, on_piece: PieceSink | None = None,
+                       background: bool = False, history: list[Turn] | tuple[Turn, ...] = (),
+                       shape: Shape | None = None) -> Generation:
+        """Ask the cloud LLM. Streams the answer's pieces to `on_piece` if given."""
         if self.stub is None:
-            raise CloudError(grpc.StatusCode.UNAVAILABLE,
+            raise CloudError(ErrorKind.UNAVAILABLE,
                              "this edge has no cloud configured (edged `cloud` is empty)")
         request = cloud_pb2.GenerateRequest(
             prompt=prompt, max_tokens=max_tokens, request_id=request_id, background=background,
             context=[cloud_pb2.ContextQA(question=q, answer=a) for q, a in context],
-            history=[chat_pb2.ChatMessage(role=r, content=c) for r, c in history or ()],
+            history=[turn.proto() for turn in history],
+            shape=shape.proto() if shape is not None else None,
         )
         start = time.perf_counter()
         try:
-            if on_text is None:
+            if on_piece is None:
                 response = await self.stub.Generate(request, timeout=self.timeout_s)
-                return response.text, time.perf_counter() - start
-            pieces = []
+                return Generation.from_response(response, time.perf_counter() - start)
+            done = None
             async for chunk in self.stub.GenerateStream(request, timeout=self.timeout_s):
                 if chunk.text:
-                    pieces.append(chunk.text)
-                    await on_text(chunk.text)
-            return "".join(pieces), time.perf_counter() - start
+                    await on_piece(Piece(chunk.text, json.loads(chunk.logprobs_json)
+                                         if chunk.logprobs_json else None))
+                if chunk.HasField("done"):
+                    done = chunk.done
+            if done is None:
+                raise CloudError(ErrorKind.UNAVAILABLE, f"cloudd at {self.address} ended the "
+                                 "stream without its summary")
+            return Generation.from_response(done, time.perf_counter() - start)
         except grpc.aio.AioRpcError as exc:
+            kind = ErrorKind[exc.code().name] if exc.code().name in ErrorKind.__members__ \
+                else ErrorKind.INTERNAL
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CloudError(exc.code(), f"cloud LLM unavailable (cloudd at {self.address}): "
+                raise CloudError(kind, f"cloud LLM unavailable (cloudd at {self.address}): "
                                  f"{exc.details()}") from exc
-            raise CloudError(exc.code(), f"cloud LLM failed: {exc.details()}") from exc
+            raise CloudError(kind, f"cloud LLM failed: {exc.details()}") from exc
 
     async def watch(self, report: PartReport, part: str, every_s: float = 1.0) -> None:
         """Check cloudd's health every `every_s` and report `part` up or down with the reason

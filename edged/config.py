@@ -32,6 +32,11 @@ class CacheConfig:
     satisfaction_prior: float = -0.6
     eviction_every: int = 100  # xi: run the below-mean eviction every xi requests (Alg. 2)
     eviction_min_rows: int = 200  # below-mean eviction only once the edge holds this many rows
+    # Below-mean eviction spares rows younger than this: a new row's value (q - d, d a
+    # forward's whole delay) starts below the reused rows', so Algorithm 2 as written drops
+    # what the edge just learned before anyone can reuse it. 0: the paper's rule as written
+    # (experiments). The row cap takes older rows first and young ones only when it must.
+    eviction_grace_s: float = 3600.0
     max_rows: int = 100_000  # hard cap; the lowest-value rows go first
     # Per-entry TTL: an answer is never served once this old (counted from when it was cached;
     # a hit does not refresh it) and is dropped by the next eviction (0 = never).
@@ -46,6 +51,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         require(1 <= self.top_p <= 64, "top_p", "must be between 1 and 64")
         require(self.eviction_every >= 1, "eviction_every", "must be >= 1")
+        require(self.eviction_grace_s >= 0, "eviction_grace_s", "must be >= 0 (0: the paper's "
+                "below-mean rule as written)")
         require(self.max_rows >= 2, "max_rows", "must be >= 2 (a QA pair is two rows)")
         require(self.ttl_s >= 0, "ttl_s", "must be >= 0")
         require(0.0 <= self.min_similarity <= 1.0, "min_similarity", "must be in [0, 1]")
@@ -86,6 +93,9 @@ class LimitsConfig:
     max_prompt_chars: int = 8000  # longer prompts get INVALID_ARGUMENT
     max_reference_chars: int = 32000
     max_tokens: int = 1024  # cap on AskRequest.max_tokens
+    # The tokens a request may generate when it names no limit (max_tokens = 0). The edge
+    # always tells cloudd the limit, so that it knows which cached answers fit the request.
+    default_max_tokens: int = 256
     max_inflight: int = 256  # concurrent requests; beyond, RESOURCE_EXHAUSTED
     # Concurrent requests share one embedding run and one vector search, up to this many
     # (natural batching: no added wait when the edge is idle).
@@ -96,6 +106,8 @@ class LimitsConfig:
     prompt_vectors: int = 10_000
 
     def __post_init__(self) -> None:
+        require(1 <= self.default_max_tokens <= self.max_tokens, "default_max_tokens",
+                "must be between 1 and max_tokens")
         require(self.max_inflight >= 1, "max_inflight", "must be >= 1")
         require(1 <= self.max_batch <= 256, "max_batch", "must be between 1 and 256")
         require(0 <= self.prompt_vectors <= 10_000_000, "prompt_vectors",

@@ -97,9 +97,11 @@ class Decider:
         self._policy_thread = ThreadPoolExecutor(1, thread_name_prefix="policy")
 
     async def decide(self, prompt: str, tenant: str,
-                     usable: Callable[[CachedRow], bool] | None = None) -> Decided:
-        """`usable`: which searched rows this request may use (cache control, TTL); the
-        policy sees only those, so a state never offers a row the edge would not serve."""
+                     keep: Callable[[list[CachedRow]], list[CachedRow]] | None = None,
+                     ) -> Decided:
+        """`keep`: the searched rows (nearest first) this request may use (cache control, TTL,
+        answer fit); the policy sees only those, so a state never offers a row the edge would
+        not serve."""
         t0 = time.perf_counter()
         f = self.prompt_vectors.get(prompt)
         if f is None:
@@ -110,8 +112,8 @@ class Decider:
             rows = await self.searches.submit((tenant, f))
         except Exception as exc:  # pymilvus raises many types; the caller needs one
             raise VectorDBError(str(exc)) from exc
-        if usable is not None:
-            rows = [row for row in rows if usable(row)]
+        if keep is not None:
+            rows = keep(rows)
         t2 = time.perf_counter()
         policy = self.current_policy()
         state = build_state(f, rows, self.top_p, self._verify(policy, prompt))

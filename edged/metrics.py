@@ -21,6 +21,10 @@ class EdgeMetrics:
         self.stage_seconds = metrics.histogram(
             "velo_edge_stage_seconds", "Time spent per stage of the request path "
             "(embed, search, state, policy, cloud; delay is eq. 3's d)", ["stage"])
+        self.bypasses = metrics.counter(
+            "velo_edge_bypassed_total", "Requests no cached answer could serve, by reason "
+            "(tools, tool_messages, logprobs: passed through to the LLM, never cached; "
+            "no-cache; max_tokens: the nearest answer did not fit the token limit)", ["reason"])
         self.reuse_similarity = metrics.histogram(
             "velo_edge_reuse_similarity", "Similarity c^s of the cached entry each reuse (A) "
             "served", buckets=SIMILARITY)
@@ -43,6 +47,16 @@ class EdgeMetrics:
             stages["cloud"].observe(cloud_s)
         elif similarity is not None:
             self.reuse_similarity.observe(similarity)
+
+    def passed_through(self, delay_s: float, cloud_s: float) -> None:
+        """A pass-through request (no decision: only its forward and its delay count)."""
+        self._answered[Action.FORWARD].inc()
+        self._stages["delay"].observe(delay_s)
+        self._stages["cloud"].observe(cloud_s)
+
+    def bypassed(self, reasons: tuple[str, ...]) -> None:
+        for reason in reasons:
+            self.bypasses.labels(reason).inc()
 
     def refused(self, status: str) -> None:
         self.requests.labels("none", status).inc()
@@ -70,6 +84,13 @@ def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[R
                             "to measure q", True),
         "shadow_skipped": ("velo_edge_shadow_skipped_total", "Shadow samples skipped (cloud or "
                            "shadow budget busy)", True),
+        "bypassed": ("velo_edge_pass_through_total", "Requests passed through to the LLM "
+                     "(tools, tool messages, logprobs): never served from or stored in the cache",
+                     True),
+        "entries_superseded": ("velo_edge_entries_superseded_total", "Cache entries replaced "
+                               "by a no-cache request's fresh answer", True),
+        "entries_deleted": ("velo_edge_entries_deleted_total", "Cache entries deleted by an "
+                            "operator (admin API)", True),
         "prompt_vector_hits": ("velo_edge_prompt_vector_hits_total", "Requests whose prompt's "
                                "embedding was kept from an earlier request (not embedded again)",
                                True),

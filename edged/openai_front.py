@@ -1,11 +1,20 @@
 """edged's OpenAI-compatible HTTP front: an application switches to VELO by changing its
 `base_url` (to `http://<edge>:<port>/v1`) and its `api_key` (a VELO API key, which names the
-tenant). The same request path as gRPC's Ask serves it (edged.pipeline).
+tenant). The same request path as gRPC's Ask serves it (edged.pipeline); the wire format is
+edged.openai_protocol, which lists what each request field becomes.
 
-    POST /v1/chat/completions   streaming (SSE) or not; `messages` before the last user
-                                message feed the conversation key (velo.conversation)
+    POST /v1/chat/completions   streaming (SSE) or not; `usage` on every answer
     GET  /v1/models             the one model name this edge answers as ([http] model)
     GET  /healthz               200 while the edge is SERVING, else 503 with the reasons
+    /v1/velo/cache/...          the cache, for operators (edged.admin): role admin with [auth],
+                                loopback callers only without it
+        GET    entries[?tenant=&limit=&offset=]   newest first
+        GET    entries/{id}                       one entry
+        DELETE entries/{id}                       delete it
+        POST   delete        {"ids", "tenant", "question", "min_similarity", "older_than_s",
+                              "dry_run"}: every criterion given must hold
+        POST   import?tenant=T   a body of QA JSON lines (the project's data format)
+        GET    export[?tenant=]  the entries as QA JSON lines
 
 How a request was served is in the response headers (also on streams: the decision is made
 before the first byte is sent) and in the `velo` extension field of the body (of the last
@@ -15,52 +24,57 @@ chunk of a stream):
     x-velo-similarity      c^s of the cached entry used (A and C)
     x-velo-entry-id        id of the cached QA pair used (A and C)
     x-velo-policy          the policy that decided, e.g. cache-0.5 or onnx:lrs:v3
+                           ("pass-through" when the request's shape bypasses the cache)
     x-velo-policy-version  its version (0 for a baseline)
+    x-velo-bypass          why no cached answer could serve it: tools, tool_messages,
+                           logprobs, no-cache, max_tokens
+    x-velo-keyed-on        request fields in its cache key besides the prompt: history,
+                           response_format, stop
     x-velo-edge, x-request-id, and Age (seconds since the reused answer was cached)
 
 Cache control, per request: the `Cache-Control` header (no-cache, no-store, max-age=N) and
 `x-velo-min-similarity`, or the body's `velo.cache` object (`extra_body` in the openai client:
 {"velo": {"cache": {"no_cache": true, "no_store": true, "max_age_s": 60,
-"min_similarity": 0.9}}}). When both are given, the stricter of each applies.
-
-Sampling options (temperature, top_p, ...) are accepted and ignored: cloudd's [llm] settings
-decide them for every tenant, so that a cached answer means the same thing to everyone.
+"min_similarity": 0.9}}}). When both are given, the stricter of each applies. no-cache
+replaces the entries the request would have been served from with the fresh answer.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from edged.admin import CacheAdmin, Deletion, EntryView
 from edged.config import EdgeConfig
-from edged.pipeline import EdgePipeline, RequestError
+from edged.contract import Answered, Decided, EdgeError, ErrorKind, Piece
+from edged.grpc_front import cache_entry
+from edged.openai_protocol import BadRequest, Chunks, chat_request, completion, served_headers
+from edged.pipeline import EdgePipeline
 from velo.logs import get_logger
-from velo.security import Principal, TokenTable
-from velo.v1 import chat_pb2, edge_pb2
+from velo.security import Principal, TokenTable, is_loopback
+from velo.workload import entry_record, importable_pairs
 
 log = get_logger("edged.http")
 
-ACTION_NAMES = {edge_pb2.ACTION_REUSE: "reuse", edge_pb2.ACTION_FORWARD: "forward",
-                edge_pb2.ACTION_AUGMENT: "augment"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# gRPC status of a refused request -> (HTTP status, OpenAI error type)
+# The pipeline's refusals -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    ErrorKind.UNAUTHENTICATED: (401, "authentication_error"),
+    ErrorKind.PERMISSION_DENIED: (403, "permission_error"),
+    ErrorKind.NOT_FOUND: (404, "not_found_error"),
+    ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    ErrorKind.FAILED_PRECONDITION: (502, "upstream_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.DEADLINE_EXCEEDED: (504, "timeout"),
+    ErrorKind.INTERNAL: (500, "server_error"),
 }
 
 
@@ -71,8 +85,8 @@ class HttpError(Exception):
         self.status, self.kind, self.param = status, kind, param
 
     @classmethod
-    def from_request_error(cls, exc: RequestError) -> HttpError:
-        status, kind = HTTP_STATUS.get(exc.code, (500, "server_error"))
+    def of(cls, exc: EdgeError) -> HttpError:
+        status, kind = HTTP_STATUS[exc.kind]
         return cls(status, str(exc), kind)
 
     def body(self) -> dict:
@@ -85,35 +99,34 @@ class HttpError(Exception):
 
 
 class OpenAIFront:
-    def __init__(self, cfg: EdgeConfig, pipeline: EdgePipeline, tokens: TokenTable | None,
-                 down_parts: Callable[[], dict[str, str]]) -> None:
-        self.cfg, self.pipeline, self.tokens = cfg, pipeline, tokens
+    def __init__(self, cfg: EdgeConfig, pipeline: EdgePipeline, admin: CacheAdmin,
+                 tokens: TokenTable | None, down_parts: Callable[[], dict[str, str]]) -> None:
+        self.cfg, self.pipeline, self.admin, self.tokens = cfg, pipeline, admin, tokens
         self.down_parts = down_parts
+        cache = "/v1/velo/cache"
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/healthz", self.health, methods=["GET"]),
-        ], exception_handlers={HttpError: _error_response})
+            Route(f"{cache}/entries", self.list_entries, methods=["GET"]),
+            Route(f"{cache}/entries/{{entry_id:int}}", self.entry, methods=["GET", "DELETE"]),
+            Route(f"{cache}/delete", self.delete_entries, methods=["POST"]),
+            Route(f"{cache}/import", self.import_entries, methods=["POST"]),
+            Route(f"{cache}/export", self.export_entries, methods=["GET"]),
+        ], exception_handlers={HttpError: _error_response, EdgeError: _edge_error_response,
+                               BadRequest: _bad_request_response})
 
     # -- endpoints ------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         principal = self._authenticate(request)
         body = await self._json_body(request)
-        ask, model, stream = self._ask_request(body, request, principal)
-        if stream:
-            return await self._stream(ask, model)
-        try:
-            done = await self.pipeline.ask(ask)
-        except RequestError as exc:
-            raise HttpError.from_request_error(exc) from None
-        completion = {
-            "id": f"chatcmpl-{done.request_id}", "object": "chat.completion",
-            "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": done.answer}}],
-            "velo": served(done),
-        }
-        return JSONResponse(completion, headers=served_headers(done))
+        chat = chat_request(body, request.headers, self._tenant(request, principal), principal,
+                            self.cfg.http.model)
+        if chat.stream:
+            return await self._stream(chat.edge, chat.model, chat.include_usage)
+        done = await self.pipeline.ask(chat.edge)
+        return JSONResponse(completion(done, chat.model, int(time.time())),
+                            headers=served_headers(done.decided))
 
     async def models(self, request: Request) -> Response:
         self._authenticate(request, roles=("tenant", "admin"))
@@ -127,56 +140,112 @@ class OpenAIFront:
         return JSONResponse({"status": "SERVING"})
 
     # -- streaming ----------------------------------------------------------------------------
-    async def _stream(self, ask: edge_pb2.AskRequest, model: str) -> Response:
+    async def _stream(self, ask: Any, model: str, include_usage: bool) -> Response:
         """Answer as server-sent events. The response starts once the policy has decided, so
         its headers say how the answer is served; a reuse is replayed in pieces."""
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        decided: asyncio.Future[edge_pb2.AskResponse] = asyncio.get_running_loop().create_future()
+        events = self.pipeline.stream(ask)
+        try:
+            head = await anext(events)  # refused before deciding: an HTTP error, not a stream
+        except StopAsyncIteration:
+            raise HttpError(500, "the edge answered without deciding", "server_error") from None
+        assert isinstance(head, Decided)
+        chunks = Chunks(head.request_id, model, int(time.time()), include_usage)
 
-        async def on_decided(head: edge_pb2.AskResponse) -> None:
-            decided.set_result(head)
-
-        async def on_text(text: str) -> None:
-            await pieces.put(text)
-
-        task = asyncio.create_task(self.pipeline.ask(ask, on_text, on_decided))
-        task.add_done_callback(lambda _: pieces.put_nowait(None))
-        await asyncio.wait({decided, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not decided.done():  # refused before deciding (bad input, at capacity, DB down)
-            try:
-                task.result()
-            except RequestError as exc:
-                raise HttpError.from_request_error(exc) from None
-            raise HttpError(500, "the edge answered without deciding", "server_error")
-        head = decided.result()
-        chunk_id, created = f"chatcmpl-{head.request_id}", int(time.time())
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            event = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                     "model": model,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                     **extra}
-            return f"data: {_json(event)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while (text := await pieces.get()) is not None:
-                    yield chunk({"content": text})
+        async def sse() -> AsyncIterator[str]:
+            async with contextlib.aclosing(events):  # the client went away: nothing cached
+                yield _event(chunks.delta({"role": "assistant", "content": ""}))
                 try:
-                    done = task.result()
-                except RequestError as exc:  # e.g. the LLM failed mid-answer
-                    yield f"data: {_json(HttpError.from_request_error(exc).body())}\n\n"
+                    async for event in events:
+                        if isinstance(event, Piece):
+                            yield _event(chunks.delta({"content": event.text}, event.logprobs))
+                        elif isinstance(event, Answered):
+                            for chunk in chunks.end(event):
+                                yield _event(chunk)
+                except EdgeError as exc:  # e.g. the LLM failed mid-answer
+                    yield _event(HttpError.of(exc).body())
                     return
-                yield chunk({}, "stop", velo=served(done))
                 yield "data: [DONE]\n\n"
-            finally:
-                if not task.done():  # the client went away: nothing partial is cached
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers=served_headers(head) | {"cache-control": "no-cache"})
+
+    # -- the cache, for operators -----------------------------------------------------------
+    def _operator(self, request: Request) -> str:
+        """Who asks (for the audit log): an admin key with [auth]; without, this machine only."""
+        principal = self._authenticate(request, roles=("admin",))
+        if principal is not None:
+            return f"{principal.role}:{principal.name}"
+        host = request.client.host if request.client else ""
+        if not is_loopback(host):
+            raise HttpError(403, "this edge has no [auth]: its cache admin API answers only "
+                                 "callers on the edge box itself (set auth.tokens_file and use "
+                                 "an admin key)", "permission_error")
+        return f"local:{host}"
+
+    async def list_entries(self, request: Request) -> Response:
+        self._operator(request)
+        q = request.query_params
+        views, total = await self.admin.newest(q.get("tenant", ""), _int(q, "limit"),
+                                               _int(q, "offset"))
+        return JSONResponse({"object": "list", "data": [_entry(v) for v in views],
+                             "total": total})
+
+    async def entry(self, request: Request) -> Response:
+        who = self._operator(request)
+        entry_id = request.path_params["entry_id"]
+        if request.method == "GET":
+            return JSONResponse(_entry(await self.admin.get(entry_id)))
+        ids = await self.admin.delete(Deletion(ids=(entry_id,)), who)
+        if not ids:
+            raise HttpError(404, f"entry {entry_id} is not cached on this edge",
+                            "not_found_error")
+        return JSONResponse({"deleted": len(ids), "ids": [str(i) for i in ids]})
+
+    async def delete_entries(self, request: Request) -> Response:
+        who = self._operator(request)
+        body = await self._json_body(request)
+        try:
+            deletion = Deletion(ids=tuple(int(i) for i in body.get("ids") or ()),
+                                tenant=str(body.get("tenant") or ""),
+                                question=str(body.get("question") or ""),
+                                min_similarity=float(body.get("min_similarity") or 0.0),
+                                older_than_s=float(body.get("older_than_s") or 0.0),
+                                dry_run=body.get("dry_run") is True)
+        except (TypeError, ValueError) as exc:
+            raise HttpError(400, f"ids must be entry ids (numbers or numeric strings), "
+                                 f"min_similarity and older_than_s numbers: {exc}") from None
+        ids = await self.admin.delete(deletion, who)
+        return JSONResponse({"deleted": len(ids), "ids": [str(i) for i in ids[:1000]],
+                             "dry_run": deletion.dry_run})
+
+    async def import_entries(self, request: Request) -> Response:
+        who = self._operator(request)
+        raw = await self._body(request)
+        try:
+            lines = raw.decode().splitlines()
+        except UnicodeDecodeError as exc:
+            raise HttpError(400, f"the body must be UTF-8 QA JSON lines: {exc}") from None
+        pairs, bad = importable_pairs(lines)
+        ids, skipped = await self.admin.import_pairs(request.query_params.get("tenant", ""),
+                                                     pairs, who)
+        return JSONResponse({"imported": len(ids), "skipped": skipped + bad,
+                             "ids": [str(i) for i in ids]})
+
+    async def export_entries(self, request: Request) -> Response:
+        self._operator(request)
+        views = self.admin.export(request.query_params.get("tenant", ""))
+        try:
+            first = await anext(views)  # a bad tenant is a 400, not a broken stream
+        except StopAsyncIteration:
+            first = None
+
+        async def lines() -> AsyncIterator[str]:
+            if first is not None:
+                yield json.dumps(_entry(first), ensure_ascii=False) + "\n"
+            async for view in views:
+                yield json.dumps(_entry(view), ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     # -- request parsing -------------------------------------------------------------------------
     def _authenticate(self, request: Request, roles: tuple[str, ...] = ("tenant",),
@@ -196,7 +265,7 @@ class OpenAIFront:
                                  f"(allowed: {', '.join(roles)})", "permission_error")
         return principal
 
-    async def _json_body(self, request: Request) -> dict:
+    async def _body(self, request: Request) -> bytes:
         limit = self.cfg.http.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise HttpError(413, f"request body over {limit} bytes ([http] max_body_bytes)")
@@ -205,39 +274,20 @@ class OpenAIFront:
             raw += part
             if len(raw) > limit:
                 raise HttpError(413, f"request body over {limit} bytes ([http] max_body_bytes)")
+        return raw
+
+    async def _json_body(self, request: Request) -> dict:
+        raw = await self._body(request)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"request body is not JSON: {exc}") from None
+            # A lone surrogate ("\ud800") is valid JSON but no text: nothing downstream
+            # (protobuf, the tokenizer, the LLM) can take it.
+            json.dumps(body, ensure_ascii=False).encode()
+        except (ValueError, UnicodeError, RecursionError) as exc:
+            raise HttpError(400, f"request body is not JSON text: {str(exc)[:200]}") from None
         if not isinstance(body, dict):
             raise HttpError(400, "request body must be a JSON object")
         return body
-
-    def _ask_request(self, body: dict, request: Request, principal: Principal | None,
-                     ) -> tuple[edge_pb2.AskRequest, str, bool]:
-        model = body.get("model", self.cfg.http.model)
-        if not isinstance(model, str):
-            raise HttpError(400, "model must be a string", param="model")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise HttpError(400, "stream must be true or false", param="stream")
-        if body.get("n", 1) != 1:
-            raise HttpError(400, "this edge returns one choice per request (n = 1)", param="n")
-        prompt, history = _messages(body.get("messages"))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 0))
-        if max_tokens is None:
-            max_tokens = 0
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise HttpError(400, "max_tokens must be a whole number >= 0", param="max_tokens")
-        if max_tokens > self.cfg.limits.max_tokens:
-            raise HttpError(400, f"max_tokens must be at most {self.cfg.limits.max_tokens} "
-                                 "(edged limits.max_tokens)", param="max_tokens")
-        return edge_pb2.AskRequest(
-            prompt=prompt, history=history, max_tokens=max_tokens,
-            tenant=self._tenant(request, principal),
-            request_id=request.headers.get("x-request-id", ""),
-            cache=_cache_control(request.headers, body.get("velo")),
-        ), model, stream
 
     def _tenant(self, request: Request, principal: Principal | None) -> str:
         asked = request.headers.get("x-velo-tenant", "")
@@ -249,113 +299,33 @@ class OpenAIFront:
         return principal.name
 
 
+def _entry(view: EntryView) -> dict:
+    return entry_record(cache_entry(view))
+
+
+def _int(params: Any, name: str) -> int:
+    value = params.get(name, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise HttpError(400, f"{name} must be a whole number, got {value[:32]!r}",
+                        param=name) from None
+
+
+def _event(value: object) -> str:
+    return f"data: {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
 async def _error_response(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)
     return exc.response()
 
 
-def _messages(messages: Any) -> tuple[str, list[chat_pb2.ChatMessage]]:
-    """The newest user message (the prompt) and the turns before it (the history)."""
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    turns: list[tuple[str, str]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise HttpError(400, f"messages[{i}] must be an object", param="messages")
-        role = ROLES.get(message.get("role"))
-        if role is None:
-            raise HttpError(400, f"messages[{i}].role must be one of {', '.join(ROLES)} (tool "
-                                 "calls are not served by this edge)", param="messages")
-        turns.append((role, _text(message.get("content"), i)))
-    role, prompt = turns[-1]
-    if role != "user":
-        raise HttpError(400, "the last message must be the user's question", param="messages")
-    return prompt, [chat_pb2.ChatMessage(role=r, content=c) for r, c in turns[:-1]]
+async def _edge_error_response(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EdgeError)
+    return HttpError.of(exc).response()
 
 
-def _text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text ones can be cached and compared
-        texts = [part.get("text") for part in content if isinstance(part, dict)]
-        if len(texts) == len(content) and all(
-                p.get("type") == "text" and isinstance(t, str) for p, t in zip(content, texts,
-                                                                               strict=True)):
-            return "".join(texts)
-    raise HttpError(400, f"messages[{i}].content must be text (a string or text parts)",
-                    param="messages")
-
-
-def _cache_control(headers: Any, extension: Any) -> edge_pb2.CacheControl:
-    """Cache-Control / x-velo-min-similarity headers and the body's velo.cache, the stricter
-    of each. Out-of-range values are refused by the edge's own check (INVALID_ARGUMENT)."""
-    control = edge_pb2.CacheControl()
-    ages: list[float] = []
-    for directive in headers.get("cache-control", "").split(","):
-        name, _, value = directive.strip().lower().partition("=")
-        if name == "no-cache":
-            control.no_cache = True
-        elif name == "no-store":
-            control.no_store = True
-        elif name == "max-age":
-            ages.append(_number(value, "Cache-Control max-age"))
-    floors = [_number(v, "x-velo-min-similarity")
-              for v in [headers.get("x-velo-min-similarity")] if v is not None]
-    if extension is not None:
-        cache = extension.get("cache", {}) if isinstance(extension, dict) else None
-        if not isinstance(cache, dict):
-            raise HttpError(400, "velo.cache must be an object", param="velo")
-        control.no_cache |= cache.get("no_cache") is True
-        control.no_store |= cache.get("no_store") is True
-        if "max_age_s" in cache:
-            ages.append(_number(cache["max_age_s"], "velo.cache.max_age_s"))
-        if "min_similarity" in cache:
-            floors.append(_number(cache["min_similarity"], "velo.cache.min_similarity"))
-    if ages:  # the youngest limit wins; max-age=0 means "only what is fresh now": no reuse
-        youngest = min(ages)
-        if youngest == 0:
-            control.no_cache = True
-        control.max_age_s = youngest
-    if floors:
-        control.min_similarity = max(floors)
-    return control
-
-
-def _number(value: Any, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise HttpError(400, f"{name} must be a number, got {str(value)[:32]!r}") from None
-    if not math.isfinite(number):
-        raise HttpError(400, f"{name} must be finite")
-    return number
-
-
-def served(done: edge_pb2.AskResponse) -> dict:
-    """The `velo` extension field: how this answer was served."""
-    info: dict[str, Any] = {
-        "action": ACTION_NAMES.get(done.action, "unknown"), "policy": done.policy,
-        "policy_version": done.policy_version, "edge_id": done.edge_id,
-        "request_id": done.request_id, "stored": done.stored,
-        "delay_s": round(done.delay_s, 6),
-    }
-    if done.cached_entry_id:
-        info |= {"similarity": round(done.similarity, 6),
-                 "entry_id": str(done.cached_entry_id),  # 61 bits: a string for JavaScript
-                 "cached_question": done.cached_question, "age_s": round(done.cached_age_s, 3)}
-    return info
-
-
-def served_headers(head: edge_pb2.AskResponse) -> dict[str, str]:
-    headers = {"x-velo-action": ACTION_NAMES.get(head.action, "unknown"),
-               "x-velo-policy": head.policy, "x-velo-policy-version": str(head.policy_version),
-               "x-velo-edge": head.edge_id, "x-request-id": head.request_id}
-    if head.cached_entry_id:
-        headers |= {"x-velo-similarity": f"{head.similarity:.6f}",
-                    "x-velo-entry-id": str(head.cached_entry_id),
-                    "age": str(int(head.cached_age_s))}
-    return headers
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+async def _bad_request_response(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    return HttpError(400, str(exc), param=exc.param).response()

@@ -1,7 +1,13 @@
 """The edge request path, one straight line (Algorithm 2, lines 12-14):
 
-    validate -> embed -> search top-P -> build state (eq. 6-8) -> policy -> execute A/B/C
-             -> answer -> record (cache insert or eq. 4-5 update, experience, stats)
+    validate -> embed -> search top-P -> keep the rows that fit -> build state (eq. 6-8)
+             -> policy -> execute A/B/C -> answer -> record (cache insert or eq. 4-5 update,
+             experience, stats)
+
+It knows no transport: it takes an `EdgeRequest` and yields events (edged.contract), and
+refuses with `EdgeError`s that each front maps once. A request whose shape the cache cannot
+serve (tools, tool turns, logprobs: velo.shape) is a pass-through: straight to the LLM, not
+cached, no policy decision, no experience.
 
 Every answered request has its experience record on disk before the answer leaves: a crash
 right after the answer loses nothing. Shadow-verified records are written first and
@@ -14,16 +20,25 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
-from google.protobuf.unknown_fields import UnknownFieldSet
 
 from edged.batching import MicroBatcher
-from edged.cloud_client import CloudClient, CloudError
+from edged.cloud_client import CloudClient, CloudError, Generation
 from edged.config import EdgeConfig
+from edged.contract import (
+    Answered,
+    Decided,
+    EdgeError,
+    EdgeRequest,
+    ErrorKind,
+    Event,
+    Piece,
+    Usage,
+    invalid,
+)
 from edged.decision import Decider, VectorDBError
 from edged.metrics import EdgeMetrics
 from edged.reuse import Candidate, ReuseGuard
@@ -31,35 +46,39 @@ from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo import qos
 from velo.cache import VectorCache
-from velo.conversation import cache_scope, context_key, history_problem
+from velo.conversation import (
+    Turn,
+    cache_scope,
+    context_key,
+    history_problem,
+    prompt_problem,
+)
 from velo.embedder import Embedder, EmbedderUnavailable
 from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name
 from velo.policy import Decision
 from velo.qos import Action
-from velo.security import caller
 from velo.serving import MAX_REQUEST_ID_CHARS, clip, request_id_problem
+from velo.shape import (
+    AnswerFacts,
+    Shape,
+    bypass_reasons,
+    fits,
+    keyed_fields,
+    shape_key,
+    shape_problem,
+    storable,
+)
 from velo.state import CachedRow, EdgeState, select_row
-from velo.v1 import edge_pb2, trainer_pb2
+from velo.v1 import trainer_pb2
 
 log = get_logger("edged.pipeline")
-TextSink = Callable[[str], Awaitable[None]]
-# Told how a request will be served (action, policy, cached entry) before its answer exists:
-# a stream's HTTP headers can carry it.
-DecisionSink = Callable[[edge_pb2.AskResponse], Awaitable[None]]
+Emit = Callable[[Event], Awaitable[None]]
 REPLAY_WORDS = 4  # a streamed reuse is replayed in pieces of this many words
-MAX_AGE_S = 10 * 365 * 86400.0  # largest cache.max_age_s accepted (ten years)
+PASS_THROUGH = "pass-through"  # the "policy" of a request no policy decided
 # Reports a part of the edge up or down: (part, ok, reason).
 PartReport = Callable[[str, bool, str], Awaitable[None]]
 VECTOR_DB, CLOUD, TRAINER = "vector_db", "cloud", "trainer"
-
-
-class RequestError(Exception):
-    """A request that cannot be served; `code` and the message go back to the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -78,8 +97,27 @@ class Counters:
     evicted_rows: int = 0
     shadow_verified: int = 0
     shadow_skipped: int = 0
+    bypassed: int = 0  # pass-through requests (tools, tool turns, logprobs)
+    entries_superseded: int = 0  # replaced by a no-cache request's fresh answer
     actions: dict[Action, ActionCounters] = field(
         default_factory=lambda: {a: ActionCounters() for a in Action})
+
+
+class _Fit:
+    """The rows a request may use: the edge's TTL and similarity floor made stricter (never
+    looser) by the request's cache control, and the answer-fit rule (velo.shape.fits). It
+    remembers whether the nearest usable row was dropped only because its answer does not fit
+    the request's token limit (said to the caller as bypass "max_tokens")."""
+
+    def __init__(self, floor: float, oldest: float, max_tokens: int) -> None:
+        self.floor, self.oldest, self.max_tokens = floor, oldest, max_tokens
+        self.misfit = False
+
+    def __call__(self, rows: list[CachedRow]) -> list[CachedRow]:
+        usable = [r for r in rows if r.similarity >= self.floor and r.created >= self.oldest]
+        fitting = [r for r in usable if fits(r.facts, self.max_tokens)]
+        self.misfit = bool(usable) and usable[0] not in fitting
+        return fitting
 
 
 class EdgePipeline:
@@ -108,96 +146,123 @@ class EdgePipeline:
         self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
             spool.append_many, 256, "spool")
 
-    async def ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None = None,
-                  on_decided: DecisionSink | None = None) -> edge_pb2.AskResponse:
+    # -- the two ways in ---------------------------------------------------------------------
+    async def ask(self, request: EdgeRequest, emit: Emit | None = None) -> Answered:
+        """Serve one request; `emit` is told the decision and each piece of text as they come
+        (then the answer is returned, not emitted)."""
         if self.inflight >= self.cfg.limits.max_inflight:
-            self._refused(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"edge {self.cfg.edge_id} is at capacity "
-                               f"({self.inflight} requests in flight); retry shortly")
+            self._refused(ErrorKind.RESOURCE_EXHAUSTED)
+            raise EdgeError(ErrorKind.RESOURCE_EXHAUSTED,
+                            f"edge {self.cfg.edge_id} is at capacity ({self.inflight} requests "
+                            "in flight); retry shortly")
         self.inflight += 1
         try:
-            return await asyncio.wait_for(self._ask(request, on_text, on_decided),
+            return await asyncio.wait_for(self._serve(request, emit),
                                           self.cfg.limits.request_timeout_s)
         except TimeoutError:
             self.counters.errors += 1
-            self._refused(grpc.StatusCode.DEADLINE_EXCEEDED)
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"request took longer than {self.cfg.limits.request_timeout_s} s "
-                               "(edged limits.request_timeout_s)") from None
-        except RequestError as exc:
+            self._refused(ErrorKind.DEADLINE_EXCEEDED)
+            raise EdgeError(ErrorKind.DEADLINE_EXCEEDED,
+                            f"request took longer than {self.cfg.limits.request_timeout_s} s "
+                            "(edged limits.request_timeout_s)") from None
+        except EdgeError as exc:
             self.counters.errors += 1
-            self._refused(exc.code)
+            self._refused(exc.kind)
             raise
         finally:
             self.inflight -= 1
 
-    async def _ask(self, request: edge_pb2.AskRequest, on_text: TextSink | None,
-                   on_decided: DecisionSink | None) -> edge_pb2.AskResponse:
+    async def stream(self, request: EdgeRequest) -> AsyncIterator[Event]:
+        """Serve one request as events: Decided, Pieces of text, then Answered. An error is
+        raised where it happens (before Decided: nothing was served). Leaving the iteration
+        early cancels the request: nothing partial is cached."""
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
+        task = asyncio.create_task(self.ask(request, events.put))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- the request line ---------------------------------------------------------------------
+    async def _serve(self, request: EdgeRequest, emit: Emit | None) -> Answered:
         tenant = self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex
-        max_tokens = request.max_tokens
-        prompt = request.prompt
-        history = [(m.role, m.content) for m in request.history]
-        # Conversation-aware keys: a turn is looked up and cached within its context.
-        scope = cache_scope(tenant, context_key(history))
-
+        max_tokens = request.max_tokens or self.cfg.limits.default_max_tokens
+        history = list(request.history)
+        conversation = context_key(history)
+        keyed_on = (("history",) if conversation else ()) + tuple(keyed_fields(request.shape))
+        if bypass := bypass_reasons(request.shape, history):
+            return await self._pass_through(request, tenant, request_id, max_tokens,
+                                            tuple(bypass), keyed_on, emit)
+        # The cache key: the tenant, its conversation's context and the answer's shape.
+        scope = cache_scope(tenant, conversation, shape_key(request.shape))
+        fit = self._fit(request, max_tokens)
         try:
-            decided = await self.decider.decide(prompt, scope, self._usable(request.cache))
+            decided = await self.decider.decide(request.prompt, scope, fit)
         except VectorDBError as exc:
             raise await self._vector_db_down("search", exc) from exc
         except EmbedderUnavailable as exc:  # embedder = "triton" and the server is not answering
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            raise EdgeError(ErrorKind.UNAVAILABLE, str(exc)) from exc
         f, state, policy, decision = decided.embedding, decided.state, decided.policy, \
             decided.decision
         edge_s = decided.times.total_s
 
         action = decision.action
         row = self._select(state) if action is not Action.FORWARD else None
-        candidate = self.guard.best(prompt, state.rows) if self.guard and state.rows else None
+        candidate = self.guard.best(request.prompt, state.rows) \
+            if self.guard and state.rows else None
         if action is Action.REUSE and candidate is not None:
             if candidate.trusted:
                 row = candidate.row  # the verifier's best, not eq. 4's pick
             else:  # the guard does not trust this reuse: ask the LLM instead
                 self.guard.vetoed += 1
                 action, row = Action.FORWARD, None
-                # What the edge did (policy and guard together) is what the learner must see.
-                decision = Decision(action, np.eye(3, dtype=np.float32)[action])
-        head = edge_pb2.AskResponse(action=_ACTION_PB[action], request_id=request_id,
-                                    edge_id=self.cfg.edge_id, policy=policy.name,
-                                    policy_version=policy.version)
-        if row is not None:
-            head.cached_question, head.similarity = row.question, row.similarity
-            head.cached_entry_id = row.pair_id
-            head.cached_age_s = max(0.0, time.time() - row.created)
-        if on_decided is not None:
-            await on_decided(head)
-        cloud_s = 0.0
+        bypass: list[str] = []
+        superseded: tuple[int, ...] = ()
+        if request.cache.no_cache:
+            # The LLM answers; what this request would have been served from is replaced.
+            if action is Action.REUSE:
+                superseded = self._would_serve(state, row)
+            action, row = Action.FORWARD, None
+            bypass.append("no-cache")
+        elif fit.misfit and action is not Action.REUSE:
+            bypass.append("max_tokens")
+        if action is not decision.action:
+            # What the edge did (policy, guard and cache control together) is what the
+            # learner must see.
+            decision = Decision(action, np.eye(3, dtype=np.float32)[action])
+        head = Decided(action, policy.name, policy.version, request_id, self.cfg.edge_id, row,
+                       tuple(bypass), keyed_on)
+        if emit is not None:
+            await emit(head)
+
+        cloud_s, saved, generation = 0.0, None, None
         if action is Action.REUSE:
-            answer = row.answer
-            if on_text is not None:  # replayed as a stream, as the LLM would have sent it
+            answer, facts = row.answer, row.facts
+            usage = saved = Usage(facts.prompt_tokens, facts.completion_tokens, facts.estimated)
+            finish = facts.finish_reason
+            if emit is not None:  # replayed as a stream, as the LLM would have sent it
                 for piece in replay_pieces(answer):
-                    await on_text(piece)
+                    await emit(Piece(piece))
         else:
             context = [(row.question, row.answer)] if action is Action.AUGMENT else []
-            try:
-                answer, cloud_s = await self.cloud.generate(prompt, context, max_tokens,
-                                                            request_id, on_text, history=history)
-            except CloudError as exc:
-                # Say so only when it is true for this request: its tenant has cached rows.
-                hint = "; cached answers are still served" if state.rows else ""
-                raise RequestError(exc.code, f"{exc}{hint}") from None
+            generation = await self._generate(request, request_id, max_tokens, context, emit,
+                                              has_rows=bool(state.rows))
+            answer, cloud_s, finish = generation.text, generation.cloud_s, \
+                generation.finish_reason
+            usage = generation.usage
         d = qos.delay(action, edge_s, cloud_s)
+        q, answer_vec = await self._satisfaction(request, answer)
 
-        q, answer_vec = None, None
-        if request.reference_answer:
-            answer_vec, reference_vec = await asyncio.to_thread(
-                self.embedder.embed, [answer, request.reference_answer])
-            q = qos.satisfaction(answer_vec, reference_vec)
-
-        record = _Record(request_id, scope, prompt, answer, f, answer_vec, state, decision,
-                         policy.version, row, d, q, history=history, candidate=candidate,
-                         store=not request.cache.no_store)
+        record = _Record(request_id, scope, tenant, request.prompt, answer, f, answer_vec, state,
+                         decision, policy.version, row, d, q, history=history,
+                         candidate=candidate, max_tokens=max_tokens, shape=request.shape,
+                         store=not request.cache.no_store, generation=generation)
         if hasattr(policy, "observe"):  # policies that learn online (Greedy-LLM)
             policy.observe(action, q if q is not None else self.q_estimate, d)
         shadow = q is None and action is not Action.FORWARD and self._shadow_sampled()
@@ -207,71 +272,129 @@ class EdgePipeline:
             self._spawn(self._shadow_verify(record, seq))
         if action is Action.FORWARD and candidate is not None:
             self._spawn(self._verify_candidate(record))  # a free verification of the best row
+        if superseded and record.pair_id:
+            await self._vector_db(self.cache.delete_pairs, list(superseded))
+            self.counters.entries_superseded += len(superseded)
+            log.info("superseded", request_id=request_id, tenant=tenant,
+                     entries=list(superseded), by=record.pair_id)
+        else:
+            superseded = ()
 
-        response = head
-        response.answer, response.delay_s, response.edge_s = answer, d, edge_s
-        response.cloud_s, response.has_satisfaction = cloud_s, q is not None
-        response.stored = record.stored
-        if q is not None:
-            response.satisfaction, response.reward = q, qos.reward(q, d, self.weights)
         if self.metrics is not None:
             self.metrics.answered(action, decided.times, cloud_s, d,
                                   row.similarity if row is not None else None)
+            self.metrics.bypassed(head.bypass)
         log.info("answered", request_id=request_id, tenant=tenant, action=action.letter,
-                 delay_s=round(d, 4), edge_ms=round(edge_s * 1000, 2), policy=policy.name)
-        return response
+                 delay_s=round(d, 4), edge_ms=round(edge_s * 1000, 2), policy=policy.name,
+                 finish_reason=finish)
+        return Answered(
+            head, answer, finish, usage, saved,
+            tool_calls=generation.tool_calls if generation else None,
+            logprobs=generation.logprobs if generation else None,
+            delay_s=d, edge_s=edge_s, cloud_s=cloud_s, satisfaction=q,
+            reward=qos.reward(q, d, self.weights) if q is not None else None,
+            stored_entry_id=record.pair_id or 0, superseded=superseded)
+
+    async def _pass_through(self, request: EdgeRequest, tenant: str, request_id: str,
+                            max_tokens: int, bypass: tuple[str, ...], keyed_on: tuple[str, ...],
+                            emit: Emit | None) -> Answered:
+        """A request the cache cannot serve: the LLM answers, nothing is cached or learned."""
+        head = Decided(Action.FORWARD, PASS_THROUGH, 0, request_id, self.cfg.edge_id,
+                       bypass=bypass, keyed_on=keyed_on)
+        if emit is not None:
+            await emit(head)
+        generation = await self._generate(request, request_id, max_tokens, [], emit,
+                                          has_rows=False)
+        q, _ = await self._satisfaction(request, generation.text)
+        d = generation.cloud_s
+        self.counters.requests += 1
+        self.counters.bypassed += 1
+        self._count_action(Action.FORWARD, d, q)
+        if self.metrics is not None:
+            self.metrics.passed_through(d, d)
+            self.metrics.bypassed(bypass)
+        log.info("answered", request_id=request_id, tenant=tenant, action="B",
+                 delay_s=round(d, 4), policy=PASS_THROUGH, bypass=list(bypass),
+                 finish_reason=generation.finish_reason)
+        return Answered(
+            head, generation.text, generation.finish_reason, generation.usage,
+            tool_calls=generation.tool_calls, logprobs=generation.logprobs, delay_s=d,
+            cloud_s=d, satisfaction=q,
+            reward=qos.reward(q, d, self.weights) if q is not None else None)
 
     # -- steps ------------------------------------------------------------------------------
-    def _refused(self, code: grpc.StatusCode) -> None:
+    def _refused(self, kind: ErrorKind) -> None:
         if self.metrics is not None:
-            self.metrics.refused(code.name)
+            self.metrics.refused(kind.name)
 
-    def _usable(self, control: edge_pb2.CacheControl) -> Callable[[CachedRow], bool] | None:
-        """Which cached rows this request may use: the edge's TTL and similarity floor, made
-        stricter (never looser) by the request's cache control. None: every row."""
-        if control.no_cache:
-            return lambda row: False
+    def _fit(self, request: EdgeRequest, max_tokens: int) -> _Fit:
+        """Which cached rows this request may use (cache.no_cache aside: such a request still
+        looks, to replace what it would have been served)."""
+        control = request.cache
         floor = max(self.cfg.cache.min_similarity, control.min_similarity)
         ages = [age for age in (self.cfg.cache.ttl_s, control.max_age_s) if age > 0]
-        if floor <= 0 and not ages:
-            return None
         oldest = time.time() - min(ages) if ages else float("-inf")  # per entry, from creation
-        return lambda row: row.similarity >= floor and row.created >= oldest
+        return _Fit(floor, oldest, max_tokens)
 
-    def _validate(self, request: edge_pb2.AskRequest) -> str:
+    def _would_serve(self, state: EdgeState, row: CachedRow) -> tuple[int, ...]:
+        """The entries a reuse would have been served from: the chosen row's pair and every
+        pair eq. 4 chose it among (similarity within select_margin of it), so that none of
+        them outranks the fresh answer by its hit count afterwards."""
+        band = row.similarity - self.cfg.cache.select_margin
+        return tuple(dict.fromkeys(r.pair_id for r in state.rows if r.similarity >= band))
+
+    async def _generate(self, request: EdgeRequest, request_id: str, max_tokens: int,
+                        context: list[tuple[str, str]], emit: Emit | None,
+                        has_rows: bool) -> Generation:
+        try:
+            return await self.cloud.generate(request.prompt, context, max_tokens, request_id,
+                                             emit, history=request.history,
+                                             shape=request.shape)
+        except CloudError as exc:
+            # Say so only when it is true for this request: its tenant has cached rows.
+            hint = "; cached answers are still served" if has_rows else ""
+            raise EdgeError(exc.kind, f"{exc}{hint}") from None
+
+    async def _satisfaction(self, request: EdgeRequest, answer: str,
+                            ) -> tuple[float | None, np.ndarray | None]:
+        """q (eq. 2) of the answer against the request's reference answer, when it has one."""
+        if not request.reference_answer:
+            return None, None
+        answer_vec, reference_vec = await asyncio.to_thread(
+            self.embedder.embed, [answer, request.reference_answer])
+        return qos.satisfaction(answer_vec, reference_vec), answer_vec
+
+    def _validate(self, request: EdgeRequest) -> str:
         """Check the request; returns the tenant it runs as (an API key's own tenant)."""
         limits = self.cfg.limits
-        unknown = sorted({f.field_number for f in UnknownFieldSet(request)})
-        if unknown:
-            raise _invalid(f"request has unknown field(s) {unknown[:8]}: this edge speaks "
-                           "velo.v1 AskRequest (prompt=1, tenant=2, request_id=3, "
-                           "reference_answer=4, max_tokens=5, history=6, cache=7)")
-        if not request.prompt.strip():
-            raise _invalid("prompt is empty")
+        if problem := prompt_problem(request.prompt, request.history):
+            raise invalid(problem)
         if len(request.prompt) > limits.max_prompt_chars:
-            raise _invalid(f"prompt is {len(request.prompt)} characters; this edge accepts at "
-                           f"most {limits.max_prompt_chars} (edged limits.max_prompt_chars)")
+            raise invalid(f"prompt is {len(request.prompt)} characters; this edge accepts at "
+                          f"most {limits.max_prompt_chars} (edged limits.max_prompt_chars)")
         tenant = request.tenant
-        principal = caller()
+        principal = request.principal
         if principal is not None:  # an API key: it is bound to one tenant
             if tenant and tenant != principal.name:
-                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                                   f"this API key may not ask as tenant {clip(tenant)}; "
-                                   "leave tenant empty or use the key's own tenant")
+                raise EdgeError(ErrorKind.PERMISSION_DENIED,
+                                f"this API key may not ask as tenant {clip(tenant)}; "
+                                "leave tenant empty or use the key's own tenant")
             tenant = principal.name
         if not valid_name(tenant):
-            raise _invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
-        if problem := history_problem([(m.role, m.content) for m in request.history],
-                                      4 * limits.max_prompt_chars):
-            raise _invalid(f"{problem} (history may hold 4 x limits.max_prompt_chars)")
+            raise invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
+        if problem := history_problem(list(request.history), 4 * limits.max_prompt_chars):
+            raise invalid(f"{problem} (history may hold 4 x limits.max_prompt_chars)")
         if not 0 <= request.max_tokens <= limits.max_tokens:
-            raise _invalid(f"max_tokens must be between 0 (default) and {limits.max_tokens}")
+            raise invalid(f"max_tokens must be between 0 (the edge's default, "
+                          f"{limits.default_max_tokens}) and {limits.max_tokens}")
         if len(request.reference_answer) > limits.max_reference_chars:
-            raise _invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
+            raise invalid(f"reference_answer exceeds {limits.max_reference_chars} characters")
         if problem := request_id_problem(request.request_id):
-            raise _invalid(problem)
-        if problem := cache_control_problem(request.cache):
-            raise _invalid(problem)
+            raise invalid(problem)
+        if problem := request.cache.problem():
+            raise invalid(problem)
+        if problem := shape_problem(request.shape):
+            raise invalid(problem)
         return tenant
 
     def _select(self, state: EdgeState) -> CachedRow:
@@ -285,11 +408,10 @@ class EdgePipeline:
         if rec.decision.action is Action.FORWARD:
             if rec.answer_vec is None:  # kept on the record: the reuse guard's check needs it
                 rec.answer_vec = await asyncio.to_thread(self.embedder.embed_one, rec.answer)
-            if rec.store:
-                pair_id = await self._vector_db(self.cache.insert_pair, rec.scope, rec.prompt,
-                                                 rec.answer, rec.prompt_vec, rec.answer_vec,
-                                                 q_used - rec.d)
-                rec.stored = pair_id is not None
+            if rec.store and rec.facts is not None:
+                rec.pair_id = await self._vector_db(
+                    self.cache.insert_pair, rec.scope, rec.prompt, rec.answer, rec.prompt_vec,
+                    rec.answer_vec, q_used - rec.d, tenant=rec.tenant, facts=rec.facts)
         else:
             # Write-behind (velo.cache): no Milvus call here, so no thread either.
             self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
@@ -303,7 +425,10 @@ class EdgePipeline:
                       error=str(exc))
             seq = None
         self.uploader.wake()
-        self._count(rec)
+        self.counters.requests += 1
+        self._count_action(rec.decision.action, rec.d, rec.q)
+        if self.counters.requests % self.cfg.cache.eviction_every == 0:
+            self.eviction_due.set()
         return seq
 
     async def _shadow_verify(self, rec: _Record, seq: int) -> None:
@@ -312,10 +437,11 @@ class EdgePipeline:
         release the held record, with q when it was measured."""
         try:
             shadow_id = f"{rec.request_id[:MAX_REQUEST_ID_CHARS - 7]}-shadow"
-            fresh, _ = await self.cloud.generate(rec.prompt, [], 0, shadow_id, background=True,
-                                                 history=rec.history)
+            fresh = await self.cloud.generate(rec.prompt, [], rec.max_tokens, shadow_id,
+                                              background=True, history=rec.history,
+                                              shape=rec.shape)
             served_vec, fresh_vec = await asyncio.to_thread(self.embedder.embed,
-                                                            [rec.answer, fresh])
+                                                            [rec.answer, fresh.text])
             rec.q, rec.shadow = qos.satisfaction(served_vec, fresh_vec), True
         except CloudError as exc:
             self.counters.shadow_skipped += 1
@@ -343,17 +469,14 @@ class EdgePipeline:
         self.guard.observe(rec.candidate, qos.satisfaction(row_vec, rec.answer_vec),
                            reused=False)
 
-    def _count(self, rec: _Record) -> None:
-        self.counters.requests += 1
-        c = self.counters.actions[rec.decision.action]
+    def _count_action(self, action: Action, d: float, q: float | None) -> None:
+        c = self.counters.actions[action]
         c.requests += 1
-        c.delay_sum_s += rec.d
-        if rec.q is not None:
+        c.delay_sum_s += d
+        if q is not None:
             c.satisfaction_count += 1
-            c.satisfaction_sum += rec.q
-            c.reward_sum += qos.reward(rec.q, rec.d, self.weights)
-        if self.counters.requests % self.cfg.cache.eviction_every == 0:
-            self.eviction_due.set()
+            c.satisfaction_sum += q
+            c.reward_sum += qos.reward(q, d, self.weights)
 
     def _shadow_sampled(self) -> bool:
         if self.cloud.stub is None or self.rng.random() >= self.cfg.policy.shadow_rate:
@@ -363,17 +486,17 @@ class EdgePipeline:
             return False
         return True
 
-    async def _vector_db(self, method: Callable, *args: object) -> object:
+    async def _vector_db(self, method: Callable, *args: object, **kwargs: object) -> object:
         try:
-            return await asyncio.to_thread(method, *args)
+            return await asyncio.to_thread(method, *args, **kwargs)
         except Exception as exc:  # pymilvus raises many types; the caller needs one status
             raise await self._vector_db_down(method.__name__, exc) from exc
 
-    async def _vector_db_down(self, call: str, exc: Exception) -> RequestError:
+    async def _vector_db_down(self, call: str, exc: Exception) -> EdgeError:
         reason = f"vector database unavailable ({self.cfg.vector_db.uri}): {clip(str(exc), 300)}"
         log.error("vector database call failed", call=call, error=str(exc))
         await self.report(VECTOR_DB, False, reason)
-        return RequestError(grpc.StatusCode.UNAVAILABLE, reason)
+        return EdgeError(ErrorKind.UNAVAILABLE, reason)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -388,7 +511,6 @@ class EdgePipeline:
     # -- eviction (its own task, Algorithm 2 lines 15-22) -------------------------------------
     async def eviction_loop(self, period_s: float = 60.0) -> None:
         """Every xi requests: below-mean eviction; every `period_s` anyway: cap and TTL."""
-        cache_cfg = self.cfg.cache
         while True:
             try:
                 await asyncio.wait_for(self.eviction_due.wait(), timeout=period_s)
@@ -396,21 +518,28 @@ class EdgePipeline:
             except TimeoutError:
                 below_mean = False
             self.eviction_due.clear()
-            if self.guard is not None:
-                await asyncio.to_thread(self.guard.save)
-            try:
-                if below_mean:
-                    below_mean = await asyncio.to_thread(self.cache.count) >= \
-                        cache_cfg.eviction_min_rows
-                dropped = await asyncio.to_thread(self.cache.evict, below_mean=below_mean,
-                                                  max_rows=cache_cfg.max_rows,
-                                                  ttl_s=cache_cfg.ttl_s)
-            except Exception as exc:
-                log.error("eviction failed; will retry", error=str(exc))
-                continue
-            if dropped:
-                self.counters.evicted_rows += dropped
-                log.info("evicted", rows=dropped, below_mean=below_mean)
+            await self.evict(below_mean)
+
+    async def evict(self, below_mean: bool) -> int:
+        """One eviction pass (below-mean only once the edge holds eviction_min_rows rows,
+        sparing rows younger than eviction_grace_s); returns the rows dropped."""
+        cache_cfg = self.cfg.cache
+        if self.guard is not None:
+            await asyncio.to_thread(self.guard.save)
+        try:
+            if below_mean:
+                below_mean = await asyncio.to_thread(self.cache.count) >= \
+                    cache_cfg.eviction_min_rows
+            dropped = await asyncio.to_thread(
+                self.cache.evict, below_mean=below_mean, max_rows=cache_cfg.max_rows,
+                ttl_s=cache_cfg.ttl_s, grace_s=cache_cfg.eviction_grace_s)
+        except Exception as exc:
+            log.error("eviction failed; will retry", error=str(exc))
+            return 0
+        if dropped:
+            self.counters.evicted_rows += dropped
+            log.info("evicted", rows=dropped, below_mean=below_mean)
+        return dropped
 
     async def flush_loop(self) -> None:
         """Write the pending hit counts and values back to Milvus in one batch (velo.cache)."""
@@ -438,6 +567,7 @@ class EdgePipeline:
 class _Record:
     request_id: str
     scope: str  # the cache scope: the tenant, or its conversation scope (velo.conversation)
+    tenant: str
     prompt: str
     answer: str
     prompt_vec: np.ndarray
@@ -449,10 +579,23 @@ class _Record:
     d: float
     q: float | None
     shadow: bool = False
-    history: list[tuple[str, str]] = field(default_factory=list)
+    history: list[Turn] = field(default_factory=list)
     candidate: Candidate | None = None  # the reuse guard's best row, when the guard is on
+    max_tokens: int = 0  # the cap the request allowed (shadow verification asks the same)
+    shape: Shape = field(default_factory=Shape)
     store: bool = True  # cache the answer of a forward (the request's cache.no_store unset)
-    stored: bool = False  # it was cached
+    generation: Generation | None = None  # the LLM's answer (B and C)
+    pair_id: int | None = None  # the cache entry a forward's answer became
+
+    @property
+    def facts(self) -> AnswerFacts | None:
+        """What the cache keeps of a forward's answer; None: it must not be cached (a tool
+        call, a content filter's cut)."""
+        g = self.generation
+        if g is None or g.tool_calls or not storable(g.finish_reason):
+            return None
+        return AnswerFacts(g.finish_reason, g.prompt_tokens, g.completion_tokens,
+                           g.max_tokens or self.max_tokens, g.usage_estimated)
 
     def experience_encoder(self, edge_id: str) -> Encoder:
         def encode(seq: int) -> bytes:
@@ -470,19 +613,6 @@ class _Record:
         return encode
 
 
-_ACTION_PB = {Action.REUSE: edge_pb2.ACTION_REUSE, Action.FORWARD: edge_pb2.ACTION_FORWARD,
-              Action.AUGMENT: edge_pb2.ACTION_AUGMENT}
-
-
-def cache_control_problem(control: edge_pb2.CacheControl) -> str | None:
-    """Why a request's cache control cannot be honoured, or None."""
-    if not 0.0 <= control.max_age_s <= MAX_AGE_S:  # also false for NaN
-        return f"cache.max_age_s must be between 0 (any age) and {MAX_AGE_S:.0f} seconds"
-    if not 0.0 <= control.min_similarity <= 1.0:
-        return "cache.min_similarity must be between 0 and 1 (a cosine similarity)"
-    return None
-
-
 def replay_pieces(answer: str, words: int = REPLAY_WORDS) -> list[str]:
     """A cached answer cut into stream pieces of a few words each (whitespace kept, so the
     pieces join back to the answer exactly)."""
@@ -492,7 +622,3 @@ def replay_pieces(answer: str, words: int = REPLAY_WORDS) -> list[str]:
     pieces = ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
     pieces[-1] += answer[sum(map(len, tokens)):]  # trailing whitespace
     return pieces
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -16,14 +16,14 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-
+from edged.admin import CacheAdmin
 from edged.announcements import AnnouncementListener
 from edged.cloud_client import CloudClient
 from edged.config import EdgeConfig
+from edged.grpc_front import ROLES, EdgeServicer
 from edged.metrics import EdgeMetrics, stats_readings
 from edged.openai_front import OpenAIFront
-from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline, RequestError
+from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline
 from edged.reuse import ReuseGuard
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
@@ -33,75 +33,16 @@ from velo.http_server import HttpServer
 from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
-from velo.qos import Action
 from velo.security import dial, read_token
 from velo.serving import Daemon
-from velo.v1 import edge_pb2, edge_pb2_grpc
+from velo.v1 import edge_pb2_grpc
 from velo.verifier import OnnxVerifier
 
 log = get_logger("edged")
 
-ROLES = {
-    "/velo.v1.EdgeService/Ask": frozenset({"tenant"}),
-    "/velo.v1.EdgeService/AskStream": frozenset({"tenant"}),
-    "/velo.v1.EdgeService/GetStats": frozenset({"admin"}),
-}
 VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
 EMBEDDER_PROBE_S = 2.0  # the same for a remote (Triton) embedder
 EMBEDDER = "embedder"
-
-
-class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
-    def __init__(self, edge: Edged) -> None:
-        self.edge = edge
-
-    async def Ask(self, request: edge_pb2.AskRequest, context: grpc.aio.ServicerContext,
-                  ) -> edge_pb2.AskResponse:
-        try:
-            return await self.edge.pipeline.ask(request)
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
-        except Exception as exc:
-            log.exception("request failed", request_id=request.request_id[:128])
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
-
-    async def AskStream(self, request: edge_pb2.AskRequest,
-                        context: grpc.aio.ServicerContext) -> None:
-        async def write(text: str) -> None:
-            await context.write(edge_pb2.AskChunk(text=text))
-
-        try:
-            done = await self.edge.pipeline.ask(request, on_text=write)
-            await context.write(edge_pb2.AskChunk(done=done))
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
-        except asyncio.CancelledError:
-            log.info("client cancelled stream", request_id=request.request_id[:128])
-            raise
-        except Exception as exc:
-            log.exception("stream failed", request_id=request.request_id[:128])
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
-
-    async def GetStats(self, request: edge_pb2.GetStatsRequest,
-                       context: grpc.aio.ServicerContext) -> edge_pb2.EdgeStats:
-        edge = self.edge
-        try:
-            rows = await asyncio.wait_for(asyncio.to_thread(edge.cache.count), 5)
-        except Exception:
-            rows = -1  # the vector DB is down; the rest of the stats still matter
-        counts = {key: value for key, value in edge.stats(rows).items()
-                  if key in edge_pb2.EdgeStats.DESCRIPTOR.fields_by_name}
-        return edge_pb2.EdgeStats(
-            edge_id=edge.cfg.edge_id, policy=edge.policies.current.name, **counts,
-            actions=[edge_pb2.ActionStats(action=int(a) + 1, requests=s.requests,
-                                          delay_sum_s=s.delay_sum_s,
-                                          satisfaction_count=s.satisfaction_count,
-                                          satisfaction_sum=s.satisfaction_sum,
-                                          reward_sum=s.reward_sum)
-                     for a, s in edge.pipeline.counters.actions.items()],
-            parts=[edge_pb2.PartStatus(name=name, up=p.ok, reason=p.reason)
-                   for name, p in edge.grpc.parts.items()],
-        )
 
 
 def _guard_stats(guard: ReuseGuard | None) -> dict:
@@ -134,6 +75,7 @@ class Edged(Daemon):
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
         self.http: HttpServer | None = None
+        self.entries_deleted = 0  # by operators (edged.admin)
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
 
     async def startup(self) -> None:
@@ -167,6 +109,8 @@ class Edged(Daemon):
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg),
                                      EdgeMetrics(self.metrics))
+        self.admin = CacheAdmin(self.cache, self.embedder, cfg.data_path, self._deleted,
+                                cfg.cache.satisfaction_prior)
         self.metrics.read(stats_readings(self._scraped_stats))
         background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                       self.pipeline.flush_loop(), self._watch_vector_db()]
@@ -184,7 +128,8 @@ class Edged(Daemon):
                       "velo.v1.EdgeService")
         await super().startup()
         if cfg.http.listen:
-            front = OpenAIFront(cfg, self.pipeline, cfg.auth.table(), self.required_down)
+            front = OpenAIFront(cfg, self.pipeline, self.admin, cfg.auth.table(),
+                                self.required_down)
             self.http = HttpServer(front.app, cfg.http.listen, cfg.tls, cfg.shutdown_grace_s)
             await self.http.start()
             log.info("OpenAI-compatible front listening", url=f"{self.http.url}/v1")
@@ -202,8 +147,13 @@ class Edged(Daemon):
                 "experience_pending": self.spool.count(), "experience_sent": self.uploader.sent,
                 "experience_dropped": self.spool.dropped,
                 "shadow_verified": c.shadow_verified, "shadow_skipped": c.shadow_skipped,
+                "bypassed": c.bypassed, "entries_superseded": c.entries_superseded,
+                "entries_deleted": self.entries_deleted,
                 "prompt_vector_hits": self.pipeline.decider.prompt_vectors.hits,
                 **_guard_stats(guard)}
+
+    def _deleted(self, entries: int) -> None:
+        self.entries_deleted += entries
 
     def _scraped_stats(self) -> dict[str, float]:
         """`stats` for a Prometheus scrape (on the scrape thread: Milvus may be asked)."""
@@ -267,7 +217,3 @@ class Edged(Daemon):
         await asyncio.to_thread(self.cache.close)
         self._probe_thread.shutdown(wait=False, cancel_futures=True)
 
-
-def action_name(action_pb: int) -> str:
-    """'A', 'B' or 'C' for an edge_pb2.Action value."""
-    return Action(action_pb - 1).letter

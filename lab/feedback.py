@@ -216,7 +216,7 @@ def restatement_intents(path) -> tuple[list[tuple[str, ...]], list[str]]:
     a text in the same scope (the same first question in two conversations) are one intent."""
     import json
 
-    from velo.conversation import context_key
+    from velo.conversation import Turn, context_key
 
     by_key: dict[tuple[str, str], int] = {}
     intents: list[set[str]] = []
@@ -225,7 +225,7 @@ def restatement_intents(path) -> tuple[list[tuple[str, ...]], list[str]]:
         row = json.loads(line)
         if not row.get("paraphrases"):
             continue
-        scope = context_key((m["role"], m["content"]) for m in row.get("history") or ())
+        scope = context_key(Turn(m["role"], m["content"]) for m in row.get("history") or ())
         texts = {row["question"], *row["paraphrases"]}
         known = {by_key[(scope, t)] for t in texts if (scope, t) in by_key}
         index = min(known) if known else len(intents)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from velo.conversation import context_key
+from velo.conversation import Turn, context_key
 
 THRESHOLDS = (0.7, 0.8, 0.85, 0.9)
 
@@ -26,7 +26,8 @@ def load_turns(path: Path) -> list[dict]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            row["scope"] = context_key((m["role"], m["content"]) for m in row.get("history") or ())
+            row["scope"] = context_key(Turn(m["role"], m["content"])
+                                       for m in row.get("history") or ())
             turns.append(row)
     return turns
 

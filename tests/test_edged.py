@@ -96,7 +96,7 @@ async def test_stream_chunks_add_up_and_a_cancelled_stream_harms_nothing(
         await call.read()
         call.cancel()
         fake_llm.chunk_delay_s = 0.0
-        reply = await stub.Ask(ask(QUESTION))
+        reply = await stub.Ask(ask(QUESTION, max_tokens=6))  # the streamed answer's limit
         assert reply.action == edge_pb2.ACTION_REUSE
 
 
@@ -289,7 +289,9 @@ async def test_eviction_drops_below_mean_rows_then_enforces_cap_and_ttl(edge_con
 
 
 async def test_eviction_task_runs_every_xi_requests(edge_config) -> None:
-    cfg = edge_config(cache=CacheConfig(eviction_every=2, eviction_min_rows=0))
+    # The paper's rule as written (no grace for young rows): the seeded rows are brand new.
+    cfg = edge_config(cache=CacheConfig(eviction_every=2, eviction_min_rows=0,
+                                        eviction_grace_s=0))
     async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         await seed(edge, "t1")
         await seed(edge, "t1", "Where is the reset button?", "On the back of the router.")

@@ -50,6 +50,7 @@ from velo.cache import VectorCache
 from velo.config import ConfigError
 from velo.embedder import Embedder
 from velo.models import ROOT
+from velo.names import valid_name
 from velo.v1 import (
     chat_pb2,
     cloud_pb2,
@@ -167,21 +168,49 @@ def messages(cls: type, fields: dict[str, st.SearchStrategy], **base: Any,
     return st.fixed_dictionaries({}, optional=fields).map(lambda drawn: cls(**{**base, **drawn}))
 
 
-CHAT_FIELDS = {"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), TEXT),
-               "content": TEXT}
+JSON_TEXT = st.one_of(TEXT, st.sampled_from([
+    "[]", "{}", "null", "[{}]", '"required"', '"auto"', '{"type": "json_object"}',
+    '{"type": "json_schema"}', '[{"type": "function", "function": {"name": "f"}}]',
+    '[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]',
+    "[" * 5000]))
+CHAT_FIELDS = {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), TEXT),
+               "content": TEXT, "tool_calls_json": JSON_TEXT, "tool_call_id": TEXT,
+               "name": TEXT}
 HISTORY = lists(messages(chat_pb2.ChatMessage, CHAT_FIELDS, role="user", content="Hi"))
+SHAPE_FIELDS = {"stop": lists(TEXT, 6), "response_format_json": JSON_TEXT,
+                "tools_json": JSON_TEXT, "tool_choice_json": JSON_TEXT,
+                "logprobs": st.booleans(), "top_logprobs": st.one_of(st.integers(-1, 25), INT32)}
+SHAPE = messages(chat_pb2.AnswerShape, SHAPE_FIELDS)
 CACHE_FIELDS = {"no_cache": st.booleans(), "no_store": st.booleans(),
                 "max_age_s": st.one_of(st.sampled_from([0.0, 1.0, 3.2e8]), DOUBLES),
                 "min_similarity": st.one_of(st.floats(0, 1), DOUBLES)}
 ASK_FIELDS = {"prompt": PROMPTS, "tenant": NAMES, "request_id": REQUEST_IDS,
               "reference_answer": TEXT, "max_tokens": st.one_of(st.integers(0, 1100), INT32),
-              "history": HISTORY, "cache": messages(edge_pb2.CacheControl, CACHE_FIELDS)}
+              "history": HISTORY, "cache": messages(edge_pb2.CacheControl, CACHE_FIELDS),
+              "shape": SHAPE}
 CONTEXT_QA_FIELDS = {"question": PROMPTS, "answer": TEXT}
 GENERATE_FIELDS = {
     "prompt": PROMPTS,
     "context": lists(messages(cloud_pb2.ContextQA, CONTEXT_QA_FIELDS, question="Q", answer="A")),
     "max_tokens": st.one_of(st.integers(0, 1100), INT32), "request_id": REQUEST_IDS,
-    "background": st.booleans(), "history": HISTORY,
+    "background": st.booleans(), "history": HISTORY, "shape": SHAPE,
+}
+ENTRY_IDS = st.one_of(st.integers(-3, 3), INT64)
+PAIR_FIELDS = {"question": PROMPTS, "answer": TEXT}
+ADMIN_FIELDS: dict[type, dict[str, st.SearchStrategy]] = {
+    edge_pb2.ListEntriesRequest: {"tenant": NAMES, "limit": st.one_of(st.integers(-1, 1001),
+                                                                      INT32),
+                                  "offset": st.one_of(st.integers(-1, 5), INT32)},
+    edge_pb2.GetEntryRequest: {"id": ENTRY_IDS},
+    edge_pb2.DeleteEntriesRequest: {
+        "ids": lists(ENTRY_IDS, 3), "tenant": NAMES, "question": PROMPTS,
+        "min_similarity": st.one_of(st.floats(0, 1), DOUBLES),
+        "older_than_s": st.one_of(st.sampled_from([0.0, 60.0]), DOUBLES),
+        "dry_run": st.booleans()},
+    edge_pb2.ImportedPair: PAIR_FIELDS,
+    edge_pb2.ImportEntriesRequest: {
+        "tenant": NAMES, "pairs": lists(messages(edge_pb2.ImportedPair, PAIR_FIELDS), 3)},
+    edge_pb2.ExportEntriesRequest: {"tenant": NAMES},
 }
 EXPERIENCE_FIELDS = {
     "edge_id": NAMES, "seq": st.one_of(st.integers(0, 10), UINT64), "unix_time": DOUBLES,
@@ -228,6 +257,8 @@ FIELD_STRATEGIES: dict[type, dict[str, st.SearchStrategy]] = {
     edge_pb2.AskRequest: ASK_FIELDS,
     edge_pb2.GetStatsRequest: {},
     edge_pb2.CacheControl: CACHE_FIELDS,
+    chat_pb2.AnswerShape: SHAPE_FIELDS,
+    **ADMIN_FIELDS,
     cloud_pb2.GenerateRequest: GENERATE_FIELDS,
     cloud_pb2.ContextQA: CONTEXT_QA_FIELDS,
     chat_pb2.ChatMessage: CHAT_FIELDS,
@@ -263,6 +294,29 @@ async def test_edge_answers_every_request_with_a_status_a_client_can_act_on(
             call = stub.GetStats(edge_pb2.GetStatsRequest(), timeout=RPC_TIMEOUT_S)
         else:
             call = getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+        check(*await outcome(call))
+    await still_serving(edge.grpc.address)
+
+
+ADMIN_METHODS = {"ListEntries": edge_pb2.ListEntriesRequest, "GetEntry": edge_pb2.GetEntryRequest,
+                 "DeleteEntries": edge_pb2.DeleteEntriesRequest,
+                 "ImportEntries": edge_pb2.ImportEntriesRequest,
+                 "ExportEntries": edge_pb2.ExportEntriesRequest}
+
+
+@EXAMPLES
+@given(method=st.sampled_from(sorted(ADMIN_METHODS)), data=st.data())
+async def test_edge_admin_answers_every_request_with_a_status_a_client_can_act_on(
+        edge: Edged, method: str, data: st.DataObject) -> None:
+    cls = ADMIN_METHODS[method]
+    request = data.draw(messages(cls, ADMIN_FIELDS[cls]))
+    if method == "DeleteEntries":
+        request.dry_run = True  # the fuzz edge's seeded entries serve the other tests
+    if method == "ImportEntries" and valid_name(request.tenant):
+        request.tenant = "fuzz-imports"  # ... and are not to be crowded by imports either
+    async with grpc.aio.insecure_channel(edge.grpc.address) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        call = getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
         check(*await outcome(call))
     await still_serving(edge.grpc.address)
 
@@ -322,10 +376,10 @@ async def test_a_long_policy_name_is_refused_in_a_short_message(trainer: Trainer
     assert len(details) <= MAX_DETAILS_CHARS
 
 
-EDGE_METHODS = ("Ask", "AskStream", "GetStats")
+EDGE_METHODS = ("Ask", "AskStream", "GetStats", *ADMIN_METHODS)
 CLOUD_METHODS = ("Generate", "GenerateStream", "GetCloudStats")
 TRAINER_METHODS = ("ReportExperience", "GetPolicy", "WatchPolicies", "PublishPolicy")
-STREAMING_RESPONSES = {"AskStream", "GenerateStream", "WatchPolicies"}
+STREAMING_RESPONSES = {"AskStream", "GenerateStream", "WatchPolicies", "ExportEntries"}
 
 
 @EXAMPLES

@@ -16,7 +16,7 @@ from cloudd.server import Cloudd
 from edged.config import PolicyConfig
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
-from tests.fake_llm import FAKE_MODEL
+from tests.fake_llm import ANSWER_TOKENS, FAKE_MODEL
 from trainerd.config import TrainerConfig
 from trainerd.server import Trainerd
 
@@ -76,7 +76,7 @@ async def test_edge_and_cloud_metrics_follow_the_requests(edge_config, fake_llm)
         cloud_samples = await scrape(cloud.metrics_port)
         assert value(cloud_samples, "velo_cloud_requests_total") == 1
         assert value(cloud_samples, "velo_cloud_llm_tokens_total", kind="completion") == \
-            fake_llm.requests[-1].get("max_tokens", 8)
+            ANSWER_TOKENS  # as the LLM reported them
         assert value(cloud_samples, "velo_cloud_llm_seconds_count") == 1
         assert value(cloud_samples, "velo_cloud_llm_up") == 1
 

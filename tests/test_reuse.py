@@ -20,7 +20,7 @@ from lab.verifier import train_verifier, with_thresholds
 from tests.conftest import ask, edge_client, running
 from tests.test_edged import LLM_ANSWER, QUESTION, seed
 from velo.calibration import RowCalibration
-from velo.conversation import cache_scope, context_key, history_problem
+from velo.conversation import Turn, cache_scope, context_key, history_problem
 from velo.embedder import Embedder
 from velo.names import valid_scope
 from velo.qos import Action
@@ -117,16 +117,17 @@ def test_learning_from_feedback_stops_a_recurring_wrong_reuse() -> None:
 
 # -- conversation-aware keys ------------------------------------------------------------------
 def test_context_keys_follow_the_users_context_and_never_cross_tenants() -> None:
-    france = [("user", "What is the capital of France?"), ("assistant", "Paris.")]
+    france = [Turn("user", "What is the capital of France?"), Turn("assistant", "Paris.")]
     assert context_key([]) == "" and cache_scope("acme", "") == "acme"
     assert context_key(france) == context_key(
-        [("user", "what is the  capital of France?"), ("assistant", "It is Paris, of course.")])
-    assert context_key(france) != context_key([("user", "What is the capital of Italy?")])
+        [Turn("user", "what is the  capital of France?"),
+         Turn("assistant", "It is Paris, of course.")])
+    assert context_key(france) != context_key([Turn("user", "What is the capital of Italy?")])
     scope = cache_scope("acme", context_key(france))
     assert scope != cache_scope("other", context_key(france)) and valid_scope(scope)
     assert not valid_scope('acme" or tenant != "x')
-    assert history_problem([("robot", "hi")], 100).startswith("history message 0 has role")
-    assert "at most 10" in history_problem([("user", "x" * 11)], 10)
+    assert history_problem([Turn("robot", "hi")], 100).startswith("history message 0 has role")
+    assert "at most 10" in history_problem([Turn("user", "x" * 11)], 10)
 
 
 def test_multiturn_followups_never_reuse_across_contexts(exported_embedder, tmp_path) -> None:

@@ -4,14 +4,17 @@ made before the move keeps serving its texts."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pymilvus import DataType, MilvusClient
 
 from velo.cache import VectorCache, VectorDBConfig
-from velo.texts import TextStore
+from velo.shape import AnswerFacts
+from velo.texts import Entry, TextStore
 
 DIM = 16
 
@@ -21,17 +24,61 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def texts(entries: dict[int, Entry]) -> dict[int, tuple[str, str]]:
+    return {p: (e.question, e.answer) for p, e in entries.items()}
+
+
 def test_store_keeps_one_copy_per_pair_and_survives_reopening(tmp_path: Path) -> None:
     store = TextStore(tmp_path / "texts.db")
-    store.put([(1, "q1", "a1"), (2, "q2", "a2")])
-    store.put([(1, "changed", "changed")])  # a pair's texts never change
-    assert store.get([1, 2, 3]) == {1: ("q1", "a1"), 2: ("q2", "a2")}
+    cut = AnswerFacts("length", prompt_tokens=9, completion_tokens=4, max_tokens=4)
+    store.put([Entry(1, "q1", "a1", "acme", "acme", 100.0, cut),
+               Entry(2, "q2", "a2", "acme", "~" + "0" * 32, 200.0)])
+    store.put([Entry(1, "changed", "changed")])  # a pair's texts never change
+    assert texts(store.get([1, 2, 3])) == {1: ("q1", "a1"), 2: ("q2", "a2")}
+    assert store.get([1])[1].facts == cut
+    assert [e.pair_id for e in store.newest("acme")[0]] == [2, 1]  # newest first
+    assert store.scopes("acme") == ["acme", "~" + "0" * 32]
+    assert store.select("acme", cached_before=150.0) == [1]
     store.delete([2])
     store.close()
     again = TextStore(tmp_path / "texts.db")
-    assert again.get([1, 2]) == {1: ("q1", "a1")} and again.count() == 1
+    assert texts(again.get([1, 2])) == {1: ("q1", "a1")} and again.count() == 1
+    assert again.get([1])[1] == Entry(1, "q1", "a1", "acme", "acme", 100.0, cut)
     assert again.has(range(5000)) == {1}  # more ids than SQLite takes in one statement
     again.close()
+
+
+def test_a_texts_file_from_before_tenants_and_facts_is_upgraded(milvus, tmp_path: Path) -> None:
+    """An edge's texts file written before entries kept their tenant and answer facts: the
+    columns are added on open, tenants, scopes and times read back from the Milvus rows, so
+    that an operator can list and delete the old entries; their answers count as complete."""
+    rng = np.random.default_rng(9)
+    vecs = unit(rng, 2)
+    name = f"tx_{uuid.uuid4().hex[:8]}"
+    cfg = VectorDBConfig(uri=milvus.uri, token=milvus.token)
+    cache = VectorCache(cfg, name, DIM)  # a throwaway store: the rows are what count
+    cache.open()
+    pair_id = cache.insert_pair("acme", "q", "a", vecs[0], vecs[1], 0.0)
+    created = cache.pair_rows([pair_id])[pair_id][0].created
+    cache.close()
+    old = sqlite3.connect(tmp_path / "texts.db")
+    old.execute("CREATE TABLE texts (pair_id INTEGER PRIMARY KEY, question TEXT NOT NULL, "
+                "answer TEXT NOT NULL)")
+    old.execute("INSERT INTO texts VALUES (?, 'q', 'a')", (pair_id,))
+    old.commit()
+    old.close()
+    upgraded = VectorCache(cfg, name, DIM, texts_path=tmp_path / "texts.db")
+    upgraded.open()
+    try:
+        (entry,), total = upgraded.texts.newest("acme")
+        assert total == 1 and (entry.pair_id, entry.tenant, entry.scope) == (pair_id, "acme",
+                                                                            "acme")
+        assert entry.created == pytest.approx(created) and entry.facts == AnswerFacts()
+        (row, _) = upgraded.search(vecs[0], "acme", 2)
+        assert row.answer == "a" and row.facts.finish_reason == "stop"
+    finally:
+        upgraded.drop()
+        upgraded.close()
 
 
 def test_texts_live_outside_milvus_once_per_pair(milvus, tmp_path: Path) -> None:
@@ -112,7 +159,8 @@ def test_a_collection_with_texts_on_its_rows_keeps_serving_them(milvus, tmp_path
                         texts_path=tmp_path / "texts.db")
     cache.open()
     try:
-        assert cache.texts.get([77]) == {77: ("old question", "old answer")}
+        assert texts(cache.texts.get([77])) == {77: ("old question", "old answer")}
+        assert cache.texts.newest("t")[0][0].created == 1.0  # read back from its rows
         (row,) = cache.search(vecs[0], "t", 1)
         assert (row.pair_id, row.question, row.answer) == (77, "old question", "old answer")
         cache.insert_pair("t", "new question", "new answer", vecs[2], vecs[3], 0.0)

@@ -37,9 +37,10 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.client.types import LoadState
 
 from velo.config import require
-from velo.names import NAME_RULE, valid_scope
+from velo.names import NAME_RULE, valid_name, valid_scope
+from velo.shape import AnswerFacts
 from velo.state import ANSWER, QUESTION, CachedRow
-from velo.texts import MEMORY, TextStore
+from velo.texts import MEMORY, Entry, TextStore
 
 MAX_TEXT_BYTES = 65_535  # the longest question or answer cached (Milvus's VARCHAR limit)
 RECENT_S = 15.0  # longer than Milvus's Bounded staleness (gracefulTime, 5 s by default)
@@ -49,6 +50,7 @@ CONSISTENCY = "Bounded"
 # back to a client timestamp (fine for eviction scans) and warns on every scan.
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 _FIELDS = ["id", "hits", "value", "created"]  # what a search fetches of a row
+MAX_SEARCH = 16_384  # Milvus's largest top-k
 
 
 @dataclass
@@ -106,6 +108,21 @@ class VectorCache:
                            consistency_level="Strong")
         if self._text_fields:
             self._copy_texts_out()
+        self._backfill_scopes()
+
+    def _backfill_scopes(self) -> None:
+        """Entries stored before the TextStore kept scopes, tenants and creation times: read
+        them from their Milvus rows (a conversation scope's tenant cannot be told: left
+        unknown, and such entries are listed under no tenant)."""
+        missing = self.texts.without_scope()
+        for start in range(0, len(missing), 1000):
+            ids = [2 * p + k for p in missing[start : start + 1000] for k in (0, 1)]
+            rows = self.client.query(self.collection, filter=f"id in {ids}",
+                                     output_fields=["id", "tenant", "created"],
+                                     consistency_level="Strong")
+            self.texts.set_scopes(
+                (int(r["id"]) // 2, r["tenant"], r["tenant"] if valid_name(r["tenant"]) else "",
+                 float(r["created"])) for r in rows)
 
     def _copy_texts_out(self) -> None:
         """A collection whose rows still carry their texts (VELO before the TextStore): copy
@@ -118,7 +135,7 @@ class VectorCache:
             while batch := iterator.next():
                 texts = {int(r["id"]) // 2: (r["question"], r["answer"]) for r in batch}
                 known = self.texts.has(texts)
-                self.texts.put((p, q, a) for p, (q, a) in texts.items() if p not in known)
+                self.texts.put(Entry(p, q, a) for p, (q, a) in texts.items() if p not in known)
         finally:
             iterator.close()
 
@@ -206,11 +223,51 @@ class VectorCache:
                  for h in hits}
         nearest = sorted(self._overlay.merge(found, vector, tenant).values(),
                          key=lambda r: r.distance)[:top_p]
-        texts = self.texts.get(r.pair_id for r in nearest)
+        entries = self.texts.get(r.pair_id for r in nearest)
         # A row without texts (its pair's texts lost with the edge's data_dir) is left out
         # rather than served empty.
-        return [replace(r, question=texts[r.pair_id][0], answer=texts[r.pair_id][1])
-                for r in nearest if r.pair_id in texts]
+        return [replace(r, question=e.question, answer=e.answer, facts=e.facts)
+                for r in nearest if (e := entries.get(r.pair_id)) is not None]
+
+    def search_scopes(self, vector: np.ndarray, scopes: list[str], min_similarity: float,
+                      ) -> list[CachedRow]:
+        """Every row of these scopes at least `min_similarity` alike to `vector` (up to
+        MAX_SEARCH of them), without texts: for an operator's delete by question."""
+        if not scopes:
+            return []
+        found: dict[int, CachedRow] = {}
+        params = {"metric_type": "L2", "params": {"nprobe": self.cfg.nlist, "ef": 256}}
+        for start in range(0, len(scopes), 256):
+            chunk = scopes[start : start + 256]
+            for scope in chunk:
+                tenant_filter(scope)  # checked: the filter is an expression
+            (hits,) = self.client.search(
+                self.collection, data=[vector.tolist()], limit=MAX_SEARCH,
+                filter="tenant in [" + ",".join(f'"{c}"' for c in chunk) + "]",
+                output_fields=_FIELDS,
+                search_params=params, consistency_level="Strong")
+            found |= {int(h["entity"]["id"]): _row(h["entity"],
+                                                   float(np.sqrt(max(h["distance"], 0))))
+                      for h in hits}
+            for scope in chunk:
+                found = self._overlay.merge(found, vector, scope)
+        return [r for r in found.values() if r.similarity >= min_similarity]
+
+    def pair_rows(self, pair_ids: list[int]) -> dict[int, list[CachedRow]]:
+        """The rows (question, answer) of these pairs as they stand now, without texts."""
+        rows: dict[int, list[CachedRow]] = {}
+        latest = self._overlay.latest()
+        deleted = set(self._overlay.deleted_ids())
+        for start in range(0, len(pair_ids), 500):
+            ids = [2 * p + k for p in pair_ids[start : start + 500] for k in (0, 1)]
+            found = {int(r["id"]): _row(r, 0.0) for r in self.client.query(
+                self.collection, filter=f"id in {ids}", output_fields=_FIELDS,
+                consistency_level=CONSISTENCY)}
+            for row_id in ids:
+                row = latest.get(row_id) or found.get(row_id)
+                if row is not None and row_id not in deleted:
+                    rows.setdefault(row.pair_id, []).append(row)
+        return rows
 
     def count(self) -> int:
         """Rows held by this edge (Bounded: may lag the last few seconds of writes)."""
@@ -219,18 +276,40 @@ class VectorCache:
         return int(res["count(*)"])
 
     # -- writes -----------------------------------------------------------------------------
-    def insert_pair(self, tenant: str, question: str, answer: str, question_vec: np.ndarray,
-                    answer_vec: np.ndarray, value: float) -> int | None:
-        """Cache a QA pair as two rows; returns the pair id (None if a text is too long)."""
-        if max(len(question.encode()), len(answer.encode())) > MAX_TEXT_BYTES:
-            return None
-        if not valid_scope(tenant):
-            raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
-        pair_id, rows = _pair_rows(tenant, question_vec, answer_vec, value, self._text_fields)
-        self.texts.put([(pair_id, question, answer)])  # before the rows that point at them
-        self.client.insert(self.collection, rows)
-        self._overlay.inserted(tenant, [_row(r, 0.0) for r in rows])
+    def insert_pair(self, scope: str, question: str, answer: str, question_vec: np.ndarray,
+                    answer_vec: np.ndarray, value: float, *, tenant: str = "",
+                    facts: AnswerFacts | None = None) -> int | None:
+        """Cache a QA pair as two rows; returns the pair id (None if a text is too long).
+        `scope`: where it is looked up (a tenant, or a conversation's scope); `tenant`: whose
+        it is (by default the scope, when that is a tenant)."""
+        (pair_id,) = self.insert_pairs(scope, [(question, answer, question_vec, answer_vec,
+                                                facts or AnswerFacts())], value, tenant=tenant)
         return pair_id
+
+    def insert_pairs(self, scope: str,
+                     pairs: list[tuple[str, str, np.ndarray, np.ndarray, AnswerFacts]],
+                     value: float, *, tenant: str = "") -> list[int | None]:
+        """`insert_pair` for many (question, answer, vectors, facts) in one write each to the
+        text store and to Milvus; visible to this edge's searches at once."""
+        if not valid_scope(scope):
+            raise ValueError(f"tenant {scope[:64]!r} is not {NAME_RULE}")
+        tenant = tenant or (scope if valid_name(scope) else "")
+        ids: list[int | None] = []
+        entries, rows = [], []
+        for question, answer, question_vec, answer_vec, facts in pairs:
+            if max(len(question.encode()), len(answer.encode())) > MAX_TEXT_BYTES:
+                ids.append(None)
+                continue
+            pair_id, pair = _pair_rows(scope, question_vec, answer_vec, value, self._text_fields)
+            entries.append(Entry(pair_id, question, answer, tenant, scope, pair[0]["created"],
+                                 facts))
+            rows += pair
+            ids.append(pair_id)
+        if rows:
+            self.texts.put(entries)  # before the rows that point at them
+            self.client.insert(self.collection, rows)
+            self._overlay.inserted(scope, [_row(r, 0.0) for r in rows])
+        return ids
 
     def import_pairs(self, tenant: str, questions: list[str], answers: list[str],
                      question_vecs: np.ndarray, answer_vecs: np.ndarray, value: float,
@@ -244,19 +323,20 @@ class VectorCache:
             raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
         written = 0
         rows: list[dict] = []
-        texts: list[tuple[int, str, str]] = []
+        texts: list[Entry] = []
 
         def write() -> int:
             self.texts.put(texts)
             self.client.insert(self.collection, rows)
             return len(rows)
 
+        owner = tenant if valid_name(tenant) else ""
         for q, a, qv, av in zip(questions, answers, question_vecs, answer_vecs, strict=True):
             if max(len(q.encode()), len(a.encode())) > MAX_TEXT_BYTES:
                 continue
             pair_id, pair = _pair_rows(tenant, qv, av, value, self._text_fields)
             rows += pair
-            texts.append((pair_id, q, a))
+            texts.append(Entry(pair_id, q, a, owner, tenant, pair[0]["created"]))
             if len(rows) >= batch:
                 written, rows, texts = written + write(), [], []
         if rows:
@@ -324,14 +404,26 @@ class VectorCache:
             self._overlay.deleted(chunk)
         self.texts.clear()
 
-    def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float) -> int:
+    def delete_pairs(self, pair_ids: list[int]) -> int:
+        """Delete whole pairs (both rows, then their texts); returns the rows deleted."""
+        ids = [2 * p + k for p in pair_ids for k in (0, 1)]
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            self.client.delete(self.collection, filter=f"id in {chunk}")
+            self._overlay.deleted(chunk)
+        self.texts.delete(pair_ids)
+        return len(ids)
+
+    def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float,
+              grace_s: float = 0.0) -> int:
         """Algorithm 2 lines 15-22 plus a row cap and a TTL; returns the rows dropped.
 
-        Below-mean: drop every row whose value c^r is below the mean value of the edge.
+        Below-mean: drop every row whose value c^r is below the mean value of the edge, except
+        rows younger than `grace_s` (0: the paper's rule as written; see `eviction_mask`).
         """
         ids, values, created = self._scan()
         drop = eviction_mask(values, created, below_mean=below_mean, max_rows=max_rows,
-                             ttl_s=ttl_s, now=time.time())
+                             ttl_s=ttl_s, now=time.time(), grace_s=grace_s)
         doomed = ids[drop]
         for start in range(0, len(doomed), 1000):
             chunk = doomed[start : start + 1000].tolist()
@@ -376,19 +468,28 @@ def tenant_filter(tenant: str) -> str:
 
 
 def eviction_mask(values: np.ndarray, created: np.ndarray, *, below_mean: bool, max_rows: int,
-                  ttl_s: float, now: float) -> np.ndarray:
+                  ttl_s: float, now: float, grace_s: float = 0.0) -> np.ndarray:
     """Which rows to drop: below the mean value c^r (Algorithm 2, lines 15-22), older than the
-    TTL, and then the lowest-valued rows beyond the cap."""
+    TTL, and then the lowest-valued rows beyond the cap.
+
+    Rows younger than `grace_s` are kept by the below-mean rule (a new row's value starts at
+    q - d, a forward's whole delay below the reused rows around it: the rule as written drops
+    it before anyone could reuse it), and the cap takes the older rows first (lowest value
+    first), reaching young ones only if the old ones are not enough: a hard cap stays hard.
+    """
     drop = np.zeros(len(values), dtype=bool)
     if len(values) == 0:
         return drop
+    young = created > now - grace_s if grace_s > 0 else np.zeros(len(values), dtype=bool)
     if below_mean:
-        drop |= values < values.mean()
+        drop |= (values < values.mean()) & ~young
     if ttl_s > 0:
         drop |= created < now - ttl_s
     keep = np.flatnonzero(~drop)
     if len(keep) > max_rows:
-        drop[keep[np.argsort(values[keep])[: len(keep) - max_rows]]] = True
+        # Old rows before young ones, each by value: lexsort's last key is the primary one.
+        order = np.lexsort((values[keep], young[keep]))
+        drop[keep[order[: len(keep) - max_rows]]] = True
     return drop
 
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import ipaddress
 import secrets
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
@@ -139,6 +141,20 @@ CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("velo_
 def caller() -> Principal | None:
     """The authenticated caller of the RPC being handled (None when auth is off)."""
     return CALLER.get()
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a caller is on this machine: an IP address, or a gRPC peer such as
+    "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000" or "unix:/run/x.sock"."""
+    if peer.startswith("unix:"):
+        return True
+    host = peer
+    if peer.startswith(("ipv4:", "ipv6:")):  # gRPC may percent-encode the brackets
+        host = unquote(peer.split(":", 1)[1]).rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def token_sha256(token: str) -> str:

@@ -11,11 +11,12 @@ The ONNX policy contract (every learned policy, exported by trainerd; a policy t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from velo.qos import Action
+from velo.shape import AnswerFacts
 
 QUESTION, ANSWER = 1, 2  # c^k: the kind of a cached row
 
@@ -34,6 +35,7 @@ class CachedRow:
     created: float
     distance: float
     vector: np.ndarray | None = None
+    facts: AnswerFacts = field(default_factory=AnswerFacts)  # where its answer ends, why
 
     @property
     def similarity(self) -> float:

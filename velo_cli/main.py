@@ -3,6 +3,7 @@
     velo up                       start the whole stack on loopback; Ctrl-C stops it
     velo ask "TEXT" [--edge ADDR] [--tenant T] [--stream]
     velo replay --data PATH [--requests N] [--edges A,B,C]
+    velo cache list|show|delete|import|export ...   an edge's cached answers (admin)
     velo demo                     up + replay + QoS summary + down, in one go
     velo token --role R --name N  a new bearer token, and its line for a tokens file
     velo train [--mode nearest|all|both] ...   train LRS on the simulator, print every policy
@@ -22,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from velo.models import ROOT
+from velo_cli import cache
 
 DEFAULT_EDGES = "127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("text", help="the question")
     ask.add_argument("--edge", default=DEFAULT_EDGES.split(",")[0],
                      help="the edge's address (default: the first edge of `velo up`)")
-    ask.add_argument("--tenant", default="default", help="cache namespace to ask in")
+    ask.add_argument("--tenant", default=None,
+                     help="cache namespace to ask in (default: the --api-key's own tenant, "
+                     "else 'default')")
     ask.add_argument("--max-tokens", type=int, default=0,
                      help="cap on generated tokens (0: the edge's default)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -56,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _replay_args(rep)
     rep.add_argument("--edges", default=DEFAULT_EDGES, help="comma-separated edge addresses")
     _client_args(rep)
+
+    cache.add_parser(sub, DEFAULT_EDGES.split(",")[0], _client_args)
 
     tok = sub.add_parser("token", help="make a bearer token and print its tokens-file entry")
     tok.add_argument("--role", required=True, choices=["tenant", "admin", "edge", "publisher"],
@@ -150,10 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from velo.logs import configure_logging
 
-    quiet = {"ask", "replay", "demo", "train", "experiment"}
+    quiet = {"ask", "replay", "demo", "train", "experiment", "cache"}
     configure_logging("warning" if args.command in quiet else "info")
     commands = {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo,
-                "train": cmd_train, "experiment": cmd_experiment, "token": cmd_token}
+                "train": cmd_train, "experiment": cmd_experiment, "token": cmd_token,
+                "cache": lambda a: cache.run(a, _tls(a))}
     commands[args.command](args)
 
 
@@ -196,7 +203,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=90, help="requests to replay")
     p.add_argument("--max-tokens", type=int, default=48, help="cap on generated tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the Zipf request stream")
-    p.add_argument("--tenant", default="demo", help="cache namespace the requests use")
+    p.add_argument("--tenant", default=None, help="cache namespace the requests use "
+                   "(default: the --api-key's own tenant, else 'demo')")
 
 
 def _stack(args: argparse.Namespace, base_port: int, http_port: int = 0):
@@ -252,7 +260,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     async def run() -> None:
         async with dial(args.edge, _tls(args), args.api_key) as channel:
             stub = edge_pb2_grpc.EdgeServiceStub(channel)
-            request = edge_pb2.AskRequest(prompt=args.text, tenant=args.tenant,
+            request = edge_pb2.AskRequest(prompt=args.text,
+                                          tenant=_tenant(args.tenant, args.api_key, "default"),
                                           max_tokens=args.max_tokens)
             if args.stream:
                 async for chunk in stub.AskStream(request, timeout=300):
@@ -262,13 +271,23 @@ def cmd_ask(args: argparse.Namespace) -> None:
             else:
                 done = await stub.Ask(request, timeout=300)
                 print(done.answer)
+            bypass = f", not reused: {', '.join(done.bypass)}" if done.bypass else ""
             print(f"[action {LETTER[done.action]} by {done.policy} on {done.edge_id}, "
-                  f"{done.delay_s:.3f} s]", file=sys.stderr)
+                  f"{done.delay_s:.3f} s, finish {done.finish_reason}, "
+                  f"{done.usage.completion_tokens} tokens{bypass}]", file=sys.stderr)
 
     try:
         asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
         sys.exit(f"velo ask: {exc.code().name}: {exc.details()}")
+
+
+def _tenant(asked: str | None, api_key: str, default: str) -> str:
+    """The tenant to send: the one asked for; else none with an API key (the key names its
+    tenant, and an edge refuses a key asking as another); else the default."""
+    if asked is not None:
+        return asked
+    return "" if api_key else default
 
 
 def _load(args: argparse.Namespace):
@@ -291,7 +310,8 @@ def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
     print(f"replaying {len(arrivals)} requests ({distinct} distinct questions, Zipf) "
           f"from {path} through {len(edges)} edges")
     started = time.monotonic()
-    outcomes = asyncio.run(replay(arrivals, edges, items, tenant=args.tenant,
+    outcomes = asyncio.run(replay(arrivals, edges, items,
+                                  tenant=_tenant(args.tenant, api_key, "demo"),
                                   max_tokens=args.max_tokens, tls=tls, api_key=api_key))
     print(f"\nQoS summary ({time.monotonic() - started:.1f} s; q = -||emb(answer) - "
           "emb(reference)||, reward = q - 0.1 d)\n")
@@ -310,7 +330,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if _replay(args, edges, {}, _tls(args), args.api_key):
         print("what is down:", file=sys.stderr)
         for address in edges:
-            print(f"  edge {address}: {edge_health(address)}", file=sys.stderr)
+            print(f"  edge {address}: {edge_health(address, _tls(args), args.api_key)}",
+                  file=sys.stderr)
         sys.exit(1)
 
 

@@ -16,7 +16,16 @@ docs/sdk.md.
 
 from velo_client._async import AsyncVeloClient
 from velo_client._sync import VeloClient
-from velo_client._types import TLS, Answer, CacheControl, Message, Mode, Retry, VeloError
+from velo_client._types import (
+    TLS,
+    Answer,
+    CacheControl,
+    Message,
+    Mode,
+    Retry,
+    Usage,
+    VeloError,
+)
 
 __all__ = ["TLS", "Answer", "AsyncVeloClient", "CacheControl", "Message", "Mode", "Retry",
-           "VeloClient", "VeloError"]
+           "Usage", "VeloClient", "VeloError"]

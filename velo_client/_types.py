@@ -24,6 +24,19 @@ _NAMES = {"A": "reuse", "B": "forward", "C": "augment"}
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts: the LLM's for a forward, the cached answer's for a reuse."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False  # not the LLM's report (an imported answer, a stream without one)
+
+    @classmethod
+    def from_proto(cls, usage: chat_pb2.Usage) -> Usage:
+        return cls(usage.prompt_tokens, usage.completion_tokens, usage.estimated)
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """An edge's answer and how it was served."""
 
@@ -50,6 +63,14 @@ class Answer:
     cached_age_s: float = 0.0
     policy_version: int = 0  # version of the learned policy that decided (0: a baseline)
     stored: bool = False  # this answer was cached (B, unless the request said no_store)
+    # "stop" (complete), "length" (cut at max_tokens), "tool_calls"; for A the cached one's.
+    finish_reason: str = "stop"
+    usage: Usage = Usage()
+    saved: Usage | None = None  # for A: the LLM tokens the reuse saved
+    # Why no cached answer could serve the request: "tools", "tool_messages", "logprobs",
+    # "no-cache", "max_tokens" (the nearest cached answer does not fit the token limit).
+    bypass: tuple[str, ...] = ()
+    stored_entry_id: int = 0  # the cache entry this answer became (velo cache show ID)
 
     @property
     def action_name(self) -> Literal["reuse", "forward", "augment"]:
@@ -65,7 +86,10 @@ class Answer:
             satisfaction=reply.satisfaction if reply.has_satisfaction else None,
             reward=reply.reward if reply.has_satisfaction else None, attempts=attempts,
             cached_entry_id=reply.cached_entry_id, cached_age_s=reply.cached_age_s,
-            policy_version=reply.policy_version, stored=reply.stored)
+            policy_version=reply.policy_version, stored=reply.stored,
+            finish_reason=reply.finish_reason, usage=Usage.from_proto(reply.usage),
+            saved=Usage.from_proto(reply.saved) if reply.HasField("saved") else None,
+            bypass=tuple(reply.bypass), stored_entry_id=reply.stored_entry_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12velo/v1/chat.proto\x12\x07velo.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12velo/v1/chat.proto\x12\x07velo.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x8f\x01\n\x0b\x41nswerShape\x12\x0c\n\x04stop\x18\x01 \x03(\t\x12\x1c\n\x14response_format_json\x18\x02 \x01(\t\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\"L\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x11\n\testimated\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'velo.v1.chat_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=31
-  _globals['_CHATMESSAGE']._serialized_end=75
+  _globals['_CHATMESSAGE']._serialized_end=136
+  _globals['_ANSWERSHAPE']._serialized_start=139
+  _globals['_ANSWERSHAPE']._serialized_end=282
+  _globals['_USAGE']._serialized_start=284
+  _globals['_USAGE']._serialized_end=360
 # @@protoc_insertion_point(module_scope)

@@ -16,42 +16,56 @@ class ContextQA(_message.Message):
     def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "context", "max_tokens", "request_id", "background", "history")
+    __slots__ = ("prompt", "context", "max_tokens", "request_id", "background", "history", "shape")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     context: _containers.RepeatedCompositeFieldContainer[ContextQA]
     max_tokens: int
     request_id: str
     background: bool
     history: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[ContextQA, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., background: bool = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    shape: _chat_pb2.AnswerShape
+    def __init__(self, prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[ContextQA, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., background: bool = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., shape: _Optional[_Union[_chat_pb2.AnswerShape, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "model", "prompt_tokens", "completion_tokens", "llm_s")
+    __slots__ = ("text", "model", "prompt_tokens", "completion_tokens", "llm_s", "finish_reason", "tool_calls_json", "logprobs_json", "max_tokens", "usage_estimated")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_S_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     text: str
     model: str
     prompt_tokens: int
     completion_tokens: int
     llm_s: float
-    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_s: _Optional[float] = ...) -> None: ...
+    finish_reason: str
+    tool_calls_json: str
+    logprobs_json: str
+    max_tokens: int
+    usage_estimated: bool
+    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., tool_calls_json: _Optional[str] = ..., logprobs_json: _Optional[str] = ..., max_tokens: _Optional[int] = ..., usage_estimated: bool = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "done")
+    __slots__ = ("text", "done", "logprobs_json")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_JSON_FIELD_NUMBER: _ClassVar[int]
     text: str
     done: GenerateResponse
-    def __init__(self, text: _Optional[str] = ..., done: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    logprobs_json: str
+    def __init__(self, text: _Optional[str] = ..., done: _Optional[_Union[GenerateResponse, _Mapping]] = ..., logprobs_json: _Optional[str] = ...) -> None: ...
 
 class CloudStatsRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,31 @@ class EdgeServiceStub(object):
                 request_serializer=velo_dot_v1_dot_edge__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=velo_dot_v1_dot_edge__pb2.EdgeStats.FromString,
                 _registered_method=True)
+        self.ListEntries = channel.unary_unary(
+                '/velo.v1.EdgeService/ListEntries',
+                request_serializer=velo_dot_v1_dot_edge__pb2.ListEntriesRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_edge__pb2.ListEntriesResponse.FromString,
+                _registered_method=True)
+        self.GetEntry = channel.unary_unary(
+                '/velo.v1.EdgeService/GetEntry',
+                request_serializer=velo_dot_v1_dot_edge__pb2.GetEntryRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_edge__pb2.CacheEntry.FromString,
+                _registered_method=True)
+        self.DeleteEntries = channel.unary_unary(
+                '/velo.v1.EdgeService/DeleteEntries',
+                request_serializer=velo_dot_v1_dot_edge__pb2.DeleteEntriesRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_edge__pb2.DeleteEntriesResponse.FromString,
+                _registered_method=True)
+        self.ImportEntries = channel.unary_unary(
+                '/velo.v1.EdgeService/ImportEntries',
+                request_serializer=velo_dot_v1_dot_edge__pb2.ImportEntriesRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_edge__pb2.ImportEntriesResponse.FromString,
+                _registered_method=True)
+        self.ExportEntries = channel.unary_stream(
+                '/velo.v1.EdgeService/ExportEntries',
+                request_serializer=velo_dot_v1_dot_edge__pb2.ExportEntriesRequest.SerializeToString,
+                response_deserializer=velo_dot_v1_dot_edge__pb2.CacheEntry.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer(object):
@@ -76,6 +101,44 @@ class EdgeServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEntries(self, request, context):
+        """The cache, for operators (role admin when the edge has [auth]; without [auth], only
+        from loopback). Entries are cached QA pairs; each invalidation is written to the audit log.
+        Entries newest first, optionally of one tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEntry(self, request, context):
+        """One entry by id (NOT_FOUND when it is not cached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEntries(self, request, context):
+        """Delete entries by id, by tenant, by question (every entry of the tenant whose question is
+        at least `min_similarity` alike) and by age; the criteria given must all hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportEntries(self, request, context):
+        """Cache QA pairs (warm-up): each is embedded and stored as a complete answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportEntries(self, request, context):
+        """Every entry (of one tenant), newest first, with its texts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +156,31 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=velo_dot_v1_dot_edge__pb2.GetStatsRequest.FromString,
                     response_serializer=velo_dot_v1_dot_edge__pb2.EdgeStats.SerializeToString,
+            ),
+            'ListEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEntries,
+                    request_deserializer=velo_dot_v1_dot_edge__pb2.ListEntriesRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_edge__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'GetEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntry,
+                    request_deserializer=velo_dot_v1_dot_edge__pb2.GetEntryRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_edge__pb2.CacheEntry.SerializeToString,
+            ),
+            'DeleteEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEntries,
+                    request_deserializer=velo_dot_v1_dot_edge__pb2.DeleteEntriesRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_edge__pb2.DeleteEntriesResponse.SerializeToString,
+            ),
+            'ImportEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportEntries,
+                    request_deserializer=velo_dot_v1_dot_edge__pb2.ImportEntriesRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_edge__pb2.ImportEntriesResponse.SerializeToString,
+            ),
+            'ExportEntries': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportEntries,
+                    request_deserializer=velo_dot_v1_dot_edge__pb2.ExportEntriesRequest.FromString,
+                    response_serializer=velo_dot_v1_dot_edge__pb2.CacheEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +264,141 @@ class EdgeService(object):
             '/velo.v1.EdgeService/GetStats',
             velo_dot_v1_dot_edge__pb2.GetStatsRequest.SerializeToString,
             velo_dot_v1_dot_edge__pb2.EdgeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velo.v1.EdgeService/ListEntries',
+            velo_dot_v1_dot_edge__pb2.ListEntriesRequest.SerializeToString,
+            velo_dot_v1_dot_edge__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velo.v1.EdgeService/GetEntry',
+            velo_dot_v1_dot_edge__pb2.GetEntryRequest.SerializeToString,
+            velo_dot_v1_dot_edge__pb2.CacheEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velo.v1.EdgeService/DeleteEntries',
+            velo_dot_v1_dot_edge__pb2.DeleteEntriesRequest.SerializeToString,
+            velo_dot_v1_dot_edge__pb2.DeleteEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velo.v1.EdgeService/ImportEntries',
+            velo_dot_v1_dot_edge__pb2.ImportEntriesRequest.SerializeToString,
+            velo_dot_v1_dot_edge__pb2.ImportEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/velo.v1.EdgeService/ExportEntries',
+            velo_dot_v1_dot_edge__pb2.ExportEntriesRequest.SerializeToString,
+            velo_dot_v1_dot_edge__pb2.CacheEntry.FromString,
             options,
             channel_credentials,
             insecure,
