@@ -27,6 +27,7 @@ from velo.names import NAME_RULE, valid_name
 from velo.serving import clip
 from velo.shape import AnswerFacts, estimate_tokens
 from velo.texts import Entry
+from velo.v1 import chat_pb2, edge_pb2
 
 log = get_logger("edged.audit")
 MAX_LIST = 1000  # entries per page, ids per delete request, pairs per import call
@@ -46,6 +47,15 @@ class EntryView:
     @property
     def age_s(self) -> float:
         return max(0.0, time.time() - self.entry.created) if self.entry.created else 0.0
+
+    def proto(self) -> edge_pb2.CacheEntry:
+        e, f = self.entry, self.entry.facts
+        return edge_pb2.CacheEntry(
+            id=e.pair_id, tenant=e.tenant, scope=e.scope, question=e.question, answer=e.answer,
+            hits=self.hits, value=self.value, created_unix_s=e.created, age_s=self.age_s,
+            finish_reason=f.finish_reason,
+            usage=chat_pb2.Usage(prompt_tokens=f.prompt_tokens,
+                                 completion_tokens=f.completion_tokens, estimated=f.estimated))
 
 
 @dataclass(frozen=True)

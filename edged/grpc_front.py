@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from edged.admin import Deletion, EntryView
+from edged.admin import Deletion
 from edged.contract import (
     Answered,
     CacheRules,
@@ -82,16 +82,6 @@ def ask_response(done: Answered) -> edge_pb2.AskResponse:
         response.cached_question, response.similarity = head.row.question, head.row.similarity
         response.cached_entry_id, response.cached_age_s = head.row.pair_id, head.cached_age_s
     return response
-
-
-def cache_entry(view: EntryView) -> edge_pb2.CacheEntry:
-    e, f = view.entry, view.entry.facts
-    return edge_pb2.CacheEntry(
-        id=e.pair_id, tenant=e.tenant, scope=e.scope, question=e.question, answer=e.answer,
-        hits=view.hits, value=view.value, created_unix_s=e.created, age_s=view.age_s,
-        finish_reason=f.finish_reason,
-        usage=chat_pb2.Usage(prompt_tokens=f.prompt_tokens,
-                             completion_tokens=f.completion_tokens, estimated=f.estimated))
 
 
 def _usage(usage: Usage) -> chat_pb2.Usage:
@@ -180,14 +170,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                                                         request.offset)
         except EdgeError as exc:
             await _abort(context, exc)
-        return edge_pb2.ListEntriesResponse(entries=[cache_entry(v) for v in views],
+        return edge_pb2.ListEntriesResponse(entries=[v.proto() for v in views],
                                             total=total)
 
     async def GetEntry(self, request: edge_pb2.GetEntryRequest,
                        context: grpc.aio.ServicerContext) -> edge_pb2.CacheEntry:
         try:
             self._operator(context)
-            return cache_entry(await self.edge.admin.get(request.id))
+            return (await self.edge.admin.get(request.id)).proto()
         except EdgeError as exc:
             await _abort(context, exc)
 
@@ -219,6 +209,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         try:
             self._operator(context)
             async for view in self.edge.admin.export(request.tenant):
-                await context.write(cache_entry(view))
+                await context.write(view.proto())
         except EdgeError as exc:
             await _abort(context, exc)

@@ -55,7 +55,6 @@ from starlette.routing import Route
 from edged.admin import CacheAdmin, Deletion, EntryView
 from edged.config import EdgeConfig
 from edged.contract import Answered, Decided, EdgeError, ErrorKind, Piece
-from edged.grpc_front import cache_entry
 from edged.openai_protocol import BadRequest, Chunks, chat_request, completion, served_headers
 from edged.pipeline import EdgePipeline
 from velo.logs import get_logger
@@ -300,7 +299,7 @@ class OpenAIFront:
 
 
 def _entry(view: EntryView) -> dict:
-    return entry_record(cache_entry(view))
+    return entry_record(view.proto())
 
 
 def _int(params: Any, name: str) -> int:

@@ -48,7 +48,8 @@ async def test_velo_cache_lists_shows_deletes_imports_and_exports(edge_config, t
     items = first_items(30)
     source = tmp_path / "warm.jsonl"
     source.write_text("".join(json.dumps(i) + "\n" for i in items) + "not json\n")
-    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=0))
+    cfg = edge_config(cloud=cloud, policy=PolicyConfig(shadow_rate=0),
+                      http=HttpConfig(listen="127.0.0.1:0"))
     async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
         where = ("--edge", edge.grpc.address)
         done = await cli("cache", "import", str(source), "--tenant", "acme", *where)
@@ -70,6 +71,11 @@ async def test_velo_cache_lists_shows_deletes_imports_and_exports(edge_config, t
 
         shown = json.loads((await cli("cache", "show", str(forwarded.stored_entry_id),
                                       *where)).stdout)
+        async with httpx.AsyncClient() as http:  # no [auth]: this machine may, over HTTP too
+            page = await http.get(f"{edge.http.url}/v1/velo/cache/entries/"
+                                  f"{forwarded.stored_entry_id}")
+        assert page.json() == {**shown, "velo": {**shown["velo"], "age_s": pytest.approx(
+            shown["velo"]["age_s"], abs=5)}}
         assert shown["answer"] == forwarded.answer
         assert shown["velo"]["finish_reason"] == "stop" and shown["velo"]["tenant"] == "acme"
         assert shown["velo"]["usage"]["completion_tokens"] == forwarded.usage.completion_tokens

@@ -116,13 +116,17 @@ class VectorCache:
         unknown, and such entries are listed under no tenant)."""
         missing = self.texts.without_scope()
         for start in range(0, len(missing), 1000):
-            ids = [2 * p + k for p in missing[start : start + 1000] for k in (0, 1)]
+            chunk = missing[start : start + 1000]
+            ids = [2 * p + k for p in chunk for k in (0, 1)]
             rows = self.client.query(self.collection, filter=f"id in {ids}",
                                      output_fields=["id", "tenant", "created"],
                                      consistency_level="Strong")
-            self.texts.set_scopes(
-                (int(r["id"]) // 2, r["tenant"], r["tenant"] if valid_name(r["tenant"]) else "",
-                 float(r["created"])) for r in rows)
+            # Texts whose rows are gone (a crash between the two deletes) get an empty scope,
+            # so that they are not looked up again at every start.
+            scopes = {p: ("", "", 0.0) for p in chunk}
+            scopes |= {int(r["id"]) // 2: (r["tenant"], r["tenant"] if valid_name(r["tenant"])
+                                           else "", float(r["created"])) for r in rows}
+            self.texts.set_scopes((p, *scope) for p, scope in scopes.items())
 
     def _copy_texts_out(self) -> None:
         """A collection whose rows still carry their texts (VELO before the TextStore): copy
@@ -236,7 +240,8 @@ class VectorCache:
         if not scopes:
             return []
         found: dict[int, CachedRow] = {}
-        params = {"metric_type": "L2", "params": {"nprobe": self.cfg.nlist, "ef": 256}}
+        # Every IVF list probed; HNSW's ef must reach the top-k.
+        params = {"metric_type": "L2", "params": {"nprobe": self.cfg.nlist, "ef": MAX_SEARCH}}
         for start in range(0, len(scopes), 256):
             chunk = scopes[start : start + 256]
             for scope in chunk:
