@@ -54,7 +54,7 @@ from starlette.routing import Route
 
 from edged.admin import CacheAdmin, Deletion, EntryView
 from edged.config import EdgeConfig
-from edged.contract import Answered, Decided, EdgeError, ErrorKind, Piece
+from edged.contract import Answered, Decided, EdgeError, EdgeRequest, ErrorKind, Piece
 from edged.openai_protocol import BadRequest, Chunks, chat_request, completion, served_headers
 from edged.pipeline import EdgePipeline
 from velo.logs import get_logger
@@ -139,7 +139,7 @@ class OpenAIFront:
         return JSONResponse({"status": "SERVING"})
 
     # -- streaming ----------------------------------------------------------------------------
-    async def _stream(self, ask: Any, model: str, include_usage: bool) -> Response:
+    async def _stream(self, ask: EdgeRequest, model: str, include_usage: bool) -> Response:
         """Answer as server-sent events. The response starts once the policy has decided, so
         its headers say how the answer is served; a reuse is replayed in pieces."""
         events = self.pipeline.stream(ask)
