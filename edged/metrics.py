@@ -102,6 +102,11 @@ def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[R
                                 "wrong", True),
         "false_hit_estimate": ("velo_edge_false_hit_estimate", "Share of verified reuses judged "
                                "wrong (shadow verification)", False),
+        "reuse_threshold": ("velo_edge_reuse_threshold", "The reuse guard's threshold in force "
+                            "(rises with the cached questions when taken from a verifier for "
+                            "[reuse] delta)", False),
+        "reuse_threshold_questions": ("velo_edge_reuse_threshold_questions", "Cached questions "
+                                      "the reuse threshold in force was taken for", False),
     }
 
     def read() -> list[Reading]:

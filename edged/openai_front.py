@@ -221,7 +221,7 @@ class OpenAIFront:
         who = self._operator(request)
         raw = await self._body(request)
         try:
-            lines = raw.decode().splitlines()
+            lines = raw.decode().split("\n")  # not splitlines: answers may hold U+2028
         except UnicodeDecodeError as exc:
             raise HttpError(400, f"the body must be UTF-8 QA JSON lines: {exc}") from None
         pairs, bad = importable_pairs(lines)

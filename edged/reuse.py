@@ -2,6 +2,10 @@
 question means the same as the new one (velo.verifier), at a threshold calibrated for the
 error bound δ and then learned per row from verification (velo.calibration).
 
+The global threshold follows the cache's size: a bigger cache offers more near-misses, so the
+threshold a verifier was calibrated with for δ rises with the cached questions
+(velo.verifier.OnnxVerifier.threshold_for); the edge counts them at start and every 30 s.
+
 The policy still decides A, B or C (the paper's LRS); the guard only turns an A it does not
 trust into a B. Every verification teaches it: a forward compares the fresh answer with the
 best row's answer for free, and shadow verification (SPEC §3) checks a share of the reuses,
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,21 @@ log = get_logger("edged.reuse")
 
 
 @dataclass(frozen=True)
+class ReuseThreshold:
+    """Where the guard's global threshold comes from: `at(cached questions)`, a name for what
+    it was taken for (per-row thresholds learned under another one start afresh), and the
+    largest size it was calibrated for (0: any size)."""
+
+    at: Callable[[int], float]
+    basis: str
+    calibrated_rows: int = 0
+
+    @classmethod
+    def fixed(cls, threshold: float) -> ReuseThreshold:
+        return cls(lambda _rows: threshold, f"fixed {threshold}")
+
+
+@dataclass(frozen=True)
 class Candidate:
     row: CachedRow  # the best cached question for this prompt
     score: float  # P(same) from the verifier, or the cosine similarity without one
@@ -38,13 +58,31 @@ class Candidate:
 
 
 class ReuseGuard:
-    def __init__(self, verifier: OnnxVerifier | None, threshold: float, calibrate_rows: bool,
-                 right_q: float, path: Path) -> None:
+    def __init__(self, verifier: OnnxVerifier | None, threshold: ReuseThreshold,
+                 calibrate_rows: bool, right_q: float, path: Path) -> None:
         self.verifier, self.right_q, self.path = verifier, right_q, path
         self.calibrate_rows = calibrate_rows
-        self.rows = RowCalibration(threshold)
+        self.threshold = threshold
+        self.questions = 0  # cached questions the global threshold was taken for
+        self._warned_beyond = False
+        self.rows = RowCalibration(threshold.at(0))
         self.vetoed = self.verified = self.judged_wrong = 0
         self._load()
+
+    def follow_size(self, questions: int) -> None:
+        """Take the global threshold for a cache of `questions` cached questions."""
+        before, self.questions = self.rows.global_threshold, questions
+        self.rows.global_threshold = self.threshold.at(questions)
+        if abs(self.rows.global_threshold - before) >= 0.001:
+            log.info("reuse threshold fitted to the cache's size", questions=questions,
+                     threshold=round(self.rows.global_threshold, 4), was=round(before, 4))
+        beyond = self.threshold.calibrated_rows
+        if beyond and questions > beyond and not self._warned_beyond:
+            self._warned_beyond = True
+            log.warning("the cache holds more questions than the verifier's thresholds were "
+                        "calibrated for; the largest size's threshold is kept, and δ is no "
+                        "longer guaranteed", questions=questions, calibrated_for=beyond)
+
 
     def best(self, prompt: str, rows: tuple[CachedRow, ...]) -> Candidate | None:
         """The cached question most likely to mean the same as `prompt` (None: no question)."""
@@ -77,7 +115,7 @@ class ReuseGuard:
         """Write the per-row thresholds (atomically: a crash leaves the old file)."""
         if not self.calibrate_rows:
             return
-        data = {"global": self.rows.global_threshold,
+        data = {"basis": self.threshold.basis,
                 "rows": {str(k): [v.threshold, v.highest_wrong, v.right, v.wrong]
                          for k, v in self.rows.rows.items()}}
         tmp = self.path.with_suffix(".tmp")
@@ -89,9 +127,9 @@ class ReuseGuard:
             return
         try:
             data = json.loads(self.path.read_text())
-            if data["global"] != self.rows.global_threshold:
+            if data.get("basis") != self.threshold.basis:
                 log.info("reuse threshold changed; per-row thresholds start afresh",
-                         was=data["global"], now=self.rows.global_threshold)
+                         was=data.get("basis", data.get("global")), now=self.threshold.basis)
                 return
             for key, (threshold, highest_wrong, right, wrong) in data["rows"].items():
                 self.rows.rows[int(key)] = RowRecord(float(threshold), float(highest_wrong),

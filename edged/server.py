@@ -13,6 +13,7 @@ cloudd answers and says its LLM is up; each part is also reported on its own
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from edged.grpc_front import ROLES, EdgeServicer
 from edged.metrics import EdgeMetrics, stats_readings
 from edged.openai_front import OpenAIFront
 from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline
-from edged.reuse import ReuseGuard
+from edged.reuse import ReuseGuard, ReuseThreshold
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo.cache import VectorCache
@@ -43,6 +44,7 @@ log = get_logger("edged")
 VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
 EMBEDDER_PROBE_S = 2.0  # the same for a remote (Triton) embedder
 EMBEDDER = "embedder"
+CACHE_SIZE_S = 30.0  # how often the reuse threshold is fitted to the cache's size again
 
 
 def _guard_stats(guard: ReuseGuard | None) -> dict:
@@ -50,7 +52,9 @@ def _guard_stats(guard: ReuseGuard | None) -> dict:
         return {}
     return {"reuses_vetoed": guard.vetoed, "reuses_verified": guard.verified,
             "reuses_judged_wrong": guard.judged_wrong,
-            "false_hit_estimate": guard.false_hit_estimate}
+            "false_hit_estimate": guard.false_hit_estimate,
+            "reuse_threshold": guard.rows.global_threshold,
+            "reuse_threshold_questions": guard.questions}
 
 
 def reuse_guard(cfg: EdgeConfig) -> ReuseGuard | None:
@@ -60,7 +64,13 @@ def reuse_guard(cfg: EdgeConfig) -> ReuseGuard | None:
     if not reuse.enabled:
         return None
     verifier = OnnxVerifier(Path(reuse.verifier)) if reuse.verifier else None
-    threshold = reuse.threshold or verifier.threshold_for(reuse.delta)
+    if reuse.threshold or verifier is None:
+        threshold = ReuseThreshold.fixed(reuse.threshold)
+    else:
+        verifier.threshold_for(reuse.delta)  # an uncalibrated δ stops the start here
+        threshold = ReuseThreshold(
+            functools.partial(verifier.threshold_for, reuse.delta),
+            f"{verifier.name} delta={reuse.delta}", verifier.calibrated_rows(reuse.delta))
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     return ReuseGuard(verifier, threshold, reuse.calibrate_rows, reuse.right_q,
                       cfg.data_path / "reuse_rows.json")
@@ -114,6 +124,9 @@ class Edged(Daemon):
         self.metrics.read(stats_readings(self._scraped_stats))
         background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                       self.pipeline.flush_loop(), self._watch_vector_db()]
+        if self.pipeline.guard is not None:
+            await self._follow_cache_size(self.pipeline.guard, once=True)  # before serving
+            background.append(self._follow_cache_size(self.pipeline.guard))
         if hasattr(self.embedder, "check"):  # a remote embedder (Triton) can go away
             background.append(self._watch_embedder())
         if cfg.mqtt.enabled and self.trainer_channel is not None:
@@ -193,6 +206,21 @@ class Edged(Daemon):
                 await asyncio.gather(probe, return_exceptions=True)  # one probe at a time
                 continue
             await self.report(VECTOR_DB, problem is None, problem or "")
+
+    async def _follow_cache_size(self, guard: ReuseGuard, once: bool = False) -> None:
+        """Keep the reuse threshold fit for the cache's size (edged.reuse.ReuseThreshold):
+        count the cached questions now and every CACHE_SIZE_S. A count that fails (Milvus
+        down) keeps the last threshold; the watch reports the outage."""
+        while True:
+            try:
+                rows = await asyncio.to_thread(self.cache.count)
+                guard.follow_size(rows // 2)  # a question row and an answer row per entry
+            except Exception as exc:  # pymilvus raises its own types; the next count retries
+                log.warning("could not count the cached rows for the reuse threshold",
+                            error=str(exc)[:200])
+            if once:
+                return
+            await asyncio.sleep(CACHE_SIZE_S)
 
     async def _watch_embedder(self) -> None:
         """Probe a remote embedder (Triton): the edge is not SERVING while it is down."""

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,30 +161,49 @@ def train_lrs(env: SimEnv, job: Job) -> tuple[OnnxPolicy, bytes]:
 
 
 def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
-                    holdout: float = 0.5, lrs: bool = True) -> dict:
+                    holdout: float = 0.5, lrs: bool = True, verifier: Path | None = None,
+                    ) -> dict:
     """The labelled false-hit benchmark (lab.pairs): the verifier trained on the train split,
-    δ calibrated on the calibration split, every curve measured on the test split; LRS trained
-    on `job`'s setting. Writes OUT/pairs.{md,csv,png} and the trained OUT/verifier.onnx."""
+    δ calibrated on the calibration split (by cache size, lab.verifier.thresholds_by_rows),
+    every curve measured on the test split; LRS trained on `job`'s setting. Writes
+    OUT/pairs.{md,csv,png} and the trained OUT/verifier.onnx.
+
+    `verifier`: score that file as it is instead (no training): every pair is a test pair and
+    its δ threshold is the file's own for the size of the cache the pairs make."""
     from lab import pairs
+    from lab.reuse_bench import size_runs
     from lab.verifier import (
         DELTAS,
         VerifierConfig,
         candidate_examples,
         split_by_component,
+        thresholds_by_rows,
         train_verifier,
         with_thresholds,
     )
     from velo.verifier import OnnxVerifier
 
     data = pairs.load_pairs(pairs_path)
-    train, calib, test = split_by_component(data, (0.6, 0.2, 0.2), job.seed)
     embedder = _embedder()
     vectors = EmbeddedTexts({t for p in data for t in (p.a, p.b)}, embedder, job.cache_dir)
-    cfg = VerifierConfig(seed=job.seed)
-    onnx = train_verifier(*candidate_examples(train, vectors, embedder.dim, cfg.candidates), cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "verifier.onnx").write_bytes(onnx)
-    verifier = OnnxVerifier(onnx)
+    if verifier is None:
+        train, calib, test = split_by_component(data, (0.6, 0.2, 0.2), job.seed)
+        cfg = VerifierConfig(seed=job.seed)
+        onnx = train_verifier(*candidate_examples(train, vectors, embedder.dim,
+                                                  cfg.candidates), cfg)
+        # The file an edge loads ([reuse] verifier) carries thresholds for each usual δ by
+        # cache size: the calibration pairs alone, then among the training texts.
+        pool = sorted({t for p in train for t in (p.a, p.b)})
+        np.random.default_rng(job.seed).shuffle(pool)
+        runs = size_runs(calib, pool, vectors, OnnxVerifier(onnx))
+        onnx = with_thresholds(onnx, {d: thresholds_by_rows(runs, d)
+                                      for d in sorted({*DELTAS, *([delta] if delta else [])})})
+        (out / "verifier.onnx").write_bytes(onnx)
+        scorer = OnnxVerifier(onnx)
+    else:
+        train, calib, test = [], [], data
+        scorer = OnnxVerifier(verifier)
     value, policy = 0.0, None
     if lrs:
         env = make_env(job)
@@ -195,67 +215,122 @@ def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
         env.close()
     splits = {}
     for name, part in (("calib", calib), ("test", test)):
-        queries = pairs.build_queries(part, vectors, embedder.dim, value, job.seed, holdout)
-        pairs.score_verifier(queries, verifier)
-        splits[name] = queries
+        if part:
+            queries = pairs.build_queries(part, vectors, embedder.dim, value, job.seed, holdout)
+            pairs.score_verifier(queries, scorer)
+            splits[name] = queries
     report: dict = {"rows": [], "split": {"train": len(train), "calib": len(calib),
                                           "test": len(test)}}
     if policy is not None:
-        pairs.score_policy(splits["calib"], policy)
+        if "calib" in splits:
+            pairs.score_policy(splits["calib"], policy)
         report["learned"] = pairs.score_policy(splits["test"], policy)
     rules = [r for r in pairs.RULES if r in splits["test"][0].scores]
     for rule in rules:
         report["rows"] += pairs.curve(splits["test"], rule)
     if delta is not None:
-        report["delta"] = [pairs.calibrate(splits["calib"], splits["test"], rule, delta)
-                           for rule in rules]
-    # The file an edge loads ([reuse] verifier) carries the threshold for each usual δ.
-    table = {d: pairs.calibrate(splits["calib"], splits["test"], "verifier", d)["threshold"]
-             for d in sorted({*DELTAS, *([delta] if delta else [])})}
-    (out / "verifier.onnx").write_bytes(with_thresholds(
-        onnx, {d: t for d, t in table.items() if math.isfinite(t)}))
+        cached = len({p.a for p in test})  # every `a` when the file has negatives
+        report["delta"] = [pairs.at_delta(splits["test"], "verifier", delta,
+                                          scorer.threshold_for(delta, cached))]
+        if "calib" in splits:  # the static rules need a split to calibrate on
+            report["delta"] += [pairs.calibrate(splits["calib"], splits["test"], rule, delta)
+                                for rule in rules if rule != "verifier"]
     report["summary"] = pairs.targets(report)
     pairs.plot(report, out / "pairs.png")
     sizes = report["split"]
+    how = (f"Split by connected component: {sizes['train']} pairs train the verifier, "
+           f"{sizes['calib']} calibrate δ, {sizes['test']} test (every number below)."
+           if verifier is None else
+           f"The verifier `{verifier.name}` ({scorer.name}) as it is, on all {sizes['test']} "
+           "pairs; its δ threshold is its own for the number of cached `a` sides.")
     (out / "pairs.md").write_text(
-        f"# Labelled pairs: `{pairs_path.name}`\n\nSplit by connected component: "
-        f"{sizes['train']} pairs train the verifier, {sizes['calib']} calibrate δ, "
-        f"{sizes['test']} test (every number below).\n\n{pairs.markdown(report)}\n")
+        f"# Labelled pairs: `{pairs_path.name}`\n\n{how}\n\n{pairs.markdown(report)}\n")
     write_csv(report["rows"] + ([report["learned"]] if "learned" in report else []),
               out / "pairs.csv")
     return report
 
 
-def feedback_experiment(out: Path, pairs_path: Path, multiturn_path: Path, xquad_path: Path,
-                        cache_dir: Path, seeds: int = 3, requests: int = 6000) -> str:
-    """Learning from feedback (lab.feedback): static thresholds against per-row calibration on
-    Quora duplicate clusters (the test split of lab.verifier's split), the `nc-*` restated
-    conversation turns and xquad's five languages (multilingual USE). Writes OUT/feedback.md
-    and feedback-*.png."""
+# A --feedback workload: its name, the intents (texts that mean the same), their conversation
+# scopes (None: one scope) and the embedder's constructor.
+FeedbackWorkload = tuple[str, list[tuple[str, ...]], list[str] | None, Callable[[], object]]
+
+
+def feedback_workload(path: Path) -> FeedbackWorkload:
+    """What `--feedback` learns on in PATH, recognised from its content: a/b/label pairs
+    (lab.pairs.load_pairs) give the duplicate clusters of the test split of lab.verifier's split;
+    QA records with `paraphrases` give restatement intents, scoped by conversation context when
+    the file has `history`, embedded by multilingual USE when a restatement is not English.
+    ValueError naming the file (and line) for a file it cannot use."""
     from lab import feedback
+    from lab.multiturn import record_problem
     from lab.pairs import load_pairs
     from lab.verifier import split_by_component
     from velo.embedder import MultilingualEmbedder
 
-    workloads = []
-    if pairs_path.exists():
-        test = split_by_component(load_pairs(pairs_path), (0.6, 0.2, 0.2), 0)[2]
-        intents = [i for i in feedback.quora_intents(test) if len(i) > 1]
-        workloads.append(("Quora duplicate clusters (MiniLM)", intents, None, _embedder))
-    if multiturn_path.exists():
-        intents, scopes = feedback.restatement_intents(multiturn_path)
-        workloads.append(("restated conversation turns, nc-* (MiniLM)", intents, scopes,
-                          _embedder))
-    if xquad_path.exists():
-        intents, _ = feedback.restatement_intents(xquad_path)
-        workloads.append(("xquad, five languages (multilingual USE)", intents, None,
-                          MultilingualEmbedder))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read it ({exc})") from exc
+    rows: dict[int, Any] = {}  # line number -> record
+    if not text.lstrip().startswith("["):  # a JSON list is GPTCache's pairs (load_pairs)
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows[number] = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from exc
+    first = next(iter(rows.values()), None)
+    if isinstance(first, dict) and "question" in first:
+        for number, row in rows.items():
+            if problem := record_problem(row):
+                raise ValueError(f"{path}:{number}: {problem}")
+        restated = [r for r in rows.values() if r.get("paraphrases")]
+        if not restated:
+            raise ValueError(f"{path}: QA records without `paraphrases`, no restatements to "
+                             "learn from")
+        langs = {lang for r in restated
+                 for lang in [r.get("lang") or "en", *(r.get("paraphrase_langs") or ())]}
+        conversations = any(r.get("history") for r in rows.values())
+        intents, scopes = feedback.restatement_intents(path)
+        name = f"{path.name}: {'restated conversation turns' if conversations else 'restatements'}"
+        if langs - {"en"}:
+            return (f"{name} in {len(langs)} languages (multilingual USE)", intents,
+                    scopes if conversations else None, MultilingualEmbedder)
+        return f"{name} (MiniLM)", intents, scopes if conversations else None, _embedder
+    try:
+        pairs = load_pairs(path)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: neither QA records (`question`) nor pairs (`a`, `b`, "
+                         f"`label`): {exc}") from exc
+    test = split_by_component(pairs, (0.6, 0.2, 0.2), 0)[2]
+    intents = [i for i in feedback.quora_intents(test) if len(i) > 1]
+    if not intents:
+        raise ValueError(f"{path}: no duplicate clusters (label-1 pairs) in the test split")
+    return f"{path.name}: duplicate clusters (MiniLM)", intents, None, _embedder
+
+
+def feedback_experiment(out: Path, paths: Iterable[Path], cache_dir: Path, seeds: int = 3,
+                        requests: int = 6000) -> str:
+    """Learning from feedback (lab.feedback): static thresholds against per-row calibration on
+    each file's workload (feedback_workload); a file it cannot use is skipped, and the report
+    says why. Writes OUT/feedback.md and feedback-*.png."""
+    from lab import feedback
+
+    workloads, skipped = [], []
+    for path in paths:
+        try:
+            workloads.append(feedback_workload(path))
+        except ValueError as exc:
+            skipped.append(f"Skipped {exc}")
+    if not workloads:
+        raise SystemExit("\n".join(["velo experiment --feedback: no file it can use", *skipped]))
     md = ["# Learning from feedback\n",
           f"Each workload: {seeds} streams of {requests} requests, intents by Zipf popularity "
           f"(skew {SimConfig.skew}), a uniform restatement each; every forward verifies the best "
           "row for free, every reuse is shadow-verified; the verdict is the data's label (a "
           "perfect judge). Rates over the last third of each replay, averaged over the streams; "
-          "cosine scores.\n"]
+          "cosine scores.\n", *[f"{s}\n" for s in skipped]]
     out.mkdir(parents=True, exist_ok=True)
     for number, (name, intents, scopes, make_embedder) in enumerate(workloads):
         vectors = EmbeddedTexts({t for i in intents for t in i}, make_embedder(), cache_dir)
@@ -271,16 +346,22 @@ def feedback_experiment(out: Path, pairs_path: Path, multiturn_path: Path, xquad
 
 
 def multiturn_experiment(out: Path, multiturn_path: Path, cache_dir: Path) -> str:
-    """Conversation-aware keys against last-message keys (lab.multiturn); OUT/multiturn.md."""
+    """Conversation-aware keys against last-message keys (lab.multiturn) on any conversation
+    file, saying what it cannot measure; OUT/multiturn.md. SystemExit for a file that is not
+    one (lab.multiturn.load_turns)."""
     from lab import multiturn
 
     turns = multiturn.load_turns(multiturn_path)
-    texts = {t["question"] for t in turns} | {p for t in turns for p in t.get("paraphrases") or ()}
-    vectors = EmbeddedTexts(texts, _embedder(), cache_dir)
-    rows = [{"keys": "context-aware" if aware else "last message", "threshold": threshold,
-             **multiturn.run(turns, vectors, aware, threshold)}
-            for aware in (False, True) for threshold in multiturn.THRESHOLDS]
-    text = (f"# Multi-turn reuse: `{multiturn_path.name}`\n\n{multiturn.markdown(rows)}\n")
+    rows = []
+    if multiturn.questions(turns):  # else nothing to ask: say why without embedding the file
+        texts = ({t["question"] for t in turns}
+                 | {p for t in turns for p in t.get("paraphrases") or ()})
+        vectors = EmbeddedTexts(texts, _embedder(), cache_dir)
+        rows = [{"keys": "context-aware" if aware else "last message", "threshold": threshold,
+                 **multiturn.run(turns, vectors, aware, threshold)}
+                for aware in (False, True) for threshold in multiturn.THRESHOLDS]
+    table = multiturn.markdown(rows, multiturn.unmeasured(turns))
+    text = f"# Multi-turn reuse: `{multiturn_path.name}`\n\n{table}\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "multiturn.md").write_text(text)
     return text

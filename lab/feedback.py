@@ -221,7 +221,9 @@ def restatement_intents(path) -> tuple[list[tuple[str, ...]], list[str]]:
     by_key: dict[tuple[str, str], int] = {}
     intents: list[set[str]] = []
     scopes: list[str] = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
         row = json.loads(line)
         if not row.get("paraphrases"):
             continue

@@ -20,7 +20,7 @@ from lab.pairs import wilson_upper
 
 def load_items(path: Path) -> list[dict]:
     items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         row = json.loads(line) if line.strip() else None
         if row and row.get("paraphrases") and row.get("paraphrase_langs"):
             items.append(row)

@@ -71,7 +71,9 @@ def load_pairs(path: Path) -> list[Pair]:
     if text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON
+        # strings may hold unescaped (the negation corpus does).
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     pairs = []
     for number, row in enumerate(rows, 1):
         a = row.get("a", row.get("text_a", row.get("origin")))
@@ -196,6 +198,13 @@ def calibrate(calib: list[Query], test: list[Query], rule: str, delta: float) ->
         if wilson_upper(c["wrong_hits"], c["queries"]) <= delta:
             threshold = t
             break
+    measured = at_threshold(test, rule, threshold)
+    return {"rule": rule, "delta": delta, "threshold": threshold, **measured,
+            "held": measured["error_rate"] <= delta, "useful": measured["hits"] > 0}
+
+
+def at_delta(test: list[Query], rule: str, delta: float, threshold: float) -> dict:
+    """A threshold chosen for δ elsewhere (the verifier file's own), checked on test."""
     measured = at_threshold(test, rule, threshold)
     return {"rule": rule, "delta": delta, "threshold": threshold, **measured,
             "held": measured["error_rate"] <= delta, "useful": measured["hits"] > 0}

@@ -76,8 +76,9 @@ def candidate_examples(pairs: list[Pair], vectors, dim: int, k: int,
 
 
 def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig,
-                   name: str = "verifier-mlp") -> bytes:
-    """Fit the MLP and return the ONNX bytes (contract in velo.verifier)."""
+                   name: str = "verifier-mlp", weights: np.ndarray | None = None) -> bytes:
+    """Fit the MLP and return the ONNX bytes (contract in velo.verifier). `weights`: one per
+    example (default 1): how much a data set's examples count against the others'."""
     import onnx
     import torch
     from torch import nn
@@ -85,6 +86,7 @@ def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig
     torch.manual_seed(cfg.seed)
     x = torch.tensor(features, dtype=torch.float32)
     y = torch.tensor(labels, dtype=torch.float32)
+    w = torch.ones_like(y) if weights is None else torch.tensor(weights, dtype=torch.float32)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
 
     class Verifier(nn.Module):
@@ -104,13 +106,13 @@ def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig
     model = Verifier()
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Balanced classes: most candidates are wrong, and the threshold is calibrated later anyway.
-    pos_weight = (len(y) - y.sum()) / y.sum().clamp_min(1.0)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    pos_weight = ((1 - y) * w).sum() / (y * w).sum().clamp_min(1.0)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         for batch in torch.randperm(len(x), generator=generator).split(cfg.batch):
             optimiser.zero_grad()
-            loss_fn(model.logits(x[batch]), y[batch]).backward()
+            (loss_fn(model.logits(x[batch]), y[batch]) * w[batch]).mean().backward()
             optimiser.step()
     model.eval()
     buffer = io.BytesIO()
@@ -128,10 +130,72 @@ def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig
 
 
 DELTAS = (0.01, 0.02, 0.05, 0.1)  # the bounds a verifier file carries thresholds for
+# Cache sizes (cached questions a tenant's search can meet) the file gives thresholds for; an
+# edge interpolates between them in log(rows).
+ROWS = (100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+NEVER = 1.01  # a threshold no P(same) reaches: no threshold holds δ at that size
 
 
-def with_thresholds(model: bytes, thresholds: dict[float, float]) -> bytes:
-    """The verifier file with its calibrated {δ: threshold} table (read by edges, [reuse])."""
+@dataclass
+class SizeRun:
+    """The verifier's best score per calibration query, and whether serving it is wrong, in a
+    cache of `rows` cached questions (the calibration `a` sides plus other real questions)."""
+
+    rows: int
+    scores: np.ndarray  # [queries] float
+    wrong: np.ndarray  # [queries] bool: the best row is not a labelled paraphrase
+
+
+def wilson_upper(errors: float, n: int, z: float = 1.645) -> float:
+    """One-sided 95 % upper bound of an error rate seen as `errors` in `n`."""
+    if n == 0:
+        return 1.0
+    p = min(errors / n, 1.0)
+    centre = p + z * z / (2 * n)
+    margin = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre + margin) / (1 + z * z / n)
+
+
+def thresholds_by_rows(runs: list[SizeRun], delta: float,
+                       rows: tuple[int, ...] = ROWS) -> list[tuple[int, float]]:
+    """The reuse threshold for δ at each cache size in `rows`, from calibration caches of a few
+    sizes (runs[0] the smallest).
+
+    A bigger cache offers more near-misses. Each extra cached question adds a small chance that
+    it, not the right row, is served above the threshold; so the wrong hits at threshold τ grow
+    about linearly with the rows: W(τ, N) = W(τ, N0) + (N - N0) * slope(τ), with slope fitted
+    by least squares (through the smallest cache) to the growth seen in the larger calibration
+    caches. Below N0 no shrink is assumed. Linear growth over-counts once near-misses crowd
+    each other out, so extrapolating it errs on the safe side. The threshold
+    is the lowest τ at which, and at every τ above which, the one-sided 95 % upper bound of
+    W / queries stays <= δ (scanning down from the top: a lucky dip in the counts lower down
+    does not open the gate)."""
+    base, larger = runs[0], runs[1:]
+    n = len(base.scores)
+    candidates = np.unique(np.concatenate([r.scores for r in runs]))[::-1]  # high to low
+
+    def wrong_at(run: SizeRun, tau: float) -> int:
+        return int(np.sum((run.scores >= tau) & run.wrong))
+
+    table = []
+    for size in rows:
+        chosen = NEVER
+        for tau in candidates:
+            w0 = wrong_at(base, tau)
+            xs = np.array([r.rows - base.rows for r in larger], dtype=float)
+            ys = np.array([wrong_at(r, tau) - w0 for r in larger], dtype=float)
+            slope = float(xs @ ys / (xs @ xs)) if len(xs) and xs @ xs > 0 else 0.0
+            predicted = w0 + max(size - base.rows, 0) * max(slope, 0.0)
+            if wilson_upper(predicted, n) > delta:
+                break
+            chosen = float(tau)
+        table.append((size, chosen))
+    return table
+
+
+def with_thresholds(model: bytes, table: dict[float, list[tuple[int, float]]]) -> bytes:
+    """The verifier file with its calibrated thresholds, {δ: [(cached rows, threshold), ...]}
+    (read by edges, [reuse]; velo.verifier.OnnxVerifier.threshold_for)."""
     import json
 
     import onnx
@@ -140,8 +204,8 @@ def with_thresholds(model: bytes, thresholds: dict[float, float]) -> bytes:
     kept = [p for p in graph.metadata_props if p.key != "velo.verifier.thresholds"]
     del graph.metadata_props[:]
     graph.metadata_props.extend(kept)
-    graph.metadata_props.add(key="velo.verifier.thresholds",
-                             value=json.dumps({str(k): v for k, v in thresholds.items()}))
+    graph.metadata_props.add(key="velo.verifier.thresholds", value=json.dumps(
+        {str(k): [[rows, tau] for rows, tau in v] for k, v in table.items()}))
     return graph.SerializeToString()
 
 

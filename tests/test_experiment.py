@@ -113,3 +113,136 @@ def test_items_without_a_second_answer_get_an_honest_simulated_llm(exported_embe
     assert env.arrivals[0][1] in items[env.arrivals[0][0]].paraphrases  # tests ask paraphrases
     result, _ = env.step([env.best_actions()[0]])
     assert result.outcomes[0].q < 0 and not states[0].rows
+
+
+# -- experiment commands that take any file (issue 22) ---------------------------------------
+def _write_lines(path: Path, rows: list[object]) -> Path:
+    import json
+
+    path.write_text("".join(f"{json.dumps(r)}\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _turn(id_: str, question: str, first: str | None = None, **extra: object) -> dict:
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": "..."}]
+    return {"id": id_, "question": question, "answer": "...", "history": history if first else [],
+            **extra}
+
+
+def _vectors(turns: list[dict]):
+    """Unrelated random unit vectors (cosine about 0), a restatement on its question's."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vectors = {}
+    for t in turns:
+        v = rng.normal(size=64).astype(np.float32)
+        vectors[t["question"]] = v / np.linalg.norm(v)
+        vectors |= {p: vectors[t["question"]] for p in t.get("paraphrases") or ()}
+    return vectors
+
+
+def test_multiturn_without_restated_turns_says_what_it_cannot_measure(tmp_path) -> None:
+    from lab import multiturn
+
+    path = _write_lines(tmp_path / "chats.jsonl", [
+        _turn("a", "What is the capital of France?"),
+        _turn("b", "Name a famous landmark there.", "What is the capital of France?"),
+        _turn("c", "What is the capital of Italy?"),
+        _turn("d", "What food is it known for?", "What is the capital of Italy?"),
+        _turn("e", "What is the capital of Spain?"),
+        _turn("f", "Name a famous landmark there.", "What is the capital of Spain?")])
+    turns = multiturn.load_turns(path)
+    last_message = multiturn.run(turns, _vectors(turns), context_aware=False, threshold=0.8)
+    aware = multiturn.run(turns, _vectors(turns), context_aware=True, threshold=0.8)
+    # b after Italy and d after Spain are served their own rows: wrong. f after France is
+    # served b, the same question cached after France: right, with either keys.
+    assert last_message["foreign_asked"] == 3 and last_message["foreign_wrong_reuses"] == 2
+    assert aware["foreign_asked"] == 3 and aware["foreign_wrong_reuses"] == 0
+    assert aware["restated_asked"] == 0 and aware["restated_hit_rate"] is None
+    notes = multiturn.unmeasured(turns)
+    assert notes == ["no restated turns (no `paraphrases`): restated-turn hit rate not measured"]
+    table = multiturn.markdown([{"keys": "context-aware", "threshold": 0.8, **aware}], notes)
+    assert "| context-aware | 0.8 | — | — | — | 3 | 0 |" in table and notes[0] in table
+
+
+def test_multiturn_measures_restated_turns_whatever_their_ids(tmp_path) -> None:
+    from lab import multiturn
+
+    path = _write_lines(tmp_path / "chats.jsonl", [
+        _turn("first", "What are the parts of a computer?",
+              paraphrases=["Which components make up a computer?"]),
+        _turn("second", "Which one is the brain?", "What are the parts of a computer?",
+              paraphrases=["What part does the thinking?"])])
+    turns = multiturn.load_turns(path)
+    for aware in (False, True):
+        result = multiturn.run(turns, _vectors(turns), aware, threshold=0.8)
+        assert result["restated_asked"] == result["restated_right"] == 2
+        assert result["restated_hit_rate"] == 1.0 and result["foreign_asked"] == 0
+    assert multiturn.unmeasured(turns) == [
+        "no follow-ups (turns with a `history` and no `paraphrases`): foreign follow-ups not "
+        "measured"]
+    one_context = [*turns, *multiturn.load_turns(_write_lines(tmp_path / "more.jsonl", [
+        _turn("third", "And the memory?", "What are the parts of a computer?")]))]
+    assert multiturn.unmeasured(one_context) == [
+        "fewer than 2 conversations with follow-ups (different contexts): foreign follow-ups "
+        "not measured"]
+
+
+def test_a_file_that_is_not_conversations_stops_with_its_name_and_line(tmp_path) -> None:
+    from lab import multiturn
+    from lab.experiment import multiturn_experiment
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "fine"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=rf"{bad}:2: not a JSON line"):
+        multiturn.load_turns(bad)
+    pairs = _write_lines(tmp_path / "pairs.jsonl", [{"a": "x", "b": "y", "label": 1}])
+    with pytest.raises(SystemExit, match=rf"{pairs}:1: not a QA record .*`question`"):
+        multiturn_experiment(tmp_path, pairs, tmp_path)
+    # A plain QA file is read, and the report says there is nothing to measure (no embedding).
+    plain = _write_lines(tmp_path / "plain.jsonl", [_turn("q", "What is 2 + 2?")])
+    text = multiturn_experiment(tmp_path / "out", plain, tmp_path)
+    assert "Nothing to measure" in text and "foreign follow-ups not measured" in text
+    assert (tmp_path / "out" / "multiturn.md").read_text() == text
+
+
+def test_feedback_recognises_each_file_by_its_content(tmp_path) -> None:
+    from lab.experiment import _embedder, feedback_experiment, feedback_workload
+    from velo.embedder import MultilingualEmbedder
+
+    pairs = _write_lines(tmp_path / "pairs.jsonl", [
+        {"a": f"How do I learn language {n}?", "b": f"Best way to learn language {n}?",
+         "label": 1} for n in range(20)])
+    name, intents, scopes, make = feedback_workload(pairs)
+    assert "duplicate clusters" in name and intents and scopes is None and make is _embedder
+    chats = _write_lines(tmp_path / "chats.jsonl", [
+        _turn("a", "Which one is the brain?", "What are the parts of a computer?",
+              paraphrases=["What part does the thinking?"])])
+    name, intents, scopes, make = feedback_workload(chats)
+    assert "conversation" in name and scopes is not None and make is _embedder
+    languages = _write_lines(tmp_path / "languages.jsonl", [
+        _turn("x", "Where is Paris?", paraphrases=["¿Dónde está París?"], lang="en",
+              paraphrase_langs=["es"])])
+    name, intents, scopes, make = feedback_workload(languages)
+    assert "2 languages" in name and scopes is None and make is MultilingualEmbedder
+    plain = _write_lines(tmp_path / "plain.jsonl", [_turn("q", "What is 2 + 2?")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n{oops\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as stopped:  # nothing usable: why, file by file
+        feedback_experiment(tmp_path, [plain, bad, tmp_path / "missing.jsonl"], tmp_path)
+    message = str(stopped.value)
+    assert f"{plain}: QA records without `paraphrases`" in message
+    assert f"{bad}:2: not a JSON line" in message and "missing.jsonl: cannot read it" in message
+
+
+def test_feedback_and_ablation_take_files() -> None:
+    from velo_cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["experiment", "--feedback", "a.jsonl", "b.jsonl", "--out", "o"])
+    assert args.feedback == [Path("a.jsonl"), Path("b.jsonl")] and args.ablation is None
+    args = parser.parse_args(["experiment", "--ablation", "c.jsonl"])
+    assert args.ablation == [Path("c.jsonl")] and args.feedback is None
+    args = parser.parse_args(["experiment", "--feedback", "--ablation"])  # no files: defaults
+    assert args.feedback == [] and args.ablation == []

@@ -49,6 +49,62 @@ def test_pair_features_see_what_a_similarity_cannot() -> None:
     assert negated["negation_differs"] == 1
 
 
+NEGATED_QUESTIONS = [  # (cached, asked): the asked one means the opposite
+    ("How do I enable 2FA on my account?", "How do I disable 2FA on my account?"),
+    ("Why does the price increase in winter?", "Why does the price decrease in winter?"),
+    ("Is it easier to learn Python than Java?", "Is it harder to learn Python than Java?"),
+    ("Should I keep my bike inside the house?", "Should I keep my bike outside the house?"),
+    ("What are the arguments in favour of nuclear power?",
+     "What are the arguments against nuclear power?"),
+    ("Why is sleep important for students?", "Why is sleep unimportant for students?"),
+    ("Why is this medicine not unsafe for children?", "Why is this medicine unsafe for children?"),
+    ("How do I install Docker on Ubuntu?", "How do I uninstall Docker on Ubuntu?"),
+    ("How do I lock my car remotely?", "How do I unlock my car remotely?"),
+    ("How can I import contacts to my phone?", "How can I export contacts from my phone?"),
+]
+RESTATED_QUESTIONS = [  # (cached, asked): the same question in other words
+    ("How do I enable 2FA on my account?", "How can I turn on 2FA for my account?"),
+    ("How do I install Docker on Ubuntu?", "What is the way to install Docker on Ubuntu?"),
+    ("Why does the price increase in winter?", "Why do prices go up in winter?"),
+]
+
+
+def test_negation_and_antonyms_are_features_of_the_pair() -> None:
+    """One side negated by a prefix, an antonym from the lexicon, an opposed affix, a double
+    negation: each is seen, and a restatement is not taken for one."""
+    for cached, asked in NEGATED_QUESTIONS:
+        f = dict(zip(FEATURES, pair_features(asked, cached, 0.9), strict=True))
+        assert f["antonym"] == 1 or f["negation_differs"] == 1, (cached, asked)
+    f = dict(zip(FEATURES, pair_features("It is not unimportant.", "It is unimportant.", 0.9),
+                 strict=True))
+    assert f["negation_differs"] == 1  # "not" on one side only, whatever else the words say
+    for cached, asked in RESTATED_QUESTIONS:
+        f = dict(zip(FEATURES, pair_features(asked, cached, 0.9), strict=True))
+        assert f["antonym"] == 0 and f["negation_differs"] == 0, (cached, asked)
+    swap = dict(zip(FEATURES, pair_features("Talmon is situated on land.",
+                                            "Talmon is located on land.", 0.95), strict=True))
+    assert swap["synonym_swaps"] == 1  # WordNet: a synonym replaced the only changed word
+
+
+def test_the_shipped_verifier_refuses_negated_questions_and_serves_restated_ones(
+        exported_embedder) -> None:
+    """docs/reuse/verifier.onnx at its δ = 0.05 threshold for a small cache, on questions (the
+    negation corpus it learned from holds statements only)."""
+    from velo.models import ROOT
+
+    verifier = OnnxVerifier(ROOT / "docs" / "reuse" / "verifier.onnx")
+    threshold = verifier.threshold_for(0.05, 1000)
+    embedder = Embedder(exported_embedder)
+
+    def p_same(cached: str, asked: str) -> float:
+        a, b = embedder.embed([cached, asked])
+        return verifier.score(asked, cached, 1 - float(np.linalg.norm(a - b)) / 2)  # c^s
+
+    served = [pair for pair in NEGATED_QUESTIONS if p_same(*pair) >= threshold]
+    assert served == []
+    assert all(p_same(*pair) >= threshold for pair in RESTATED_QUESTIONS[:2])
+
+
 def _tiny_verifier() -> bytes:
     """A verifier trained on synthetic pairs: right when similar and the words agree."""
     rng = np.random.default_rng(0)
@@ -66,12 +122,15 @@ def _tiny_verifier() -> bytes:
 
 
 def test_the_verifier_file_carries_its_features_and_calibrated_thresholds(tmp_path) -> None:
-    model = with_thresholds(_tiny_verifier(), {0.05: 0.7})
+    model = with_thresholds(_tiny_verifier(), {0.05: [(1_000, 0.7), (10_000, 0.8)]})
     verifier = OnnxVerifier(model)
     right = verifier.score("how do i learn python", "How do I learn Python", 0.95)
     wrong = verifier.score("how do i learn python", "how do i learn java", 0.95)
     assert 0 <= wrong < right <= 1
-    assert verifier.threshold_for(0.05) == pytest.approx(0.7)
+    assert verifier.threshold_for(0.05, 10) == pytest.approx(0.7)  # held below the smallest
+    assert 0.7 < verifier.threshold_for(0.05, 3_000) < 0.8  # between, in log(rows)
+    assert verifier.threshold_for(0.05, 10**6) == pytest.approx(0.8)  # held above the largest
+    assert verifier.calibrated_rows(0.05) == 10_000
     with pytest.raises(VerifierError, match=r"not calibrated for delta = 0\.01"):
         verifier.threshold_for(0.01)
     import onnx
@@ -87,6 +146,39 @@ def test_the_verifier_file_carries_its_features_and_calibrated_thresholds(tmp_pa
 
 
 # -- per-row calibration ----------------------------------------------------------------------
+def test_the_threshold_for_delta_rises_with_the_rows_the_wrong_hits_grow_with() -> None:
+    """Calibration caches of 100 and 1,100 questions: in the larger one a distractor outranks
+    the right row for the queries scoring 0.6-0.62 and for the two best ones. Extrapolated, a
+    10x bigger cache needs a threshold inside that band, and at 10⁶ rows even the best scores
+    would be wrong too often: no threshold holds."""
+    from lab.verifier import NEVER, SizeRun, thresholds_by_rows, wilson_upper
+
+    scores = np.linspace(0, 1, 2000)
+    base = SizeRun(100, scores, scores < 0.3)
+    crowded = SizeRun(1_100, scores, base.wrong | ((scores >= 0.6) & (scores < 0.62))
+                      | (scores > 0.9995))
+    table = dict(thresholds_by_rows([base, crowded], 0.05, rows=(100, 1_100, 11_000, 10**6)))
+    assert table[100] <= table[1_100] < table[11_000] < table[10**6]
+    assert wilson_upper(np.sum((scores >= table[100]) & base.wrong), 2000) <= 0.05
+    assert table[100] < 0.6 < table[11_000] < 0.62 and table[10**6] == NEVER
+
+
+def test_the_guard_takes_its_threshold_for_the_cache_it_has(edge_config, tmp_path) -> None:
+    path = tmp_path / "verifier.onnx"
+    path.write_bytes(with_thresholds(_tiny_verifier(), {0.05: [(10, 0.6), (1_000, 0.9)]}))
+    cfg = edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.05))
+    guard = reuse_guard(cfg)
+    assert guard.rows.global_threshold == pytest.approx(0.6)
+    guard.rows.observe(7, 0.95, correct=False)
+    guard.follow_size(1_000)
+    assert guard.rows.global_threshold == pytest.approx(0.9) and guard.questions == 1_000
+    assert guard.rows.threshold(8) == pytest.approx(0.9)  # rows without a record follow it
+    assert guard.rows.threshold(7) == pytest.approx(0.96)  # a learned row keeps its own
+    guard.save()
+    again = reuse_guard(cfg)  # the same verifier and δ: learned rows survive a restart
+    assert again.rows.threshold(7) == pytest.approx(0.96)
+
+
 def test_a_row_stops_reusing_where_it_was_wrong_and_widens_where_it_was_right() -> None:
     rows = RowCalibration(global_threshold=0.8, step=0.01)
     assert rows.threshold(7) == 0.8
@@ -199,7 +291,8 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
         assert stats.reuses_verified == 1 and stats.reuses_judged_wrong == 1
         assert stats.false_hit_estimate == pytest.approx(1.0)
     saved = json.loads((Path(cfg.data_dir) / "reuse_rows.json").read_text())
-    assert saved["global"] == 0.99 and saved["rows"]  # learned thresholds survive a restart
+    assert saved["basis"] == "fixed 0.99" and saved["rows"]  # learned rows survive a restart
+    assert stats.reuse_threshold == pytest.approx(0.99)
     guard = reuse_guard(cfg)
     assert guard.rows.rows.keys() == {int(k) for k in saved["rows"]}
 
@@ -207,7 +300,7 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
 def test_an_edge_with_a_verifier_not_calibrated_for_its_delta_says_so(edge_config,
                                                                       tmp_path) -> None:
     path = tmp_path / "verifier.onnx"
-    path.write_bytes(with_thresholds(_tiny_verifier(), {0.05: 0.7}))
+    path.write_bytes(with_thresholds(_tiny_verifier(), {0.05: [(1_000, 0.7)]}))
     ok = reuse_guard(edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.05)))
     assert ok.rows.global_threshold == pytest.approx(0.7) and ok.verifier is not None
     with pytest.raises(VerifierError, match=r"delta = 0\.02"):

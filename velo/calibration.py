@@ -36,10 +36,14 @@ class RowCalibration:
                  floor: float | None = None) -> None:
         """`floor`: no row reuses below this score however well it did (default: the global
         threshold minus 0.25, so a row's good record can widen its reach only so far)."""
-        self.global_threshold = global_threshold
+        self.global_threshold = global_threshold  # may move (edged.reuse: the cache's size)
         self.step = step
-        self.floor = global_threshold - 0.25 if floor is None else floor
+        self._floor = floor
         self.rows: dict[int, RowRecord] = {}
+
+    @property
+    def floor(self) -> float:
+        return self.global_threshold - 0.25 if self._floor is None else self._floor
 
     def threshold(self, row_id: int) -> float:
         record = self.rows.get(row_id)

@@ -126,22 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibration split and checked on the test split")
     ex.add_argument("--no-lrs", action="store_true",
                     help="with --pairs: skip training LRS (the verifier and cosine curves only)")
-    ex.add_argument("--feedback", action="store_true",
+    ex.add_argument("--feedback", nargs="*", type=Path, default=None, metavar="FILE",
                     help="learning from feedback: static thresholds against per-row "
-                    "calibration on Quora duplicate clusters and restated conversation turns "
+                    "calibration on each FILE, recognised from its content: a/b/label pairs "
+                    "(duplicate clusters), QA lines with `paraphrases` (restatements; "
+                    "conversation-scoped with `history`, multilingual USE when not English); "
+                    "default: the shared qqp_pairs_dev, multiturn_dev and xquad_dev files "
                     "(writes feedback.md)")
     ex.add_argument("--multilingual", type=Path, default=None, metavar="FILE",
                     help="cross-lingual reuse with MiniLM and multilingual USE on an xquad-style "
                     "file (writes multilingual.md)")
     ex.add_argument("--multiturn", type=Path, default=None, metavar="FILE",
-                    help="conversation-aware keys against last-message keys on a multi-turn "
-                    "file such as multiturn_dev.jsonl (writes multiturn.md)")
-    ex.add_argument("--ablation", action="store_true",
+                    help="conversation-aware keys against last-message keys on any "
+                    "conversation file (QA lines with `history`, restated turns with "
+                    "`paraphrases`) such as multiturn_dev.jsonl; says what the file cannot "
+                    "measure (writes multiturn.md)")
+    ex.add_argument("--ablation", nargs="*", type=Path, default=None, metavar="FILE",
                     help="LRS on the paper's state and on the verified state, under eq. 2's and "
                     "the correctness-aware reward, both modes, next to the baselines (Cache-θ "
-                    "tuned on the training split), on --data and multiturn_dev.jsonl")
+                    "tuned on the training split), on each FILE of QA lines (default: --data "
+                    "and multiturn_dev.jsonl)")
+    ex.add_argument("--reuse", nargs="*", type=Path, default=None, metavar="FILE",
+                    help="reuse at any scale: train the verifier on each FILE's training split "
+                    "(a/b/label pairs, or QA lines whose `paraphrases` restate the question), "
+                    "calibrate δ by cache size, and print the δ table at three sizes, the share "
+                    "of contradictions served and the gap to the cosine threshold on every "
+                    "test split (writes reuse.md and verifier.onnx); default: the shared "
+                    "qqp, negation and paraphrase pairs and multiturn_dev")
     ex.add_argument("--verifier", type=Path, default=ROOT / "docs" / "reuse" / "verifier.onnx",
-                    help="with --ablation: the verifier of the verified state")
+                    help="the verifier: of the verified state (--ablation), or the one scored "
+                    "with --no-retrain (--pairs, --reuse)")
+    ex.add_argument("--no-retrain", action="store_true",
+                    help="with --pairs or --reuse: score --verifier as it is (its own "
+                    "thresholds) on the whole --pairs file / the test splits, train nothing")
     ex.add_argument("--live", action="store_true",
                     help="a small version through the real daemons and the real local LLM, "
                     "next to the simulator on the same requests (writes live.md)")
@@ -426,6 +443,12 @@ def _latencies() -> Path:
     return path if path.exists() else ROOT / "data" / "llm_latency_llmperf.jsonl"
 
 
+def _readable(path: Path, flag: str) -> Path:
+    if not path.is_file():
+        raise SystemExit(f"velo experiment {flag}: {path} is not a readable file")
+    return path
+
+
 def cmd_experiment(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -455,19 +478,51 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print(f"{args.out / 'live.md'}")
         return
     if args.pairs:
-        print(f"velo experiment --pairs {args.pairs}: training the verifier"
-              f"{'' if args.no_lrs else f' and LRS (on {data})'}, then the benchmark...")
-        print(markdown(pairs_benchmark(args.pairs, job, args.out, args.delta, args.holdout,
-                                       lrs=not args.no_lrs)))
-        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png, verifier.onnx")
+        verifier = _readable(args.verifier, "--verifier") if args.no_retrain else None
+        print(f"velo experiment --pairs {args.pairs}: "
+              + (f"scoring {verifier} on every pair" if verifier else "training the verifier")
+              + f"{'' if args.no_lrs else f' and LRS (on {data})'}, then the benchmark...")
+        print(markdown(pairs_benchmark(_readable(args.pairs, "--pairs"), job, args.out,
+                                       args.delta, args.holdout, lrs=not args.no_lrs,
+                                       verifier=verifier)))
+        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png"
+              + ("" if verifier else ", verifier.onnx"))
         return
-    if args.ablation:
+    if args.reuse is not None:
+        from lab import reuse_bench
+
+        shared = DEFAULT_DATA.parent
+        files = [_readable(p, "--reuse") for p in args.reuse] or [
+            shared / f for f in ("qqp_pairs_dev.jsonl", "negation_pairs_dev.jsonl",
+                                 "paraphrase_pairs_dev.jsonl", "multiturn_dev.jsonl")]
+        distractors = [p for p in (shared / "oasst1_dev.jsonl", shared / "xquad_dev.jsonl")
+                       if p.exists()]
+        verifier = _readable(args.verifier, "--verifier") if args.no_retrain else None
+        print(f"velo experiment --reuse: {', '.join(p.name for p in files)}"
+              + (f", scoring {verifier}" if verifier else ", training the verifier") + "...")
+        try:
+            reuse_bench.run(files, args.out, ROOT / "var" / "train" / "cache",
+                            args.delta or 0.05, verifier_path=verifier,
+                            distractor_paths=distractors)
+        except ValueError as exc:
+            raise SystemExit(f"velo experiment --reuse: {exc}") from None
+        print((args.out / "reuse.md").read_text())
+        print(f"{args.out / 'reuse.md'}" + ("" if verifier else ", verifier.onnx"))
+        return
+    if args.ablation is not None:
         from lab import ablation
         from lab.experiment import calibrate
+        from velo.workload import load_qa
 
+        conversations = DEFAULT_DATA.parent / "multiturn_dev.jsonl"
+        datas = args.ablation or [data] + [p for p in [conversations] if p.exists()]
+        for path in datas:  # a bad file stops here, not in a worker after the first trainings
+            try:
+                load_qa(path)
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"velo experiment --ablation: {exc}") from exc
         cache_dir = ROOT / "var" / "train" / "cache"
         edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
-        datas = [data] + [p for p in [DEFAULT_DATA.parent / "multiturn_dev.jsonl"] if p.exists()]
         cases = [ablation.Case(d, mode, reward, seed) for d in datas
                  for mode in ("nearest", "all") for reward in ablation.REWARDS
                  for seed in range(args.seeds or 1)]
@@ -479,7 +534,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         (args.out / "ablation.md").write_text(text)
         print(text)
         return
-    if args.feedback or args.multiturn or args.multilingual:
+    if args.feedback is not None or args.multiturn or args.multilingual:
         from lab.experiment import (
             feedback_experiment,
             multilingual_experiment,
@@ -492,11 +547,11 @@ def cmd_experiment(args: argparse.Namespace) -> None:
                                           args.delta or 0.05))
         if args.multiturn:
             print(multiturn_experiment(args.out, args.multiturn, cache_dir))
-        if args.feedback:
-            shared = DEFAULT_DATA.parent
-            print(feedback_experiment(args.out, shared / "qqp_pairs_dev.jsonl",
-                                      shared / "multiturn_dev.jsonl", shared / "xquad_dev.jsonl",
-                                      cache_dir))
+        if args.feedback is not None:
+            defaults = [DEFAULT_DATA.parent / f"{name}_dev.jsonl"
+                        for name in ("qqp_pairs", "multiturn", "xquad")]
+            files = args.feedback or [p for p in defaults if p.exists()]
+            print(feedback_experiment(args.out, files, cache_dir))
         return
     runs = plan(figures, scale)
     print(f"velo experiment: figures {', '.join(map(str, figures))} on {data}: {len(runs)} runs "

@@ -244,7 +244,7 @@ class ActionStats(_message.Message):
     def __init__(self, action: _Optional[_Union[Action, str]] = ..., requests: _Optional[int] = ..., delay_sum_s: _Optional[float] = ..., satisfaction_count: _Optional[int] = ..., satisfaction_sum: _Optional[float] = ..., reward_sum: _Optional[float] = ...) -> None: ...
 
 class EdgeStats(_message.Message):
-    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped", "parts", "shadow_verified", "shadow_skipped", "policies_rejected", "reuses_vetoed", "reuses_verified", "reuses_judged_wrong", "false_hit_estimate", "bypassed", "entries_superseded", "entries_deleted")
+    __slots__ = ("edge_id", "requests", "errors", "actions", "cached_rows", "evicted_rows", "policy", "policy_version", "experience_pending", "experience_sent", "experience_dropped", "parts", "shadow_verified", "shadow_skipped", "policies_rejected", "reuses_vetoed", "reuses_verified", "reuses_judged_wrong", "false_hit_estimate", "bypassed", "entries_superseded", "entries_deleted", "reuse_threshold", "reuse_threshold_questions")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,8 @@ class EdgeStats(_message.Message):
     BYPASSED_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    REUSE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REUSE_THRESHOLD_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     requests: int
     errors: int
@@ -289,7 +291,9 @@ class EdgeStats(_message.Message):
     bypassed: int
     entries_superseded: int
     entries_deleted: int
-    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ..., shadow_verified: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., policies_rejected: _Optional[int] = ..., reuses_vetoed: _Optional[int] = ..., reuses_verified: _Optional[int] = ..., reuses_judged_wrong: _Optional[int] = ..., false_hit_estimate: _Optional[float] = ..., bypassed: _Optional[int] = ..., entries_superseded: _Optional[int] = ..., entries_deleted: _Optional[int] = ...) -> None: ...
+    reuse_threshold: float
+    reuse_threshold_questions: int
+    def __init__(self, edge_id: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[ActionStats, _Mapping]]] = ..., cached_rows: _Optional[int] = ..., evicted_rows: _Optional[int] = ..., policy: _Optional[str] = ..., policy_version: _Optional[int] = ..., experience_pending: _Optional[int] = ..., experience_sent: _Optional[int] = ..., experience_dropped: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ..., shadow_verified: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., policies_rejected: _Optional[int] = ..., reuses_vetoed: _Optional[int] = ..., reuses_verified: _Optional[int] = ..., reuses_judged_wrong: _Optional[int] = ..., false_hit_estimate: _Optional[float] = ..., bypassed: _Optional[int] = ..., entries_superseded: _Optional[int] = ..., entries_deleted: _Optional[int] = ..., reuse_threshold: _Optional[float] = ..., reuse_threshold_questions: _Optional[int] = ...) -> None: ...
 
 class PartStatus(_message.Message):
     __slots__ = ("name", "up", "reason")
