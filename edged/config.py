@@ -116,15 +116,18 @@ class LimitsConfig:
 
 @dataclass
 class ReuseConfig:
-    # The verifier of reuse (edged.reuse): an ONNX file written by `velo experiment --pairs`
-    # (OUT/verifier.onnx). Empty: no verifier; the guard then scores rows by cosine similarity.
+    # The verifier of reuse (edged.reuse): an ONNX file written by `velo experiment --reuse` or
+    # `--pairs` (OUT/verifier.onnx). Empty: no verifier; the guard then scores rows by cosine
+    # similarity.
     verifier: str = ""
     # Reuse only at a score >= this (the verifier's P(same), or the cosine similarity). 0 with a
     # verifier: the threshold the verifier file was calibrated with for `delta`. 0 without a
     # verifier: the guard is off and A serves what the policy picks, as in the paper.
     threshold: float = 0.0
     # The bound on the error rate (wrong answers served / requests) the threshold is taken for;
-    # it must be one the verifier file was calibrated for (velo experiment --pairs prints them).
+    # it must be one the verifier file was calibrated for (0.01, 0.02, 0.05, 0.1 and the one
+    # given to --delta). The threshold follows the number of cached questions (a bigger cache
+    # offers more near-misses): counted at start and every 30 s.
     delta: float = 0.05
     calibrate_rows: bool = True  # learn per-row thresholds from verification (velo.calibration)
     # A verified answer is right when its q (eq. 2) against the fresh answer is at least this

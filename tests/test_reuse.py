@@ -297,6 +297,22 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
     assert guard.rows.rows.keys() == {int(k) for k in saved["rows"]}
 
 
+async def test_a_running_edge_fits_its_threshold_to_the_questions_it_holds(edge_config,
+                                                                            tmp_path) -> None:
+    """Real Milvus: the edge counts its cached questions at start and takes the verifier's
+    threshold for that many (here 0.5 for an empty cache, 0.9 from 4 questions up)."""
+    path = tmp_path / "verifier.onnx"
+    path.write_bytes(with_thresholds(_tiny_verifier(), {0.05: [(1, 0.5), (4, 0.9)]}))
+    cfg = edge_config(reuse=ReuseConfig(verifier=str(path), delta=0.05))
+    async with running(Edged(cfg)) as edge:
+        for n in range(4):
+            await seed(edge, "t1", f"{QUESTION} ({n})")
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())
+        assert stats.reuse_threshold_questions == stats.cached_rows // 2 == 4
+        assert stats.reuse_threshold == pytest.approx(0.9)
+
+
 def test_an_edge_with_a_verifier_not_calibrated_for_its_delta_says_so(edge_config,
                                                                       tmp_path) -> None:
     path = tmp_path / "verifier.onnx"

@@ -72,6 +72,8 @@ FEATURES = (
                          # "CEO" / "janitor" does not
     "wh_differs",        # the question words differ (how / what / why / when / where / who)
     "length_ratio",      # shorter / longer, in words
+    "length",            # the longer side's words / 40, capped at 1: one changed word in a long
+                         # statement is an edit of its facts more often than a rewording
     "exact",             # the same text once case, spaces and punctuation are ignored
 )
 _WH_SET = frozenset({"how", "what", "why", "when", "where", "who", "which"})
@@ -269,6 +271,7 @@ def pair_features(new: str, cached: str, similarity: float) -> np.ndarray:
         _synonym_swaps(n.content - c.content, c.content - n.content),
         float(bool(n.wh) and bool(c.wh) and n.wh != c.wh),
         min(n.length, c.length) / max(n.length, c.length, 1),
+        min(max(n.length, c.length) / 40, 1.0),
         float(n.normal == c.normal),
     ], dtype=np.float32)
 
