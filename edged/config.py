@@ -121,7 +121,7 @@ class ReuseConfig:
     # similarity.
     verifier: str = ""
     # Reuse only at a score >= this (the verifier's P(same), or the cosine similarity). 0 with a
-    # verifier: the threshold the verifier file was calibrated with for `delta`. 0 without a
+    # verifier: the verifier file's threshold for `delta` at the cache's size. 0 without a
     # verifier: the guard is off and A serves what the policy picks, as in the paper.
     threshold: float = 0.0
     # The bound on the error rate (wrong answers served / requests) the threshold is taken for;

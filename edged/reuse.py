@@ -83,7 +83,6 @@ class ReuseGuard:
                         "calibrated for; the largest size's threshold is kept, and δ is no "
                         "longer guaranteed", questions=questions, calibrated_for=beyond)
 
-
     def best(self, prompt: str, rows: tuple[CachedRow, ...]) -> Candidate | None:
         """The cached question most likely to mean the same as `prompt` (None: no question)."""
         questions = [r for r in rows if r.kind == QUESTION]
