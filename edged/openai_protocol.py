@@ -62,7 +62,8 @@ def chat_request(body: dict[str, Any], headers: Any, tenant: str, principal: Pri
     is the one the front resolved from the headers or its default."""
     model = _typed(body, "model", str, default_model)
     stream = _typed(body, "stream", bool, False)
-    if body.get("n") not in (None, 1):
+    n = body.get("n")  # 1.0 and true equal 1 in Python: only the integer 1 is one choice
+    if n is not None and (type(n) is not int or n != 1):
         raise BadRequest("this edge returns one choice per request (n = 1)", "n")
     for name, why in REFUSED.items():
         if body.get(name) is not None:
@@ -190,16 +191,27 @@ def _cache_rules(headers: Any, extension: Any) -> CacheRules:
         cache = extension.get("cache", {}) if isinstance(extension, dict) else None
         if not isinstance(cache, dict):
             raise BadRequest("velo.cache must be an object", "velo")
-        no_cache |= cache.get("no_cache") is True
-        no_store |= cache.get("no_store") is True
-        if "max_age_s" in cache:
-            ages.append(_number(cache["max_age_s"], "velo.cache.max_age_s"))
-        if "min_similarity" in cache:
-            floors.append(_number(cache["min_similarity"], "velo.cache.min_similarity"))
+        no_cache |= _flag(cache, "no_cache")
+        no_store |= _flag(cache, "no_store")
+        for key, into in (("max_age_s", ages), ("min_similarity", floors)):
+            if key in cache:
+                if isinstance(cache[key], bool) or not isinstance(cache[key], int | float):
+                    raise BadRequest(f"velo.cache.{key} must be a number", "velo")
+                into.append(_number(cache[key], f"velo.cache.{key}"))
     youngest = min(ages) if ages else 0.0
     # max-age=0 means "only what is fresh now": no reuse.
     return CacheRules(no_cache=no_cache or (bool(ages) and youngest == 0), no_store=no_store,
                       max_age_s=youngest, min_similarity=max(floors) if floors else 0.0)
+
+
+def _flag(cache: dict[str, Any], key: str) -> bool:
+    """A velo.cache switch: true, false or absent. "yes" is refused, not read as false (an
+    answer the caller asked to refresh must not be reused because of a spelling)."""
+    value = cache.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"velo.cache.{key} must be true or false, got {str(value)[:32]!r}",
+                         "velo")
+    return value
 
 
 def _number(value: Any, name: str) -> float:

@@ -19,3 +19,43 @@ def test_every_option_of_every_command_has_help() -> None:
              for name, sub in commands.choices.items()
              if any("--edges" in a.option_strings for a in sub._actions)}
     assert set(edges) == {"replay"} and edges["replay"].type is None
+
+
+def test_velo_says_its_version_and_installs_from_a_wheel_under_our_own_name(tmp_path) -> None:
+    """`velo` on PyPI is another project: the wheel is velo-edge-cache, carries the licence,
+    and installs into a fresh venv (no dependencies: only the name and metadata are checked)."""
+    import subprocess
+    import sys
+    import zipfile
+    from importlib.metadata import version
+
+    from velo.models import ROOT
+
+    said = subprocess.run([sys.executable, "-m", "velo_cli", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip() == f"velo-edge-cache {version('velo-edge-cache')}"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                            str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("velo_edge_cache-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = z.read(metadata).decode()
+        (scripts,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "velo = velo_cli" in z.read(scripts).decode()
+    assert "Name: velo-edge-cache" in meta and "License-Expression: Apache-2.0" in meta
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "velo/antonyms.txt" in names and "velo/synonyms.txt" in names  # the verifier's
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps",
+                                str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    shown = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import importlib.metadata as m; print(m.version('velo-edge-cache'))"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout.strip() == version("velo-edge-cache")
+    assert (venv / "bin" / "velo").exists()

@@ -128,6 +128,30 @@ async def test_edge_is_not_serving_while_milvus_is_frozen(edge_config, milvus) -
         await until(lambda: edge.grpc.serving, timeout_s=15)
 
 
+async def test_a_frozen_milvus_bounds_an_ask_by_the_vector_db_timeout(edge_config, milvus,
+                                                                       cloud) -> None:
+    """`vector_db.timeout_s` reaches every Milvus call: an Ask arriving while Milvus is frozen
+    (before the health watch has noticed) is UNAVAILABLE after about that long, not held until
+    Milvus wakes (it hung for the whole freeze)."""
+    from velo.cache import VectorDBConfig
+
+    cfg = edge_config(cloud=cloud, vector_db=VectorDBConfig(uri=milvus.uri, token=milvus.token,
+                                                            timeout_s=2.0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await stub.Ask(ask("warm the search path"), timeout=30)
+        os.kill(milvus.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Ask(ask("What is asked while Milvus is frozen?"), timeout=12)
+            took = time.monotonic() - started
+        finally:
+            os.kill(milvus.pid, signal.SIGCONT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert took < 8, took
+        await until(lambda: edge.grpc.serving, timeout_s=15)
+
+
 async def test_edges_ride_out_a_restart_of_their_separate_milvus_server(
         edge_config, milvus) -> None:
     """The Milvus standalone runs in its own processes, started apart from the edges (the

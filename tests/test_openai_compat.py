@@ -187,7 +187,14 @@ async def test_unsupported_fields_are_refused_by_name(edge_config, cloud) -> Non
                          ({"functions": [TOOLS[0]["function"]]}, "send tools instead"),
                          ({"response_format": {"type": "yaml"}}, "response_format"),
                          ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
-                         ({"tool_choice": "required"}, "tool_choice needs tools")]:
+                         ({"tool_choice": "required"}, "tool_choice needs tools"),
+                         # Lenient parsing let these through: 1.0 and true equal 1 in Python,
+                         # and a no_cache of "yes" was read as false (the answer was reused).
+                         ({"n": 1.0}, "n = 1"), ({"n": True}, "n = 1"),
+                         ({"extra_body": {"velo": {"cache": {"no_cache": "yes"}}}},
+                          "no_cache must be true or false"),
+                         ({"extra_body": {"velo": {"cache": {"max_age_s": "60"}}}},
+                          "max_age_s must be a number")]:
             with pytest.raises(openai.BadRequestError, match=says):
                 await client.chat.completions.create(model="velo", messages=[user("hi")], **kw)
         with pytest.raises(openai.BadRequestError, match=r"role must be one of"):

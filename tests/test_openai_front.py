@@ -190,3 +190,21 @@ async def test_curl_gets_json_and_server_sent_events(edge_config, cloud) -> None
         head, _, payload = bad.partition("\n\n")
         assert head.startswith("HTTP/1.1 400")
         assert "not JSON" in json.loads(payload)["error"]["message"]
+
+
+async def test_a_stream_the_cloud_cannot_answer_is_an_http_error_not_a_broken_stream(
+        edge_config) -> None:
+    """The cloud is down (nothing listens at its address): a streamed forward gets HTTP 503
+    with an OpenAI error body before any event, as a plain request does (it got 200, then an
+    error event and no [DONE])."""
+    from velo.milvus_server import free_port
+
+    cfg = front_config(edge_config, f"127.0.0.1:{free_port()}")
+    async with running(Edged(cfg)) as edge, httpx.AsyncClient(timeout=60) as http:
+        for stream in (True, False):
+            reply = await http.post(f"{edge.http.url}/v1/chat/completions", json={
+                "model": "velo", "stream": stream,
+                "messages": [user("Is anyone answering in the cloud?")]})
+            assert reply.status_code == 503, (stream, reply.text[:300])
+            assert reply.headers["content-type"].startswith("application/json")
+            assert "cloud" in reply.json()["error"]["message"]

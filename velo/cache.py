@@ -212,7 +212,8 @@ class VectorCache:
                 found = self.client.search(
                     self.collection, data=[v.tolist() for v in vectors], limit=top_p,
                     filter=tenant_filter(tenant), output_fields=_FIELDS,
-                    search_params=params, consistency_level=CONSISTENCY)
+                    search_params=params, consistency_level=CONSISTENCY,
+                    timeout=self.cfg.timeout_s)
                 for i, vector, hits in zip(positions, vectors, found, strict=True):
                     results[i] = self._merge_recent(hits, vector, tenant, top_p)
             except Exception as exc:  # pymilvus raises many types; each query gets its own
@@ -249,8 +250,8 @@ class VectorCache:
             (hits,) = self.client.search(
                 self.collection, data=[vector.tolist()], limit=MAX_SEARCH,
                 filter="tenant in [" + ",".join(f'"{c}"' for c in chunk) + "]",
-                output_fields=_FIELDS,
-                search_params=params, consistency_level="Strong")
+                output_fields=_FIELDS, search_params=params, consistency_level="Strong",
+                timeout=self.cfg.timeout_s)
             found |= {int(h["entity"]["id"]): _row(h["entity"],
                                                    float(np.sqrt(max(h["distance"], 0))))
                       for h in hits}
@@ -267,7 +268,7 @@ class VectorCache:
             ids = [2 * p + k for p in pair_ids[start : start + 500] for k in (0, 1)]
             found = {int(r["id"]): _row(r, 0.0) for r in self.client.query(
                 self.collection, filter=f"id in {ids}", output_fields=_FIELDS,
-                consistency_level=CONSISTENCY)}
+                consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)}
             for row_id in ids:
                 row = latest.get(row_id) or found.get(row_id)
                 if row is not None and row_id not in deleted:
@@ -277,7 +278,7 @@ class VectorCache:
     def count(self) -> int:
         """Rows held by this edge (Bounded: may lag the last few seconds of writes)."""
         (res,) = self.client.query(self.collection, filter="id >= 0", output_fields=["count(*)"],
-                                   consistency_level=CONSISTENCY)
+                                   consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)
         return int(res["count(*)"])
 
     # -- writes -----------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class VectorCache:
             ids.append(pair_id)
         if rows:
             self.texts.put(entries)  # before the rows that point at them
-            self.client.insert(self.collection, rows)
+            self.client.insert(self.collection, rows, timeout=self.cfg.timeout_s)
             self._overlay.inserted(scope, [_row(r, 0.0) for r in rows])
         return ids
 
@@ -381,14 +382,15 @@ class VectorCache:
                     chunk = missing[start : start + 1000]
                     for r in self.client.query(self.collection, filter=f"id in {chunk}",
                                                output_fields=["id", "vec"],
-                                               consistency_level=CONSISTENCY):
+                                               consistency_level=CONSISTENCY,
+                                               timeout=self.cfg.timeout_s):
                         vectors[int(r["id"])] = r["vec"]
                 # Rows evicted meanwhile (no vector found, or deleted since) stay deleted.
                 rows = [_entity(tenant, row, vectors[i], self._text_fields)
                         for i, (tenant, row) in dirty.items()
                         if i in vectors and not self._overlay.is_deleted(i)]
                 if rows:
-                    self.client.upsert(self.collection, rows)
+                    self.client.upsert(self.collection, rows, timeout=self.cfg.timeout_s)
             except Exception:
                 self._overlay.restore_dirty(dirty)  # retried at the next flush
                 raise
@@ -405,7 +407,8 @@ class VectorCache:
         ids = self._scan()[0].tolist()
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            self.client.delete(self.collection, filter=f"id in {chunk}")
+            self.client.delete(self.collection, filter=f"id in {chunk}",
+                               timeout=self.cfg.timeout_s)
             self._overlay.deleted(chunk)
         self.texts.clear()
 
@@ -414,7 +417,8 @@ class VectorCache:
         ids = [2 * p + k for p in pair_ids for k in (0, 1)]
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            self.client.delete(self.collection, filter=f"id in {chunk}")
+            self.client.delete(self.collection, filter=f"id in {chunk}",
+                               timeout=self.cfg.timeout_s)
             self._overlay.deleted(chunk)
         self.texts.delete(pair_ids)
         return len(ids)
@@ -432,7 +436,8 @@ class VectorCache:
         doomed = ids[drop]
         for start in range(0, len(doomed), 1000):
             chunk = doomed[start : start + 1000].tolist()
-            self.client.delete(self.collection, filter=f"id in {chunk}")
+            self.client.delete(self.collection, filter=f"id in {chunk}",
+                               timeout=self.cfg.timeout_s)
             self._overlay.deleted(chunk)
         # A pair's texts go once neither of its rows is left (rows are evicted one by one).
         gone = set((doomed // 2).tolist()) - set((ids[~drop] // 2).tolist())

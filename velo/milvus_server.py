@@ -148,7 +148,7 @@ class EmbeddedMilvus:
             from milvus import MilvusServer
         except ImportError as exc:
             raise RuntimeError("the embedded Milvus server needs the `milvus` package: "
-                               "pip install 'velo[embedded]'") from exc
+                               "pip install 'velo-edge-cache[embedded]'") from exc
         server = MilvusServer(wait_for_started=False)
         server.set_base_dir(str(self.data_dir))
         server.show_startup_banner = False

@@ -30,10 +30,23 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
 BUNDLED_DATA = ROOT / "data" / "oasst1_dev.jsonl"
 
 
+DISTRIBUTION = "velo-edge-cache"  # the name on PyPI ("velo" there is another project)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command and option of `velo` (each option says what it does: a test checks)."""
     parser = argparse.ArgumentParser(prog="velo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start Milvus, the local LLM, trainerd, cloudd and N edges")
