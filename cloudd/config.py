@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from velo.config import is_file, load_config, require
-from velo.security import AuthConfig, TLSConfig
+from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 
 ENV_PREFIX = "VELO_CLOUDD"
 
@@ -144,9 +144,14 @@ class CloudConfig:
     local_llm: LocalLLMConfig = field(default_factory=LocalLLMConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
     auth: AuthConfig = field(default_factory=AuthConfig)  # edges' tokens (role "edge")
+    # Listening beyond loopback needs auth.tokens_file, unless this says an open cloudd is
+    # wanted.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", f"must be HOST:PORT, got {self.listen!r}")
+        require_auth_beyond_loopback({"listen": self.listen}, self.auth.tokens_file,
+                                     self.insecure)
         require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
                 "must be debug, info, warning, error or critical")
         require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")

@@ -12,7 +12,7 @@ from velo.config import is_file, load_config, require
 from velo.embedder import EMBEDDER_KINDS
 from velo.fleet import MqttConfig
 from velo.names import NAME_RULE, valid_name
-from velo.security import AuthConfig, TLSConfig
+from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 from velo.texts import store_path
 
 ENV_PREFIX = "VELO_EDGED"
@@ -219,9 +219,14 @@ class EdgeConfig:
     # Learn of new policies from trainerd's MQTT announcements too (see velo.fleet); the
     # weights still come from `trainer` over gRPC. Off by default.
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    # Listening beyond loopback (listen, http.listen) needs auth.tokens_file, unless this says
+    # that an open edge is wanted.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         require(valid_name(self.edge_id), "edge_id", f"must be {NAME_RULE}")
+        require_auth_beyond_loopback({"listen": self.listen, "http.listen": self.http.listen},
+                                     self.auth.tokens_file, self.insecure)
         require(self.embedder in EMBEDDER_KINDS, "embedder",
                 f"must be one of {', '.join(EMBEDDER_KINDS)}")
         require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",

@@ -132,11 +132,18 @@ class OpenAIFront:
         return JSONResponse({"object": "list", "data": [
             {"id": self.cfg.http.model, "object": "model", "created": 0, "owned_by": "velo"}]})
 
-    async def health(self, _request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
+        """Open to load balancers. With [auth] on, only an admin key sees why a part is down:
+        the reasons name internal addresses and errors."""
         down = self.down_parts()
-        if down:
-            return JSONResponse({"status": "NOT_SERVING", "down": down}, 503)
-        return JSONResponse({"status": "SERVING"})
+        if not down:
+            return JSONResponse({"status": "SERVING"})
+        if self.tokens is not None:
+            header = request.headers.get("authorization", "")
+            who = self.tokens.lookup(header.removeprefix("Bearer ").strip())
+            if who is None or who.role != "admin":
+                down = {part: "down" for part in down}
+        return JSONResponse({"status": "NOT_SERVING", "down": down}, 503)
 
     # -- streaming ----------------------------------------------------------------------------
     async def _stream(self, ask: EdgeRequest, model: str, include_usage: bool) -> Response:

@@ -5,6 +5,7 @@ validation the daemons run at start, each unit runs its daemon with its config,
 import configparser
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,11 +30,37 @@ from velo.models import ROOT
 SYSTEMD = ROOT / "systemd"
 
 
-@pytest.mark.parametrize("daemon, loader", [("edged", load_edged), ("cloudd", load_cloudd),
-                                            ("trainerd", load_trainerd)])
-def test_example_config_loads_and_unit_uses_it(daemon: str, loader) -> None:
-    cfg = loader(SYSTEMD / f"{daemon}.toml")
+def filled_in(daemon: str, tmp_path: Path) -> Path:
+    """The shipped example config with its /etc/velo paths made real under tmp_path: the
+    certificates of a test CA, tokens files and the edge's own token, as an operator makes
+    them (README "Deploying")."""
+    from tests.certs import CA
+    from tests.test_security import tokens_file
+    from velo.security import new_token
+
+    etc = tmp_path / "etc" / "velo"
+    ca = CA(etc / "tls", "ca")
+    for name in ("edge-1", "cloudd", "trainerd"):
+        issued = ca.issue(name)
+        issued.cert.rename(etc / "tls" / f"{name}.pem")
+        issued.key.rename(etc / "tls" / f"{name}.key")
+    token = new_token()
+    (etc / "edge-1.token").write_text(token + "\n")
+    for name in ("edge-tokens", "cloud-tokens", "trainer-tokens"):
+        tokens_file(etc / f"{name}.toml", [(token, "edge", "edge-1")])
+    config = tmp_path / f"{daemon}.toml"
+    config.write_text((SYSTEMD / f"{daemon}.toml").read_text().replace("/etc/velo/", f"{etc}/"))
+    return config
+
+
+LOADERS = [("edged", load_edged), ("cloudd", load_cloudd), ("trainerd", load_trainerd)]
+
+
+@pytest.mark.parametrize("daemon, loader", LOADERS)
+def test_example_config_loads_and_unit_uses_it(daemon: str, loader, tmp_path: Path) -> None:
+    cfg = loader(filled_in(daemon, tmp_path))
     assert cfg.listen.startswith("0.0.0.0:")
+    assert cfg.auth.tokens_file and cfg.tls.cert_file and cfg.tls.ca_file  # secure as shipped
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str
     unit.read(SYSTEMD / f"velo-{daemon}.service")
@@ -45,11 +72,31 @@ def test_example_config_loads_and_unit_uses_it(daemon: str, loader) -> None:
     assert service["StateDirectory"] == f"velo/{daemon}"
 
 
+@pytest.mark.parametrize("daemon, loader", LOADERS)
+def test_a_daemon_beyond_loopback_without_tokens_refuses_to_start(daemon: str, loader,
+                                                                   tmp_path: Path) -> None:
+    """Secure by default: the example with its tokens file taken out is refused, naming the
+    key and how to make tokens; `insecure = true` says in so many words that open is meant;
+    on loopback no tokens are needed (the demo)."""
+    config = filled_in(daemon, tmp_path)
+    text = config.read_text()
+    open_ = re.sub(r'(?m)^tokens_file = .*$', 'tokens_file = ""', text)
+    config.write_text(open_)
+    with pytest.raises(ConfigError, match=r"'listen' 0\.0\.0\.0:\d+ reaches beyond this "
+                       r"machine.*velo token"):
+        loader(config)
+    config.write_text("insecure = true\n" + open_)
+    assert loader(config).insecure
+    config.write_text(re.sub(r'(?m)^listen = "0\.0\.0\.0:', 'listen = "127.0.0.1:', open_)
+                      .replace('listen = "0.0.0.0:8080"', 'listen = "127.0.0.1:8080"'))
+    assert not loader(config).auth.tokens_file
+
+
 def test_env_overrides_file_and_bad_keys_are_named(tmp_path, monkeypatch) -> None:
     from edged.config import EdgeConfig
 
     monkeypatch.setenv("VELO_EDGED__CACHE__TOP_P", "7")
-    assert load_edged(SYSTEMD / "edged.toml").cache.top_p == 7
+    assert load_edged(filled_in("edged", tmp_path)).cache.top_p == 7
     monkeypatch.setenv("VELO_EDGED__CACHE__TOP_P", "seven")
     with pytest.raises(ConfigError, match=r"VELO_EDGED__CACHE__TOP_P .*'cache\.top_p'.* int"):
         load_edged(None)

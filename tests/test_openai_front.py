@@ -208,3 +208,25 @@ async def test_a_stream_the_cloud_cannot_answer_is_an_http_error_not_a_broken_st
             assert reply.status_code == 503, (stream, reply.text[:300])
             assert reply.headers["content-type"].startswith("application/json")
             assert "cloud" in reply.json()["error"]["message"]
+
+
+async def test_with_auth_on_healthz_tells_why_only_to_an_admin(edge_config,
+                                                               tmp_path: Path) -> None:
+    """/healthz stays open to load balancers, but with [auth] on the reasons (internal
+    addresses, exception text) go only to an admin key (they went to anyone)."""
+    from velo.milvus_server import free_port
+
+    tenant, admin = new_token(), new_token()
+    auth = EdgeAuthConfig(tokens_file=tokens_file(tmp_path / "users.toml", [
+        (tenant, "tenant", "acme"), (admin, "admin", "ops")]))
+    dead = f"127.0.0.1:{free_port()}"
+    async with running(Edged(front_config(edge_config, dead, auth=auth))) as edge, \
+            httpx.AsyncClient(timeout=30) as http:
+        for key in ("", tenant):
+            anyone = await http.get(f"{edge.http.url}/healthz",
+                                    headers={"authorization": f"Bearer {key}"} if key else {})
+            assert anyone.status_code == 503 and anyone.json()["down"] == {"cloud": "down"}
+            assert dead not in anyone.text
+        admin_view = await http.get(f"{edge.http.url}/healthz",
+                                    headers={"authorization": f"Bearer {admin}"})
+        assert admin_view.status_code == 503 and dead in admin_view.json()["down"]["cloud"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from trainerd.learner import LearnerConfig
 from velo.config import load_config, require
 from velo.fleet import MqttConfig
-from velo.security import AuthConfig, TLSConfig
+from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 
 ENV_PREFIX = "VELO_TRAINERD"
 MiB = 1024 * 1024
@@ -39,9 +39,14 @@ class TrainerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     # Announce each accepted policy to edges over MQTT (see velo.fleet); off by default.
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    # Listening beyond loopback needs auth.tokens_file, unless this says an open trainerd (that
+    # anyone reaching it may publish policies to every edge) is wanted.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         require(":" in self.listen, "listen", "must be HOST:PORT, e.g. 127.0.0.1:50070")
+        require_auth_beyond_loopback({"listen": self.listen}, self.auth.tokens_file,
+                                     self.insecure)
         require(bool(self.data_dir.strip()), "data_dir", "must not be empty")
         require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
         require(self.log_level.lower() in _LOG_LEVELS, "log_level",

@@ -157,6 +157,28 @@ def is_loopback(peer: str) -> bool:
         return False
 
 
+def listens_on_loopback(listen: str) -> bool:
+    """Whether "HOST:PORT" binds to this machine only (127.x, ::1, localhost). "0.0.0.0", "[::]",
+    an empty host and any other name reach beyond it."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or is_loopback(host)
+
+
+def require_auth_beyond_loopback(listens: dict[str, str], tokens_file: str,
+                                 insecure: bool) -> None:
+    """Secure by default: a daemon that listens beyond this machine must know its callers
+    (auth.tokens_file) unless its config says `insecure = true` in so many words. `listens`:
+    config key -> "HOST:PORT" ("" = not listening)."""
+    if tokens_file or insecure:
+        return
+    for key, listen in listens.items():
+        require(not listen or listens_on_loopback(listen), key,
+                f"{listen} reaches beyond this machine, and without auth.tokens_file anyone who "
+                "reaches it may call it. Make tokens with `velo token --role ... --name ...`, "
+                "put their entries in a file and set auth.tokens_file (with [tls] on, keys "
+                "travel encrypted), or set insecure = true to accept an open daemon")
+
+
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
