@@ -22,9 +22,10 @@ class TrainerConfig:
     data_dir: str = "var/trainerd"  # experience.db and policies/ live here
     shutdown_grace_s: float = 5.0  # how long in-flight RPCs may finish on SIGTERM
     log_level: str = "info"
-    # Largest ONNX policy accepted by PublishPolicy; the gRPC message limit follows it, and
-    # edges must allow the same on their channel to pull a policy this big.
-    max_policy_bytes: int = 64 * MiB
+    # Largest ONNX policy accepted by PublishPolicy; the gRPC message limit follows it. No more
+    # than the edges' [policy] max_bytes (8 MiB by default): a "latest" that every edge refuses
+    # would leave the fleet on its old policy. A default LRS is ~110 KB.
+    max_policy_bytes: int = 8 * MiB
     # The edges' P (cache.top_p) and embedding width H: every published policy is loaded and
     # run on states of this shape exactly as an edge will, and refused if an edge could not.
     edge_top_p: int = 5
