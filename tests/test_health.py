@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,7 +23,7 @@ from edged.server import Edged
 from tests.conftest import ask, edge_client, running
 from tests.fake_llm import FAKE_MODEL, FakeLLM
 from velo.milvus_server import free_port
-from velo.v1 import edge_pb2
+from velo.v1 import edge_pb2, edge_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -192,3 +195,133 @@ async def test_edges_ride_out_a_restart_of_their_separate_milvus_server(
                 assert again.action == edge_pb2.ACTION_REUSE  # the cache survived the restart
     finally:
         llm.stop()
+
+
+def _start(module: str, config: Path, log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", module, "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_serving(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=1)
+            return
+        except grpc.RpcError:
+            time.sleep(0.3)
+    raise AssertionError(f"port {port} did not answer within {timeout_s} s")
+
+
+def test_an_edge_whose_peers_are_gone_stops_within_its_grace(milvus, tmp_path) -> None:
+    """edged as its own process; cloudd and trainerd killed under it. SIGTERM ends it within
+    its grace period (it ignored SIGTERM for minutes), and while a shutdown is stuck a second
+    signal ends it at once."""
+    llm = FakeLLM().start()
+    ports = {name: free_port() for name in ("edge", "cloud", "trainer")}
+    (tmp_path / "cloudd.toml").write_text(
+        f'listen = "127.0.0.1:{ports["cloud"]}"\n[llm]\nbase_url = "{llm.url}"\n'
+        f'model = "{FAKE_MODEL}"\n')
+    (tmp_path / "trainerd.toml").write_text(
+        f'listen = "127.0.0.1:{ports["trainer"]}"\ndata_dir = "{tmp_path / "trainerd"}"\n')
+    (tmp_path / "edged.toml").write_text(
+        f'edge_id = "edge-peers-gone"\nlisten = "127.0.0.1:{ports["edge"]}"\n'
+        f'cloud = "127.0.0.1:{ports["cloud"]}"\ntrainer = "127.0.0.1:{ports["trainer"]}"\n'
+        f'data_dir = "{tmp_path / "edged"}"\nshutdown_grace_s = 3.0\n'
+        f'[vector_db]\nuri = "{milvus.uri}"\ntoken = "{milvus.token}"\n')
+    peers = [_start("cloudd", tmp_path / "cloudd.toml", tmp_path / "cloudd.log"),
+             _start("trainerd", tmp_path / "trainerd.toml", tmp_path / "trainerd.log")]
+    edge = None
+    try:
+        _wait_serving(ports["cloud"], 60)
+        _wait_serving(ports["trainer"], 60)
+        edge = _start("edged", tmp_path / "edged.toml", tmp_path / "edged.log")
+        _wait_serving(ports["edge"], 120)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['edge']}") as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            for n in range(3):  # experience to upload, texts to keep
+                stub.Ask(ask(f"What keeps an edge from stopping? ({n})"), timeout=60)
+        for peer in peers:
+            peer.kill()
+            peer.wait()
+        with grpc.insecure_channel(f"127.0.0.1:{ports['edge']}") as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            for n in range(3):  # asked with the peers gone: refused, nothing hangs on
+                with pytest.raises(grpc.RpcError):
+                    stub.Ask(ask(f"Is anyone there? ({n})"), timeout=30)
+        time.sleep(5)  # the edge notices, retries, reconnects in the background
+        started = time.monotonic()
+        edge.send_signal(signal.SIGTERM)
+        try:
+            code = edge.wait(timeout=3.0 + 12)  # the grace, and time to close Milvus and files
+        except subprocess.TimeoutExpired:
+            edge.send_signal(signal.SIGTERM)  # a second signal: at once
+            code = edge.wait(timeout=5)
+            raise AssertionError("the first SIGTERM did not stop the edge within its grace; "
+                                 f"the second did (exit {code}):\n"
+                                 + (tmp_path / "edged.log").read_text()[-3000:]) from None
+        assert code == 0, (tmp_path / "edged.log").read_text()[-3000:]
+        assert time.monotonic() - started < 15
+    finally:
+        llm.stop()
+        for proc in [*peers, edge]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+STUCK_DAEMON = """
+import asyncio, sys, threading, time
+from velo.serving import Daemon
+
+class Stuck(Daemon):
+    name = "stuck"
+
+    async def startup(self):
+        await super().startup()
+        # A worker thread blocked in a call that never returns (a frozen peer).
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 3600)
+        print("up", flush=True)
+
+    async def shutdown(self):
+        await super().shutdown()
+        await asyncio.sleep(3600)  # a shutdown step waiting on a peer that is gone
+
+Stuck("127.0.0.1:0", shutdown_grace_s=float(sys.argv[1])).run()
+"""
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_a_stuck_shutdown_ends_by_its_limit_and_a_second_signal_at_once(
+        tmp_path, second_signal: bool) -> None:
+    """A daemon whose shutdown and worker thread hang on a gone peer: one SIGTERM ends it within
+    its grace plus the closing time (SHUTDOWN_CLOSE_S); a second signal ends it at once."""
+    from velo.serving import SHUTDOWN_CLOSE_S
+
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_DAEMON)
+    grace = 1.0 if not second_signal else 60.0
+    proc = subprocess.Popen([sys.executable, str(script), str(grace)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout is not None
+        while proc.stdout.readline().strip() != b"up":  # its log lines come first
+            assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        if second_signal:
+            time.sleep(1.0)
+            assert proc.poll() is None  # still in its (long) graceful shutdown
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 1
+            assert time.monotonic() - started < 5
+        else:
+            assert proc.wait(timeout=grace + SHUTDOWN_CLOSE_S + 10) == 0
+            assert time.monotonic() - started < grace + SHUTDOWN_CLOSE_S + 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

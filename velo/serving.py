@@ -324,30 +324,74 @@ class Daemon:
         await self.grpc.stop(self.shutdown_grace_s)
         self.metrics.stop()
 
+    def _on_signal(self) -> None:
+        """The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once
+        (uvicorn's force exit: an operator who asks twice means it)."""
+        if self.should_exit.is_set():
+            self.log.warning("second signal: exiting now, without finishing the shutdown")
+            os._exit(1)
+        self.should_exit.set()
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.should_exit.set)
+            loop.add_signal_handler(sig, self._on_signal)
         await self.startup()
         sd_notify("READY=1")
         try:
             await self.main_loop()
         finally:
             sd_notify("STOPPING=1")
-            await self.shutdown()
-            self.log.info("stopped")
+            # Whatever the peers do, the shutdown ends: the grace for in-flight work, then a
+            # few seconds to close files and connections.
+            limit = self.shutdown_grace_s + SHUTDOWN_CLOSE_S
+            try:
+                await asyncio.wait_for(self.shutdown(), timeout=limit)
+                self.log.info("stopped")
+            except TimeoutError:
+                self.log.error("shutdown did not finish in time; stopping anyway", limit_s=limit)
 
     def run(self) -> None:
         """Entry point of a daemon process: serve on uvloop until SIGINT/SIGTERM.
 
         A failure to start (a dependency down, a port taken) is logged in one line and exits 1,
-        so that systemd's restart policy takes over.
+        so that systemd's restart policy takes over. Threads still stuck in a dead peer's call
+        do not hold the exit (asyncio.run would wait for them without end).
         """
+        loop = uvloop.new_event_loop()
+        code = 0
         try:
-            uvloop.run(self.serve())
+            loop.run_until_complete(self.serve())
         except Exception as exc:
             self.log.error("daemon failed", error=f"{type(exc).__name__}: {exc}")
-            raise SystemExit(1) from exc
+            code = 1
+        finally:
+            loop.close()
+        _exit_past_stuck_threads(code, self.log)
+
+
+SHUTDOWN_CLOSE_S = 5.0  # after the grace, what closing files and connections may take
+
+
+def _exit_past_stuck_threads(code: int, log: Any, wait_s: float = 2.0) -> None:
+    """Return (and let the interpreter exit with `code`) when only daemon threads are left;
+    otherwise exit with `code` once `wait_s` has passed: a worker thread blocked in a call to
+    a frozen peer would keep the process alive at interpreter exit."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + wait_s
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(deadline - time.monotonic(), 0))
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("threads still busy at exit; leaving without them", threads=stuck[:5])
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 def sd_notify(state: str) -> None:
