@@ -155,9 +155,17 @@ class HttpConfig:
     # Tenant of requests when [auth] is off and no x-velo-tenant header is sent.
     tenant: str = "default"
     max_body_bytes: int = 1 * MiB  # larger request bodies get 413
+    # Slow clients: a request's headers must arrive within this many seconds, and beyond
+    # max_connections open connections new ones are closed at once (half-open connections
+    # must not take the file descriptors the gRPC port needs).
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
         require(not self.listen or ":" in self.listen, "listen", "must be host:port")
+        require(0 < self.header_timeout_s <= 300, "header_timeout_s", "must be in (0, 300]")
+        require(1 <= self.max_connections <= 100_000, "max_connections",
+                "must be between 1 and 100000")
         require(valid_name(self.tenant), "tenant", f"must be {NAME_RULE}")
         require(1024 <= self.max_body_bytes <= 64 * MiB, "max_body_bytes",
                 "must be between 1024 and 67108864")

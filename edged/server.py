@@ -143,7 +143,8 @@ class Edged(Daemon):
         if cfg.http.listen:
             front = OpenAIFront(cfg, self.pipeline, self.admin, cfg.auth.table(),
                                 self.required_down)
-            self.http = HttpServer(front.app, cfg.http.listen, cfg.tls, cfg.shutdown_grace_s)
+            self.http = HttpServer(front.app, cfg.http.listen, cfg.tls, cfg.shutdown_grace_s,
+                                   cfg.http.header_timeout_s, cfg.http.max_connections)
             await self.http.start()
             log.info("OpenAI-compatible front listening", url=f"{self.http.url}/v1")
         log.info("edge ready", edge_id=cfg.edge_id, collection=cfg.collection,

@@ -230,3 +230,47 @@ async def test_with_auth_on_healthz_tells_why_only_to_an_admin(edge_config,
         admin_view = await http.get(f"{edge.http.url}/healthz",
                                     headers={"authorization": f"Bearer {admin}"})
         assert admin_view.status_code == 503 and dead in admin_view.json()["down"]["cloud"]
+
+
+async def test_slow_clients_are_cut_off_and_capped(edge_config, cloud) -> None:
+    """Half-open connections (headers never finished): beyond http.max_connections they are
+    closed at once, the rest when http.header_timeout_s runs out; gRPC answers meanwhile and
+    HTTP again right after (uvicorn alone kept every one open: slow-loris took the edge's file
+    descriptors)."""
+    import socket
+
+    from edged.config import HttpConfig as Http
+    from tests.conftest import ask, edge_client
+
+    cfg = edge_config(cloud=cloud, http=Http(listen="127.0.0.1:0", header_timeout_s=1.0,
+                                             max_connections=20),
+                      policy=PolicyConfig(shadow_rate=0))
+    async with running(Edged(cfg)) as edge:
+        host, port = edge.http.address.rsplit(":", 1)
+        slow = []
+        for _ in range(100):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n")  # never ends
+            slow.append(sock)
+        await asyncio.sleep(0.3)
+
+        def closed_by_server(sock: socket.socket) -> bool:
+            sock.settimeout(0.05)
+            try:
+                return sock.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        assert sum(map(closed_by_server, slow)) >= 80  # over the cap: closed at once
+        async with edge_client(edge.grpc.address) as stub:
+            assert (await stub.Ask(ask("Is gRPC still answering?"), timeout=30)).answer
+        await asyncio.sleep(1.5)
+        assert all(map(closed_by_server, slow))  # the rest: their headers were too late
+        for sock in slow:
+            sock.close()
+        async with httpx.AsyncClient(timeout=30) as http:
+            reply = await http.post(f"{edge.http.url}/v1/chat/completions", json={
+                "model": "velo", "messages": [user("Is HTTP answering again?")]})
+            assert reply.status_code == 200

@@ -15,8 +15,46 @@ from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from velo.security import TLSConfig
+
+
+class _GuardedProtocol(H11Protocol):
+    """h11 with two guards against slow clients (slow-loris), which uvicorn lacks: a request's
+    headers must be complete within `header_timeout_s` of the connection (or of the previous
+    response), and beyond `max_connections` open connections a new one is closed at once, so
+    that half-open connections cannot take every file descriptor of the daemon (its gRPC port
+    needs them too)."""
+
+    header_timeout_s = 10.0
+    max_connections = 1000
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            transport.close()  # not counted: connection_lost discards what was never added
+            return
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout_s, self._headers_late)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and self._header_timer is not None:  # a request began
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        if getattr(self, "transport", None) is not None:
+            super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _QuietServer(uvicorn.Server):
@@ -27,8 +65,12 @@ class _QuietServer(uvicorn.Server):
 
 class HttpServer:
     def __init__(self, app: ASGIApp, listen: str, tls: TLSConfig | None = None,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, header_timeout_s: float = 10.0,
+                 max_connections: int = 1000) -> None:
         self.app, self.listen, self.tls, self.grace_s = app, listen, tls, grace_s
+        # One protocol class per server: its guards are this server's settings.
+        self._protocol = type("GuardedProtocol", (_GuardedProtocol,), {
+            "header_timeout_s": header_timeout_s, "max_connections": max_connections})
         self.port = 0
         self._server: _QuietServer | None = None
         self._task: asyncio.Task | None = None
@@ -61,7 +103,8 @@ class HttpServer:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=self.grace_s, **self._tls_options())
+                                http=self._protocol, timeout_graceful_shutdown=self.grace_s,
+                                **self._tls_options())
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
