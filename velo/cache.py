@@ -37,10 +37,13 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.client.types import LoadState
 
 from velo.config import require
+from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name, valid_scope
 from velo.shape import AnswerFacts
 from velo.state import ANSWER, QUESTION, CachedRow
 from velo.texts import MEMORY, Entry, TextStore
+
+log = get_logger("velo.cache")
 
 MAX_TEXT_BYTES = 65_535  # the longest question or answer cached (Milvus's VARCHAR limit)
 RECENT_S = 15.0  # longer than Milvus's Bounded staleness (gracefulTime, 5 s by default)
@@ -85,6 +88,7 @@ class VectorCache:
         self.texts_path = texts_path
         self.client: MilvusClient | None = None
         self.texts: TextStore | None = None
+        self.removed_without_texts = 0  # rows removed at open: their texts were gone
         self._text_fields = False  # a collection made before the texts moved out of Milvus
         self._overlay = _Overlay()
         self._flush_lock = threading.Lock()  # one flush at a time
@@ -108,7 +112,35 @@ class VectorCache:
                            consistency_level="Strong")
         if self._text_fields:
             self._copy_texts_out()
+        else:
+            self.removed_without_texts = self._remove_rows_without_texts()
         self._backfill_scopes()
+
+    def _remove_rows_without_texts(self) -> int:
+        """Rows whose pair has no texts (the store was lost, damaged or truncated) can never be
+        served: remove them, so that the cache's size counts what can be served. Checked when
+        the store holds fewer pairs than Milvus; returns how many rows went."""
+        assert self.texts is not None
+        pairs = self.count() // 2
+        if self.texts.count() >= pairs:
+            return 0
+        kept = self.texts.has_all()
+        orphans: list[int] = []
+        iterator = self.client.query_iterator(
+            self.collection, batch_size=4096, filter="id >= 0", output_fields=["id"],
+            consistency_level="Strong")
+        try:
+            while batch := iterator.next():
+                orphans += [int(r["id"]) for r in batch if int(r["id"]) // 2 not in kept]
+        finally:
+            iterator.close()
+        for start in range(0, len(orphans), 1000):
+            self.client.delete(self.collection, ids=orphans[start : start + 1000],
+                               timeout=self.cfg.timeout_s)
+        if orphans:
+            log.warning("removed cached rows whose texts are gone", rows=len(orphans),
+                        texts=self.texts.path, store_set_aside=str(self.texts.quarantined or ""))
+        return len(orphans)
 
     def _backfill_scopes(self) -> None:
         """Entries stored before the TextStore kept scopes, tenants and creation times: read

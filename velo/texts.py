@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from velo.logs import get_logger
 from velo.shape import AnswerFacts
 
 MEMORY = ":memory:"  # a throwaway store (simulations, benchmarks): the texts die with it
@@ -72,14 +73,55 @@ def _entry(row: tuple) -> Entry:
                  AnswerFacts(finish, int(prompt), int(completion), int(cap), bool(est)))
 
 
+def _quarantine(path: Path, exc: Exception) -> Path:
+    """Move a damaged store (and its WAL and shared-memory files) aside; where it went."""
+    import time
+
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            part.rename(f"{aside}{suffix}")
+    get_logger("velo.texts").error(
+        "texts store damaged: set aside, starting an empty one (the cached answers it held are "
+        "lost; their Milvus rows are removed at start)", path=str(path), error=str(exc),
+        set_aside=str(aside))
+    return aside
+
+
 class TextStore:
     def __init__(self, path: str | Path = MEMORY) -> None:
-        """Open (or create) the store at `path`; ":memory:" keeps it in this process only."""
+        """Open (or create) the store at `path`; ":memory:" keeps it in this process only.
+
+        A damaged file (SQLite's quick_check fails, or it is no database) is set aside as
+        `<name>.damaged-<time>` with its WAL, named in the log, and a new store starts: the
+        edge keeps serving (its cached answers are lost, not its forwards). `quarantined`
+        says where the old file went."""
         if str(path) != MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
         self._lock = threading.Lock()  # one connection, shared by the search threads
+        self.quarantined: Path | None = None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if self.path == MEMORY:
+                raise
+            self.quarantined = _quarantine(Path(self.path), exc)
+            self._open()
+
+    def _open(self) -> None:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            (verdict,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {verdict}")
+            self._schema()
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
+
+    def _schema(self) -> None:
         if self.path != MEMORY:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -92,6 +134,11 @@ class TextStore:
                 self._db.execute(f"ALTER TABLE texts ADD COLUMN {name} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS texts_by_tenant ON texts (tenant, created)")
         self._db.execute("CREATE INDEX IF NOT EXISTS texts_by_created ON texts (created)")
+
+    def has_all(self) -> frozenset[int]:
+        """Every pair id the store has (read at start, to find rows left without texts)."""
+        with self._lock:
+            return frozenset(p for (p,) in self._db.execute("SELECT pair_id FROM texts"))
 
     def put(self, entries: Iterable[Entry]) -> None:
         """Store entries in one transaction; a known id keeps its first texts (a pair's texts
