@@ -195,7 +195,7 @@ class Edged(Daemon):
         while True:
             ok = self.grpc.parts[VECTOR_DB].ok
             await asyncio.sleep(VECTOR_DB_PROBE_S if ok else 1.0)
-            probe = loop.run_in_executor(self._probe_thread, self.cache.ping)
+            probe = loop.run_in_executor(self._probe_thread, self.cache.ping, 2.0, not ok)
             try:
                 problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
                 slow = 0

@@ -274,3 +274,23 @@ async def test_slow_clients_are_cut_off_and_capped(edge_config, cloud) -> None:
             reply = await http.post(f"{edge.http.url}/v1/chat/completions", json={
                 "model": "velo", "messages": [user("Is HTTP answering again?")]})
             assert reply.status_code == 200
+
+
+async def test_hostile_bodies_get_400_never_500(edge_config, cloud) -> None:
+    """The three bodies that got a 500 and a traceback in the round-2 probe: a role that is no
+    string, a lone surrogate (valid JSON, no text), and JSON nested 10⁵ deep."""
+    async with running(Edged(front_config(edge_config, cloud))) as edge, \
+            httpx.AsyncClient(timeout=30) as http:
+        url = f"{edge.http.url}/v1/chat/completions"
+        bodies = [
+            json.dumps({"model": "velo", "messages": [{"role": {"user": 1}, "content": "hi"}]}),
+            json.dumps({"model": "velo", "messages": [{"role": ["user"], "content": "hi"}]}),
+            '{"model": "velo", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+            '{"model": "velo", "messages": [{"role": "user", "content": "x"}], "velo": '
+            + "[" * 100_000 + "]" * 100_000 + "}",
+        ]
+        for body in bodies:
+            reply = await http.post(url, content=body.encode(),
+                                    headers={"content-type": "application/json"})
+            assert reply.status_code == 400, (body[:80], reply.text[:200])
+            assert reply.json()["error"]["type"] == "invalid_request_error"

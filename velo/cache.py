@@ -192,11 +192,13 @@ class VectorCache:
         self.client.create_collection(self.collection, schema=schema, index_params=index,
                                       consistency_level=CONSISTENCY)
 
-    def ping(self, timeout_s: float = 2.0) -> str | None:
+    def ping(self, timeout_s: float = 2.0, warm: bool = False) -> str | None:
         """None when Milvus answers and this edge's collection is loaded; else what is wrong.
 
         A restarted Milvus 2.3 standalone may come back with the collection released (every
-        search then fails "collection not loaded"): the ping loads it again.
+        search then fails "collection not loaded"): the ping loads it again. `warm` (Milvus
+        was down): also wait, up to a minute, until a search answers; the first ones after a
+        restart take longer than vector_db.timeout_s, and requests must not be let in before.
         """
         try:
             if not self.client.has_collection(self.collection, timeout=timeout_s):
@@ -204,6 +206,9 @@ class VectorCache:
             state = self.client.get_load_state(self.collection, timeout=timeout_s)["state"]
             if state != LoadState.Loaded:
                 self.client.load_collection(self.collection, timeout=60)
+            if warm:
+                self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
+                                   consistency_level="Strong", timeout=60)
         except Exception as exc:  # pymilvus raises many types
             return f"Milvus at {self.cfg.uri} does not answer: {str(exc)[:300]}"
         return None
