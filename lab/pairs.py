@@ -181,10 +181,12 @@ def error_at_hit_rate(rows: list[dict], hit_rate: float) -> float:
     return float(np.interp(hit_rate, xs, ys))
 
 
-def wilson_upper(errors: int, n: int, z: float = WILSON_Z) -> float:
+def wilson_upper(errors: float, n: int, z: float = WILSON_Z) -> float:
+    """One-sided 95 % upper bound of an error rate seen as `errors` in `n` (a count, or an
+    extrapolated one: lab.verifier.thresholds_by_rows)."""
     if n == 0:
         return 1.0
-    p = errors / n
+    p = min(errors / n, 1.0)
     centre = p + z * z / (2 * n)
     margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre + margin) / (1 + z * z / n)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lab.memory_cache import MemoryCache
-from lab.pairs import Pair, components
+from lab.pairs import Pair, components, wilson_upper
 from velo.verifier import FEATURES, pair_features
 
 TENANT = "verify"
@@ -144,16 +144,6 @@ class SizeRun:
     rows: int
     scores: np.ndarray  # [queries] float
     wrong: np.ndarray  # [queries] bool: the best row is not a labelled paraphrase
-
-
-def wilson_upper(errors: float, n: int, z: float = 1.645) -> float:
-    """One-sided 95 % upper bound of an error rate seen as `errors` in `n`."""
-    if n == 0:
-        return 1.0
-    p = min(errors / n, 1.0)
-    centre = p + z * z / (2 * n)
-    margin = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return (centre + margin) / (1 + z * z / n)
 
 
 def thresholds_by_rows(runs: list[SizeRun], delta: float,

@@ -151,7 +151,8 @@ def test_the_threshold_for_delta_rises_with_the_rows_the_wrong_hits_grow_with() 
     the right row for the queries scoring 0.6-0.62 and for the two best ones. Extrapolated, a
     10x bigger cache needs a threshold inside that band, and at 10⁶ rows even the best scores
     would be wrong too often: no threshold holds."""
-    from lab.verifier import NEVER, SizeRun, thresholds_by_rows, wilson_upper
+    from lab.pairs import wilson_upper
+    from lab.verifier import NEVER, SizeRun, thresholds_by_rows
 
     scores = np.linspace(0, 1, 2000)
     base = SizeRun(100, scores, scores < 0.3)
