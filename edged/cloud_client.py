@@ -97,9 +97,14 @@ class CloudClient:
                                  "stream without its summary")
             return Generation.from_response(done, time.perf_counter() - start)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # cloudd (or its LLM) is frozen or swamped: a dependency that is not there.
+                raise CloudError(ErrorKind.UNAVAILABLE, f"cloud LLM unavailable: cloudd at "
+                                 f"{self.address} did not answer within {self.timeout_s} s "
+                                 "(edged cloud_timeout_s)") from exc
             kind = ErrorKind[exc.code().name] if exc.code().name in ErrorKind.__members__ \
                 else ErrorKind.INTERNAL
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise CloudError(kind, f"cloud LLM unavailable (cloudd at {self.address}): "
                                  f"{exc.details()}") from exc
             raise CloudError(kind, f"cloud LLM failed: {exc.details()}") from exc

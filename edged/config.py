@@ -190,7 +190,13 @@ class EdgeConfig:
     # Prometheus /metrics (velo.metrics), e.g. "127.0.0.1:9151"; empty: not served.
     metrics_listen: str = ""
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
+    # Deadline of each call to cloudd (a whole answer, or a whole stream): a frozen cloudd turns
+    # into UNAVAILABLE (HTTP 503) after it. At most limits.request_timeout_s.
+    cloud_timeout_s: float = 60.0
     trainer: str = "127.0.0.1:50070"  # trainerd address; empty: no experience upload/policies
+    # Deadline of each call to trainerd (an experience upload, a policy download); a frozen
+    # trainerd only delays uploads (the spool keeps them) and new policies.
+    trainer_timeout_s: float = 30.0
     data_dir: str = "var/edged"  # experience spool, last verified policy, cached pairs' texts
     # "minilm" (English, 384 wide) or "use-multilingual" (16 languages, 512 wide: a cached
     # answer serves the question in every language). A different width needs a new collection.
@@ -205,6 +211,7 @@ class EdgeConfig:
     # model (deploy/triton/model_repository/minilm; which ONNX file it runs is set there).
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "minilm"
+    triton_timeout_s: float = 10.0  # deadline of each call to Triton (an embedding, a check)
     # onnxruntime intra-op threads of the one embedding session (idle ones sleep): the
     # machine's cores, so that a lone request uses them all.
     embedder_threads: int = 2
@@ -240,6 +247,10 @@ class EdgeConfig:
         require(self.log_level.upper() in logging.getLevelNamesMapping(), "log_level",
                 "must be debug, info, warning, error or critical")
         require(self.spool_max_records >= 1, "spool_max_records", "must be >= 1")
+        require(0 < self.cloud_timeout_s <= self.limits.request_timeout_s, "cloud_timeout_s",
+                f"must be in (0, limits.request_timeout_s = {self.limits.request_timeout_s}]")
+        for key in ("trainer_timeout_s", "triton_timeout_s"):
+            require(0 < getattr(self, key) <= 600, key, "must be in (0, 600]")
         require(not self.mqtt.enabled or bool(self.trainer), "mqtt",
                 "needs trainer: announced policies are pulled from trainerd over gRPC")
         require(self.spool_max_bytes >= 64 * 1024, "spool_max_bytes", "must be >= 65536")

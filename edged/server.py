@@ -92,7 +92,8 @@ class Edged(Daemon):
         cfg = self.cfg
         model_dir = Path(cfg.embedder_dir) if cfg.embedder_dir else embedder_dir()
         self.embedder = load_embedder(cfg.embedder, model_dir, cfg.embedder_threads,
-                                      cfg.embedder_file, cfg.triton_url, cfg.triton_model)
+                                      cfg.embedder_file, cfg.triton_url, cfg.triton_model,
+                                      cfg.triton_timeout_s)
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0,
                                  texts_path=cfg.texts_path)
@@ -104,17 +105,18 @@ class Edged(Daemon):
             log.warning("released experience records held by the previous run (their shadow "
                         "verification never finished)", records=self.spool.released_at_start)
         token = read_token(cfg.auth.token_file)
-        self.cloud = CloudClient(cfg.cloud, cfg.limits.request_timeout_s, cfg.tls, token)
+        self.cloud = CloudClient(cfg.cloud, cfg.cloud_timeout_s, cfg.tls, token)
         self.trainer_channel = dial(cfg.trainer, cfg.tls, token, options=[
             ("grpc.max_receive_message_length", cfg.policy.max_bytes + 64 * 1024)],
         ) if cfg.trainer else None
         self.uploader = ExperienceUploader(self.trainer_channel, self.spool, cfg.upload_batch,
-                                           self.report)
+                                           self.report, cfg.trainer_timeout_s)
         self.policies = PolicyFollower(
             self.trainer_channel, baseline_from_name(cfg.policy.baseline, cfg.policy.seed),
             cfg.data_path / "policy", top_p=cfg.cache.top_p, embed_dim=self.embedder.dim,
             sample=cfg.policy.sample, seed=cfg.policy.seed, max_bytes=cfg.policy.max_bytes,
-            report=self.report, has_verifier=bool(cfg.reuse.verifier))
+            report=self.report, has_verifier=bool(cfg.reuse.verifier),
+            timeout_s=cfg.trainer_timeout_s)
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg),

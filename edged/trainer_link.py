@@ -43,9 +43,10 @@ async def _no_report(part: str, ok: bool, reason: str) -> None:
 
 class ExperienceUploader:
     def __init__(self, channel: grpc.aio.Channel | None, spool: Spool, batch: int,
-                 report: PartReport = _no_report) -> None:
+                 report: PartReport = _no_report, timeout_s: float = 30.0) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
         self.spool, self.batch, self.report = spool, batch, report
+        self.timeout_s = timeout_s  # deadline of one upload stream
         self.sent = 0
         self.rejected = 0  # records trainerd refused as invalid (dropped, logged)
         self._wake = asyncio.Event()
@@ -81,7 +82,7 @@ class ExperienceUploader:
     async def _upload(self, pending: list[tuple[int, bytes]]) -> None:
         records = [trainer_pb2.Experience.FromString(body) for _, body in pending]
         try:
-            ack = await self.stub.ReportExperience(iter(records), timeout=30)
+            ack = await self.stub.ReportExperience(iter(records), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -89,7 +90,7 @@ class ExperienceUploader:
             # (stored records are deduplicated) and drop only the refused ones.
             for record in records:
                 try:
-                    await self.stub.ReportExperience(iter([record]), timeout=30)
+                    await self.stub.ReportExperience(iter([record]), timeout=self.timeout_s)
                 except grpc.aio.AioRpcError as one:
                     if one.code() != grpc.StatusCode.INVALID_ARGUMENT:
                         raise
@@ -109,8 +110,10 @@ class ExperienceUploader:
 class PolicyFollower:
     def __init__(self, channel: grpc.aio.Channel | None, baseline: Policy, store_dir: Path, *,
                  top_p: int, embed_dim: int, sample: bool, seed: int, max_bytes: int,
-                 report: PartReport = _no_report, has_verifier: bool = False) -> None:
+                 report: PartReport = _no_report, has_verifier: bool = False,
+                 timeout_s: float = 60.0) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
+        self.timeout_s = timeout_s  # deadline of one policy download
         self.current: Policy = baseline
         self.store_dir = store_dir
         self.max_bytes, self.report = max_bytes, report
@@ -181,7 +184,7 @@ class PolicyFollower:
             return False
         try:
             policy = await self.stub.GetPolicy(trainer_pb2.GetPolicyRequest(version=version),
-                                               timeout=60)
+                                               timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # Larger than this edge's channel accepts (policy.max_bytes).

@@ -216,6 +216,40 @@ def _wait_serving(port: int, timeout_s: float) -> None:
     raise AssertionError(f"port {port} did not answer within {timeout_s} s")
 
 
+async def test_a_frozen_cloud_is_unavailable_within_the_cloud_timeout(edge_config, fake_llm,
+                                                                      tmp_path) -> None:
+    """cloudd SIGSTOPped (its port still accepts, nothing answers): a forward is UNAVAILABLE
+    after `cloud_timeout_s`, not held for the whole request limit (it waited for the client's
+    own deadline), and health names the cloud part."""
+    port = free_port()
+    (tmp_path / "cloudd.toml").write_text(
+        f'listen = "127.0.0.1:{port}"\n[llm]\nbase_url = "{fake_llm.url}"\n'
+        f'model = "{FAKE_MODEL}"\n')
+    cloud = _start("cloudd", tmp_path / "cloudd.toml", tmp_path / "cloudd.log")
+    try:
+        await asyncio.to_thread(_wait_serving, port, 60)
+        cfg = edge_config(cloud=f"127.0.0.1:{port}", cloud_timeout_s=2.0)
+        async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+            await stub.Ask(ask("What warms the path to the cloud?"), timeout=30)
+            cloud.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Ask(ask("What is asked while the cloud is frozen?"), timeout=20)
+            took = time.monotonic() - started
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert "cloud_timeout_s" in err.value.details()
+            assert took < 6, took
+            await until(lambda: not edge.grpc.serving, timeout_s=30)
+            assert "cloudd at" in edge.grpc.parts["cloud"].reason
+            assert edge.grpc.parts["vector_db"].ok
+            cloud.send_signal(signal.SIGCONT)
+            await until(lambda: edge.grpc.serving, timeout_s=15)
+    finally:
+        cloud.send_signal(signal.SIGCONT)
+        cloud.kill()
+        cloud.wait()
+
+
 def test_an_edge_whose_peers_are_gone_stops_within_its_grace(milvus, tmp_path) -> None:
     """edged as its own process; cloudd and trainerd killed under it. SIGTERM ends it within
     its grace period (it ignored SIGTERM for minutes), and while a shutdown is stuck a second

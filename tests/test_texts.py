@@ -216,3 +216,20 @@ def test_a_damaged_texts_store_is_set_aside_and_its_orphan_rows_removed(
     finally:
         reopened.drop()
         reopened.close()
+
+
+def test_a_store_damaged_while_open_names_its_file_in_the_error(tmp_path: Path) -> None:
+    """Damage after the start-up check (a disk fault, another writer) surfaces on the next read:
+    the error names the file (it said only "database disk image is malformed")."""
+    path = tmp_path / "texts.db"
+    store = TextStore(path)
+    store.put([Entry(i, f"question {i} " * 20, f"answer {i} " * 50) for i in range(2000)])
+    store.close()
+    store = TextStore(path)  # passes quick_check; nothing read into the page cache yet
+    size = path.stat().st_size
+    with path.open("r+b") as raw:  # every page but the first turns to noise
+        raw.seek(4096)
+        raw.write(np.random.default_rng(0).bytes(size - 4096))
+    with pytest.raises(sqlite3.DatabaseError, match=f"texts store {path}: "):
+        store.get(range(2000))
+    store.close()

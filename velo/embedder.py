@@ -166,7 +166,7 @@ EMBEDDER_KINDS = ("minilm", "use-multilingual", "triton")
 
 def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: int = 1,
                   model_file: str = "model.onnx", triton_url: str = "127.0.0.1:8001",
-                  triton_model: str = "minilm",
+                  triton_model: str = "minilm", triton_timeout_s: float = 10.0,
                   ) -> Embedder | MultilingualEmbedder | TritonEmbedder:
     """The embedder of `kind` (EMBEDDER_KINDS); model_dir, threads and model_file are MiniLM's,
     triton_url and triton_model Triton's (its model files are the server's)."""
@@ -175,7 +175,7 @@ def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: 
     if kind == "triton":
         # Imported here: tritonclient is needed only by edges that use it.
         from velo.triton_embedder import TritonEmbedder
-        return TritonEmbedder(triton_url, triton_model)
+        return TritonEmbedder(triton_url, triton_model, triton_timeout_s)
     if kind != "minilm":
         raise ValueError(f"unknown embedder {kind!r}; use one of {', '.join(EMBEDDER_KINDS)}")
     return Embedder(model_dir, threads=threads, model_file=model_file)

@@ -54,6 +54,9 @@ class MqttConfig:
     keepalive_s: int = 30  # a silently dead connection is noticed within ~1.5x this
     # Reconnection back-off grows from 0.5 s up to this while the broker is unreachable.
     max_backoff_s: float = 10.0
+    # Deadline of each exchange with the broker (connect, subscribe, a QoS 1 publish): a
+    # frozen broker counts as unreachable after it, and the client reconnects.
+    timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.broker:
@@ -69,6 +72,7 @@ class MqttConfig:
             require(not path or is_file(path), key, f"{path} is not a readable file")
         require(5 <= self.keepalive_s <= 3600, "keepalive_s", "must be between 5 and 3600")
         require(0.5 <= self.max_backoff_s <= 600, "max_backoff_s", "must be between 0.5 and 600")
+        require(0 < self.timeout_s <= 300, "timeout_s", "must be in (0, 300]")
 
     @property
     def enabled(self) -> bool:
@@ -147,7 +151,7 @@ def client(cfg: MqttConfig, client_id: str) -> aiomqtt.Client:
         username=cfg.username or None,
         password=read_token(cfg.password_file) or None,
         tls_context=ssl.create_default_context(cafile=cfg.ca_file) if cfg.ca_file else None,
-        keepalive=cfg.keepalive_s, timeout=10,
+        keepalive=cfg.keepalive_s, timeout=cfg.timeout_s,
     )
 
 

@@ -3,19 +3,22 @@
 This is the embedded default of the one-machine stack: no container, no install, ~260 MB,
 ready in ~10 s. Production edges point `vector_db.uri` at their own Milvus server instead.
 
-Network exposure: Milvus 2.3 has no setting for the address its servers listen on. Its embedded
-etcd listens on 127.0.0.1:2379/2380, but the API port, the webservice port (9091: /healthz,
-metrics) and the internal gRPC ports of the coordinators and nodes listen on every interface,
-so authentication is on by default (`auth=True`): the first start on a data_dir replaces the
-default root password (root/Milvus) with a random one, kept in data_dir/root.token (mode 0600), and
-every client passes `.token`. That refuses the public API (gRPC and REST on the API port) to
-clients without the token. It is no barrier against someone who can reach the other ports and
-knows Milvus's internals: the internal ports take calls without credentials (the proxy's
-UpdateCredentialCache sets the password hash logins are checked against) and the webservice's
-/expr runs expressions on the components for anyone passing etcd.rootPath ("by-dev"); see the
-xfail tests in tests/test_milvus_server.py. Firewall the host where that matters.
-`<component>.ip` only sets the address a component advertises to the others; it is set to
-127.0.0.1 here so their traffic stays on loopback.
+Network exposure: Milvus 2.3 has no setting for the address its servers listen on: its API,
+webservice (9091: /healthz, metrics, /expr) and internal gRPC ports listen on every interface, and
+its embedded etcd on the fixed ports 2379/2380 (so only one could run per machine). By default
+(`private_network=True`) Milvus runs in a Linux network namespace of its own (see
+velo/private_network.py): there "every interface" is that namespace's loopback, and the only way
+in is a relay on the host's 127.0.0.1:<port>, the API port clients use. Nothing else of Milvus is
+reachable from the host or the network (the internal ports take calls without credentials; the
+webservice's /expr runs expressions for anyone passing etcd.rootPath), and any number of
+embedded Milvus servers run side by side. A namespace needs root (CAP_SYS_ADMIN): without it the
+server runs in the host's network as Milvus 2.3 does, with a warning in the log: every port on
+every interface, one per machine. Firewall the host then.
+
+Authentication is on either way (`auth=True`): the first start on a data_dir replaces the default
+root password (root/Milvus) with a random one, kept in data_dir/root.token (mode 0600), and every
+client passes `.token`. `<component>.ip` only sets the address a component advertises to the
+others; it is set to 127.0.0.1 here so their traffic stays on loopback.
 
 The default password works from the moment the API port listens until start() changes it, right
 after /healthz first says OK (once per data_dir); start() then checks that root is still the only
@@ -28,12 +31,14 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from velo import private_network
 from velo.logs import get_logger
 
 if TYPE_CHECKING:
@@ -48,6 +53,9 @@ COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dat
 STOP_TIMEOUT_S = 10.0
 DEFAULT_TOKEN = "root:Milvus"  # Milvus's initial root credentials
 TOKEN_FILE = "root.token"
+# Inside a private network namespace every port is free: Milvus's defaults.
+INNER_API_PORT, INNER_WEBSERVICE_PORT = 19530, 9091
+RELAY_START_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -75,7 +83,7 @@ def reserve_port(port: int) -> socket.socket | None:
 
 class EmbeddedMilvus:
     def __init__(self, data_dir: str | Path, port: int = 0, mmap: bool = False,
-                 auth: bool = True) -> None:
+                 auth: bool = True, private_network: bool = True) -> None:
         """`port`: the API port; 0 picks a free one. `.port`/`.uri` always name the port the
         server listens on: a taken `port` fails start() instead of moving elsewhere.
 
@@ -84,7 +92,10 @@ class EmbeddedMilvus:
         vectors and the kernel may drop cold texts (see README, Performance).
 
         `auth`: Milvus authentication (`common.security.authorizationEnabled`) with a root
-        password of this data_dir's own (see the module docstring); clients pass `.token`."""
+        password of this data_dir's own (see the module docstring); clients pass `.token`.
+
+        `private_network`: run Milvus in a network namespace of its own behind a loopback relay
+        where the kernel allows (root); `.private` says whether it does."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         # Whether the server must get exactly self.port: asked for, or kept across a restart so
@@ -92,8 +103,10 @@ class EmbeddedMilvus:
         self._pin_port = bool(port)
         self.mmap = mmap
         self.auth = auth
+        self.private_network = private_network
         self.token = ""  # `token=` for MilvusClient / VectorDBConfig; set by start() if auth
         self._server: MilvusServer | None = None
+        self._relay: subprocess.Popen[str] | None = None  # the door to the private network
 
     @property
     def uri(self) -> str:
@@ -107,6 +120,16 @@ class EmbeddedMilvus:
     def pid(self) -> int | None:
         """The server process's pid while it runs (tests freeze it; operators kill it)."""
         return self._server.server_proc.pid if self.running else None
+
+    @property
+    def relay_pid(self) -> int | None:
+        """The pid of the relay into Milvus's private network namespace (None without one)."""
+        return self._relay.pid if self._relay is not None else None
+
+    @property
+    def private(self) -> bool:
+        """Whether Milvus runs in a network namespace of its own (reachable only via .uri)."""
+        return self._relay is not None
 
     @property
     def running(self) -> bool:
@@ -123,15 +146,19 @@ class EmbeddedMilvus:
                                    "(pass another port, or port=0 for a free one)")
             sock.close()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = self._new_server()
-        log.info("starting milvus", data_dir=str(self.data_dir))
-        server.start()  # writes the config: ports are resolved now
-        self._server = server
-        # A pinned port that got taken since the check above fails in server.start(); a picked
-        # one may have moved to the next free port: report the one in the config Milvus reads.
-        self.port = server.listen_port
         deadline = time.monotonic() + timeout_s
         try:
+            if self.private_network:
+                self._start_relay()
+            self._server = server = self._new_server()
+            log.info("starting milvus", data_dir=str(self.data_dir), private_network=self.private)
+            if self._relay is not None:
+                self._launch_inside(server, self._relay.pid)
+            else:
+                server.start()  # writes the config: ports are resolved now
+                # A pinned port taken since the check above fails in server.start(); a picked
+                # one may have moved to the next free port: report the one Milvus reads.
+                self.port = server.listen_port
             self._wait_ready(server, timeout_s)
             if self.auth:
                 self.token = self._secure(deadline)
@@ -153,12 +180,18 @@ class EmbeddedMilvus:
         server.set_base_dir(str(self.data_dir))
         server.show_startup_banner = False
         config = server.config
-        # The package probes ports without SO_REUSEADDR, so a restart would move off a port that
-        # only has TIME_WAIT connections left; probe as Milvus binds instead.
-        config.try_bind_port = reserve_port
-        if self._pin_port:
+        if self._relay is not None:
+            # The package probes the host's ports; the namespace's are all free.
+            config.try_bind_port = lambda port: socket.socket()
+            config.update(proxy_port=INNER_API_PORT)
+            server.webservice_port = INNER_WEBSERVICE_PORT
+        elif self._pin_port:
+            # The package probes ports without SO_REUSEADDR, so a restart would move off a port
+            # that only has TIME_WAIT connections left; probe as Milvus binds instead.
+            config.try_bind_port = reserve_port
             config.update(proxy_port=self.port)  # a port in `configs` fails when taken
         else:
+            config.try_bind_port = reserve_port
             server.listen_port = self.port  # the first port the package tries, then upwards
         for section in COMPONENTS:
             # Advertise loopback instead of the host's first unicast address (this does not
@@ -174,6 +207,74 @@ class EmbeddedMilvus:
         if self.mmap:
             self._enable_mmap(server)
         return server
+
+    def _start_relay(self) -> None:
+        """Start the relay that makes a private network namespace and listens on self.port;
+        leave self._relay None (and say so) where the kernel refuses a namespace."""
+        for _ in range(3):
+            relay = subprocess.Popen(
+                [sys.executable, "-m", "velo.private_network", str(self.port), str(INNER_API_PORT)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert relay.stdout is not None
+            line = relay.stdout.readline().strip()  # "ready", or why not, then it exits
+            if line == private_network.READY:
+                self._relay = relay
+                return
+            code = relay.wait(timeout=RELAY_START_TIMEOUT_S)
+            _close_pipes(relay)
+            if code == private_network.UNAVAILABLE_EXIT:
+                log.warning("no private network for Milvus: it listens on every interface of "
+                            "this host and only one embedded Milvus can run here (run as root "
+                            "for a network namespace, or firewall the host)", reason=line)
+                return
+            if code != private_network.PORT_TAKEN_EXIT:
+                raise RuntimeError(f"the relay to Milvus's private network failed ({code}): "
+                                   f"{line or 'no output'}")
+            if self._pin_port:
+                raise RuntimeError(f"cannot start Milvus on port {self.port}: it is already in "
+                                   "use (pass another port, or port=0 for a free one)")
+            self.port = free_port()  # taken since it was picked: pick again
+        raise RuntimeError("cannot find a free loopback port for Milvus")
+
+    def _stop_relay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is None:
+            return
+        relay.terminate()
+        try:
+            relay.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait(timeout=5)
+        _close_pipes(relay)
+
+    @staticmethod
+    def _launch_inside(server: MilvusServer, relay_pid: int) -> None:
+        """What the package's MilvusServer.start() does, with the process started inside the
+        relay's network namespace."""
+        import milvus
+
+        config = server.config
+        config.resolve()  # writes configs/milvus.yaml
+        base = config.base_data_dir
+        milvus._initialize_data_files(base)
+        executable = server.get_milvus_executable_path()
+        libraries = [os.path.dirname(executable), os.environ.get("LD_LIBRARY_PATH", "")]
+        env = {**os.environ, "DEPLOY_MODE": "STANDALONE",
+               "METRICS_PORT": str(server.webservice_port),
+               "MILVUS_RUN_DIR": os.path.join(base, "run"),
+               "LD_LIBRARY_PATH": os.pathsep.join(filter(None, libraries))}
+        for name in ("stdout", "stderr"):  # closed by stop(), as the package's are
+            log_path = os.path.join(base, "logs", f"milvus-{name}.log")
+            server.proc_fds[name] = open(log_path, "w", encoding="utf-8")  # noqa: SIM115
+        namespace = os.open(private_network.namespace_path(relay_pid), os.O_RDONLY)
+        try:
+            server.server_proc = subprocess.Popen(
+                [executable, "run", "standalone"], cwd=base, env=env,
+                stdout=server.proc_fds["stdout"], stderr=server.proc_fds["stderr"],
+                preexec_fn=lambda: private_network.enter(namespace))
+        finally:
+            os.close(namespace)
 
     @staticmethod
     def _add_key(config: MilvusServerConfig, section: str, line: str) -> None:
@@ -192,24 +293,40 @@ class EmbeddedMilvus:
 
     def _wait_ready(self, server: MilvusServer, timeout_s: float) -> None:
         """Poll /healthz; fail fast, quoting the log, if the server process exits."""
-        url = f"http://{LOOPBACK}:{server.webservice_port}/healthz"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if server.server_proc.poll() is not None:
-                raise RuntimeError(
-                    f"Milvus exited with {server.server_proc.returncode} while starting. Only one "
-                    "embedded Milvus can run per machine (its etcd listens on the fixed ports "
-                    "2379 and 2380); to share one, pass its URI instead. Log tail:\n"
-                    f"{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if b"OK" in reply.read():
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                shared = "" if self.private else (
+                    " Without a private network only one embedded Milvus can run per machine "
+                    "(its etcd listens on the fixed ports 2379 and 2380); to share one, pass its "
+                    "URI instead.")
+                raise RuntimeError(f"Milvus exited with {server.server_proc.returncode} while "
+                                   f"starting.{shared} Log tail:\n{self._log_tail()}")
+            if self._relay is not None and self._relay.poll() is not None:
+                raise RuntimeError(f"the relay to Milvus's private network exited with "
+                                   f"{self._relay.returncode}")
+            if self.healthy():
+                return
             time.sleep(0.2)
         raise TimeoutError(f"Milvus did not become healthy in {timeout_s} s; log tail:\n"
                            f"{self._log_tail()}")
+
+    def healthy(self) -> bool:
+        """Whether Milvus's /healthz says OK (a probe without credentials)."""
+        if self._server is None:
+            return False
+        url = f"http://{LOOPBACK}:{self._server.webservice_port}/healthz"
+
+        def fetch() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    return b"OK" in reply.read()
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+
+        if self._relay is None:
+            return fetch()
+        return private_network.call_inside(self._relay.pid, fetch)  # the webservice is inside
 
     def _secure(self, deadline: float) -> str:
         """The root token of this data_dir: read from data_dir/root.token and checked, or, the
@@ -301,6 +418,7 @@ class EmbeddedMilvus:
         replayed at the next start. (The package's own stop waits only 1 s.)"""
         server, self._server = self._server, None
         if server is None or server.server_proc is None:
+            self._stop_relay()
             return
         proc = server.server_proc
         started = time.monotonic()
@@ -319,6 +437,7 @@ class EmbeddedMilvus:
         for fd in server.proc_fds.values():
             fd.close()
         server.proc_fds.clear()
+        self._stop_relay()
 
     def __enter__(self) -> EmbeddedMilvus:
         return self.start()
@@ -342,6 +461,12 @@ def _refused(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _close_pipes(process: subprocess.Popen[str]) -> None:
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def _write_private(path: Path, text: str) -> None:

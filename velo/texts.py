@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def _entry(row: tuple) -> Entry:
                  AnswerFacts(finish, int(prompt), int(completion), int(cap), bool(est)))
 
 
+class TextStoreError(sqlite3.DatabaseError):
+    """A failure of the texts store at run time, with the file it happened in."""
+
+
 def _quarantine(path: Path, exc: Exception) -> Path:
     """Move a damaged store (and its WAL and shared-memory files) aside; where it went."""
     import time
@@ -121,6 +126,16 @@ class TextStore:
             self._db.close()
             raise
 
+    @contextmanager
+    def _using(self) -> Iterator[sqlite3.Connection]:
+        """The connection, to one thread at a time; an SQLite error names the file (a disk
+        full or a file damaged while the edge runs is otherwise "database or disk is full")."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise TextStoreError(f"texts store {self.path}: {exc}") from exc
+
     def _schema(self) -> None:
         if self.path != MEMORY:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -137,33 +152,33 @@ class TextStore:
 
     def has_all(self) -> frozenset[int]:
         """Every pair id the store has (read at start, to find rows left without texts)."""
-        with self._lock:
-            return frozenset(p for (p,) in self._db.execute("SELECT pair_id FROM texts"))
+        with self._using() as db:
+            return frozenset(p for (p,) in db.execute("SELECT pair_id FROM texts"))
 
     def put(self, entries: Iterable[Entry]) -> None:
         """Store entries in one transaction; a known id keeps its first texts (a pair's texts
         never change)."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT OR IGNORE INTO texts ({_COLUMNS}) VALUES "
-                                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (e.row() for e in entries))
+        with self._using() as db, db:
+            db.execute("BEGIN")
+            db.executemany(f"INSERT OR IGNORE INTO texts ({_COLUMNS}) VALUES "
+                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (e.row() for e in entries))
 
     def get(self, pair_ids: Iterable[int]) -> dict[int, Entry]:
         """pair_id -> Entry for the ids the store has."""
         found: dict[int, Entry] = {}
-        with self._lock:
+        with self._using() as db:
             for chunk in _chunks(list(set(pair_ids))):
-                rows = self._db.execute(f"SELECT {_COLUMNS} FROM texts WHERE pair_id IN "
-                                        f"({','.join('?' * len(chunk))})", chunk)
+                rows = db.execute(f"SELECT {_COLUMNS} FROM texts WHERE pair_id IN "
+                                  f"({','.join('?' * len(chunk))})", chunk)
                 found.update((int(r[0]), _entry(r)) for r in rows)
         return found
 
     def has(self, pair_ids: Iterable[int]) -> set[int]:
         """Which of `pair_ids` the store has."""
         found: set[int] = set()
-        with self._lock:
+        with self._using() as db:
             for chunk in _chunks(list(set(pair_ids))):
-                found.update(p for (p,) in self._db.execute(
+                found.update(p for (p,) in db.execute(
                     f"SELECT pair_id FROM texts WHERE pair_id IN ({','.join('?' * len(chunk))})",
                     chunk))
         return found
@@ -172,11 +187,10 @@ class TextStore:
                ) -> tuple[list[Entry], int]:
         """Entries newest first (of one tenant, or of all with ""), and how many there are."""
         where, args = ("WHERE tenant = ?", [tenant]) if tenant else ("", [])
-        with self._lock:
-            total = int(self._db.execute(f"SELECT COUNT(*) FROM texts {where}", args)
-                        .fetchone()[0])
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM texts {where} ORDER BY created "
-                                    "DESC, pair_id LIMIT ? OFFSET ?", [*args, limit, offset])
+        with self._using() as db:
+            total = int(db.execute(f"SELECT COUNT(*) FROM texts {where}", args).fetchone()[0])
+            rows = db.execute(f"SELECT {_COLUMNS} FROM texts {where} ORDER BY created "
+                              "DESC, pair_id LIMIT ? OFFSET ?", [*args, limit, offset])
             return [_entry(r) for r in rows], total
 
     def select(self, tenant: str = "", cached_before: float = 0.0) -> list[int]:
@@ -189,48 +203,47 @@ class TextStore:
             clauses.append("created < ?")
             args.append(cached_before)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
-            return [int(p) for (p,) in self._db.execute(f"SELECT pair_id FROM texts {where}",
-                                                         args)]
+        with self._using() as db:
+            return [int(p) for (p,) in db.execute(f"SELECT pair_id FROM texts {where}", args)]
 
     def scopes(self, tenant: str) -> list[str]:
         """The scopes `tenant` has entries in (its own name, its conversations' scopes)."""
-        with self._lock:
-            return [s for (s,) in self._db.execute(
+        with self._using() as db:
+            return [s for (s,) in db.execute(
                 "SELECT DISTINCT scope FROM texts WHERE tenant = ? AND scope IS NOT NULL",
                 [tenant])]
 
     def without_scope(self) -> list[int]:
         """Ids of entries stored before scopes were kept here."""
-        with self._lock:
-            return [int(p) for (p,) in self._db.execute(
+        with self._using() as db:
+            return [int(p) for (p,) in db.execute(
                 "SELECT pair_id FROM texts WHERE scope IS NULL")]
 
     def set_scopes(self, scopes: Iterable[tuple[int, str, str, float]]) -> None:
         """(pair_id, scope, tenant, created) for entries stored without them ("" tenant:
         unknown)."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
+        with self._using() as db, db:
+            db.execute("BEGIN")
+            db.executemany(
                 "UPDATE texts SET scope = ?, tenant = ?, created = ? WHERE pair_id = ?",
                 ((scope, tenant or None, created, p) for p, scope, tenant, created in scopes))
 
     def delete(self, pair_ids: Iterable[int]) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM texts WHERE pair_id = ?", ((p,) for p in pair_ids))
+        with self._using() as db, db:
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM texts WHERE pair_id = ?", ((p,) for p in pair_ids))
 
     def clear(self) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM texts")
+        with self._using() as db:
+            db.execute("DELETE FROM texts")
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
+        with self._using() as db:
+            return int(db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._using() as db:
+            db.close()
 
 
 def _chunks(ids: list[int]) -> list[list[int]]:
