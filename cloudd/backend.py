@@ -1,8 +1,11 @@
 """The LLM behind cloudd: any server that speaks the OpenAI chat-completions API over HTTP
 (vLLM, llama.cpp server, Ollama, TGI, OpenAI itself).
 
-One `httpx.AsyncClient` lives as long as the process, so connections to the LLM server are
-reused; its pool is as large as cloudd's concurrency limit.
+One `httpx.AsyncClient` is kept, so connections to the LLM server are reused; its pool is as
+large as cloudd's concurrency limit. A request waits for a pooled connection at most timeout_s:
+a pool that stays full that long holds connections no request uses any more (a request
+cancelled at the wrong moment can leave one marked busy: after cloudd was frozen and thawed,
+every later request waited on the pool forever), so it is replaced by a fresh one.
 """
 
 from __future__ import annotations
@@ -166,17 +169,34 @@ class OpenAIBackend:
     def __init__(self, cfg: LLMConfig) -> None:
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/")
+        self._client = self._new_client()
+        self.pools_replaced = 0
+
+    def _new_client(self) -> httpx.AsyncClient:
+        cfg = self.cfg
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        self._client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             base_url=self.url + "/",
             headers=headers,
-            # No pool timeout: cloudd's own semaphore already bounds requests to the pool size.
-            timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s, pool=None),
+            # cloudd's own semaphore bounds requests to the pool size: a pool wait that runs
+            # out means the pool has stuck connections (see the module docstring).
+            timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s,
+                                  pool=cfg.timeout_s),
             limits=httpx.Limits(
                 max_connections=cfg.max_concurrency,
                 max_keepalive_connections=cfg.max_concurrency,
             ),
         )
+
+    async def _replace_pool(self) -> None:
+        stuck, self._client = self._client, self._new_client()
+        self.pools_replaced += 1
+        log.warning("no pooled connection to the LLM server came free in time; replaced the "
+                    "pool", timeout_s=self.cfg.timeout_s, replaced=self.pools_replaced)
+        try:
+            await stuck.aclose()
+        except Exception as exc:  # its connections are in an unknown state: let them go
+            log.info("closing the stuck pool failed", error=str(exc))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -339,6 +359,13 @@ class OpenAIBackend:
                 failure: BackendError = BackendUnavailable(
                     f"LLM server at {self.url} is unreachable: {_reason(exc)}"
                 )
+            except httpx.PoolTimeout:
+                await self._replace_pool()
+                failure = BackendTimeout(
+                    f"no connection to the LLM server at {self.url} came free within "
+                    f"{self.cfg.timeout_s:g} s (the pool was replaced)"
+                )
+                wait = 0.0
             except httpx.TimeoutException:
                 failure = BackendTimeout(
                     f"LLM server at {self.url} did not answer within {self.cfg.timeout_s:g} s"

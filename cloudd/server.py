@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -37,6 +38,9 @@ from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = get_logger("cloudd")
 LLM = "llm"  # the health part
+# After the LLM left a request unanswered for llm.timeout_s, a probe that only lists models
+# does not bring it back up for this long (a real answer does).
+HUNG_HOLD_S = 60.0
 
 _EDGE_ONLY = frozenset({"edge"})
 ROLES = {
@@ -93,6 +97,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         self.server = server  # its health part "llm" says whether the LLM answers
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self.in_flight = 0  # requests holding a slot (talking to the LLM)
+        self.hung_at = -1e9  # monotonic time of the last request the LLM left unanswered
         self.queued = 0  # requests waiting for a slot
         self.background = 0  # background requests holding a slot
         self.stats = cloud_pb2.CloudStats()
@@ -202,6 +207,35 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         rlog.warning(f"{what} failed", code=code.name, error=message)
         await context.abort(code, message)
 
+    async def _generate(self, request: cloud_pb2.GenerateRequest,
+                        qa: list[tuple[str, str]]) -> Completion:
+        async with self._slot(request.background):
+            try:
+                return await self.backend.generate(request.prompt, qa, request.max_tokens,
+                                                   _history(request),
+                                                   Shape.from_proto(request.shape))
+            except BackendTimeout as exc:
+                await self._hung(exc)
+                raise
+
+    async def _hung(self, exc: BackendTimeout) -> None:
+        """The LLM took llm.timeout_s (every retry) to say nothing: it is down, whatever its
+        health probe says. A local server is restarted (a llama.cpp server was seen to stop
+        answering for good after its client froze and thawed)."""
+        self.stats.llm_timeouts += 1
+        self.hung_at = time.monotonic()
+        if self.supervisor is not None:
+            self.supervisor.restart(f"it did not answer within llm.timeout_s: {exc}")
+        else:
+            await self.server.set_part(LLM, False, str(exc))
+
+    def _left_behind(self, done: asyncio.Future[Completion], rlog: object) -> None:
+        """The end of an LLM call whose client had gone: logged, never raised."""
+        if done.cancelled():
+            return
+        if (exc := done.exception()) is not None:
+            rlog.info("an abandoned LLM call failed", error=str(exc))  # type: ignore[attr-defined]
+
     async def _answered(self) -> None:
         if not self.server.parts[LLM].ok and self.supervisor is None:
             await self.server.set_part(LLM, True)
@@ -215,13 +249,16 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         qa = [(c.question, c.answer) for c in request.context]
         rlog = log.bind(request_id=request.request_id, context=len(qa),
                         background=request.background)
+        # The LLM call runs on when the client leaves (a deadline, a frozen edge): the LLM
+        # finishes the answer anyway (requests are not interrupted), so the slot stays taken
+        # until it does, and an LLM that hangs is found by llm.timeout_s, not hidden by the
+        # clients' shorter deadlines.
+        call = asyncio.ensure_future(self._generate(request, qa))
         try:
-            async with self._slot(request.background):
-                completion = await self.backend.generate(request.prompt, qa, request.max_tokens,
-                                                         _history(request),
-                                                         Shape.from_proto(request.shape))
+            completion = await asyncio.shield(call)
         except asyncio.CancelledError:
-            rlog.info("generate cancelled by the client")
+            rlog.info("generate cancelled by the client; the LLM call runs to its end")
+            call.add_done_callback(lambda done: self._left_behind(done, rlog))
             raise
         except Exception as exc:
             await self._failed(exc, rlog, context, "generate")
@@ -258,6 +295,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             rlog.info("stream cancelled by the client")
             raise
         except Exception as exc:
+            if isinstance(exc, BackendTimeout):
+                await self._hung(exc)
             await self._failed(exc, rlog, context, "stream")
         await self._answered()
 
@@ -336,6 +375,9 @@ class Cloudd(Daemon):
         except (BackendError, TimeoutError) as exc:
             await self.grpc.set_part(LLM, False, str(exc) or "the LLM did not answer in time")
             return
+        assert self.servicer is not None
+        if time.monotonic() - self.servicer.hung_at < HUNG_HOLD_S:
+            return  # /models answers, generation did not: only an answer brings it back up
         if models and self.cfg.llm.model not in models:
             self.log.warning("configured model not offered by the llm server",
                              model=self.cfg.llm.model, offered=[clip(m) for m in models[:8]])

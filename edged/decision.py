@@ -84,9 +84,14 @@ class PromptVectors:
 class Decider:
     def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
                  top_p: int, max_batch: int = 16, embed_workers: int = 2,
-                 verifier: OnnxVerifier | None = None, prompt_vectors: int = 0) -> None:
-        """`prompt_vectors`: how many distinct prompts' embeddings to keep (0: none)."""
+                 verifier: OnnxVerifier | None = None, prompt_vectors: int = 0,
+                 search_timeout_s: float = 10.0) -> None:
+        """`prompt_vectors`: how many distinct prompts' embeddings to keep (0: none).
+        `search_timeout_s`: the longest a request waits for its search, queueing behind a
+        batch in flight included (vector_db.timeout_s bounds each Milvus call; a request that
+        arrives during a frozen call would otherwise wait for it and then its own)."""
         self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
+        self.search_timeout_s = search_timeout_s
         self.prompt_vectors = PromptVectors(prompt_vectors)
         # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL);
         # vector searches are batched on one (one Milvus search for many requests).
@@ -109,7 +114,11 @@ class Decider:
             self.prompt_vectors.put(prompt, f)
         t1 = time.perf_counter()
         try:
-            rows = await self.searches.submit((tenant, f))
+            rows = await asyncio.wait_for(self.searches.submit((tenant, f)),
+                                          self.search_timeout_s)
+        except TimeoutError as exc:
+            raise VectorDBError(f"Milvus did not answer within vector_db.timeout_s = "
+                                f"{self.search_timeout_s} s") from exc
         except Exception as exc:  # pymilvus raises many types; the caller needs one
             raise VectorDBError(str(exc)) from exc
         if keep is not None:

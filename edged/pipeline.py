@@ -141,7 +141,7 @@ class EdgePipeline:
         self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
                                cfg.limits.max_batch, cfg.embedder_workers,
                                guard.verifier if guard is not None else None,
-                               cfg.limits.prompt_vectors)
+                               cfg.limits.prompt_vectors, cfg.vector_db.timeout_s)
         # Concurrent requests' experience goes to disk in one transaction.
         self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
             spool.append_many, 256, "spool")

@@ -408,3 +408,47 @@ async def test_cloudd_restarts_its_local_llm_and_says_how_it_died(tmp_path: Any)
     finally:
         await daemon.shutdown()
     assert not daemon.supervisor.server.running
+
+
+async def test_a_pool_left_with_a_stuck_connection_is_replaced(fake) -> None:
+    """A connection the pool counts as busy though no request uses it (a request cancelled at
+    the wrong moment: seen after cloudd was frozen and thawed) left a one-connection pool
+    full, and every later request waited on it forever. The wait is now bounded by
+    timeout_s, and the pool is replaced."""
+    from cloudd.backend import OpenAIBackend
+
+    backend = OpenAIBackend(LLMConfig(base_url=fake.url, model=FAKE_MODEL, max_concurrency=1,
+                                      timeout_s=1.0, retry_backoff_s=0.05))
+    try:
+        # Holds the pool's only connection and is never closed: the leak, as the pool sees it.
+        await backend._client.send(backend._client.build_request("GET", "models"), stream=True)
+        completion = await asyncio.wait_for(backend.generate("Still there?", max_tokens=4),
+                                            timeout=15)
+        assert completion.text
+        assert backend.pools_replaced == 1
+    finally:
+        await backend.aclose()
+
+
+async def test_an_llm_that_hangs_is_found_though_every_client_gives_up_first(fake) -> None:
+    """Clients with deadlines shorter than llm.timeout_s used to cancel the LLM call each
+    time, so a hung LLM never ran into llm.timeout_s and health said it was up. The call now
+    runs to its end, and its timeout marks the LLM down until it answers again."""
+    fake.delay_s = 30.0  # answers nothing in time
+    try:
+        async with running_cloudd(fake.url, timeout_s=1.0, max_retries=0,
+                                  health_every_s=0.2) as (cloud, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(ask("Anyone?", max_tokens=4), timeout=0.3)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 10
+            while cloud.grpc.parts["llm"].ok and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not cloud.grpc.parts["llm"].ok
+            assert "did not answer within 1 s" in cloud.grpc.parts["llm"].reason
+            await asyncio.sleep(1.0)  # probes of /models (which answers) do not undo it
+            assert not cloud.grpc.parts["llm"].ok
+            stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=5)
+            assert stats.llm_timeouts == 1 and not stats.llm_up
+    finally:
+        fake.delay_s = 0.0

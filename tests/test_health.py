@@ -155,6 +155,41 @@ async def test_a_frozen_milvus_bounds_an_ask_by_the_vector_db_timeout(edge_confi
         await until(lambda: edge.grpc.serving, timeout_s=15)
 
 
+async def test_requests_queued_behind_a_frozen_search_keep_their_own_deadline(
+        edge_config, milvus, cloud) -> None:
+    """Concurrent requests share one search: one arriving while a search hangs on a frozen
+    Milvus waited for that search to time out and then for its own (2x the deadline). Each
+    now ends within vector_db.timeout_s of its own arrival."""
+    from velo.cache import VectorDBConfig
+
+    timeout_s = 3.0
+    cfg = edge_config(cloud=cloud, vector_db=VectorDBConfig(uri=milvus.uri, token=milvus.token,
+                                                            timeout_s=timeout_s))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await stub.Ask(ask("warm the search path"), timeout=30)
+
+        async def timed(question: str, after_s: float) -> tuple[float, grpc.StatusCode]:
+            await asyncio.sleep(after_s)
+            started = time.monotonic()
+            try:
+                await stub.Ask(ask(question), timeout=20)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            return time.monotonic() - started, code
+
+        os.kill(milvus.pid, signal.SIGSTOP)
+        try:
+            results = await asyncio.gather(timed("Which search hangs first?", 0.0),
+                                           timed("Which search waits behind it?", 1.5))
+        finally:
+            os.kill(milvus.pid, signal.SIGCONT)
+        for took, code in results:
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert took < timeout_s + 0.9, results
+        await until(lambda: edge.grpc.serving, timeout_s=15)
+
+
 async def test_edges_ride_out_a_restart_of_their_separate_milvus_server(
         edge_config, milvus) -> None:
     """The Milvus standalone runs in its own processes, started apart from the edges (the

@@ -15,9 +15,18 @@ tool waits until every edge has uploaded its experience. It prints one row per f
 - experience: records produced (one per acknowledged answer, matched by request_id),
   received by trainerd, lost (acknowledged but never received), duplicated (stored twice);
 - cache rows of the edges before and after (Strong reads of their Milvus collections);
-- crashes: daemons that died without being killed by the fault, and UNKNOWN/INTERNAL replies.
+- crashes: daemons that died without being killed by the fault, and UNKNOWN/INTERNAL replies;
+- the slowest request, against the deadline a frozen dependency is bounded by (edges run with
+  vector_db.timeout_s = 5, cloud_timeout_s = 10 and trainer_timeout_s = 5 here);
+- after every fault, the edges' Milvus rows against their texts stores: a row whose texts are
+  gone can never be served (an edge SIGKILLed between the two writes must not leave one).
 
-It exits 1 when anything was lost, duplicated, served across tenants, or crashed.
+Then, on a probe edge with no cloud and an HTTP front: mutated gRPC and HTTP requests (no
+UNKNOWN/INTERNAL, no 5xx but the deliberate 503 of a cloud that is down), cross-tenant probes
+over gRPC and HTTP with and without earlier turns, and slow clients (half-open connections).
+
+It exits 1 when anything was lost, duplicated, served across tenants, crashed, answered 5xx
+or outlived its deadline.
 """
 
 from __future__ import annotations
@@ -47,12 +56,13 @@ from pymilvus import MilvusClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from fuzz import fuzz_edge, isolation_probes  # noqa: E402
+from fuzz import fuzz_edge, fuzz_http, isolation_probes  # noqa: E402
 
 from trainerd.export import export_mlp_policy  # noqa: E402
 from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
 from velo.embedder import Embedder  # noqa: E402
 from velo.logs import configure_logging  # noqa: E402
+from velo.milvus_server import free_port  # noqa: E402
 from velo.models import embedder_dir  # noqa: E402
 from velo.stack import Stack, StackConfig  # noqa: E402
 from velo.texts import store_path  # noqa: E402
@@ -69,6 +79,11 @@ from velo.workload import load_qa  # noqa: E402
 TENANT = "chaos"
 DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
 SERVER_ERRORS = {"UNKNOWN", "INTERNAL"}
+# Deadlines the stack's edges run with here (VELO_EDGED__...), short enough to see them bound a
+# freeze of FREEZE_S; a request is allowed DEADLINE_SLACK_S on top (embedding, queueing).
+DEADLINES = {"VECTOR_DB__TIMEOUT_S": 5.0, "CLOUD_TIMEOUT_S": 10.0, "TRAINER_TIMEOUT_S": 5.0}
+FREEZE_S = 20.0
+DEADLINE_SLACK_S = 4.0
 
 
 @dataclass
@@ -88,12 +103,19 @@ class Row:
     examples: dict[str, str] = field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+    slowest_s: float = 0.0  # the slowest request of the workload, answered or failed
+    bound_s: float = 0.0  # ... which must end within this (0: no bound checked)
+    orphan_rows: int = 0  # Milvus rows whose texts are gone afterwards
     # Set by a fault whose experience cannot reach trainerd by design (it counts for itself).
     own_accounting: bool = False
+    # Set by a fault that removes cache rows by design (a damaged texts store's rows go).
+    rows_may_shrink: bool = False
 
     @property
     def failed(self) -> bool:
-        return bool(self.lost or self.duplicated or self.crashes or self.server_errors)
+        late = bool(self.bound_s) and self.slowest_s > self.bound_s
+        return bool(self.lost or self.duplicated or self.crashes or self.server_errors
+                    or self.orphan_rows or late)
 
 
 class Load:
@@ -107,6 +129,7 @@ class Load:
         self.codes: Counter[str] = Counter()
         self.examples: dict[str, str] = {}  # status -> the first error message with it
         self.forwarded = 0  # acknowledged B answers: each cached one QA pair (two rows)
+        self.slowest_s = 0.0
 
     async def run(self, seconds: float, concurrency: int = 4, new_share: float = 0.3,
                   stream: bool = False, edges: list[str] | None = None,
@@ -133,6 +156,7 @@ class Load:
         request = edge_pb2.AskRequest(prompt=text, tenant=TENANT, request_id=request_id,
                                       max_tokens=24)
         stub = edge_pb2_grpc.EdgeServiceStub(chaos.channel(address))
+        started = time.monotonic()
         try:
             if stream:
                 done = None
@@ -144,10 +168,12 @@ class Load:
             else:
                 done = await stub.Ask(request, timeout=60)
         except grpc.aio.AioRpcError as exc:
+            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
             self.codes[exc.code().name] += 1
             self.examples.setdefault(exc.code().name, exc.details() or "")
             await asyncio.sleep(0.05)  # a failing edge is not hammered in a tight loop
             return
+        self.slowest_s = max(self.slowest_s, time.monotonic() - started)
         self.codes["OK"] += 1
         self.acked.append(request_id)
         self.forwarded += done.action == edge_pb2.ACTION_FORWARD
@@ -165,6 +191,7 @@ class Chaos:
         self.answered: dict[str, list[str]] = defaultdict(list)  # edge -> its cached questions
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.milvus = MilvusClient(uri=stack.milvus_uri, token=stack.milvus_token)
+        self.probe_http = ""  # the probe edge's HTTP front, host:port (probe_edge)
 
     # -- plumbing ---------------------------------------------------------------------------
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -191,6 +218,28 @@ class Chaos:
                                            consistency_level="Strong")
                 total += int(res["count(*)"])
         return total
+
+    def orphan_rows(self) -> int:
+        """Rows of the stack's edges whose pair has no texts in the edge's texts store."""
+        orphans = 0
+        for name in self.stack.daemons:
+            if not name.startswith("edge-"):
+                continue
+            collection = "velo_" + name.replace("-", "_")
+            path = store_path(self.stack.cfg.data_dir.resolve() / name, collection)
+            if not self.milvus.has_collection(collection) or not path.exists():
+                continue
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+                kept = {p for (p,) in conn.execute("SELECT pair_id FROM texts")}
+            iterator = self.milvus.query_iterator(collection, batch_size=4096, filter="id >= 0",
+                                                  output_fields=["id"],
+                                                  consistency_level="Strong")
+            try:
+                while batch := iterator.next():
+                    orphans += sum(1 for r in batch if int(r["id"]) // 2 not in kept)
+            finally:
+                iterator.close()
+        return orphans
 
     def received(self) -> Counter[str]:
         """request_id -> records trainerd holds (read from its store on disk)."""
@@ -279,7 +328,15 @@ class Chaos:
             row.lost = row.produced - row.received
             row.duplicated = sum(n - 1 for n in mine.values() if n > 1)
         row.rows_after = self.rows()
-        if row.rows_after < row.rows_before + 2 * load.forwarded:  # no eviction during runs
+        row.orphan_rows = self.orphan_rows()
+        row.slowest_s = round(load.slowest_s, 2)
+        if row.orphan_rows:
+            row.note += f"; {row.orphan_rows} ROWS WITHOUT TEXTS"
+        if row.bound_s and row.slowest_s > row.bound_s:
+            row.note += f"; SLOWEST {row.slowest_s} s > bound {row.bound_s} s"
+        if row.rows_may_shrink:
+            pass
+        elif row.rows_after < row.rows_before + 2 * load.forwarded:  # no eviction during runs
             row.note += (f"; CACHE ROWS LOST: {row.rows_after} < {row.rows_before} + 2 x "
                          f"{load.forwarded} forwarded answers")
             row.crashes += 1
@@ -353,20 +410,66 @@ async def milvus_stopped(chaos: Chaos, load: Load, row: Row) -> None:
     row.note = "Milvus stopped ~5 s under load, started again on its data"
 
 
-async def milvus_frozen(chaos: Chaos, load: Load, row: Row) -> None:
+def frozen(part: str, deadline_key: str,
+           pids: Callable[[Chaos], list[int]]) -> Callable[[Chaos, Load, Row], Awaitable[None]]:
+    """A fault: `part`'s processes SIGSTOPped for FREEZE_S under load (their ports still
+    accept; nothing answers), then SIGCONT. Every request must end within the edges'
+    `deadline_key` (plus DEADLINE_SLACK_S), whatever the freeze's length."""
+    async def fault(chaos: Chaos, load: Load, row: Row) -> None:
+        frozen_pids = pids(chaos)
+        if not frozen_pids:
+            row.note = f"skipped: the stack runs no {part} of its own"
+            return
+        work = asyncio.ensure_future(load.run(seconds=FREEZE_S + 8, new_share=0.4))
+        await asyncio.sleep(3)
+        for pid in frozen_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(FREEZE_S)
+        finally:
+            for pid in frozen_pids:
+                os.kill(pid, signal.SIGCONT)
+        await work
+        # A frozen trainerd holds no answer: requests keep the cloud's bound.
+        bound = DEADLINES["CLOUD_TIMEOUT_S" if part == "trainerd" else deadline_key]
+        row.bound_s = bound + DEADLINE_SLACK_S
+        row.note = (f"{part} SIGSTOPped {FREEZE_S:g} s under load, then SIGCONT; "
+                    f"{deadline_key.lower().replace('__', '.')} = {DEADLINES[deadline_key]:g} s")
+    return fault
+
+
+def _milvus_pids(chaos: Chaos) -> list[int]:
     milvus = chaos.stack.milvus
-    if milvus is None:
-        row.note = "skipped: the stack uses an external Milvus (--milvus-uri)"
-        return
-    work = asyncio.ensure_future(load.run(seconds=14, new_share=0.2))
-    await asyncio.sleep(3)
-    os.kill(milvus.pid, signal.SIGSTOP)
-    try:
-        await asyncio.sleep(6)
-    finally:
-        os.kill(milvus.pid, signal.SIGCONT)
-    await work
-    row.note = "Milvus SIGSTOPped ~6 s under load, then SIGCONT"
+    return [milvus.pid] if milvus is not None and milvus.pid else []
+
+
+def _daemon_pids(name: str) -> Callable[[Chaos], list[int]]:
+    return lambda chaos: [chaos.stack.daemons[name].proc.pid]
+
+
+async def texts_damaged(chaos: Chaos, load: Load, row: Row) -> None:
+    """edge-2 SIGKILLed, its texts store cut to half its size (a torn disk), restarted: it sets
+    the file aside, starts an empty store, removes the rows that lost their texts and keeps
+    answering; the cached pairs in that file are lost by design."""
+    await load.run(seconds=4, new_share=0.5, edges=[chaos.stack.addresses["edge-2"]])
+    chaos.kill("edge-2", signal.SIGKILL)
+    await asyncio.to_thread(chaos.stack.daemons["edge-2"].proc.wait, 30)
+    path = store_path(chaos.stack.cfg.data_dir.resolve() / "edge-2", "velo_edge_2")
+    with sqlite3.connect(path) as conn:  # fold the WAL in: the texts are all in the file now
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with path.open("r+b") as raw:
+        raw.truncate(size // 2)
+    await chaos.recover()
+    chaos.answered[chaos.stack.addresses["edge-2"]].clear()  # what it had cached went
+    await load.run(seconds=8, new_share=0.5)
+    aside = sorted(path.parent.glob(f"{path.name}.damaged-*"))
+    row.rows_may_shrink = True
+    if not aside:
+        row.crashes += 1
+    row.note = (f"edge-2's texts store ({size} bytes) cut to half while it was down: "
+                f"{'set aside as ' + aside[-1].name if aside else 'NOT SET ASIDE'}; the edge "
+                "started on an empty store, removed the rows without texts and answered")
 
 
 async def load_64(chaos: Chaos, load: Load, row: Row) -> None:
@@ -397,7 +500,7 @@ async def spool_disk_full(chaos: Chaos, load: Load, row: Row) -> None:
     try:
         edge = chaos.stack.add_edge("probe-spool", DATA_DIR=str(mount),
                                     TRAINER="127.0.0.1:1", SPOOL_MAX_RECORDS="1000000")
-        questions = await seed_cache(chaos, "probe-spool")
+        questions = await seed_cache(chaos, "probe-spool", data_dir=mount)
         await load.run(seconds=12, concurrency=4, new_share=0.0, edges=[edge.address],
                        pool=questions)
         stats = await edge_pb2_grpc.EdgeServiceStub(chaos.channel(edge.address)).GetStats(
@@ -418,11 +521,13 @@ async def spool_disk_full(chaos: Chaos, load: Load, row: Row) -> None:
         mount.rmdir()
 
 
-async def seed_cache(chaos: Chaos, edge_name: str, count: int = 40) -> list[str]:
+async def seed_cache(chaos: Chaos, edge_name: str, count: int = 40,
+                     data_dir: Path | None = None) -> list[str]:
     """Cache `count` questions on `edge_name` directly (an edge without a cloud cannot
-    answer its misses); returns them once the edge sees them."""
+    answer its misses), the texts into the store in the edge's `data_dir`; returns them once
+    the edge sees them."""
     collection = "velo_" + edge_name.replace("-", "_")
-    texts = store_path(chaos.stack.cfg.data_dir.resolve() / edge_name, collection)
+    texts = store_path(data_dir or chaos.stack.cfg.data_dir.resolve() / edge_name, collection)
     cache = VectorCache(VectorDBConfig(uri=chaos.stack.milvus_uri,
                                        token=chaos.stack.milvus_token), collection, 384,
                         texts_path=texts)
@@ -497,11 +602,24 @@ def _rotten_version(stored: Path, good: bytes) -> int:
     return version
 
 
-# -- probe edge: fuzz and isolation ----------------------------------------------------------
+# -- probe edge: fuzz, isolation, slow clients ------------------------------------------------
+PROBE_EDGE = "probe-edge"
+
+
+def probe_edge(chaos: Chaos) -> tuple[str, str]:
+    """(gRPC address, HTTP base URL) of the probe edge: no cloud, an HTTP front, auth off."""
+    edge = chaos.stack.daemons.get(PROBE_EDGE)
+    if edge is None:
+        chaos.probe_http = f"127.0.0.1:{free_port()}"
+        edge = chaos.stack.add_edge(PROBE_EDGE, HTTP__LISTEN=chaos.probe_http)
+    return edge.address, f"http://{chaos.probe_http}"
+
+
 async def fuzz_row(chaos: Chaos, requests: int) -> Row:
-    edge = chaos.stack.daemons.get("probe-edge") or chaos.stack.add_edge("probe-edge")
+    address, _ = probe_edge(chaos)
+    edge = chaos.stack.daemons[PROBE_EDGE]
     started = time.monotonic()
-    report = await fuzz_edge(edge.address, requests=requests, seed=7)
+    report = await fuzz_edge(address, requests=requests, seed=7)
     return Row("fuzz (mutated requests)", requests=report.requests,
                acknowledged=report.codes.get("OK", 0), codes=report.codes,
                crashes=0 if report.alive and edge.running else 1,
@@ -511,27 +629,109 @@ async def fuzz_row(chaos: Chaos, requests: int) -> Row:
                seconds=round(time.monotonic() - started, 1))
 
 
+async def fuzz_http_row(chaos: Chaos, requests: int) -> Row:
+    _, url = probe_edge(chaos)
+    edge = chaos.stack.daemons[PROBE_EDGE]
+    started = time.monotonic()
+    report = await fuzz_http(url, requests=requests, seed=7)
+    codes = {f"HTTP {status}": n for status, n in sorted(report.statuses.items())}
+    surprise = f"; first surprise: {report.surprises[0]}" if report.surprises else ""
+    return Row("fuzz (mutated HTTP requests)", requests=report.requests,
+               acknowledged=report.statuses.get(200, 0), codes=codes,
+               crashes=0 if report.alive and edge.running else 1,
+               server_errors=report.server_errors,
+               note=f"{report.requests} mutated requests to the OpenAI-compatible front (wrong "
+                    f"JSON types, odd strings, nesting to 10^5, broken bytes and headers); 5xx "
+                    f"other than 503: {report.server_errors}; {report.unsendable} the HTTP "
+                    f"client refused to send{surprise}",
+               seconds=round(time.monotonic() - started, 1))
+
+
 async def isolation_row(chaos: Chaos, probes: int) -> Row:
-    edge = chaos.stack.daemons.get("probe-edge") or chaos.stack.add_edge("probe-edge")
+    address, url = probe_edge(chaos)
+    edge = chaos.stack.daemons[PROBE_EDGE]
     cache = VectorCache(VectorDBConfig(uri=chaos.stack.milvus_uri,
                                        token=chaos.stack.milvus_token), "velo_probe_edge", 384,
-                        texts_path=store_path(chaos.stack.cfg.data_dir.resolve() / "probe-edge",
+                        texts_path=store_path(chaos.stack.cfg.data_dir.resolve() / PROBE_EDGE,
                                               "velo_probe_edge"))
     await asyncio.to_thread(cache.open)
     started = time.monotonic()
     try:
-        report = await isolation_probes(edge.address, cache, Embedder(embedder_dir()),
-                                        probes=probes, seed=11)
+        report = await isolation_probes(address, cache, Embedder(embedder_dir()),
+                                        probes=probes, seed=11, http_url=url)
     finally:
         await asyncio.to_thread(cache.close)
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(report.kinds.items()))
     return Row("isolation (cross-tenant probes)", requests=report.probes,
                acknowledged=report.served, codes=report.codes,
-               server_errors=sum(n for c, n in report.codes.items() if c in SERVER_ERRORS),
+               server_errors=sum(n for c, n in report.codes.items()
+                                 if c in SERVER_ERRORS or (c.startswith("HTTP 5")
+                                                           and c != "HTTP 503")),
                crashes=0 if edge.running else 1,
                lost=report.across_tenants + report.unexplained,
-               note=f"{report.probes} probes over {len(report.actions) and 8} tenants holding "
-                    f"the same questions: {report.served} reuses, answers from another "
-                    f"tenant: {report.across_tenants}, unexplained: {report.unexplained}",
+               note=f"{report.probes} probes ({kinds}) over 8 tenants holding the same "
+                    f"questions: {report.served} reuses, answers from another tenant: "
+                    f"{report.across_tenants}, unexplained: {report.unexplained}",
+               seconds=round(time.monotonic() - started, 1))
+
+
+async def slow_clients_row(chaos: Chaos, connections: int = 2000) -> Row:
+    """Half-open connections to the probe edge's HTTP port (headers never finished), twice
+    its connection cap: gRPC answers throughout, and HTTP as soon as the header timeout has
+    closed them (the cap keeps the file descriptors the gRPC port needs)."""
+    import httpx
+
+    address, url = probe_edge(chaos)
+    edge = chaos.stack.daemons[PROBE_EDGE]
+    host, port = chaos.probe_http.rsplit(":", 1)
+    started = time.monotonic()
+    opened: list[asyncio.StreamWriter] = []
+    refused = 0
+    for _ in range(connections):
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n")
+            opened.append(writer)
+        except OSError:
+            refused += 1
+    stub = edge_pb2_grpc.EdgeServiceStub(chaos.channel(address))
+    codes: Counter[str] = Counter()
+    slowest = 0.0
+    http_back_after = None
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while time.monotonic() - started < 20:
+            began = time.monotonic()
+            try:
+                await stub.GetStats(edge_pb2.GetStatsRequest(), timeout=5)
+                codes["gRPC OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[f"gRPC {exc.code().name}"] += 1
+            slowest = max(slowest, time.monotonic() - began)
+            try:
+                reply = await client.get("/v1/models")
+                codes[f"HTTP {reply.status_code}"] += 1
+                if reply.status_code == 200 and http_back_after is None:
+                    http_back_after = time.monotonic() - started
+            except httpx.HTTPError:
+                codes["HTTP refused"] += 1
+            await asyncio.sleep(0.2)
+    closed_by_edge = 0
+    for writer in opened:
+        closed_by_edge += writer.transport.is_closing() or writer.is_closing()
+        writer.close()
+    grpc_failed = sum(n for c, n in codes.items() if c.startswith("gRPC") and c != "gRPC OK")
+    recovered = http_back_after is not None
+    back = f"{http_back_after:.1f} s" if http_back_after is not None else "NEVER"
+    return Row("slow clients (half-open HTTP)", requests=sum(codes.values()),
+               acknowledged=codes["gRPC OK"] + codes["HTTP 200"], codes=dict(codes),
+               crashes=0 if edge.running and not grpc_failed and recovered else 1,
+               slowest_s=round(slowest, 2),
+               note=f"{connections} half-open connections ({refused} refused at connect) for "
+                    f"20 s: gRPC GetStats answered {codes['gRPC OK']}/"
+                    f"{codes['gRPC OK'] + grpc_failed}, HTTP /v1/models {codes['HTTP 200']}/"
+                    f"{sum(n for c, n in codes.items() if c.startswith('HTTP'))} (first after "
+                    f"{back}; header timeout 10 s, cap 1000: new connections replace the oldest "
+                    "half-open ones)",
                seconds=round(time.monotonic() - started, 1))
 
 
@@ -543,13 +743,17 @@ FAULTS: dict[str, Callable[[Chaos, Load, Row], Awaitable[None]]] = {
     "trainerd-sigkill": trainerd_down(signal.SIGKILL),
     "edged-sigkill": edged_killed,
     "milvus-stopped": milvus_stopped,
-    "milvus-frozen": milvus_frozen,
+    "milvus-frozen": frozen("Milvus", "VECTOR_DB__TIMEOUT_S", _milvus_pids),
+    "cloudd-frozen": frozen("cloudd", "CLOUD_TIMEOUT_S", _daemon_pids("cloudd")),
+    "trainerd-frozen": frozen("trainerd", "TRAINER_TIMEOUT_S", _daemon_pids("trainerd")),
+    "texts-damaged": texts_damaged,
     "load-64-clients": load_64,
     "spool-disk-full": spool_disk_full,
     "bad-policy": bad_policies,  # last: the edges then run the published policy
 }
 KILLED = {"cloudd-sigkill": ("cloudd",), "trainerd-sigterm": ("trainerd",),
           "trainerd-sigkill": ("trainerd",), "edged-sigkill": ("edge-1",),
+          "texts-damaged": ("edge-2",),
           "bad-policy": ("trainerd",)}
 LLM_KILLED = {"llm-crash-midstream"}
 QUICK = ("baseline", "llm-crash-midstream", "trainerd-sigkill", "edged-sigkill",
@@ -559,19 +763,21 @@ QUICK = ("baseline", "llm-crash-midstream", "trainerd-sigkill", "edged-sigkill",
 def table(rows: list[Row]) -> str:
     lines = ["| fault | requests | acknowledged | failed (status) | experience produced / "
              "received / lost / duplicated | cache rows before / after | crashes | "
-             "UNKNOWN/INTERNAL | notes |",
-             "|---|---:|---:|---|---|---|---:|---:|---|"]
+             "UNKNOWN/INTERNAL or 5xx | slowest s | rows without texts | notes |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         experience = f"{r.produced} / {r.received} / {r.lost} / {r.duplicated}"
-        if r.fault.startswith("fuzz"):
+        if r.fault.startswith(("fuzz", "slow")):
             experience = "–"
         elif r.fault.startswith("isolation"):
             experience = f"cross-tenant answers: {r.lost}"
         rows_ = f"{r.rows_before} / {r.rows_after}" if r.rows_before or r.rows_after else "–"
         failed = ", ".join(f"{code} {n}" for code, n in sorted(r.codes.items())
                            if code != "OK") or "–"
+        slowest = f"{r.slowest_s:g}" + (f" (≤ {r.bound_s:g})" if r.bound_s else "")
         lines.append(f"| {r.fault} | {r.requests} | {r.acknowledged} | {failed} | {experience} "
-                     f"| {rows_} | {r.crashes} | {r.server_errors} | {r.note} |")
+                     f"| {rows_} | {r.crashes} | {r.server_errors} | {slowest} "
+                     f"| {r.orphan_rows} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -582,6 +788,8 @@ async def main_async(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
     # No eviction during the run: cache rows before/after must be comparable.
     os.environ["VELO_EDGED__CACHE__EVICTION_MIN_ROWS"] = "100000000"
+    for key, seconds in DEADLINES.items():
+        os.environ[f"VELO_EDGED__{key}"] = f"{seconds:g}"
     shutil.rmtree(args.out / "stack", ignore_errors=True)  # a fresh stack every run
     stack = Stack(StackConfig(data_dir=args.out / "stack", edges=2,
                               edge_policies=("cache-0.5", "cache-0.5"),
@@ -599,11 +807,16 @@ async def main_async(args: argparse.Namespace) -> int:
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
         if args.fuzz:
-            print(f"chaos: fuzz ({args.fuzz} requests) ...", flush=True)
+            print(f"chaos: fuzz ({args.fuzz} gRPC and {args.fuzz} HTTP requests) ...",
+                  flush=True)
             rows.append(await fuzz_row(chaos, args.fuzz))
+            rows.append(await fuzz_http_row(chaos, args.fuzz))
         if args.isolation:
             print(f"chaos: isolation ({args.isolation} probes) ...", flush=True)
             rows.append(await isolation_row(chaos, args.isolation))
+        if args.slow_clients:
+            print(f"chaos: slow clients ({args.slow_clients} connections) ...", flush=True)
+            rows.append(await slow_clients_row(chaos, args.slow_clients))
     finally:
         await chaos.close()
         stack.stop()
@@ -628,6 +841,8 @@ def main() -> None:
                         help="mutated requests against a live edge (default 10000; quick 2000)")
     parser.add_argument("--isolation", type=int, default=None,
                         help="cross-tenant probes (default 10000; quick 2000)")
+    parser.add_argument("--slow-clients", type=int, default=None,
+                        help="half-open HTTP connections (default 2000; quick 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "chaos")
     parser.add_argument("--data", type=Path, default=DATA if DATA.exists()
                         else ROOT / "data" / "oasst1_dev.jsonl")
@@ -639,6 +854,8 @@ def main() -> None:
         args.fuzz = 2000 if args.quick else 10_000
     if args.isolation is None:
         args.isolation = 2000 if args.quick else 10_000
+    if args.slow_clients is None:
+        args.slow_clients = 300 if args.quick else 2000
     configure_logging("warning")
     sys.exit(asyncio.run(main_async(args)))
 

@@ -2,6 +2,9 @@
 
     fuzz_edge         malformed AskRequest bytes: the edge must answer each with a status a
                       client can act on (never UNKNOWN or INTERNAL) and stay up
+    fuzz_http         mutated requests to the OpenAI-compatible HTTP front (JSON values of the
+                      wrong type, odd strings, deep nesting, broken bytes and headers): never
+                      a 5xx but a deliberate 503 (the cloud is down), and the edge stays up
     isolation_probes  every tenant holds the same questions with its own answers: a reuse
                       (Action A) must always serve the asking tenant's own answer
 
@@ -13,11 +16,14 @@ tool can run them against a deployed edge.
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from velo.cache import VectorCache
 from velo.embedder import Embedder
 from velo.v1 import edge_pb2, edge_pb2_grpc
+from velo.v1.chat_pb2 import ChatMessage
+
+if TYPE_CHECKING:
+    import httpx
 
 ASK = "/velo.v1.EdgeService/Ask"
 ASK_STREAM = "/velo.v1.EdgeService/AskStream"
@@ -95,6 +105,9 @@ class IsolationReport:
     unexplained: int = 0
     codes: dict[str, int] = field(default_factory=dict)
     actions: dict[str, int] = field(default_factory=dict)  # "A", "B", "C" -> count
+    # Probes by how they were sent: "grpc"/"http", each "+history" when earlier turns came with
+    # the prompt (a conversation scope of the tenant's own).
+    kinds: dict[str, int] = field(default_factory=dict)
     visible_after_s: float = 0.0  # seeding -> the edge served every tenant's rows
     seconds: float = 0.0  # the probes alone
     leaks: list[Leak] = field(default_factory=list)  # the first few, as reproducers
@@ -325,6 +338,161 @@ MUTATIONS = (_flip_bits, _insert_bytes, _delete_bytes, _truncate, _random_bytes,
              _bad_max_tokens, _bad_tenant, _control_chars)
 
 
+
+# -- fuzzing the HTTP front ----------------------------------------------------------------
+@dataclass
+class HttpFuzzReport:
+    requests: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
+    server_errors: int = 0  # 5xx other than 503 (and transport failures): must be 0
+    unsendable: int = 0  # refused by the HTTP client itself (not sent, not counted)
+    alive: bool = False  # after the run: /healthz and /v1/models answered
+    seconds: float = 0.0
+    surprises: list[tuple[int, str, str]] = field(default_factory=list)  # status, body, sent
+
+
+VALID_BODIES: tuple[dict, ...] = (
+    {"model": "velo", "messages": [{"role": "user", "content": "What is a cache?"}]},
+    {"model": "velo", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Name a prime number."}],
+     "max_tokens": 16, "temperature": 0.2, "stop": ["\n"], "n": 1},
+    {"model": "velo", "stream": True, "stream_options": {"include_usage": True},
+     "messages": [{"role": "user", "content": "Count to three."}]},
+    {"model": "velo", "messages": [{"role": "user", "content": "Give JSON."}],
+     "response_format": {"type": "json_object"}},
+    {"model": "velo", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+     "tools": [{"type": "function", "function": {"name": "weather", "parameters": {
+         "type": "object", "properties": {"city": {"type": "string"}}}}}],
+     "tool_choice": "auto"},
+    {"model": "velo", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hello?"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "And again?"}],
+     "velo": {"cache": {"no_cache": False, "no_store": True}}},
+)
+ODD_VALUES: tuple[object, ...] = (
+    None, True, False, 0, -1, 1.5, 10**30, -(10**30), float("inf"), "", "x" * 5000,
+    "hi \ud800", "\u0000\u0007\u001b[2J", "\u202e\ufeff", [], [1, "a", None], {}, {"a": {}},
+    "yes", "1", ["user"], {"role": "user"},
+)
+PATHS = ("/v1/chat/completions",) * 8 + ("/v1/models", "/healthz", "/v1/velo/cache/entries",
+                                          "/v1/velo/cache/delete", "/v1/nothing")
+
+
+def _json_paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a value inside a JSON document (keys and list indexes)."""
+    found = [prefix]
+    if len(prefix) >= 8:  # not into a deep nest another mutation made
+        return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _json_paths(item, (*prefix, i))
+    return found
+
+
+def _replace_at(doc: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]  # type: ignore[index]
+    parent[path[-1]] = value  # type: ignore[index]
+    return doc
+
+
+def http_request(rng: random.Random) -> tuple[str, str, dict[str, str], bytes]:
+    """(method, path, headers, body) of one mutated request."""
+    path = rng.choice(PATHS)
+    headers = {"content-type": "application/json"}
+    if rng.random() < 0.15:
+        headers["x-velo-tenant"] = rng.choice(["", "a" * 300, "../etc", "t\u00e9", "UPPER",
+                                               "ok-tenant", "in side", "a\tb", "\u00ff" * 40])
+    if rng.random() < 0.05:
+        headers["content-type"] = rng.choice(["text/plain", "application/x-www-form-urlencoded",
+                                              "application/json; charset=latin-1", ""])
+    doc: object = copy.deepcopy(rng.choice(VALID_BODIES))
+    huge_nest = False
+    for _ in range(rng.randint(1, 3)):
+        target = rng.choice(_json_paths(doc))
+        choice = rng.random()
+        if choice < 0.6:
+            doc = _replace_at(doc, target, copy.deepcopy(rng.choice(ODD_VALUES)))
+        elif choice < 0.7 and isinstance(doc, dict) and doc:
+            doc.pop(rng.choice(list(doc)), None)  # a required field missing
+        elif choice < 0.8:
+            depth = rng.choice([100, 1000, 100_000])
+            if depth > 1000:  # built as bytes below: json.dumps does not go that deep
+                huge_nest = True
+                continue
+            nested: object = "deep"
+            for _ in range(depth):
+                nested = [nested]
+            doc = _replace_at(doc, target, nested)
+        else:
+            doc = _replace_at(doc, target, rng.choice(["x", 1, None]) if target else {})
+    try:
+        body = json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
+    except RecursionError:
+        huge_nest = True
+    if huge_nest:  # JSON nested 10^5 deep (it crashed the front with a RecursionError)
+        body = b'{"model": "velo", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    if rng.random() < 0.2:  # broken bytes
+        data = bytearray(body)
+        for _ in range(rng.randint(1, 8)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        body = bytes(data[: rng.randint(0, len(data))] if rng.random() < 0.3 else data)
+    method = "GET" if path in ("/v1/models", "/healthz", "/v1/velo/cache/entries") else "POST"
+    if rng.random() < 0.05:
+        method = rng.choice(["PUT", "PATCH", "DELETE", "GET", "POST"])
+    return method, path, headers, body
+
+
+async def fuzz_http(base_url: str, requests: int = 10_000, seed: int = 0,
+                    concurrency: int = 16) -> HttpFuzzReport:
+    """Send `requests` mutated HTTP requests to the edge's HTTP front at `base_url`
+    (http://host:port), `concurrency` at a time; then check it still answers."""
+    import httpx
+
+    rng = random.Random(seed)
+    jobs = iter([http_request(rng) for _ in range(requests)])
+    report = HttpFuzzReport()
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=base_url, timeout=RPC_TIMEOUT_S * 3) as client:
+        async def worker() -> None:
+            for method, path, headers, body in jobs:
+                report.requests += 1
+                raw = {k: v.encode("utf-8") for k, v in headers.items()}  # any bytes, as sent
+                try:
+                    reply = await client.request(method, path, headers=raw, content=body)
+                    status, text = reply.status_code, reply.text[:300]
+                except httpx.LocalProtocolError:  # h11 would not send it: no request made
+                    report.requests -= 1
+                    report.unsendable += 1
+                    continue
+                except httpx.HTTPError as exc:  # a dropped connection or a hang
+                    status, text = 0, f"{type(exc).__name__}: {exc}"
+                report.statuses[status] = report.statuses.get(status, 0) + 1
+                if status == 0 or (status >= 500 and status != 503):
+                    report.server_errors += 1
+                    if len(report.surprises) < MAX_SURPRISES:
+                        report.surprises.append((status, text, body[:500].decode(
+                            "utf-8", "replace")))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        report.seconds = time.monotonic() - started
+        try:
+            health = await client.get("/healthz")
+            models = await client.get("/v1/models")
+            report.alive = health.status_code in (200, 503) and models.status_code == 200
+        except httpx.HTTPError:
+            report.alive = False
+    return report
+
+
 # -- tenant isolation -----------------------------------------------------------------------
 TOPICS = ("houseplants", "sourdough bread", "mountain bikes", "espresso machines",
           "vinyl records", "electric kettles", "wool sweaters", "aquarium fish",
@@ -359,10 +527,13 @@ def isolation_questions(count: int) -> list[str]:
 async def isolation_probes(address: str, cache: VectorCache, embedder: Embedder,
                            probes: int = 10_000, tenants: int = 8, questions: int = 12,
                            seed: int = 0, concurrency: int = 8,
-                           visible_timeout_s: float = 60.0) -> IsolationReport:
+                           visible_timeout_s: float = 60.0, http_url: str = "",
+                           history_share: float = 0.3) -> IsolationReport:
     """Seed the edge's collection through `cache` (a client of its own, as another process
     would be) so that every tenant holds the same questions with its own answers, wait until
     the edge serves them, then send `probes` Asks as random tenants and judge every answer.
+    With `http_url` (the edge's HTTP front, auth off: `x-velo-tenant` names the tenant) half
+    of the probes go over HTTP; `history_share` of them carry an earlier exchange.
 
     The edge keeps evicting as it serves (below the mean value every `cache.eviction_every`
     requests once it holds `cache.eviction_min_rows` rows, 200 by default): on a fuller edge
@@ -380,8 +551,12 @@ async def isolation_probes(address: str, cache: VectorCache, embedder: Embedder,
         for i, question in enumerate(asked):
             await asyncio.to_thread(cache.insert_pair, tenant, question, seeded[tenant][i],
                                     q_vecs[i], a_vecs[i], -1.0)
+    import httpx
+
     judge = _Judge(IsolationReport(), seeded)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address) as channel, \
+            httpx.AsyncClient(base_url=http_url or "http://unused",
+                              timeout=RPC_TIMEOUT_S) as http:
         stub = edge_pb2_grpc.EdgeServiceStub(channel)
         started = time.monotonic()
         # The edge's own client sees rows written by another within Milvus's Bounded
@@ -398,16 +573,27 @@ async def isolation_probes(address: str, cache: VectorCache, embedder: Embedder,
             await asyncio.sleep(0.2)
         judge.report.visible_after_s = time.monotonic() - started
 
-        plan = iter([(rng.choice(names), _probe_text(rng, asked)) for _ in range(probes)])
+        plan = iter([(rng.choice(names), _probe_text(rng, asked),
+                      bool(http_url) and rng.random() < 0.5,
+                      _history(rng, asked) if rng.random() < history_share else [])
+                     for _ in range(probes)])
 
         async def worker() -> None:
-            for tenant, prompt in plan:
-                await judge.ask(stub, tenant, prompt)
+            for tenant, prompt, over_http, history in plan:
+                if over_http:
+                    await judge.ask_http(http, tenant, prompt, history)
+                else:
+                    await judge.ask(stub, tenant, prompt, history=history)
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         judge.report.seconds = time.monotonic() - started
     return judge.report
+
+
+def _history(rng: random.Random, asked: list[str]) -> list[tuple[str, str]]:
+    """An earlier exchange: (role, content) turns before the prompt."""
+    return [("user", rng.choice(asked)), ("assistant", "An earlier answer.")]
 
 
 def _probe_text(rng: random.Random, asked: list[str]) -> str:
@@ -424,34 +610,69 @@ class _Judge:
         # Answers a tenant got from the cloud (B/C) are its own to reuse later.
         self.learned: dict[str, set[str]] = {t: set() for t in seeded}
 
-    async def ask(self, stub: edge_pb2_grpc.EdgeServiceStub, tenant: str, prompt: str,
-                  warmup: bool = False) -> edge_pb2.AskResponse | None:
-        report = self.report
+    def _count(self, warmup: bool, kind: str) -> None:
         if warmup:
-            report.warmup += 1
+            self.report.warmup += 1
         else:
-            report.probes += 1
+            self.report.probes += 1
+            self.report.kinds[kind] = self.report.kinds.get(kind, 0) + 1
+
+    def _code(self, code: str) -> None:
+        self.report.codes[code] = self.report.codes.get(code, 0) + 1
+
+    async def ask(self, stub: edge_pb2_grpc.EdgeServiceStub, tenant: str, prompt: str,
+                  warmup: bool = False, history: list[tuple[str, str]] | None = None,
+                  ) -> edge_pb2.AskResponse | None:
+        self._count(warmup, "grpc+history" if history else "grpc")
+        turns = [ChatMessage(role=role, content=text) for role, text in history or []]
         try:
-            reply = await stub.Ask(edge_pb2.AskRequest(prompt=prompt, tenant=tenant),
-                                   timeout=RPC_TIMEOUT_S)
+            reply = await stub.Ask(edge_pb2.AskRequest(prompt=prompt, tenant=tenant,
+                                                       history=turns), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            report.codes[exc.code().name] = report.codes.get(exc.code().name, 0) + 1
+            self._code(exc.code().name)
             return None
-        report.codes["OK"] = report.codes.get("OK", 0) + 1
+        self._code("OK")
         letter = {edge_pb2.ACTION_REUSE: "A", edge_pb2.ACTION_FORWARD: "B",
                   edge_pb2.ACTION_AUGMENT: "C"}.get(reply.action, "?")
+        self._judge(tenant, prompt, letter, reply.answer)
+        return reply
+
+    async def ask_http(self, client: httpx.AsyncClient, tenant: str, prompt: str,
+                       history: list[tuple[str, str]]) -> None:
+        """The same probe through the OpenAI-compatible front; the action is the `velo`
+        field's."""
+        import httpx
+
+        self._count(False, "http+history" if history else "http")
+        messages = [{"role": r, "content": t} for r, t in history]
+        messages.append({"role": "user", "content": prompt})
+        try:
+            reply = await client.post("/v1/chat/completions", headers={"x-velo-tenant": tenant},
+                                      json={"model": "velo", "messages": messages})
+        except httpx.HTTPError as exc:
+            self._code(f"HTTP {type(exc).__name__}")
+            return
+        if reply.status_code != 200:
+            self._code(f"HTTP {reply.status_code}")
+            return
+        self._code("OK")
+        body = reply.json()
+        letter = {"reuse": "A", "forward": "B", "augment": "C"}.get(body["velo"]["action"], "?")
+        self._judge(tenant, prompt, letter, body["choices"][0]["message"]["content"])
+
+    def _judge(self, tenant: str, prompt: str, letter: str, answer: str) -> None:
+        report = self.report
         report.actions[letter] = report.actions.get(letter, 0) + 1
         if letter != "A":
-            self.learned[tenant].add(reply.answer)
-            return reply
+            self.learned[tenant].add(answer)
+            return
         report.served += 1
-        owner = self.owner.get(reply.answer)
-        if owner == tenant or (owner is None and reply.answer in self.learned[tenant]):
-            return reply
+        owner = self.owner.get(answer)
+        if owner == tenant or (owner is None and answer in self.learned[tenant]):
+            return
         if owner is None:
             report.unexplained += 1
         else:
             report.across_tenants += 1
             if len(report.leaks) < MAX_SURPRISES:
-                report.leaks.append(Leak(tenant, prompt, reply.answer, owner))
-        return reply
+                report.leaks.append(Leak(tenant, prompt, answer, owner))

@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import ClassVar
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -21,38 +22,52 @@ from velo.security import TLSConfig
 
 
 class _GuardedProtocol(H11Protocol):
-    """h11 with two guards against slow clients (slow-loris), which uvicorn lacks: a request's
-    headers must be complete within `header_timeout_s` of the connection (or of the previous
-    response), and beyond `max_connections` open connections a new one is closed at once, so
-    that half-open connections cannot take every file descriptor of the daemon (its gRPC port
-    needs them too)."""
+    """h11 with two guards against slow clients (slow-loris), which uvicorn lacks: a new
+    connection's request headers must be complete within `header_timeout_s`, and open
+    connections are capped at `max_connections`, so that half-open connections cannot take
+    every file descriptor of the daemon (its gRPC port needs them too). At the cap a new
+    connection takes the place of the oldest one still waiting for its headers (so a flood of
+    half-open connections does not lock out real clients); only when none waits is it
+    closed at once."""
 
     header_timeout_s = 10.0
     max_connections = 1000
+    # The server's connections that have not sent a whole request yet, oldest first (a dict
+    # as an ordered set); one per server, set by HttpServer.
+    awaiting_headers: ClassVar[dict[_GuardedProtocol, None]] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
-            transport.close()  # not counted: connection_lost discards what was never added
-            return
+            if not self.awaiting_headers:
+                transport.close()  # not counted: connection_lost discards what was never added
+                return
+            oldest = next(iter(self.awaiting_headers))
+            oldest._forget_headers()
+            oldest.transport.close()
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.header_timeout_s, self._headers_late)
+        self.awaiting_headers[self] = None
 
     def handle_events(self) -> None:
         super().handle_events()
         if self.cycle is not None and self._header_timer is not None:  # a request began
-            self._header_timer.cancel()
-            self._header_timer = None
+            self._forget_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if getattr(self, "_header_timer", None) is not None:
+            self._forget_headers()
         if getattr(self, "transport", None) is not None:
             super().connection_lost(exc)
 
+    def _forget_headers(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self.awaiting_headers.pop(self, None)
+
     def _headers_late(self) -> None:
-        self._header_timer = None
+        self._forget_headers()
         if self.cycle is None and not self.transport.is_closing():
             self.transport.close()
 
@@ -70,7 +85,8 @@ class HttpServer:
         self.app, self.listen, self.tls, self.grace_s = app, listen, tls, grace_s
         # One protocol class per server: its guards are this server's settings.
         self._protocol = type("GuardedProtocol", (_GuardedProtocol,), {
-            "header_timeout_s": header_timeout_s, "max_connections": max_connections})
+            "header_timeout_s": header_timeout_s, "max_connections": max_connections,
+            "awaiting_headers": {}})
         self.port = 0
         self._server: _QuietServer | None = None
         self._task: asyncio.Task | None = None

@@ -16,6 +16,7 @@ crash in its first decode (llama-cpp-python 0.3.36 built on an AVX-512/AMX CPU d
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -253,6 +254,7 @@ class LLMSupervisor:
         self.server, self.on_state, self.max_backoff_s = server, on_state, max_backoff_s
         self.restarts = 0
         self._stopping = threading.Event()
+        self._restart_reason = ""  # why restart() ended the running server
         self._thread = threading.Thread(target=self._run, name="llm-supervisor", daemon=True)
 
     def start(self) -> LLMSupervisor:
@@ -274,6 +276,9 @@ class LLMSupervisor:
                     return
                 reason = (f"the LLM server (pid {self.server.pid}) {describe_exit(code)}; "
                           f"last lines of {self.server.log_path}:\n{tail(self.server.log_path)}")
+                if self._restart_reason:
+                    reason, self._restart_reason = (f"the LLM server was restarted: "
+                                                    f"{self._restart_reason}"), ""
                 self.server.stop()
             if self._stopping.is_set():
                 return
@@ -284,6 +289,17 @@ class LLMSupervisor:
                                  f"(restart {self.restarts})")
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def restart(self, reason: str) -> None:
+        """End a server that runs but no longer answers (SIGKILL: a hung one may not heed
+        SIGTERM); the supervising thread starts a new one as after a crash. Thread-safe."""
+        pid = self.server.pid
+        if pid is None or self._stopping.is_set():
+            return
+        log.warning("restarting the llm server", pid=pid, reason=reason)
+        self._restart_reason = reason
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile: restarted anyway
+            os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop supervising and terminate the server."""

@@ -72,7 +72,7 @@ class CloudStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CloudStats(_message.Message):
-    __slots__ = ("llm_up", "llm_down_reason", "llm_restarts", "requests", "failures", "in_flight", "queued", "background_refused")
+    __slots__ = ("llm_up", "llm_down_reason", "llm_restarts", "requests", "failures", "in_flight", "queued", "background_refused", "llm_timeouts")
     LLM_UP_FIELD_NUMBER: _ClassVar[int]
     LLM_DOWN_REASON_FIELD_NUMBER: _ClassVar[int]
     LLM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class CloudStats(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    LLM_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     llm_up: bool
     llm_down_reason: str
     llm_restarts: int
@@ -89,4 +90,5 @@ class CloudStats(_message.Message):
     in_flight: int
     queued: int
     background_refused: int
-    def __init__(self, llm_up: bool = ..., llm_down_reason: _Optional[str] = ..., llm_restarts: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., background_refused: _Optional[int] = ...) -> None: ...
+    llm_timeouts: int
+    def __init__(self, llm_up: bool = ..., llm_down_reason: _Optional[str] = ..., llm_restarts: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., background_refused: _Optional[int] = ..., llm_timeouts: _Optional[int] = ...) -> None: ...
