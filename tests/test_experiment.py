@@ -49,7 +49,9 @@ def test_quick_experiment_writes_every_figure_and_table(quick_run: Path) -> None
     assert {"lrs", "mappo", "g-mappo", "t-mappo", "oracle", "random", "cache-0.5"} <= policies
 
 
-def test_measures_obey_their_definitions(quick_run: Path) -> None:
+def test_quick_run_policies_keep_to_their_rules(quick_run: Path) -> None:
+    """What each policy may do, seen in the measures of a real quick run (how the measures are
+    counted: tests/test_train.py::test_measures_count_a_known_episode)."""
     runs = read_rows(quick_run / "runs.csv")
     by_run: dict[tuple, dict[str, dict]] = {}
     for r in runs:
@@ -57,19 +59,15 @@ def test_measures_obey_their_definitions(quick_run: Path) -> None:
         by_run.setdefault(key, {})[r["policy"]] = {k: float(v) for k, v in r.items()
                                                    if k not in {"mode", "policy"}}
     for key, policies in by_run.items():
-        assert policies["random"]["normalized"] == pytest.approx(0.0), key
-        assert policies["oracle"]["normalized"] == pytest.approx(1.0), key
         for name, m in policies.items():
             for share in ("llm_freq", "hit_rate", "false_hit_rate", "precision", "recall"):
                 assert 0.0 <= m[share] <= 1.0, (key, name, share)
             assert m["q"] <= 0.0 and m["d"] > 0.0, (key, name)  # q = -distance, d = time
-            if m["hit_rate"] > 0:
-                assert m["precision"] == pytest.approx(1 - m["false_hit_rate"]), (key, name)
-            assert m["cloud_calls"] == pytest.approx(1 - m["hit_rate"]), (key, name)
         for theta in ("0.1", "0.3", "0.5"):
             assert policies[f"greedy-{theta}"]["hit_rate"] == 0.0  # Greedy-θ never reuses
-        cache = policies["cache-0.5"]  # Cache-θ reuses or forwards, never augments
-        assert cache["hit_rate"] + cache["llm_freq"] == pytest.approx(1.0)
+        for name in ("cache-0.5", "greedy-llm"):  # they reuse or forward, never augment
+            m = policies[name]
+            assert m["hit_rate"] + m["llm_freq"] == pytest.approx(1.0), (key, name)
     # The Oracle (hindsight-best action) is an upper bound on average over the seeds.
     rows = read_rows(quick_run / "results.csv")
     oracle = {tuple(r[k] for k in ("mode", "w", "edges", "train_share")): float(r["reward"])

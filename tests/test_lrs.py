@@ -84,26 +84,43 @@ def test_onnx_export_equals_pytorch_and_masks_actions(encoder: bool) -> None:
     assert policy.decide(real).action.letter == "B"  # only B is valid on an empty cache
 
 
-def test_update_learns_a_rewarded_action_and_demos_are_used() -> None:
-    """A bandit: reward 1 for C, 0 otherwise; a few updates must make C the likeliest."""
+def _bandit(reward_action: int | None, demo_action: int | None) -> tuple[np.ndarray, float]:
+    """Eight updates on 64 steps x 2 agents of random states: reward 1 for `reward_action`
+    (none: every reward 0), demonstrations of `demo_action` (none: no demonstrations). The
+    greedy policy's share of each action afterwards, and the last update's demo count."""
     rng = np.random.default_rng(0)
-    cfg = LRSConfig(use_encoder=False, demos_first=64, demos_min=16, epochs=4, seed=0)
-    lrs = LRS(cfg, agents=2)
+    lrs = LRS(LRSConfig(use_encoder=False, demos_first=512, demos_min=16, epochs=4, seed=0),
+              agents=2)
     corr, emb, mask = _random_states(rng, 64 * 2)
     corr, emb, mask = corr.reshape(64, 2, 3, 5), emb.reshape(64, 2, 384), mask.reshape(64, 2, 3)
-    demos = Demos(corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
-                  np.full(128, 2))
+    demos = None if demo_action is None else Demos(
+        corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
+        np.full(128, demo_action))
     for _ in range(8):
         actions, logp = lrs.act(corr.reshape(-1, 3, 5), emb.reshape(-1, 384),
                                 mask.reshape(-1, 3))
         actions, logp = actions.reshape(64, 2), logp.reshape(64, 2)
-        rollout = Rollout(corr, emb, mask, actions, logp, (actions == 2).astype(np.float32),
-                          np.ones(64, np.float32), corr[0], emb[0])
-        stats = lrs.update(rollout, demos)
-    assert stats["demos"] == 0  # 64/8 = 8 < 16: demonstrations have stopped
+        rewards = np.zeros((64, 2), np.float32) if reward_action is None else \
+            (actions == reward_action).astype(np.float32)
+        stats = lrs.update(Rollout(corr, emb, mask, actions, logp, rewards,
+                                   np.ones(64, np.float32), corr[0], emb[0]), demos)
     greedy, _ = lrs.act(corr.reshape(-1, 3, 5), emb.reshape(-1, 384), mask.reshape(-1, 3),
                         greedy=True)
-    assert (greedy == 2).mean() > 0.9
+    return np.bincount(greedy, minlength=3) / greedy.size, stats["demos"]
+
+
+def test_update_learns_a_rewarded_action() -> None:
+    """The policy gradient alone (no demonstrations): reward 1 for B makes B the choice."""
+    shares, demos = _bandit(reward_action=1, demo_action=None)
+    assert demos == 0 and shares[1] > 0.9, shares
+
+
+def test_demonstrations_teach_the_expert_action_without_any_reward() -> None:
+    """Behaviour cloning alone: every reward 0, demonstrations of C. Only the BC term can make
+    C the choice (without it, C was the greedy action in 29 % of states)."""
+    shares, demos = _bandit(reward_action=None, demo_action=2)
+    assert demos == 64  # 512 / 8 updates, still above demos_min
+    assert shares[2] > 0.9, shares
 
 
 async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> None:

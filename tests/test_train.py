@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lab.sim import SimConfig, SimEnv
-from lab.train import run, table
+from lab.sim import Outcome, SimConfig, SimEnv, StepResult
+from lab.train import Metrics, run, table
 from trainerd.lrs import LRSConfig
 from velo.embedder import Embedder
 from velo.models import ROOT
@@ -35,13 +35,53 @@ def test_simulated_llm_is_honest(env: SimEnv) -> None:
     for outcome in result.outcomes:
         assert outcome.q < 0  # B answers with a second human answer, never the reference
         assert outcome.d in env.latencies  # a measured cloud latency
-    # Asking the same questions again: the cached answer is there, reuse costs edge time only.
+    # Popular questions come back: their cached answers are reused at edge time only, and the
+    # Oracle's choice is, edge by edge, the action whose outcome has the best reward.
+    reuses = []
     for _ in range(30):
-        result, states = env.step(env.best_actions())
-    reuses = [o for a, o in zip(result.actions, result.outcomes, strict=True)
-              if a is Action.REUSE]
+        options = [env._candidates(n) for n in range(3)]
+        chosen = env.best_actions()
+        for n, outcomes in enumerate(options):
+            assert outcomes[chosen[n]].r == max(o.r for o in outcomes.values())
+        result, states = env.step(chosen)
+        reuses += [o for a, o in zip(result.actions, result.outcomes, strict=True)
+                   if a is Action.REUSE]
+    assert reuses, "the Oracle never reused in 30 steps of Zipf-popular questions"
     assert all(o.d < 0.5 for o in reuses)
-    assert result.best == result.actions  # the Oracle's choice is the hindsight-best one
+
+
+def _outcome(q: float, d: float) -> Outcome:
+    return Outcome(q, d, q - 0.1 * d, np.zeros(4, np.float32), 0)
+
+
+def test_measures_count_a_known_episode() -> None:
+    """SPEC §5's measures on an episode counted by hand: 6 requests in nearest-edge mode (3
+    reuses, one of them false, 4 requests where a reuse would have been right, 2 forwards,
+    1 augment), then an all-edges step where only the served edge counts."""
+    a, b, c = Action.REUSE, Action.FORWARD, Action.AUGMENT
+    metrics = Metrics()
+    for actions, false_hits, reusable in (([a, b], [False, False], [True, False]),
+                                          ([a, c], [True, False], [False, True]),
+                                          ([b, a], [False, False], [True, True])):
+        metrics.add(StepResult(actions, [_outcome(-0.2, 1.0), _outcome(-0.4, 2.0)], actions,
+                               -1, false_hits, reusable))
+    nearest = metrics.summary()
+    assert nearest["hit_rate"] == pytest.approx(0.5)
+    assert nearest["false_hit_rate"] == pytest.approx(1 / 3)
+    assert nearest["precision"] == pytest.approx(2 / 3)
+    assert nearest["recall"] == pytest.approx(0.5)
+    assert nearest["llm_freq"] == pytest.approx(1 / 3)
+    assert nearest["cloud_calls"] == pytest.approx(0.5)
+    assert nearest["q"] == pytest.approx(-0.3) and nearest["d"] == pytest.approx(1.5)
+    assert nearest["reward"] == pytest.approx(-0.45)
+    # All-edges: edge 1 served (a false reuse); edge 0's forward is not a served request.
+    metrics.add(StepResult([b, a], [_outcome(-0.2, 3.0), _outcome(-0.9, 0.01)], [b, a], 1,
+                           [False, True], [False, False]))
+    both = metrics.summary()
+    assert both["hit_rate"] == pytest.approx(4 / 7)
+    assert both["false_hit_rate"] == pytest.approx(0.5)
+    assert both["llm_freq"] == pytest.approx(2 / 7)
+    assert both["d"] == pytest.approx(9.01 / 7)
 
 
 def test_lrs_beats_random_and_every_greedy_baseline(env: SimEnv) -> None:
