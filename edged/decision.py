@@ -114,8 +114,8 @@ class Decider:
             self.prompt_vectors.put(prompt, f)
         t1 = time.perf_counter()
         try:
-            rows = await asyncio.wait_for(self.searches.submit((tenant, f)),
-                                          self.search_timeout_s)
+            async with asyncio.timeout(self.search_timeout_s):  # no extra task per request
+                rows = await self.searches.submit((tenant, f))
         except TimeoutError as exc:
             raise VectorDBError(f"Milvus did not answer within vector_db.timeout_s = "
                                 f"{self.search_timeout_s} s") from exc
