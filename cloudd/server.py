@@ -30,6 +30,7 @@ from cloudd.backend import (
 from cloudd.config import CloudConfig, LLMConfig
 from velo.conversation import Turn, history_problem, prompt_problem
 from velo.llm_server import LLMSupervisor, LocalLLMServer
+from velo.load import RunningMean, estimated_wait
 from velo.logs import get_logger
 from velo.metrics import Reading
 from velo.serving import Daemon, GrpcServer, clip, request_id_problem
@@ -55,7 +56,8 @@ class AtCapacity(Exception):
     free right now)."""
 
 
-def _response(c: Completion) -> cloud_pb2.GenerateResponse:
+def _response(c: Completion, load: cloud_pb2.CloudLoad,
+              queue_s: float) -> cloud_pb2.GenerateResponse:
     return cloud_pb2.GenerateResponse(
         text=c.text,
         model=c.model,
@@ -67,6 +69,8 @@ def _response(c: Completion) -> cloud_pb2.GenerateResponse:
         logprobs_json=to_json(c.logprobs),
         max_tokens=c.max_tokens,
         usage_estimated=c.usage_estimated,
+        load=load,
+        queue_s=queue_s,
     )
 
 
@@ -99,6 +103,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         self.in_flight = 0  # requests holding a slot (talking to the LLM)
         self.hung_at = -1e9  # monotonic time of the last request the LLM left unanswered
         self.queued = 0  # requests waiting for a slot
+        self.service = RunningMean()  # how long requests hold a slot, for the load report
         self.background = 0  # background requests holding a slot
         self.stats = cloud_pb2.CloudStats()
         self.supervisor: LLMSupervisor | None = None
@@ -126,6 +131,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                     "refused for want of a free slot", stats.background_refused, True),
             Reading("velo_cloud_in_flight", "Requests talking to the LLM now", self.in_flight),
             Reading("velo_cloud_queued", "Requests waiting for an LLM slot", self.queued),
+            Reading("velo_cloud_estimated_wait_seconds", "The wait of a request arriving now "
+                    "for an LLM slot (velo.load)", self.load().estimated_wait_s),
             Reading("velo_cloud_llm_up", "1 while the LLM answers",
                     float(part is not None and part.ok)),
             Reading("velo_cloud_llm_restarts_total", "Restarts of the local LLM server",
@@ -134,10 +141,20 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                       True, {"kind": kind}) for kind, n in self.tokens.items()),
         ]
 
+    def load(self) -> cloud_pb2.CloudLoad:
+        """The load report (velo.load): requests holding a slot and waiting for one, and the
+        wait a new one would have."""
+        return cloud_pb2.CloudLoad(
+            in_flight=self.in_flight, queued=self.queued, slots=self.cfg.max_concurrency,
+            mean_service_s=self.service.value,
+            estimated_wait_s=estimated_wait(self.in_flight, self.queued,
+                                            self.cfg.max_concurrency, self.service.value))
+
     @contextlib.asynccontextmanager
-    async def _slot(self, background: bool) -> AsyncIterator[None]:
+    async def _slot(self, background: bool) -> AsyncIterator[float]:
         """Hold one of `max_concurrency` LLM slots, waiting in a queue of `max_queue`; a
-        background request takes a free slot at once or is refused, and never queues."""
+        background request takes a free slot at once or is refused, and never queues.
+        Yields how long it waited for the slot."""
         if background:
             if (self.background >= self.cfg.background_max_inflight or self.queued
                     or self._slots.locked()):
@@ -150,15 +167,18 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                 "retry later"
             )
         self.queued += not background
+        queued_at = time.monotonic()
         try:
             await self._slots.acquire()
         finally:
             self.queued -= not background
         self.in_flight += 1
         self.background += background
+        started = time.monotonic()
         try:
-            yield
+            yield started - queued_at
         finally:
+            self.service.add(time.monotonic() - started)
             self.in_flight -= 1
             self.background -= background
             self._slots.release()
@@ -208,12 +228,12 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         await context.abort(code, message)
 
     async def _generate(self, request: cloud_pb2.GenerateRequest,
-                        qa: list[tuple[str, str]]) -> Completion:
-        async with self._slot(request.background):
+                        qa: list[tuple[str, str]]) -> tuple[Completion, float]:
+        async with self._slot(request.background) as queue_s:
             try:
                 return await self.backend.generate(request.prompt, qa, request.max_tokens,
                                                    _history(request),
-                                                   Shape.from_proto(request.shape))
+                                                   Shape.from_proto(request.shape)), queue_s
             except BackendTimeout as exc:
                 await self._hung(exc)
                 raise
@@ -255,7 +275,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         # clients' shorter deadlines.
         call = asyncio.ensure_future(self._generate(request, qa))
         try:
-            completion = await asyncio.shield(call)
+            completion, queue_s = await asyncio.shield(call)
         except asyncio.CancelledError:
             rlog.info("generate cancelled by the client; the LLM call runs to its end")
             call.add_done_callback(lambda done: self._left_behind(done, rlog))
@@ -264,7 +284,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             await self._failed(exc, rlog, context, "generate")
         await self._answered()
         self._generated(completion, rlog)
-        return _response(completion)
+        return _response(completion, self.load(), queue_s)
 
     async def GenerateStream(
         self, request: cloud_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -276,7 +296,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         rlog = log.bind(request_id=request.request_id, context=len(qa), stream=True)
         try:
             async with (
-                self._slot(request.background),
+                self._slot(request.background) as queue_s,
                 # aclosing: however we leave (client gone, error), the HTTP stream is closed
                 # and the LLM server stops generating for nobody.
                 contextlib.aclosing(
@@ -287,7 +307,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                 async for piece in pieces:
                     if isinstance(piece, Completion):
                         self._generated(piece, rlog)
-                        yield cloud_pb2.GenerateChunk(done=_response(piece))
+                        yield cloud_pb2.GenerateChunk(done=_response(piece, self.load(),
+                                                                     queue_s))
                     else:
                         yield cloud_pb2.GenerateChunk(text=piece.text,
                                                       logprobs_json=to_json(piece.logprobs))
@@ -309,6 +330,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         stats.llm_down_reason = "" if part is None or part.ok else part.reason
         stats.llm_restarts = self.supervisor.restarts if self.supervisor is not None else 0
         stats.in_flight, stats.queued = self.in_flight, self.queued
+        stats.load.CopyFrom(self.load())
         return stats
 
 

@@ -5,6 +5,7 @@ down, with cloudd's own reason."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edged.contract import EdgeError, ErrorKind, Piece, Usage
 from velo.conversation import Turn
+from velo.load import RunningMean, load_vector
 from velo.security import TLSConfig, dial
 from velo.serving import clip
 from velo.shape import Shape
@@ -58,10 +61,32 @@ class Generation:
         return Usage(self.prompt_tokens, self.completion_tokens, self.usage_estimated)
 
 
+class CloudLoadView:
+    """What this edge sees of the cloud's load (velo.load): cloudd's latest report (on every
+    answer, and polled with each health check) and the edge's own recent forward latency."""
+
+    def __init__(self) -> None:
+        self.cloud_wait_s = 0.0
+        self.forward = RunningMean()
+        # None until cloudd first answered; False when it answers without a load report (an
+        # older cloudd): a load-aware policy then cannot be filled.
+        self.reported: bool | None = None
+
+    def report(self, message: cloud_pb2.GenerateResponse | cloud_pb2.CloudStats) -> None:
+        self.reported = message.HasField("load")
+        if self.reported:
+            self.cloud_wait_s = message.load.estimated_wait_s
+
+    def vector(self) -> np.ndarray:
+        """The `load` part of a state, in velo.load.LOAD_FEATURES order."""
+        return load_vector(self.cloud_wait_s, self.forward.value)
+
+
 class CloudClient:
     def __init__(self, address: str, timeout_s: float, tls: TLSConfig | None = None,
                  token: str = "") -> None:
         self.address, self.timeout_s = address, timeout_s
+        self.load = CloudLoadView()
         self.channel = dial(address, tls, token) if address else None
         self.stub = cloud_pb2_grpc.CloudServiceStub(self.channel) if self.channel else None
         self.health = health_pb2_grpc.HealthStub(self.channel) if self.channel else None
@@ -84,7 +109,7 @@ class CloudClient:
         try:
             if on_piece is None:
                 response = await self.stub.Generate(request, timeout=self.timeout_s)
-                return Generation.from_response(response, time.perf_counter() - start)
+                return self._answered(response, time.perf_counter() - start, background)
             done = None
             async for chunk in self.stub.GenerateStream(request, timeout=self.timeout_s):
                 if chunk.text:
@@ -95,7 +120,7 @@ class CloudClient:
             if done is None:
                 raise CloudError(ErrorKind.UNAVAILABLE, f"cloudd at {self.address} ended the "
                                  "stream without its summary")
-            return Generation.from_response(done, time.perf_counter() - start)
+            return self._answered(done, time.perf_counter() - start, background)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 # cloudd (or its LLM) is frozen or swamped: a dependency that is not there.
@@ -108,6 +133,21 @@ class CloudClient:
                 raise CloudError(kind, f"cloud LLM unavailable (cloudd at {self.address}): "
                                  f"{exc.details()}") from exc
             raise CloudError(kind, f"cloud LLM failed: {exc.details()}") from exc
+
+    def _answered(self, done: cloud_pb2.GenerateResponse, cloud_s: float,
+                  background: bool) -> Generation:
+        self.load.report(done)
+        if not background:  # a user's forward: what forward_s follows
+            self.load.forward.add(cloud_s)
+        return Generation.from_response(done, cloud_s)
+
+    async def poll_load(self) -> None:
+        """Refresh the load report from cloudd's stats (quiet edges see the load too)."""
+        assert self.stub is not None
+        # A failed poll keeps the last report: the health check says what is wrong.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self.load.report(await self.stub.GetCloudStats(cloud_pb2.CloudStatsRequest(),
+                                                           timeout=CHECK_TIMEOUT_S))
 
     async def watch(self, report: PartReport, part: str, every_s: float = 1.0) -> None:
         """Check cloudd's health every `every_s` and report `part` up or down with the reason
@@ -123,6 +163,8 @@ class CloudClient:
             slow = slow + 1 if timed_out else 0
             if not timed_out or slow >= SLOW_CHECKS:
                 await report(part, ok, reason)
+            if ok:
+                await self.poll_load()
             await asyncio.sleep(every_s)
 
     async def check(self) -> tuple[bool, str]:

@@ -85,11 +85,15 @@ class Decider:
     def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
                  top_p: int, max_batch: int = 16, embed_workers: int = 2,
                  verifier: OnnxVerifier | None = None, prompt_vectors: int = 0,
-                 search_timeout_s: float = 10.0) -> None:
+                 search_timeout_s: float = 10.0,
+                 load: Callable[[], np.ndarray] | None = None) -> None:
         """`prompt_vectors`: how many distinct prompts' embeddings to keep (0: none).
         `search_timeout_s`: the longest a request waits for its search, queueing behind a
         batch in flight included (vector_db.timeout_s bounds each Milvus call; a request that
-        arrives during a frozen call would otherwise wait for it and then its own)."""
+        arrives during a frozen call would otherwise wait for it and then its own).
+        `load`: what the edge sees of the cloud's load now (velo.load), for load-aware
+        policies."""
+        self.load = load
         self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
         self.search_timeout_s = search_timeout_s
         self.prompt_vectors = PromptVectors(prompt_vectors)
@@ -125,7 +129,8 @@ class Decider:
             rows = keep(rows)
         t2 = time.perf_counter()
         policy = self.current_policy()
-        state = build_state(f, rows, self.top_p, self._verify(policy, prompt))
+        state = build_state(f, rows, self.top_p, self._verify(policy, prompt),
+                            self.load() if self.load is not None else None)
         t3 = time.perf_counter()
         if getattr(policy, "runs_model", False):
             decision = await asyncio.get_running_loop().run_in_executor(

@@ -141,7 +141,8 @@ class EdgePipeline:
         self.decider = Decider(embedder, cache, lambda: policies.current, cfg.cache.top_p,
                                cfg.limits.max_batch, cfg.embedder_workers,
                                guard.verifier if guard is not None else None,
-                               cfg.limits.prompt_vectors, cfg.vector_db.timeout_s)
+                               cfg.limits.prompt_vectors, cfg.vector_db.timeout_s,
+                               cloud.load.vector)
         # Concurrent requests' experience goes to disk in one transaction.
         self.spool_writes: MicroBatcher[tuple[Encoder, bool], int | None] = MicroBatcher(
             spool.append_many, 256, "spool")
@@ -609,6 +610,7 @@ class _Record:
                 policy_version=self.policy_version, delay_s=self.d,
                 has_satisfaction=self.q is not None, satisfaction=self.q or 0.0,
                 shadow_verified=self.shadow, request_id=self.request_id,
+                load=self.state.load.tolist(),
             ).SerializeToString()
         return encode
 

@@ -116,7 +116,8 @@ class Edged(Daemon):
             cfg.data_path / "policy", top_p=cfg.cache.top_p, embed_dim=self.embedder.dim,
             sample=cfg.policy.sample, seed=cfg.policy.seed, max_bytes=cfg.policy.max_bytes,
             report=self.report, has_verifier=bool(cfg.reuse.verifier),
-            timeout_s=cfg.trainer_timeout_s)
+            fills_load=lambda: self.cloud.stub is not None and self.cloud.load.reported
+            is not False, timeout_s=cfg.trainer_timeout_s)
         self.policies.load_saved()
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg),

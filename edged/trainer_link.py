@@ -111,6 +111,7 @@ class PolicyFollower:
     def __init__(self, channel: grpc.aio.Channel | None, baseline: Policy, store_dir: Path, *,
                  top_p: int, embed_dim: int, sample: bool, seed: int, max_bytes: int,
                  report: PartReport = _no_report, has_verifier: bool = False,
+                 fills_load: Callable[[], bool] = lambda: False,
                  timeout_s: float = 60.0) -> None:
         self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
         self.timeout_s = timeout_s  # deadline of one policy download
@@ -118,6 +119,7 @@ class PolicyFollower:
         self.store_dir = store_dir
         self.max_bytes, self.report = max_bytes, report
         self.has_verifier = has_verifier  # a "verified"-state policy needs [reuse] verifier
+        self.fills_load = fills_load  # a load-aware policy needs a cloud reporting its load
         self._args = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample, "seed": seed}
         self.rejected: dict[int, str] = {}  # version -> why; never fetched again
         self.swapped = asyncio.Event()  # set after every successful swap (tests wait on it)
@@ -235,6 +237,11 @@ class PolicyFollower:
         if policy.state == "verified" and not self.has_verifier:
             raise PolicyRejected(f"policy v{version} was trained on the verified state; this "
                                  "edge has no verifier ([reuse] verifier)")
+        if policy.load_features and not self.fills_load():
+            raise PolicyRejected(f"policy v{version} reads the cloud's load "
+                                 f"({','.join(policy.load_features)}); this edge has no cloud "
+                                 "that reports it (edged `cloud` empty, or a cloudd without "
+                                 "load reports)")
         return policy
 
     def _swap(self, policy: OnnxPolicy) -> None:

@@ -11,13 +11,12 @@ Normalised reward: Random 0, Oracle 1.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.sim import SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
+from lab.workers import run_cases
 from velo.policy import CachePolicy, GreedyLLMPolicy, RandomPolicy
 from velo.verifier import OnnxVerifier
 from velo.workload import load_qa
@@ -67,13 +66,7 @@ def run_case(case: Case, scale, verifier: Path, latencies: Path, cache_dir: Path
 
 def run_all(cases: list[Case], scale, verifier: Path, latencies: Path, cache_dir: Path,
             edge_s: float, jobs: int) -> list[tuple[Case, dict]]:
-    args = (scale, verifier, latencies, cache_dir, edge_s)
-    if jobs <= 1:
-        return [(c, run_case(c, *args)) for c in cases]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_case, c, *args) for c in cases]
-        return [(c, f.result()) for c, f in zip(cases, futures, strict=True)]
+    return run_cases(run_case, cases, (scale, verifier, latencies, cache_dir, edge_s), jobs)
 
 
 def markdown(results: list[tuple[Case, dict]]) -> str:

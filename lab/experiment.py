@@ -77,7 +77,7 @@ class Scale:
     train_shares: tuple[float, ...] = (0.25, 0.5, 1.0)
 
 
-QUICK = Scale(seeds=3, updates=3, rollout_steps=32, eval_steps=60, demos=256, items=60,
+QUICK = Scale(seeds=3, updates=10, rollout_steps=32, eval_steps=60, demos=256, items=60,
               w_values=(0.01, 0.1, 1.0), edge_counts=(1, 3), train_shares=(0.5, 1.0))
 
 
@@ -115,7 +115,8 @@ def run_job(job: Job) -> RunResult:
     for name in job.policies:
         if name in VARIANTS:
             curves[name] = []
-            policy, _ = train_policy(env, name, job.scale, job.seed, demos, curves[name])
+            policy, _ = train_policy(env, name, job.scale, job.seed, demos, curves[name],
+                                     gate_seed=job.seed + 500)
         elif name == "oracle":
             policy = "oracle"
         else:
@@ -137,14 +138,26 @@ def make_env(job: Job) -> SimEnv:
 
 
 def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
-                 curve: list[dict[str, float]] | None = None) -> tuple[OnnxPolicy, bytes]:
-    """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env`; its ONNX export, loaded as the edge runs
-    it (argmax, as MAPPO is evaluated), and the export's bytes."""
+                 curve: list[dict[str, float]] | None = None, load: bool = False,
+                 gate_seed: int | None = None) -> tuple[OnnxPolicy, bytes]:
+    """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` (`load`: on the load-aware state); its
+    ONNX export, loaded as the edge runs it (argmax, as MAPPO is evaluated), and the bytes.
+    `gate_seed`: keep the version with the best reward on the training requests of that
+    stream (lab.train.train's gate, at ten points of the training), the stream the baselines
+    are tuned on."""
     encoder, use_demos = VARIANTS[name]
     cfg = LRSConfig(seed=seed, use_encoder=encoder, use_demos=use_demos,
-                    demos_first=scale.demos)
+                    demos_first=scale.demos, use_load=load)
+
+    def gate(lrs) -> float:
+        policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
+                            embed_dim=cfg.embed_dim, sample=False)
+        return evaluate(env, policy, scale.eval_steps, gate_seed, split="train")["reward"]
+
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
-                scale.eval_steps, log=lambda _: None, curve=curve)
+                scale.eval_steps, log=lambda _: None, curve=curve,
+                gate=gate if gate_seed is not None else None,
+                gate_every=max(1, scale.updates // 10))
     onnx = lrs.export_onnx()
     if env.verifier is not None:  # edges must build the same state to run it
         from lab.verifier import mark_state

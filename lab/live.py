@@ -1,5 +1,7 @@
 """`velo experiment --live`: a small version of the experiment through the real daemons and the
 real local LLM, next to the simulator's numbers for the same policies and the same requests.
+`--live --load` (run_burst): a load-aware LRS edge and a tuned static edge share one cloud
+through a calm phase, a burst and a calm phase again.
 
 One edge per policy (Cache-0.5, Greedy-0.5, Random and LRS); every request of the test stream
 goes to every edge, so each edge is one policy run on the same workload. LRS is trained on the
@@ -14,17 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 import uuid
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from lab.train import Metrics
 from velo.replay import Outcome, replay
 from velo.stack import Stack, StackConfig
-from velo.v1 import edge_pb2, edge_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from velo.workload import Arrival, QAItem
 
 LIVE_POLICIES = ("cache-0.5", "greedy-0.5", "random", "lrs")
@@ -54,11 +53,11 @@ def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_di
     stack = Stack(StackConfig(data_dir=state_dir, edges=len(LIVE_POLICIES),
                               edge_policies=LIVE_POLICIES, log_level="warning",
                               milvus_uri=milvus_uri, milvus_token=milvus_token,
-                              run_tag=f"-live-{uuid.uuid4().hex[:8]}"))
+                              run_tag=f"-live-{uuid.uuid4().hex[:8]}", policy_file=None))
     stack.start()
     try:
         edges = stack.edge_addresses
-        asyncio.run(_publish_and_wait(stack.addresses["trainerd"], edges[-1], onnx))
+        stack.publish("lrs", onnx)
         outcomes = asyncio.run(replay(arrivals, edges, items, tenant="live",
                                       max_tokens=max_tokens, concurrency=len(edges),
                                       to_every_edge=True))
@@ -68,19 +67,35 @@ def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_di
             for policy, edge in zip(LIVE_POLICIES, edges, strict=True)}
 
 
-async def _publish_and_wait(trainer: str, edge: str, onnx: bytes, timeout_s: float = 60) -> None:
-    async with grpc.aio.insecure_channel(trainer) as channel:
-        info = await trainer_pb2_grpc.TrainerServiceStub(channel).PublishPolicy(
-            trainer_pb2.PublishPolicyRequest(name="lrs", onnx=onnx), timeout=30)
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(edge) as channel:
-        stub = edge_pb2_grpc.EdgeServiceStub(channel)
-        while time.monotonic() < deadline:
-            stats = await stub.GetStats(edge_pb2.GetStatsRequest(), timeout=5)
-            if stats.policy_version == info.version:
-                return
-            await asyncio.sleep(0.3)
-    raise RuntimeError(f"edge {edge} did not load policy v{info.version} in {timeout_s} s")
+def run_burst(onnx: bytes, static: str, items: list[QAItem],
+              phases: list[tuple[str, list[Arrival], int]], state_dir: Path,
+              max_tokens: int = 48) -> dict[str, dict[str, dict[str, float]]]:
+    """The load-aware LRS edge beside a tuned static edge on one shared cloud (cloudd with its
+    one llama.cpp slot, the stack's), through `phases` of (name, arrivals, concurrency):
+    every request goes to both edges, so their forwards wait in the same queue. Returns
+    phase -> policy -> measures (live_metrics, with the p95 delay)."""
+    shutil.rmtree(state_dir, ignore_errors=True)
+    policies = ("lrs", static)
+    stack = Stack(StackConfig(data_dir=state_dir, edges=2, edge_policies=policies,
+                              log_level="warning", run_tag=f"-burst-{uuid.uuid4().hex[:8]}",
+                              policy_file=None))
+    stack.start()
+    measured: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        edges = stack.edge_addresses
+        stack.publish("lrs", onnx)
+        for name, arrivals, concurrency in phases:
+            outcomes = asyncio.run(replay(arrivals, edges, items, tenant="burst",
+                                          max_tokens=max_tokens, concurrency=concurrency,
+                                          to_every_edge=True))
+            measured[name] = {
+                policy: {**live_metrics(mine := [o for o in outcomes if o.edge == edge]),
+                         "p95_d": float(np.percentile([o.delay_s for o in mine
+                                                       if o.action != "error"] or [0], 95))}
+                for policy, edge in zip(policies, edges, strict=True)}
+    finally:
+        stack.stop()
+    return measured
 
 
 def live_metrics(outcomes: list[Outcome]) -> dict[str, float]:

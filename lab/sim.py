@@ -19,7 +19,12 @@ Simulated, because a GPU LLM cannot answer thousands of training requests here, 
   belongs to another question, the LLM answers as B would, except that with probability
   `mislead` it parrots the wrong context.
 - Cloud delay is drawn from measured end-to-end latencies (shared/data/llm_latency_llmperf.jsonl,
-  13b models, median 3.5 s; the paper's Qwen14b: 3.34 s).
+  13b models, median 3.5 s; the paper's Qwen14b: 3.34 s). With `utilisation` > 0 the cloud is
+  a shared, finite resource (lab.cloud): requests arrive by the Azure trace, forwards and
+  augments of every edge wait in one queue for `cloud_slots` slots, and the delay is that wait
+  plus the drawn service time plus the edge's distance to the cloud (`edge_rtts_s`). Each
+  state then carries what the edge sees of the load (velo.load): cloudd's estimated wait as of
+  the step's start and the edge's own recent forward latency.
 
 Training draws the original questions of the training items; testing draws every item, asked
 as one of its paraphrases when the data has them. Each step, every edge gets one request
@@ -40,10 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lab.cloud import Arrivals, EdgeLink, SharedCloud, trace_gaps
 from lab.memory_cache import MemoryCache
 from velo import qos
 from velo.cache import VectorCache, VectorDBConfig
 from velo.embedder import Embedder
+from velo.load import load_vector
 from velo.qos import Action
 from velo.state import EdgeState, build_state, select_row
 from velo.verifier import OnnxVerifier
@@ -75,6 +82,14 @@ class SimConfig:
     # another question (a false hit, or C parroting a wrong context). 0: eq. 2's reward alone,
     # the paper's. 1.0 makes a wrong answer cost as much as 10 s of delay at w = 0.1.
     false_hit_penalty: float = 0.0
+    # The cloud's load (lab.cloud): offered utilisation were every request forwarded once
+    # (0: an unloaded cloud, every delay a fresh draw, as the paper simulates) and its slots.
+    utilisation: float = 0.0
+    cloud_slots: int = 8  # concurrent LLM requests (a vLLM batch)
+    # Edges that differ (all-edges mode, paper §II): edge n's compute time is edge_speeds[n]
+    # times the calibrated one, and its round trip to the cloud edge_rtts_s[n]; () : all alike.
+    edge_speeds: tuple[float, ...] = ()
+    edge_rtts_s: tuple[float, ...] = ()
     seed: int = 0
 
 
@@ -136,10 +151,12 @@ class EmbeddedTexts:
 class SimEnv:
     def __init__(self, cfg: SimConfig, items: list[QAItem], embedder: Embedder,
                  milvus_uri: str | None, latencies_path: Path, cache_dir: Path,
-                 milvus_token: str = "", verifier: OnnxVerifier | None = None) -> None:
+                 milvus_token: str = "", verifier: OnnxVerifier | None = None,
+                 trace_path: Path | None = None) -> None:
         """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server).
         `milvus_token`: its token ("user:password"), when it has authentication on.
-        `verifier`: the agents see the `verified` state (velo.state.build_state)."""
+        `verifier`: the agents see the `verified` state (velo.state.build_state).
+        `trace_path`: the Azure LLM trace whose arrivals load the cloud (cfg.utilisation > 0)."""
         self.cfg = cfg
         self.verifier = verifier
         self.items = list(items)
@@ -150,6 +167,20 @@ class SimEnv:
         self.embed_s = (0.0 if cfg.edge_s > 0
                         else measure_embedding(embedder, [i.question for i in self.items[:20]]))
         self.latencies = _load_latencies(latencies_path, cfg.latency_source)
+        for key in ("edge_speeds", "edge_rtts_s"):
+            if getattr(cfg, key) and len(getattr(cfg, key)) != cfg.edges:
+                raise ValueError(f"{key} has {len(getattr(cfg, key))} values for "
+                                 f"{cfg.edges} edges")
+        self.speeds = cfg.edge_speeds or (1.0,) * cfg.edges
+        self.rtts = cfg.edge_rtts_s or (0.0,) * cfg.edges
+        self.cloud = SharedCloud(cfg.cloud_slots, float(self.latencies.mean()))
+        rate = 0.0
+        if cfg.utilisation > 0:
+            if trace_path is None:
+                raise ValueError("utilisation > 0 needs the arrival trace (trace_path)")
+            rate = cfg.utilisation * cfg.cloud_slots / float(self.latencies.mean())
+        self.clock = Arrivals(trace_gaps(trace_path) if rate else np.ones(1), rate)
+        self.links = [EdgeLink() for _ in range(cfg.edges)]
         self.rng = np.random.default_rng(cfg.seed)
         self.zipf = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
         self.order = self.rng.permutation(len(self.items))  # popularity rank -> item
@@ -178,6 +209,12 @@ class SimEnv:
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         if seed is not None:
             self.rng = np.random.default_rng(seed)
+        # The trace's starting point has its own stream, so a load leaves the requests alike.
+        self.clock.reset(np.random.default_rng([0xC10D, seed if seed is not None
+                                                else int(self.rng.integers(2**31))]))
+        self.cloud.reset()
+        for link in self.links:
+            link.reset()
         self.steps, self.split = 0, split
         for cache, pairs in zip(self.caches, self.pairs, strict=True):
             cache.clear()
@@ -211,13 +248,22 @@ class SimEnv:
         # This step's randomness is drawn now, so the hindsight outcomes are the real ones.
         self.cloud_s = [float(self.rng.choice(self.latencies)) for _ in self.caches]
         self.misled = [bool(self.rng.random() < self.cfg.mislead) for _ in self.caches]
+        # Nearest-edge mode: one request per edge, each at its own time of the trace;
+        # all-edges mode: one request reaches every edge at once.
+        if self.cfg.mode == "all":
+            self.times = [self.clock.next()] * len(self.caches)
+        else:
+            self.times = [self.clock.next() for _ in self.caches]
         self.states, self.edge_s = [], []
-        for cache, (_, text) in zip(self.caches, self.arrivals, strict=True):
+        for n, (cache, (_, text)) in enumerate(zip(self.caches, self.arrivals, strict=True)):
             start = time.perf_counter()
             f = self.vec[text]
+            t = self.times[n]
+            load = load_vector(self.cloud.estimated_wait(t), self.links[n].forward_s(t))
             state = build_state(f, cache.search(f, TENANT, self.cfg.top_p), self.cfg.top_p,
-                                self.verifier.scorer_for(text) if self.verifier else None)
-            self.edge_s.append(self.cfg.edge_s or self.embed_s + time.perf_counter() - start)
+                                self.verifier.scorer_for(text) if self.verifier else None, load)
+            edge_s = self.cfg.edge_s or self.embed_s + time.perf_counter() - start
+            self.edge_s.append(edge_s * self.speeds[n])
             self.states.append(state)
         return self.states
 
@@ -226,7 +272,7 @@ class SimEnv:
         best = self.best_actions()
         outcomes, false_hits, reusable = [], [], []
         for n, action in enumerate(actions):
-            candidates = self._candidates(n)
+            candidates = self._candidates(n, self.cloud)
             reuse = candidates.get(Action.REUSE)
             reusable.append(reuse is not None and reuse.answer_item == self.arrivals[n][0])
             if action not in candidates:
@@ -234,6 +280,9 @@ class SimEnv:
             outcome = candidates[action]
             false_hits.append(action is Action.REUSE
                               and outcome.answer_item != self.arrivals[n][0])
+            if action is not Action.REUSE:  # the request joins the cloud's queue
+                self.cloud.submit(self.times[n], self.cloud_s[n])
+                self.links[n].sent(self.times[n], outcome.d)
             self._apply(n, action, outcome)
             outcomes.append(outcome)
         served = int(np.argmin([o.d for o in outcomes])) if self.cfg.mode == "all" else -1
@@ -248,20 +297,40 @@ class SimEnv:
     # -- what each action would give ------------------------------------------------------------
     def best_actions(self) -> list[Action]:
         """The hindsight-best actions for this step's requests (the Oracle): per edge in
-        nearest-edge mode; in all-edges mode the joint choice whose served (fastest) answer
-        has the best reward."""
-        candidates = [self._candidates(n) for n in range(len(self.caches))]
+        nearest-edge mode, each in its turn in the cloud's queue after the earlier edges'
+        best; in all-edges mode the joint choice whose served (fastest) answer has the best
+        reward. Myopic: it does not weigh what its forwards cost later requests."""
+        edges = range(len(self.caches))
         if self.cfg.mode != "all":
-            return [max(c, key=lambda a: c[a].r) for c in candidates]
+            cloud, best = self.cloud.copy(), []
+            for n in edges:
+                c = self._candidates(n, cloud)
+                best.append(max(c, key=lambda a: c[a].r))
+                if best[-1] is not Action.REUSE:
+                    cloud.submit(self.times[n], self.cloud_s[n])
+            return best
+        valid = [self._candidates(n, self.cloud) for n in edges]
 
-        def served_reward(joint: tuple[Action, ...]) -> float:
-            outcomes = [c[a] for c, a in zip(candidates, joint, strict=True)]
-            return min(outcomes, key=lambda o: o.d).r
+        def served_reward(joint: tuple[Action, ...]) -> tuple[float, float]:
+            """The served answer's reward; among equals, the edges' own rewards: an edge
+            whose answer is not served gets the action that would be best were it served
+            (its label as a demonstration), not whichever comes first."""
+            cloud, outcomes = self.cloud.copy(), []
+            for n, a in zip(edges, joint, strict=True):
+                outcomes.append(self._candidates(n, cloud)[a])
+                if a is not Action.REUSE:
+                    cloud.submit(self.times[n], self.cloud_s[n])
+            return min(outcomes, key=lambda o: o.d).r, sum(o.r for o in outcomes)
 
-        return list(max(itertools.product(*candidates), key=served_reward))
+        return list(max(itertools.product(*valid), key=served_reward))
 
-    def _candidates(self, n: int) -> dict[Action, Outcome]:
-        cloud_s, misled = self.cloud_s[n], self.misled[n]
+    def _candidates(self, n: int, cloud: SharedCloud | None = None) -> dict[Action, Outcome]:
+        """What each valid action gives edge n, with `cloud`'s queue as it stands (default:
+        the simulator's)."""
+        cloud = cloud or self.cloud
+        # B and C wait for a slot, then run, plus the edge's round trip to the cloud.
+        cloud_s = self.rtts[n] + cloud.wait_at(self.times[n]) + self.cloud_s[n]
+        misled = self.misled[n]
         item_index, _ = self.arrivals[n]
         item, state, edge_s = self.items[item_index], self.states[n], self.edge_s[n]
         reference = self.vec[item.answer]

@@ -7,6 +7,7 @@ multi-edge experience, then every policy on the same request stream.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -67,45 +68,60 @@ class Metrics:
         }
 
 
-def collect_demos(env: SimEnv, count: int, seed: int) -> Demos:
-    """E_g: states visited by the Oracle with its hindsight-best actions."""
+def collect_demos(env: SimEnv, count: int, seed: int, expert: Policy | None = None) -> Demos:
+    """E_g: states visited by the Oracle with its hindsight-best actions, or by `expert` with
+    its actions."""
     states, actions = env.reset(seed), []
-    corr, emb, mask = [], [], []
+    corr, emb, mask, load = [], [], [], []
     while len(actions) < count:
-        result, next_states = env.step(env.best_actions())
-        for state, best in zip(states, result.best, strict=True):
+        chosen = env.best_actions() if expert is None else [expert.decide(s).action
+                                                             for s in states]
+        _, next_states = env.step(chosen)
+        for state, best in zip(states, chosen, strict=True):
             corr.append(state.correlation)
             emb.append(state.embedding)
             mask.append(state.action_mask.astype(np.float32))
+            load.append(state.load)
             actions.append(int(best))
         states = next_states
-    return Demos(np.stack(corr), np.stack(emb), np.stack(mask), np.array(actions))
+    return Demos(np.stack(corr), np.stack(emb), np.stack(mask), np.array(actions),
+                 np.stack(load))
 
 
 def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
           demos: Demos | None, episode_steps: int, log: Callable[[str], None] = print,
-          curve: list[dict[str, float]] | None = None) -> LRS:
+          curve: list[dict[str, float]] | None = None,
+          gate: Callable[[LRS], float] | None = None, gate_every: int = 10) -> LRS:
     """Algorithm 1 on simulated experience: rollouts of `rollout_steps` steps, one update each.
 
     Episodes of `episode_steps` start from empty caches, as evaluation does, so the policy
     also learns the cold start (when most near matches answer another question). `curve`,
-    when given, receives each rollout's measures and the update's demonstration count.
+    when given, receives each rollout's measures and the update's diagnostics (CleanRL's:
+    approx KL, clip fraction, explained variance, entropy, action shares).
+
+    `gate`: scores the policy (higher is better; on held-back training requests, never the
+    test stream) every `gate_every` updates and at the end; the best-scoring actor is the one
+    returned, as trainerd publishes a version only when it beats the current one. PPO on a
+    noisy reward can drift below where it was; the gate keeps what it had.
     """
     lrs = LRS(cfg, agents=env.cfg.edges)
+    best: tuple[float, int, dict] | None = None  # (score, update, actor weights)
     episode = 0
     states, in_episode = env.reset(cfg.seed), 0
     for u in range(1, updates + 1):
-        buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "act", "logp", "rew")}
+        buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "load", "act", "logp",
+                                                "rew")}
         dones = np.zeros(rollout_steps, np.float32)
         measured = Metrics()
         for t in range(rollout_steps):
             corr = np.stack([s.correlation for s in states])
             emb = np.stack([s.embedding for s in states])
             mask = np.stack([s.action_mask for s in states]).astype(np.float32)
-            actions, logp = lrs.act(corr, emb, mask)
+            load = np.stack([s.load for s in states])
+            actions, logp = lrs.act(corr, emb, mask, load=load)
             result, states = env.step([Action(int(a)) for a in actions])
             measured.add(result)
-            for key, value in zip(buf, (corr, emb, mask, actions, logp,
+            for key, value in zip(buf, (corr, emb, mask, load, actions, logp,
                                         result.rewards), strict=True):
                 buf[key].append(np.asarray(value))
             in_episode += 1
@@ -117,12 +133,25 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
             np.stack(buf["corr"]), np.stack(buf["emb"]), np.stack(buf["mask"]),
             np.stack(buf["act"]), np.stack(buf["logp"]).astype(np.float32),
             np.stack(buf["rew"]).astype(np.float32), dones,
-            np.stack([s.correlation for s in states]), np.stack([s.embedding for s in states]))
+            np.stack([s.correlation for s in states]), np.stack([s.embedding for s in states]),
+            np.stack(buf["load"]), np.stack([s.load for s in states]))
         stats = lrs.update(rollout, demos)
         if curve is not None:
-            curve.append({**measured.summary(), "update": u, "demos": stats["demos"]})
+            curve.append({**measured.summary(), "update": u, **stats})
         log(f"  update {u}/{updates}: mean reward {rollout.rewards.mean():+.3f}, "
-            f"demos {int(stats['demos'])}, entropy {stats['entropy']:.3f}")
+            f"demos {int(stats['demos'])}, entropy {stats['entropy']:.3f}, "
+            f"approx KL {stats['approx_kl']:.4f}, clip frac {stats['clip_frac']:.2f}, "
+            f"explained var {stats['explained_var']:+.2f}, actions A/B/C "
+            f"{stats['share_A']:.0%}/{stats['share_B']:.0%}/{stats['share_C']:.0%}")
+        if gate is not None and (u % gate_every == 0 or u == updates):
+            score = gate(lrs)
+            if best is None or score > best[0]:
+                best = (score, u, copy.deepcopy(lrs.actor.state_dict()))
+            log(f"  gate after update {u}: {score:+.3f} (best: update {best[1]})")
+            episode += 1  # the gate ran the simulator: start a fresh episode
+            states, in_episode = env.reset(cfg.seed + episode), 0
+    if best is not None:
+        lrs.actor.load_state_dict(best[2])
     return lrs
 
 

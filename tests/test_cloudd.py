@@ -208,6 +208,30 @@ async def test_over_capacity_is_resource_exhausted(fake: FakeLLM) -> None:
         assert servicer.in_flight == servicer.queued == 0
 
 
+async def test_cloudd_reports_its_queue_and_the_wait_it_means(fake: FakeLLM) -> None:
+    """Every answer and the stats carry the load (velo.load): with both slots held by slow
+    requests and two more queued, the wait of a new request is (2 + 1) x the mean service
+    time / 2 slots, the service time cloudd measured on the earlier answers."""
+    fake.delay_s = 0.3
+    async with running_cloudd(fake.url, max_concurrency=2, max_queue=8) as (daemon, stub):
+        servicer = daemon.servicer
+        idle = await stub.Generate(ask("warm-up", 2))
+        assert idle.HasField("load") and idle.load.slots == 2 and idle.queue_s < 0.2
+        assert idle.load.estimated_wait_s == 0.0  # a slot was free when it left
+        service = idle.load.mean_service_s
+        assert service >= 0.3
+        fake.delay_s = 0.0
+        fake.gate.clear()  # the LLM holds every request until we let go
+        calls = [asyncio.ensure_future(stub.Generate(ask(f"q{i}", 2))) for i in range(4)]
+        await wait_until(lambda: servicer.in_flight == 2 and servicer.queued == 2)
+        stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest())
+        assert (stats.load.in_flight, stats.load.queued) == (2, 2)
+        assert stats.load.estimated_wait_s == pytest.approx(3 * service / 2)
+        fake.gate.set()
+        answers = await asyncio.gather(*calls)
+        assert max(a.queue_s for a in answers) > 0.0  # two of them waited for a slot
+
+
 async def test_client_cancelling_a_stream_closes_the_llm_stream(fake: FakeLLM) -> None:
     fake.chunk_delay_s = 0.02
     async with running_cloudd(fake.url) as (daemon, stub):

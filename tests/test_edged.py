@@ -472,7 +472,10 @@ async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
 
     port = free_port()
     trainer_cfg = trainer_config(tmp_path, port)
-    trainer_cfg.learner = LearnerConfig(enabled=True, min_records=6, check_every_s=0.2)
+    # No gate (holdback 0): on 6 records a fresh version may or may not score above the
+    # baseline; the gate has its own test (test_lrs.py).
+    trainer_cfg.learner = LearnerConfig(enabled=True, min_records=6, check_every_s=0.2,
+                                        holdback=0.0)
     async with running(Trainerd(trainer_cfg)), \
             running(Edged(edge_config(cloud=cloud, trainer=f"127.0.0.1:{port}"))) as edge, \
             edge_client(edge.grpc.address) as stub:
@@ -483,6 +486,36 @@ async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
         await asyncio.wait_for(edge.policies.swapped.wait(), timeout=60)
         reply = await stub.Ask(ask("Question number 1 about routers?"))
         assert reply.policy == "onnx:lrs-r1:v1"
+
+
+async def test_a_load_aware_policy_reads_what_the_edge_sees_of_the_cloud(
+        edge_config, cloud, tmp_path: Path) -> None:
+    """trainerd learns a load-aware policy (velo.load) from the edge's records; the edge runs
+    it, fed with cloudd's load report and its own forward latency, and logs that load with
+    every decision: 0 before the first answer from the cloud, that answer's delay after."""
+    from trainerd.learner import LearnerConfig
+    from velo.load import LOAD_FEATURES
+
+    port = free_port()
+    trainer_cfg = trainer_config(tmp_path, port)
+    trainer_cfg.learner = LearnerConfig(enabled=True, min_records=6, check_every_s=0.2,
+                                        use_load=True, holdback=0.0)
+    cfg = edge_config(cloud=cloud, trainer=f"127.0.0.1:{port}")
+    async with running(Trainerd(trainer_cfg)) as trainer, running(Edged(cfg)) as edge, \
+            edge_client(edge.grpc.address) as stub:
+        for i in range(8):
+            await stub.Ask(ask(f"Question number {i % 3} about routers?",
+                               reference_answer=ANSWER))
+        await asyncio.wait_for(edge.policies.swapped.wait(), timeout=60)
+        assert edge.policies.current.load_features == LOAD_FEATURES
+        reply = await stub.Ask(ask("Question number 1 about routers?"))
+        assert reply.policy == "onnx:lrs-r1:v1"
+        await _until(lambda: len(trainer.store.read(cfg.edge_id)) == 9, timeout_s=10)
+        records = trainer.store.read(cfg.edge_id)
+        assert list(records[0].load) == [0.0, 0.0]  # no answer from the cloud yet
+        first_forward = records[0].delay_s
+        assert 0.0 < records[1].load[1] <= first_forward
+        assert edge.cloud.load.reported is True
 
 
 def test_spool_batches_number_like_append_and_count_exactly(tmp_path: Path) -> None:

@@ -144,7 +144,9 @@ async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> N
                 has_satisfaction=seq % 2 == 0, satisfaction=-0.5, shadow_verified=action == 0))
         return out
 
-    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=8), store, registry)
+    # No gate here (holdback 0): this test is about when a round runs.
+    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=8, holdback=0.0), store,
+                            registry)
     store.add(records("edge-a", 1, 10) + records("edge-b", 1, 5))
     assert not await learner.round_if_ready()  # edge-b has only 5 < l_min^m new records
     store.add(records("edge-b", 6, 5))
@@ -156,6 +158,46 @@ async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> N
     assert policy.probabilities(np.zeros((1, 3, 5), np.float32), np.zeros((1, 384), np.float32),
                                 np.ones((1, 3), np.float32)).shape == (1, 3)
     assert not await learner.round_if_ready()  # the same records are never used twice
+    store.close()
+
+
+@pytest.mark.parametrize("current", [0, 1])
+async def test_the_gate_publishes_only_a_version_that_beats_the_current_one(
+        tmp_path, current: int) -> None:
+    """Logged experience where A (reuse) earns -0.001 and B -1.3, under a uniform policy. The
+    version last published always picks A (the best possible) or always B (the worst): a
+    fresh update, still near uniform, is held back against the first and published over the
+    second."""
+    import copy
+
+    from trainerd.learner import LearnerConfig, OnlineLearner
+    from trainerd.registry import PolicyRegistry
+    from trainerd.store import ExperienceStore
+    from velo.v1 import trainer_pb2
+
+    rng = np.random.default_rng(0)
+    store = ExperienceStore(tmp_path / "experience.db")
+    registry = PolicyRegistry(tmp_path / "policies", max_bytes=64 * 1024 * 1024)
+    store.add([trainer_pb2.Experience(
+        edge_id=edge, seq=seq, top_p=5, correlation=rng.random(15).tolist(),
+        embedding=rng.normal(size=384).tolist(), action_mask=[True] * 3, action=seq % 2,
+        action_probs=[1 / 3] * 3, delay_s=0.01 if seq % 2 == 0 else 3.0,
+        has_satisfaction=True, satisfaction=0.0 if seq % 2 == 0 else -1.0)
+        for edge in ("edge-a", "edge-b") for seq in range(1, 65)])
+    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=64, use_encoder=False,
+                                          use_demos=False), store, registry)
+    learner.lrs = LRS(LRSConfig(use_encoder=False, use_demos=False), agents=2)
+    always = copy.deepcopy(learner.lrs.actor)
+    with torch.no_grad():
+        always.mlp[-1].weight.zero_()
+        always.mlp[-1].bias.copy_(torch.tensor([-20.0, -20.0, -20.0]).index_fill_(
+            0, torch.tensor([current]), 20.0))
+    learner.published = always
+    assert await learner.round_if_ready()
+    if current == 0:
+        assert registry.latest() is None and learner.held_back == 1
+    else:
+        assert registry.latest().version == 1 and learner.held_back == 0
     store.close()
 
 

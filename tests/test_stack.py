@@ -25,7 +25,7 @@ pytestmark = pytest.mark.llm
 def stack(tmp_path_factory, exported_embedder, milvus):
     # One embedded Milvus per machine (fixed internal ports): share the session's server.
     stack = Stack(StackConfig(data_dir=tmp_path_factory.mktemp("stack"), edges=2,
-                              edge_policies=("cache-0.5", "greedy-0.5"),
+                              edge_policies=("lrs", "greedy-0.5"),
                               milvus_uri=milvus.uri, milvus_token=milvus.token)).start()
     yield stack
     daemons = list(stack.daemons.values())
@@ -54,7 +54,8 @@ def test_velo_ask_cli_talks_to_an_edge(stack) -> None:
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert "[action B by cache-0.5 on edge-1" in result.stderr
+    # edge-1 ("lrs") runs the shipped load-aware policy, published through trainerd at start.
+    assert "by onnx:lrs-load:v1 on edge-1" in result.stderr
 
 
 def test_a_dead_daemon_is_restarted_and_the_rest_keep_serving(stack) -> None:

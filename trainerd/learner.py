@@ -14,11 +14,18 @@ From production experience to a MAPPO rollout:
   one-hot gives log 1 = 0; PPO's clipped ratio keeps that first step small).
 - Expert demonstrations: shadow-verified reuses tell, in hindsight, whether reuse beat asking
   the LLM (q_A - w d_A versus the fresh answer's 0 - w d_B, with d_B the mean cloud delay seen).
+- The gate: the last `holdback` share of each round's steps is not trained on. The new actor
+  is scored on them off-policy (self-normalised importance sampling with the probabilities the
+  edges logged) against the version last published (the edges' own policy before the first),
+  and published only if it scores at least as well: an update that made things worse never
+  reaches the edges, and the next round trains on.
+- `use_load`: the load-aware state (velo.load); each record carries the load its edge saw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -44,6 +51,8 @@ class LearnerConfig:
     check_every_s: float = 5.0  # how often to look for enough new experience
     use_encoder: bool = True  # LRS: Transformer encoder ...
     use_demos: bool = True  # ... and demonstrations from shadow verification
+    use_load: bool = False  # train load-aware policies (edges' records carry the load)
+    holdback: float = 0.25  # share of a round's steps kept back to gate the new version
     seed: int = 0
 
 
@@ -53,7 +62,9 @@ class OnlineLearner:
         self.cfg, self.store, self.registry = cfg, store, registry
         self.cursor: dict[str, int] = {}  # edge -> last seq used for training
         self.lrs = None  # created at the first round, once P and H are known
+        self.published = None  # a copy of the actor last published (the gate's bar)
         self.rounds = 0
+        self.held_back = 0  # rounds whose version the gate did not publish
 
     async def run(self) -> None:
         while True:
@@ -69,6 +80,8 @@ class OnlineLearner:
         if batches is None:
             return False
         onnx = await asyncio.to_thread(self._train, batches)
+        if onnx is None:
+            return True
         published = await self.registry.publish(f"lrs-r{self.rounds}", onnx)
         log.info("policy trained and published", version=published.version,
                  edges=len(batches), records=sum(len(b) for b in batches.values()))
@@ -84,8 +97,11 @@ class OnlineLearner:
             return None
         return batches
 
-    def _train(self, batches: dict[str, list[trainer_pb2.Experience]]) -> bytes:
+    def _train(self, batches: dict[str, list[trainer_pb2.Experience]]) -> bytes | None:
+        """One round: an update on the first steps, the gate on the rest; the ONNX policy to
+        publish, or None when the gate held it back."""
         from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
+        from velo.load import LOAD_FEATURES
 
         edges = sorted(batches)
         steps = min(len(b) for b in batches.values())
@@ -94,9 +110,13 @@ class OnlineLearner:
         if self.lrs is None:
             self.lrs = LRS(LRSConfig(top_p=top_p, embed_dim=embed_dim,
                                      use_encoder=self.cfg.use_encoder,
-                                     use_demos=self.cfg.use_demos, seed=self.cfg.seed),
+                                     use_demos=self.cfg.use_demos,
+                                     use_load=self.cfg.use_load, seed=self.cfg.seed),
                            agents=len(edges))
         records = [batches[e][:steps] for e in edges]  # [N][T]
+        width = len(LOAD_FEATURES)  # records of edges older than the load report: zeros
+        load = np.array([[list(r.load) if len(r.load) == width else [0.0] * width for r in b]
+                         for b in records], np.float32).transpose(1, 0, 2)
         q_mean = self._mean_satisfaction(records)
         cloud_d = np.mean([r.delay_s for b in records for r in b if r.action != 0] or [1.0])
         corr = np.array([[np.reshape(r.correlation, (3, top_p)) for r in b] for b in records],
@@ -111,15 +131,42 @@ class OnlineLearner:
         rewards = np.array([[phi1 * (r.satisfaction if r.has_satisfaction
                                      else q_mean[(r.edge_id, r.action)]) - phi2 * r.delay_s
                              for r in b] for b in records], np.float32).T
-        rollout = Rollout(corr[:-1], emb[:-1], mask[:-1], actions[:-1], logp[:-1], rewards[:-1],
-                          np.zeros(steps - 1, np.float32), corr[-1], emb[-1])
+        held = max(1, int(steps * self.cfg.holdback)) if self.cfg.holdback > 0 else 0
+        if steps - held < 2:  # too few to both train and gate: train, publish ungated
+            held = 0
+        t = steps - held  # steps trained on; [t, steps) gate the new version
+        rollout = Rollout(corr[: t - 1], emb[: t - 1], mask[: t - 1], actions[: t - 1],
+                          logp[: t - 1], rewards[: t - 1], np.zeros(t - 1, np.float32),
+                          corr[t - 1], emb[t - 1], load[: t - 1], load[t - 1])
         demos = self._demos(records, top_p, cloud_d)
         stats = self.lrs.update(rollout, Demos(*demos) if demos else None)
         for e in edges:
             self.cursor[e] = batches[e][steps - 1].seq
         self.rounds += 1
-        log.info("lrs update", round=self.rounds, steps=steps, **stats)
+        log.info("lrs update", round=self.rounds, steps=t - 1, **stats)
+        if held:
+            flat = [x[t:].reshape(held * len(edges), *x.shape[2:])
+                    for x in (corr, emb, mask, load, actions, logp, rewards)]
+            new = self._score(*flat, actor=self.lrs.actor)
+            old = (float(flat[-1].mean()) if self.published is None  # the edges' own policy
+                   else self._score(*flat, actor=self.published))
+            if new < old:
+                self.held_back += 1
+                log.warning("new version held back: it scored below the current one on "
+                            "held-back experience", round=self.rounds, new=round(new, 4),
+                            current=round(old, 4))
+                return None
+            log.info("gate passed", round=self.rounds, new=round(new, 4), current=round(old, 4))
+        self.published = copy.deepcopy(self.lrs.actor)
         return self.lrs.export_onnx()
+
+    def _score(self, corr: np.ndarray, emb: np.ndarray, mask: np.ndarray, load: np.ndarray,
+               actions: np.ndarray, logp: np.ndarray, rewards: np.ndarray, actor) -> float:
+        """`actor`'s mean reward on logged steps, estimated off-policy (self-normalised
+        importance sampling: weights pi(a|s) / mu(a|s), mu the probabilities logged)."""
+        probs = self.lrs.probabilities(corr, emb, mask, load, actor=actor)
+        weights = probs[np.arange(len(actions)), actions] / np.exp(logp)
+        return float((weights * rewards).sum() / max(weights.sum(), 1e-9))
 
     def _mean_satisfaction(self, records: list[list[trainer_pb2.Experience]],
                            ) -> dict[tuple[str, int], float]:

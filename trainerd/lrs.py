@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from velo.load import LOAD_FEATURES
+
 MASKED_LOGIT = -1e9  # a masked action's logit: softmax gives it exactly 0, and no inf - inf
 
 
@@ -31,6 +33,9 @@ class LRSConfig:
     embed_dim: int = 384  # H: dimension of the request embedding f
     use_encoder: bool = True  # T[.] of eq. 7 (T-MAPPO, LRS); else one linear layer
     use_demos: bool = True  # expert demonstrations in updates (G-MAPPO, LRS)
+    # The load-aware state (velo.load): the cloud's estimated wait and the edge's recent
+    # forward latency join s_n; the exported policy gets a `load` input. False: the paper's.
+    use_load: bool = False
     patches: int = 12  # C: f is split into C patches of H/C values
     # z layers of width encoder_dim: measured on the dev data (20 updates, 2 seeds), 1 x 32
     # trains 2x faster than 2 x 64 at the same reward (-0.932/-0.974 vs -0.937/-0.949).
@@ -99,21 +104,27 @@ class RequestEncoder(nn.Module):
 
 
 class LocalState(nn.Module):
-    """s_n = {c, f'} (eq. 8): the flattened correlation matrix next to the request features."""
+    """s_n = {c, f'} (eq. 8): the flattened correlation matrix next to the request features,
+    and with `use_load` what the edge sees of the cloud's load (velo.load)."""
 
     def __init__(self, cfg: LRSConfig) -> None:
         super().__init__()
         self.features = (RequestEncoder(cfg) if cfg.use_encoder
                          else nn.Sequential(orthogonal(nn.Linear(cfg.embed_dim, cfg.feature_dim)),
                                             nn.Tanh()))
-        self.dim = 3 * cfg.top_p + cfg.feature_dim
+        self.use_load = cfg.use_load
+        self.dim = 3 * cfg.top_p + cfg.feature_dim + (len(LOAD_FEATURES) if cfg.use_load else 0)
 
-    def forward(self, correlation: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, correlation: torch.Tensor, embedding: torch.Tensor,
+                load: torch.Tensor | None = None) -> torch.Tensor:
         # c^s is in [0, 1] and c^k in {0 (padding), 1, 2}, but the cache value c^r = (q - d)
         # averages is unbounded below (a slow LLM answer costs seconds): squash it.
         similarity, kind, value = correlation.unbind(dim=1)
         c = torch.stack([similarity, kind - 1.0, torch.tanh(value)], dim=1)
-        return torch.cat([c.flatten(1), self.features(embedding)], dim=1)
+        parts = [c.flatten(1), self.features(embedding)]
+        if self.use_load:  # seconds, 0 .. minutes: log1p keeps a long queue in range
+            parts.append(torch.log1p(load.clamp(min=0.0)))
+        return torch.cat(parts, dim=1)
 
 
 class Actor(nn.Module):
@@ -127,17 +138,17 @@ class Actor(nn.Module):
                                  orthogonal(nn.Linear(cfg.hidden, 3), 0.01))
 
     def logits(self, correlation: torch.Tensor, embedding: torch.Tensor,
-               action_mask: torch.Tensor) -> torch.Tensor:
-        return self.masked_logits(self.state(correlation, embedding), action_mask)
+               action_mask: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
+        return self.masked_logits(self.state(correlation, embedding, load), action_mask)
 
     def masked_logits(self, local: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
         logits = self.mlp(local)
         return torch.where(action_mask > 0.5, logits, torch.full_like(logits, MASKED_LOGIT))
 
     def forward(self, correlation: torch.Tensor, embedding: torch.Tensor,
-                action_mask: torch.Tensor) -> torch.Tensor:
+                action_mask: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
         """The exported graph: probabilities of A, B, C (the contract in velo.state)."""
-        return torch.softmax(self.logits(correlation, embedding, action_mask), dim=-1)
+        return torch.softmax(self.logits(correlation, embedding, action_mask, load), dim=-1)
 
 
 class Critic(nn.Module):
@@ -237,6 +248,8 @@ class Rollout:
     dones: np.ndarray  # [T] 1 where an episode ended after the step
     last_correlation: np.ndarray  # [N, 3, P] state after the last step (for bootstrapping)
     last_embedding: np.ndarray  # [N, H]
+    load: np.ndarray | None = None  # [T, N, 2] the load seen (velo.load); with use_load
+    last_load: np.ndarray | None = None  # [N, 2]
 
 
 @dataclass
@@ -247,6 +260,7 @@ class Demos:
     embedding: np.ndarray  # [M, H]
     action_mask: np.ndarray  # [M, 3]
     actions: np.ndarray  # [M]
+    load: np.ndarray | None = None  # [M, 2], with use_load
 
 
 class LRS:
@@ -265,24 +279,41 @@ class LRS:
 
     @torch.no_grad()
     def act(self, correlation: np.ndarray, embedding: np.ndarray, action_mask: np.ndarray,
-            greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            greedy: bool = False, load: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
         """Actions and their log-probabilities for a batch of local states."""
         logits = self.actor.logits(torch.as_tensor(correlation), torch.as_tensor(embedding),
-                                   torch.as_tensor(action_mask, dtype=torch.float32))
+                                   torch.as_tensor(action_mask, dtype=torch.float32),
+                                   self._load(load, len(correlation)))
         dist = Categorical(logits=logits)
         actions = logits.argmax(-1) if greedy else dist.sample()
         return actions.numpy(), dist.log_prob(actions).numpy()
+
+    @torch.no_grad()
+    def probabilities(self, correlation: np.ndarray, embedding: np.ndarray,
+                      action_mask: np.ndarray, load: np.ndarray | None = None,
+                      actor: Actor | None = None) -> np.ndarray:
+        """pi(. | s) for a batch of local states, by this actor or another (a saved copy)."""
+        actor = actor or self.actor
+        return actor(torch.as_tensor(correlation), torch.as_tensor(embedding),
+                     torch.as_tensor(action_mask, dtype=torch.float32),
+                     self._load(load, len(correlation))).numpy()
 
     def update(self, rollout: Rollout, demos: Demos | None = None) -> dict[str, float]:
         """One network update u (Algorithm 1, lines 8-21)."""
         cfg = self.cfg
         self.updates += 1
-        t = {k: torch.as_tensor(v) for k, v in vars(rollout).items()}
+        t = {k: torch.as_tensor(v) for k, v in vars(rollout).items() if v is not None}
         steps, n = t["actions"].shape
+        if cfg.use_load and "load" not in t:
+            raise ValueError("this learner reads the load (use_load): the rollout has none")
         with torch.no_grad():
-            old_values_n = self.critic(self._local(t["correlation"], t["embedding"]))
-            last_value_n = self.critic(self._local(t["last_correlation"][None],
-                                                   t["last_embedding"][None]))[0]
+            old_values_n = self.critic(self._local(t["correlation"], t["embedding"],
+                                                   t.get("load")))
+            last_load = t.get("last_load")
+            last_value_n = self.critic(self._local(
+                t["last_correlation"][None], t["last_embedding"][None],
+                None if last_load is None else last_load[None]))[0]
             values = self.value_norm.denormalize(old_values_n)
             rewards = t["rewards"].float() * cfg.reward_scale
             advantages, returns = gae(rewards, values, t["dones"].float(),
@@ -290,6 +321,8 @@ class LRS:
                                       cfg.gae_lambda)
             self.value_norm.update(returns)
             targets = self.value_norm.normalize(returns)
+            # How much of the returns' variance the critic explained before this update (CleanRL)
+            explained_var = 1.0 - float((returns - values).var() / (returns.var() + 1e-8))
             # Advantage normalisation over all agents' samples (all agents are active here).
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
@@ -297,6 +330,7 @@ class LRS:
             return x.reshape(steps * n, *x.shape[2:])
 
         corr, emb, mask = flat(t["correlation"]), flat(t["embedding"]), flat(t["action_mask"])
+        load = flat(t["load"]).float() if "load" in t else None
         actions, old_logp, adv = flat(t["actions"]), flat(t["logp"]), flat(advantages)
         mask = mask.float()
         demo_count = cfg.demos_for_update(self.updates) if demos is not None else 0
@@ -304,7 +338,11 @@ class LRS:
         # the experience: every epoch passes over both, split into the same minibatches.
         picked = (self.rng.choice(len(demos.actions), size=min(demo_count, len(demos.actions)),
                                   replace=False) if demo_count else np.zeros(0, dtype=np.int64))
-        stats: dict[str, float] = {"demos": float(len(picked))}
+        shares = torch.bincount(actions.long(), minlength=3).float() / len(actions)
+        stats: dict[str, float] = {"demos": float(len(picked)), "explained_var": explained_var,
+                                   **{f"share_{a}": float(shares[i])
+                                      for i, a in enumerate("ABC")}}
+        kls, clipped = [], []
         for _ in range(cfg.epochs):
             order = torch.randperm(steps)
             demo_order = self.rng.permutation(picked)
@@ -312,10 +350,15 @@ class LRS:
                                          np.array_split(demo_order, cfg.minibatches),
                                          strict=False):
                 rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # every agent of a step
-                local = self.actor.state(corr[rows], emb[rows])
+                local = self.actor.state(corr[rows], emb[rows],
+                                         None if load is None else load[rows])
                 dist = Categorical(logits=self.actor.masked_logits(local, mask[rows]))
-                policy_loss = clipped_policy_loss(dist.log_prob(actions[rows]), old_logp[rows],
-                                                  adv[rows], cfg.clip)
+                logp = dist.log_prob(actions[rows])
+                policy_loss = clipped_policy_loss(logp, old_logp[rows], adv[rows], cfg.clip)
+                with torch.no_grad():  # CleanRL's approx KL (k3 estimator) and clip fraction
+                    log_ratio = logp - old_logp[rows]
+                    kls.append(float(((log_ratio.exp() - 1) - log_ratio).mean()))
+                    clipped.append(float(((log_ratio.exp() - 1).abs() > cfg.clip).float().mean()))
                 entropy = dist.entropy().mean()
                 loss = policy_loss - cfg.entropy_coef * entropy
                 if len(demo_chunk):
@@ -334,19 +377,34 @@ class LRS:
                 self.critic_opt.step()
                 stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
                              entropy=entropy.item())
+        stats.update(approx_kl=float(np.mean(kls)), clip_frac=float(np.mean(clipped)))
         return stats
 
-    def _local(self, correlation: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """[B, N, 3, P], [B, N, H] -> the actor's local states [B, N, D]."""
+    def _load(self, load: np.ndarray | torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The load input as a tensor; zeros (an idle cloud) when a load-aware learner is
+        given none, None when the learner does not read it."""
+        if not self.cfg.use_load:
+            return None
+        if load is None:
+            return torch.zeros(batch, len(LOAD_FEATURES))
+        return torch.as_tensor(load, dtype=torch.float32)
+
+    def _local(self, correlation: torch.Tensor, embedding: torch.Tensor,
+               load: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, 3, P], [B, N, H] (, [B, N, 2]) -> the actor's local states [B, N, D]."""
         b, n = correlation.shape[:2]
         return self.actor.state(correlation.reshape(b * n, *correlation.shape[2:]),
-                                embedding.reshape(b * n, -1)).reshape(b, n, -1)
+                                embedding.reshape(b * n, -1),
+                                self._load(None if load is None else load.reshape(b * n, -1),
+                                           b * n)).reshape(b, n, -1)
 
     def _bc_loss(self, demos: Demos, pick: np.ndarray) -> torch.Tensor:
         """Behaviour cloning: cross-entropy of the expert's actions on demonstrations E'_g."""
         logits = self.actor.logits(torch.as_tensor(demos.correlation[pick]),
                                    torch.as_tensor(demos.embedding[pick]),
-                                   torch.as_tensor(demos.action_mask[pick], dtype=torch.float32))
+                                   torch.as_tensor(demos.action_mask[pick], dtype=torch.float32),
+                                   self._load(None if demos.load is None else demos.load[pick],
+                                              len(pick)))
         return nn.functional.cross_entropy(logits, torch.as_tensor(demos.actions[pick]).long())
 
     def export_onnx(self) -> bytes:
@@ -355,14 +413,21 @@ class LRS:
         cfg = self.cfg
         self.actor.eval()
         example = (torch.zeros(1, 3, cfg.top_p), torch.zeros(1, cfg.embed_dim),
-                   torch.ones(1, 3))
+                   torch.ones(1, 3), *([torch.zeros(1, len(LOAD_FEATURES))] if cfg.use_load
+                                       else []))
+        inputs = ["correlation", "embedding", "action_mask", *(["load"] if cfg.use_load else [])]
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 self.actor, example, buffer, dynamo=False, opset_version=17,
-                input_names=["correlation", "embedding", "action_mask"], output_names=["probs"],
-                dynamic_axes={name: {0: "batch"} for name in
-                              ("correlation", "embedding", "action_mask", "probs")})
+                input_names=inputs, output_names=["probs"],
+                dynamic_axes={name: {0: "batch"} for name in (*inputs, "probs")})
         self.actor.train()
-        return buffer.getvalue()
+        if not cfg.use_load:
+            return buffer.getvalue()
+        import onnx  # the contract an edge checks before it runs the policy (velo.state)
+
+        graph = onnx.load_from_string(buffer.getvalue())
+        graph.metadata_props.add(key="velo.load", value=",".join(LOAD_FEATURES))
+        return graph.SerializeToString()

@@ -42,6 +42,7 @@ _INPUTS = {
     "embedding": ("[batch, H]", {}),
     "action_mask": ("[batch, 3]", {1: 3}),
 }
+_LOAD_INPUT = {"load": ("[batch, 2]", {1: 2})}  # only in load-aware policies (velo.load)
 _OUTPUTS = {"probs": ("[batch, 3]", {1: 3})}
 
 
@@ -219,14 +220,15 @@ def check_policy(name: str, onnx_bytes: bytes, max_bytes: int,
     # Old exporters list weights as graph inputs too; they are not inputs a caller feeds.
     inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
     outputs = {v.name: v for v in model.graph.output}
-    if set(inputs) != set(_INPUTS):
+    wanted = {**_INPUTS, **(_LOAD_INPUT if "load" in inputs else {})}
+    if set(inputs) != set(wanted):
         raise PolicyRejected(
             f"policy inputs are {sorted(inputs)}; the contract needs exactly "
-            f"{sorted(_INPUTS)}"
+            f"{sorted(_INPUTS)}, and `load` for a load-aware policy"
         )
     if "probs" not in outputs:
         raise PolicyRejected(f"policy outputs are {sorted(outputs)}; the contract needs 'probs'")
-    for kind, expected, actual in (("input", _INPUTS, inputs), ("output", _OUTPUTS, outputs)):
+    for kind, expected, actual in (("input", wanted, inputs), ("output", _OUTPUTS, outputs)):
         for tensor, (shape, sizes) in expected.items():
             _check_tensor(kind, actual[tensor], shape, sizes)
     top_p, embed_dim = edge_shape

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from velo.load import LOAD_FEATURES
 from velo.qos import Action
 from velo.state import EdgeState
 
@@ -48,6 +49,39 @@ class CachePolicy:
 
     def decide(self, state: EdgeState) -> Decision:
         return _one_hot(Action.REUSE if state.min_distance <= self.theta else Action.FORWARD)
+
+
+class LoadAdaptivePolicy:
+    """Adaptive-theta0-k: Cache-theta whose threshold follows the load, reuse when
+    J_min <= theta0 + k * cloud_wait_s (velo.load). The hand-written policy a careful engineer
+    ships instead of a learned one: the longer the cloud's queue, the more a near match is
+    worth; theta0 and k are tuned per workload (lab.load_experiment)."""
+
+    version = 0
+
+    def __init__(self, theta0: float, k: float) -> None:
+        self.theta0, self.k = theta0, k
+        self.name = f"adaptive-{theta0:g}-{k:g}"
+
+    def decide(self, state: EdgeState) -> Decision:
+        theta = self.theta0 + self.k * float(state.load[0])
+        return _one_hot(Action.REUSE if state.min_distance <= theta else Action.FORWARD)
+
+
+class VerifierThresholdPolicy:
+    """Verifier-tau: reuse when the verifier's P(same) of the nearest row is at least tau,
+    otherwise forward. It reads the `verified` state, so an edge runs it with a verifier."""
+
+    version = 0
+    state = "verified"
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self.name = f"verifier-{tau:g}"
+
+    def decide(self, state: EdgeState) -> Decision:
+        reuse = bool(state.rows) and float(state.correlation[0, 0]) >= self.tau
+        return _one_hot(Action.REUSE if reuse else Action.FORWARD)
 
 
 class GreedyPolicy:
@@ -102,15 +136,23 @@ class GreedyLLMPolicy:
 
 
 def baseline_from_name(name: str, seed: int = 0) -> Policy:
-    """'cache-0.5', 'greedy-0.3', 'greedy-llm' or 'random'; ValueError otherwise."""
+    """'cache-0.5', 'greedy-0.3', 'adaptive-0.4-0.05', 'verifier-0.9', 'greedy-llm' or
+    'random'; ValueError otherwise."""
     if name == "random":
         return RandomPolicy(seed)
     if name == "greedy-llm":
         return GreedyLLMPolicy()
+    number = r"([0-9]*\.?[0-9]+)"
+    if match := re.fullmatch(rf"adaptive-{number}-{number}", name):
+        return LoadAdaptivePolicy(float(match.group(1)), float(match.group(2)))
+    if match := re.fullmatch(rf"verifier-{number}", name):
+        if float(match.group(1)) > 1.0:
+            raise ValueError(f"{name}: tau is a probability (0..1)")
+        return VerifierThresholdPolicy(float(match.group(1)))
     match = re.fullmatch(r"(cache|greedy)-([0-9]*\.?[0-9]+)", name)
     if not match:
         raise ValueError(f"unknown baseline {name!r}; use cache-<theta>, greedy-<theta>, "
-                         "greedy-llm or random")
+                         "adaptive-<theta0>-<k>, verifier-<tau>, greedy-llm or random")
     theta = float(match.group(2))
     if not 0.0 <= theta <= 2.0:
         raise ValueError(f"theta {theta} is not an L2 distance between unit vectors (0..2)")
@@ -155,6 +197,13 @@ class OnnxPolicy:
         if self.state not in STATES:
             raise PolicyRejected(f"policy v{version} wants state {self.state[:40]!r}; this edge "
                                  f"builds {', '.join(STATES)}")
+        # A load-aware policy names its `load` input's features (velo.load); this edge fills
+        # exactly LOAD_FEATURES, so any other list means a contract it cannot keep.
+        wanted = self.session.get_modelmeta().custom_metadata_map.get("velo.load", "")
+        self.load_features = tuple(wanted.split(",")) if wanted else ()
+        if self.load_features and self.load_features != LOAD_FEATURES:
+            raise PolicyRejected(f"policy v{version} wants load inputs {wanted[:80]!r}; this "
+                                 f"edge fills {','.join(LOAD_FEATURES)}")
         self.version, self.name = version, f"onnx:{name}:v{version}"
         self.top_p, self.embed_dim, self.sample = top_p, embed_dim, sample
         self.sha256 = hashlib.sha256(onnx_bytes).hexdigest()
@@ -164,9 +213,13 @@ class OnnxPolicy:
     def _probe(self) -> None:
         """Run a padded empty state and a full one; the output must be [1, 3] probabilities."""
         names = {i.name for i in self.session.get_inputs()}
-        if names != {"correlation", "embedding", "action_mask"}:
+        expected = {"correlation", "embedding", "action_mask", *(["load"] if self.load_features
+                                                                  else [])}
+        if names != expected:
             raise PolicyRejected(f"policy inputs are {sorted(names)}; expected "
-                                 "correlation, embedding, action_mask")
+                                 f"{', '.join(sorted(expected))} (metadata velo.load "
+                                 f"{'names' if self.load_features else 'does not name'} a "
+                                 "load input)")
         for mask in ([0, 1, 0], [1, 1, 1]):
             probs = self.probabilities(np.zeros((1, 3, self.top_p), np.float32),
                                        np.zeros((1, self.embed_dim), np.float32),
@@ -177,18 +230,21 @@ class OnnxPolicy:
                 raise PolicyRejected("policy output is not a masked probability distribution")
 
     def probabilities(self, correlation: np.ndarray, embedding: np.ndarray,
-                      action_mask: np.ndarray) -> np.ndarray:
+                      action_mask: np.ndarray, load: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"correlation": correlation, "embedding": embedding, "action_mask": action_mask}
+        if self.load_features:
+            feeds["load"] = (np.zeros((len(correlation), len(self.load_features)), np.float32)
+                             if load is None else load)
         try:
-            (probs,) = self.session.run(["probs"], {"correlation": correlation,
-                                                    "embedding": embedding,
-                                                    "action_mask": action_mask})
+            (probs,) = self.session.run(["probs"], feeds)
         except Exception as exc:
             raise PolicyRejected(f"policy v{self.version} failed on a probe state: {exc}") from exc
         return probs
 
     def decide(self, state: EdgeState) -> Decision:
         probs = self.probabilities(state.correlation[None], state.embedding[None],
-                                   state.action_mask[None].astype(np.float32))[0]
+                                   state.action_mask[None].astype(np.float32),
+                                   state.load[None])[0]
         probs = np.where(state.action_mask, np.clip(probs, 0.0, None), 0.0)
         probs = probs / probs.sum()
         action = int(self.rng.choice(3, p=probs)) if self.sample else int(np.argmax(probs))

@@ -108,5 +108,21 @@ def summary_table(outcomes: list[Outcome], names: dict[str, str] | None = None) 
     return "\n".join(lines)
 
 
+LEGEND = """\
+What the columns mean:
+  action        A: the edge served a cached answer (reuse); B: it asked the cloud LLM;
+                C: it asked the LLM with the nearest cached question and answer as context;
+                error: no answer; all: every request of the edge
+  A/B/C         how many requests took each action
+  hit rate      share of requests served from the cache (A)
+  false hits    reuses whose cached question belongs to another question of the data set:
+                the user got an answer to something else
+  mean delay s  what the user waited, as the edge measured it (a reuse: milliseconds;
+                the LLM: seconds, longer while the cloud's queue is long)
+  mean q        answer quality: minus the distance between the answer's embedding and the
+                reference answer's (0 is best, -2 the worst)
+  mean reward   q - 0.1 x delay: what the policies maximise (higher is better)"""
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

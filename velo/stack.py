@@ -29,10 +29,20 @@ from velo.lifeline import child_env
 from velo.llm_server import describe_exit, tail
 from velo.logs import get_logger
 from velo.milvus_server import EmbeddedMilvus, free_port
-from velo.v1 import cloud_pb2, cloud_pb2_grpc
+from velo.v1 import (
+    cloud_pb2,
+    cloud_pb2_grpc,
+    edge_pb2,
+    edge_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 
 log = get_logger("velo.stack")
 MAX_RESTART_BACKOFF_S = 30.0
+
+
+POLICY_FILE = Path(__file__).parent / "policies" / "lrs-load.onnx"
 
 
 @dataclass
@@ -52,6 +62,10 @@ class StackConfig:
     milvus_token: str = ""  # its token ("user:password"), when it has authentication on
     run_tag: str = ""  # appended to every edge id (and so its collection): a run starting empty
     restart: bool = True  # start a daemon that died again (supervise())
+    # Published through trainerd at start when an edge's policy is "lrs" (none: such edges run
+    # cache-0.5 until something is published). The shipped one: LRS on the load-aware state,
+    # trained on the loaded simulator by `velo experiment --live --load` (lrs-load.onnx).
+    policy_file: Path | None = POLICY_FILE
 
 
 @dataclass
@@ -149,10 +163,32 @@ class Stack:
                 daemon.spawn()
             for name in self.daemons:
                 self.wait_healthy(name)
+            if fixed and cfg.policy_file is not None and cfg.policy_file.is_file():
+                self.publish(cfg.policy_file.stem, cfg.policy_file.read_bytes())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def publish(self, name: str, onnx: bytes, timeout_s: float = 60.0) -> int:
+        """Publish a policy through trainerd and wait until every edge that follows trainerd
+        (policy "lrs") runs it; its version."""
+        with grpc.insecure_channel(self.addresses["trainerd"]) as channel:
+            info = trainer_pb2_grpc.TrainerServiceStub(channel).PublishPolicy(
+                trainer_pb2.PublishPolicyRequest(name=name, onnx=onnx), timeout=30)
+        followers = [a for i, a in enumerate(self.edge_addresses)
+                     if self.cfg.edge_policies[i % len(self.cfg.edge_policies)] == "lrs"]
+        deadline = time.monotonic() + timeout_s
+        for address in followers:
+            with grpc.insecure_channel(address) as channel:
+                stub = edge_pb2_grpc.EdgeServiceStub(channel)
+                while stub.GetStats(edge_pb2.GetStatsRequest(),
+                                    timeout=5).policy_version != info.version:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"edge {address} did not load policy "
+                                           f"v{info.version} in {timeout_s:.0f} s")
+                    time.sleep(0.3)
+        return info.version
 
     def _edge_settings(self, name: str) -> dict[str, str]:
         return {"EDGE_ID": name + self.cfg.run_tag,

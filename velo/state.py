@@ -6,6 +6,11 @@ The ONNX policy contract (every learned policy, exported by trainerd; a policy t
           embedding   [B, H]    float32  the request embedding f, input of T[.] (eq. 7)
           action_mask [B, 3]    float32  1 where the action is valid, order A, B, C
   output  probs       [B, 3]    float32  action probabilities, 0 for masked actions
+A policy trained on the load-aware state has a fourth input and names it in its metadata
+(velo.load = "cloud_wait_s,forward_s", velo.load.LOAD_FEATURES):
+          load        [B, 2]    float32  the cloud's estimated wait and the edge's recent
+                                         forward latency, seconds
+An edge refuses a policy whose inputs it cannot fill (velo.policy).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class EdgeState:
     embedding: np.ndarray  # [H]
     action_mask: np.ndarray  # [3] bool
     rows: tuple[CachedRow, ...]  # the top-P rows, nearest first (may be fewer than P)
+    # What the edge sees of the cloud's load (velo.load, LOAD_FEATURES order); zeros where
+    # nobody reported it, read only by policies trained on the load-aware state.
+    load: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.float32))
 
     @property
     def min_distance(self) -> float:
@@ -66,7 +74,7 @@ def select_row(rows: tuple[CachedRow, ...], phi1: float, phi2: float,
 
 def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int,
                 verify: Callable[[tuple[CachedRow, ...]], np.ndarray] | None = None,
-                ) -> EdgeState:
+                load: np.ndarray | None = None) -> EdgeState:
     """Eq. 6-8: the 3 x P correlation matrix (zero-padded) next to the request embedding.
 
     A and C need a cached row, so they are masked out when the search returned nothing.
@@ -83,4 +91,5 @@ def build_state(embedding: np.ndarray, rows: list[CachedRow], top_p: int,
     mask = np.ones(3, dtype=bool)
     if not rows:
         mask[Action.REUSE] = mask[Action.AUGMENT] = False
-    return EdgeState(correlation, embedding.astype(np.float32), mask, tuple(rows))
+    return EdgeState(correlation, embedding.astype(np.float32), mask, tuple(rows),
+                     np.zeros(2, np.float32) if load is None else np.asarray(load, np.float32))

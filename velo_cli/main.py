@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "the correctness-aware reward, both modes, next to the baselines (Cache-θ "
                     "tuned on the training split), on each FILE of QA lines (default: --data "
                     "and multiturn_dev.jsonl)")
+    ex.add_argument("--load", nargs="*", type=Path, default=None, metavar="FILE",
+                    help="the learned scheduler on a loaded cloud (8 slots, Azure-trace "
+                    "arrivals, one queue for every edge) at utilisations 0.5, 0.9 and 1.2, "
+                    "both modes, both rewards, against Cache-θ and the load-adaptive "
+                    "threshold tuned on the training split; prints issue 24's targets met or "
+                    "missed (writes load.md); on each FILE of QA lines (default: --data and "
+                    "multiturn_dev.jsonl)")
+    ex.add_argument("--paper-state", action="store_true",
+                    help="with --load: also LRS on the paper's state (the ablation)")
     ex.add_argument("--reuse", nargs="*", type=Path, default=None, metavar="FILE",
                     help="reuse at any scale: train the verifier on each FILE's training split "
                     "(a/b/label pairs, or QA lines whose `paraphrases` restate the question), "
@@ -167,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "test split (writes reuse.md and verifier.onnx); default: the shared "
                     "qqp, negation and paraphrase pairs and multiturn_dev")
     ex.add_argument("--verifier", type=Path, default=ROOT / "docs" / "reuse" / "verifier.onnx",
-                    help="the verifier: of the verified state (--ablation), or the one scored "
+                    help="the verifier: of the verified state (--ablation, and the verifier "
+                    "threshold of --load), or the one scored "
                     "with --no-retrain (--pairs, --reuse)")
     ex.add_argument("--no-retrain", action="store_true",
                     help="with --pairs or --reuse: score --verifier as it is (its own "
                     "thresholds) on the whole --pairs file / the test splits, train nothing")
     ex.add_argument("--live", action="store_true",
                     help="a small version through the real daemons and the real local LLM, "
-                    "next to the simulator on the same requests (writes live.md)")
+                    "next to the simulator on the same requests (writes live.md); with --load, "
+                    "a load-aware LRS edge and a tuned static edge through a calm phase, a "
+                    "burst and a calm phase on one shared cloudd (writes burst.md)")
     ex.add_argument("--live-requests", type=int, default=40,
                     help="with --live: requests to each of the 4 edges")
     ex.add_argument("--recalibrate", action="store_true",
@@ -197,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
 def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edges-count", type=int, default=3, dest="edge_count",
                    help="number of edges to start")
-    p.add_argument("--policies", default="cache-0.5,greedy-0.5,random",
-                   help="baseline policy per edge, cycled (default: one of each)")
+    p.add_argument("--policies", default="lrs,cache-0.5,random",
+                   help="policy per edge, cycled: a baseline, or lrs (the learned policy "
+                   "shipped in velo/policies/lrs-load.onnx, published through trainerd at "
+                   "start); default: the learned policy beside two baselines")
     p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack",
                    help="Milvus data, daemons' state and logs")
     p.add_argument("--milvus-uri", default="",
@@ -333,7 +347,7 @@ def _load(args: argparse.Namespace):
 def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
             tls=None, api_key: str = "") -> int:
     """Replay the workload and print the QoS table; returns the number of failed requests."""
-    from velo.replay import replay, summary_table
+    from velo.replay import LEGEND, replay, summary_table
 
     path, items, arrivals = _load(args)
     distinct = len({a.item.id for a in arrivals})
@@ -346,6 +360,7 @@ def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
     print(f"\nQoS summary ({time.monotonic() - started:.1f} s; q = -||emb(answer) - "
           "emb(reference)||, reward = q - 0.1 d)\n")
     print(summary_table(outcomes, names))
+    print(f"\n{LEGEND}")
     errors = [o for o in outcomes if o.action == "error"]
     if errors:
         print(f"\n{len(errors)} of {len(outcomes)} requests failed, e.g.: {errors[0].error}",
@@ -456,6 +471,26 @@ def _latencies() -> Path:
     return path if path.exists() else ROOT / "data" / "llm_latency_llmperf.jsonl"
 
 
+def _qa_files(given: list[Path], data: Path, flag: str) -> list[Path]:
+    """The QA files of `flag` (default: `data` and the conversation data), each checked now: a
+    bad file stops here, not in a worker after the first trainings."""
+    from velo.workload import load_qa
+
+    conversations = DEFAULT_DATA.parent / "multiturn_dev.jsonl"
+    datas = given or [data] + [p for p in [conversations] if p.exists()]
+    for path in datas:
+        try:
+            load_qa(path)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"velo experiment {flag}: {exc}") from exc
+    return datas
+
+
+def _trace() -> Path:
+    path = DEFAULT_DATA.parent / "azure_llm_trace_conv_2023.csv"
+    return path if path.exists() else ROOT / "data" / "azure_llm_trace_conv_2023.csv"
+
+
 def _readable(path: Path, flag: str) -> Path:
     if not path.is_file():
         raise SystemExit(f"velo experiment {flag}: {path} is not a readable file")
@@ -484,6 +519,16 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         cache_dir = ROOT / "var" / "train" / "cache"
         edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
         job = Job(Setting(), 0, ("lrs",), scale, data, _latencies(), cache_dir, edge_s)
+    if args.live and args.load is not None:
+        from lab import under_load
+
+        scale = replace(under_load.QUICK if args.quick else under_load.SCALE,
+                        **{k: v for k, v in (("updates", args.updates),) if v})
+        print(f"velo experiment --live --load: training LRS on the loaded simulator ({data}), "
+              f"then a burst through the stack ({args.live_requests} requests to 2 edges)...")
+        print(under_load.live_burst(data, args.out, args.live_requests, ROOT / "var" / "burst",
+                                    _latencies(), _trace(), cache_dir, edge_s, scale))
+        return
     if args.live:
         print(f"velo experiment --live: training LRS on {data}, then the stack "
               f"({args.live_requests} requests to each of 4 edges)...")
@@ -522,18 +567,32 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print((args.out / "reuse.md").read_text())
         print(f"{args.out / 'reuse.md'}" + ("" if verifier else ", verifier.onnx"))
         return
+    if args.load is not None:
+        from lab import under_load
+        from lab.experiment import calibrate
+
+        datas = _qa_files(args.load, data, "--load")
+        cache_dir = ROOT / "var" / "train" / "cache"
+        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
+        scale = replace(under_load.QUICK if args.quick else under_load.SCALE,
+                        **{k: v for k, v in (("seeds", args.seeds), ("updates", args.updates))
+                           if v})
+        cases = under_load.cases_for(datas, scale.seeds)
+        print(f"velo experiment --load: {len(cases)} runs ({len(datas)} data sets x 2 modes x "
+              f"2 rewards x {len(under_load.UTILISATIONS)} loads x {scale.seeds} seeds), "
+              f"{scale.updates} LRS updates each...")
+        verifier = args.verifier if args.verifier.is_file() else None
+        results = under_load.run_all(cases, scale, _latencies(), _trace(), cache_dir, edge_s,
+                                     args.jobs, args.paper_state, verifier)
+        text = under_load.report(results, scale)
+        (args.out / "load.md").write_text(text)
+        print(text)
+        return
     if args.ablation is not None:
         from lab import ablation
         from lab.experiment import calibrate
-        from velo.workload import load_qa
 
-        conversations = DEFAULT_DATA.parent / "multiturn_dev.jsonl"
-        datas = args.ablation or [data] + [p for p in [conversations] if p.exists()]
-        for path in datas:  # a bad file stops here, not in a worker after the first trainings
-            try:
-                load_qa(path)
-            except (OSError, ValueError) as exc:
-                raise SystemExit(f"velo experiment --ablation: {exc}") from exc
+        datas = _qa_files(args.ablation, data, "--ablation")
         cache_dir = ROOT / "var" / "train" / "cache"
         edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
         cases = [ablation.Case(d, mode, reward, seed) for d in datas

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from velo.v1 import chat_pb2 as velo_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13velo/v1/cloud.proto\x12\x07velo.v1\x1a\x12velo/v1/chat.proto\"-\n\tContextQA\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x12.velo.v1.ContextQA\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nbackground\x18\x05 \x01(\x08\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.velo.v1.ChatMessage\x12#\n\x05shape\x18\x07 \x01(\x0b\x32\x14.velo.v1.AnswerShape\"\xe4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\r\n\x05llm_s\x18\x05 \x01(\x01\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x07 \x01(\t\x12\x15\n\rlogprobs_json\x18\x08 \x01(\t\x12\x12\n\nmax_tokens\x18\t \x01(\x05\x12\x17\n\x0fusage_estimated\x18\n \x01(\x08\"]\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.velo.v1.GenerateResponse\x12\x15\n\rlogprobs_json\x18\x03 \x01(\t\"\x13\n\x11\x43loudStatsRequest\"\xc4\x01\n\nCloudStats\x12\x0e\n\x06llm_up\x18\x01 \x01(\x08\x12\x17\n\x0fllm_down_reason\x18\x02 \x01(\t\x12\x14\n\x0cllm_restarts\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\x12\x0e\n\x06queued\x18\x07 \x01(\x03\x12\x1a\n\x12\x62\x61\x63kground_refused\x18\x08 \x01(\x03\x12\x14\n\x0cllm_timeouts\x18\t \x01(\x03\x32\xd7\x01\n\x0c\x43loudService\x12?\n\x08Generate\x12\x18.velo.v1.GenerateRequest\x1a\x19.velo.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.velo.v1.GenerateRequest\x1a\x16.velo.v1.GenerateChunk0\x01\x12@\n\rGetCloudStats\x12\x1a.velo.v1.CloudStatsRequest\x1a\x13.velo.v1.CloudStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13velo/v1/cloud.proto\x12\x07velo.v1\x1a\x12velo/v1/chat.proto\"-\n\tContextQA\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x12.velo.v1.ContextQA\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nbackground\x18\x05 \x01(\x08\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.velo.v1.ChatMessage\x12#\n\x05shape\x18\x07 \x01(\x0b\x32\x14.velo.v1.AnswerShape\"\x97\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\r\n\x05llm_s\x18\x05 \x01(\x01\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x07 \x01(\t\x12\x15\n\rlogprobs_json\x18\x08 \x01(\t\x12\x12\n\nmax_tokens\x18\t \x01(\x05\x12\x17\n\x0fusage_estimated\x18\n \x01(\x08\x12 \n\x04load\x18\x0b \x01(\x0b\x32\x12.velo.v1.CloudLoad\x12\x0f\n\x07queue_s\x18\x0c \x01(\x01\"o\n\tCloudLoad\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x16\n\x0emean_service_s\x18\x04 \x01(\x01\x12\x18\n\x10\x65stimated_wait_s\x18\x05 \x01(\x01\"]\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.velo.v1.GenerateResponse\x12\x15\n\rlogprobs_json\x18\x03 \x01(\t\"\x13\n\x11\x43loudStatsRequest\"\xe6\x01\n\nCloudStats\x12\x0e\n\x06llm_up\x18\x01 \x01(\x08\x12\x17\n\x0fllm_down_reason\x18\x02 \x01(\t\x12\x14\n\x0cllm_restarts\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\x12\x0e\n\x06queued\x18\x07 \x01(\x03\x12\x1a\n\x12\x62\x61\x63kground_refused\x18\x08 \x01(\x03\x12\x14\n\x0cllm_timeouts\x18\t \x01(\x03\x12 \n\x04load\x18\n \x01(\x0b\x32\x12.velo.v1.CloudLoad2\xd7\x01\n\x0c\x43loudService\x12?\n\x08Generate\x12\x18.velo.v1.GenerateRequest\x1a\x19.velo.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.velo.v1.GenerateRequest\x1a\x16.velo.v1.GenerateChunk0\x01\x12@\n\rGetCloudStats\x12\x1a.velo.v1.CloudStatsRequest\x1a\x13.velo.v1.CloudStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=100
   _globals['_GENERATEREQUEST']._serialized_end=306
   _globals['_GENERATERESPONSE']._serialized_start=309
-  _globals['_GENERATERESPONSE']._serialized_end=537
-  _globals['_GENERATECHUNK']._serialized_start=539
-  _globals['_GENERATECHUNK']._serialized_end=632
-  _globals['_CLOUDSTATSREQUEST']._serialized_start=634
-  _globals['_CLOUDSTATSREQUEST']._serialized_end=653
-  _globals['_CLOUDSTATS']._serialized_start=656
-  _globals['_CLOUDSTATS']._serialized_end=852
-  _globals['_CLOUDSERVICE']._serialized_start=855
-  _globals['_CLOUDSERVICE']._serialized_end=1070
+  _globals['_GENERATERESPONSE']._serialized_end=588
+  _globals['_CLOUDLOAD']._serialized_start=590
+  _globals['_CLOUDLOAD']._serialized_end=701
+  _globals['_GENERATECHUNK']._serialized_start=703
+  _globals['_GENERATECHUNK']._serialized_end=796
+  _globals['_CLOUDSTATSREQUEST']._serialized_start=798
+  _globals['_CLOUDSTATSREQUEST']._serialized_end=817
+  _globals['_CLOUDSTATS']._serialized_start=820
+  _globals['_CLOUDSTATS']._serialized_end=1050
+  _globals['_CLOUDSERVICE']._serialized_start=1053
+  _globals['_CLOUDSERVICE']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

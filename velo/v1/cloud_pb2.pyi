@@ -34,7 +34,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[ContextQA, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., background: bool = ..., history: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., shape: _Optional[_Union[_chat_pb2.AnswerShape, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "model", "prompt_tokens", "completion_tokens", "llm_s", "finish_reason", "tool_calls_json", "logprobs_json", "max_tokens", "usage_estimated")
+    __slots__ = ("text", "model", "prompt_tokens", "completion_tokens", "llm_s", "finish_reason", "tool_calls_json", "logprobs_json", "max_tokens", "usage_estimated", "load", "queue_s")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class GenerateResponse(_message.Message):
     LOGPROBS_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     USAGE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     text: str
     model: str
     prompt_tokens: int
@@ -55,7 +57,23 @@ class GenerateResponse(_message.Message):
     logprobs_json: str
     max_tokens: int
     usage_estimated: bool
-    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., tool_calls_json: _Optional[str] = ..., logprobs_json: _Optional[str] = ..., max_tokens: _Optional[int] = ..., usage_estimated: bool = ...) -> None: ...
+    load: CloudLoad
+    queue_s: float
+    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., tool_calls_json: _Optional[str] = ..., logprobs_json: _Optional[str] = ..., max_tokens: _Optional[int] = ..., usage_estimated: bool = ..., load: _Optional[_Union[CloudLoad, _Mapping]] = ..., queue_s: _Optional[float] = ...) -> None: ...
+
+class CloudLoad(_message.Message):
+    __slots__ = ("in_flight", "queued", "slots", "mean_service_s", "estimated_wait_s")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SERVICE_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    queued: int
+    slots: int
+    mean_service_s: float
+    estimated_wait_s: float
+    def __init__(self, in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., slots: _Optional[int] = ..., mean_service_s: _Optional[float] = ..., estimated_wait_s: _Optional[float] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "done", "logprobs_json")
@@ -72,7 +90,7 @@ class CloudStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CloudStats(_message.Message):
-    __slots__ = ("llm_up", "llm_down_reason", "llm_restarts", "requests", "failures", "in_flight", "queued", "background_refused", "llm_timeouts")
+    __slots__ = ("llm_up", "llm_down_reason", "llm_restarts", "requests", "failures", "in_flight", "queued", "background_refused", "llm_timeouts", "load")
     LLM_UP_FIELD_NUMBER: _ClassVar[int]
     LLM_DOWN_REASON_FIELD_NUMBER: _ClassVar[int]
     LLM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +100,7 @@ class CloudStats(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_REFUSED_FIELD_NUMBER: _ClassVar[int]
     LLM_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     llm_up: bool
     llm_down_reason: str
     llm_restarts: int
@@ -91,4 +110,5 @@ class CloudStats(_message.Message):
     queued: int
     background_refused: int
     llm_timeouts: int
-    def __init__(self, llm_up: bool = ..., llm_down_reason: _Optional[str] = ..., llm_restarts: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., background_refused: _Optional[int] = ..., llm_timeouts: _Optional[int] = ...) -> None: ...
+    load: CloudLoad
+    def __init__(self, llm_up: bool = ..., llm_down_reason: _Optional[str] = ..., llm_restarts: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., background_refused: _Optional[int] = ..., llm_timeouts: _Optional[int] = ..., load: _Optional[_Union[CloudLoad, _Mapping]] = ...) -> None: ...

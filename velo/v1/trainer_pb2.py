@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15velo/v1/trainer.proto\x12\x07velo.v1\"\xb5\x02\n\nExperience\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tunix_time\x18\x03 \x01(\x01\x12\x13\n\x0b\x63orrelation\x18\x04 \x03(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x05\x12\x11\n\tembedding\x18\x06 \x03(\x02\x12\x13\n\x0b\x61\x63tion_mask\x18\x07 \x03(\x08\x12\x0e\n\x06\x61\x63tion\x18\x08 \x01(\x05\x12\x14\n\x0c\x61\x63tion_probs\x18\t \x03(\x02\x12\x16\n\x0epolicy_version\x18\n \x01(\x03\x12\x0f\n\x07\x64\x65lay_s\x18\x0b \x01(\x01\x12\x18\n\x10has_satisfaction\x18\x0c \x01(\x08\x12\x14\n\x0csatisfaction\x18\r \x01(\x01\x12\x17\n\x0fshadow_verified\x18\x0e \x01(\x08\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"F\n\rExperienceAck\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tconflicts\x18\x03 \x01(\x03\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"e\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x01\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"9\n\x06Policy\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.velo.v1.PolicyInfo\x12\x0c\n\x04onnx\x18\x02 \x01(\x0c\"-\n\x14WatchPoliciesRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\"2\n\x14PublishPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04onnx\x18\x02 \x01(\x0c\x32\x98\x02\n\x0eTrainerService\x12\x41\n\x10ReportExperience\x12\x13.velo.v1.Experience\x1a\x16.velo.v1.ExperienceAck(\x01\x12\x37\n\tGetPolicy\x12\x19.velo.v1.GetPolicyRequest\x1a\x0f.velo.v1.Policy\x12\x45\n\rWatchPolicies\x12\x1d.velo.v1.WatchPoliciesRequest\x1a\x13.velo.v1.PolicyInfo0\x01\x12\x43\n\rPublishPolicy\x12\x1d.velo.v1.PublishPolicyRequest\x1a\x13.velo.v1.PolicyInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15velo/v1/trainer.proto\x12\x07velo.v1\"\xc3\x02\n\nExperience\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tunix_time\x18\x03 \x01(\x01\x12\x13\n\x0b\x63orrelation\x18\x04 \x03(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x05\x12\x11\n\tembedding\x18\x06 \x03(\x02\x12\x13\n\x0b\x61\x63tion_mask\x18\x07 \x03(\x08\x12\x0e\n\x06\x61\x63tion\x18\x08 \x01(\x05\x12\x14\n\x0c\x61\x63tion_probs\x18\t \x03(\x02\x12\x16\n\x0epolicy_version\x18\n \x01(\x03\x12\x0f\n\x07\x64\x65lay_s\x18\x0b \x01(\x01\x12\x18\n\x10has_satisfaction\x18\x0c \x01(\x08\x12\x14\n\x0csatisfaction\x18\r \x01(\x01\x12\x17\n\x0fshadow_verified\x18\x0e \x01(\x08\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x0c\n\x04load\x18\x10 \x03(\x02\"F\n\rExperienceAck\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tconflicts\x18\x03 \x01(\x03\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"e\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x01\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"9\n\x06Policy\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.velo.v1.PolicyInfo\x12\x0c\n\x04onnx\x18\x02 \x01(\x0c\"-\n\x14WatchPoliciesRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\"2\n\x14PublishPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04onnx\x18\x02 \x01(\x0c\x32\x98\x02\n\x0eTrainerService\x12\x41\n\x10ReportExperience\x12\x13.velo.v1.Experience\x1a\x16.velo.v1.ExperienceAck(\x01\x12\x37\n\tGetPolicy\x12\x19.velo.v1.GetPolicyRequest\x1a\x0f.velo.v1.Policy\x12\x45\n\rWatchPolicies\x12\x1d.velo.v1.WatchPoliciesRequest\x1a\x13.velo.v1.PolicyInfo0\x01\x12\x43\n\rPublishPolicy\x12\x1d.velo.v1.PublishPolicyRequest\x1a\x13.velo.v1.PolicyInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'velo.v1.trainer_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERIENCE']._serialized_start=35
-  _globals['_EXPERIENCE']._serialized_end=344
-  _globals['_EXPERIENCEACK']._serialized_start=346
-  _globals['_EXPERIENCEACK']._serialized_end=416
-  _globals['_GETPOLICYREQUEST']._serialized_start=418
-  _globals['_GETPOLICYREQUEST']._serialized_end=453
-  _globals['_POLICYINFO']._serialized_start=455
-  _globals['_POLICYINFO']._serialized_end=556
-  _globals['_POLICY']._serialized_start=558
-  _globals['_POLICY']._serialized_end=615
-  _globals['_WATCHPOLICIESREQUEST']._serialized_start=617
-  _globals['_WATCHPOLICIESREQUEST']._serialized_end=662
-  _globals['_PUBLISHPOLICYREQUEST']._serialized_start=664
-  _globals['_PUBLISHPOLICYREQUEST']._serialized_end=714
-  _globals['_TRAINERSERVICE']._serialized_start=717
-  _globals['_TRAINERSERVICE']._serialized_end=997
+  _globals['_EXPERIENCE']._serialized_end=358
+  _globals['_EXPERIENCEACK']._serialized_start=360
+  _globals['_EXPERIENCEACK']._serialized_end=430
+  _globals['_GETPOLICYREQUEST']._serialized_start=432
+  _globals['_GETPOLICYREQUEST']._serialized_end=467
+  _globals['_POLICYINFO']._serialized_start=469
+  _globals['_POLICYINFO']._serialized_end=570
+  _globals['_POLICY']._serialized_start=572
+  _globals['_POLICY']._serialized_end=629
+  _globals['_WATCHPOLICIESREQUEST']._serialized_start=631
+  _globals['_WATCHPOLICIESREQUEST']._serialized_end=676
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_start=678
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_end=728
+  _globals['_TRAINERSERVICE']._serialized_start=731
+  _globals['_TRAINERSERVICE']._serialized_end=1011
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Experience(_message.Message):
-    __slots__ = ("edge_id", "seq", "unix_time", "correlation", "top_p", "embedding", "action_mask", "action", "action_probs", "policy_version", "delay_s", "has_satisfaction", "satisfaction", "shadow_verified", "request_id")
+    __slots__ = ("edge_id", "seq", "unix_time", "correlation", "top_p", "embedding", "action_mask", "action", "action_probs", "policy_version", "delay_s", "has_satisfaction", "satisfaction", "shadow_verified", "request_id", "load")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Experience(_message.Message):
     SATISFACTION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     seq: int
     unix_time: float
@@ -38,7 +39,8 @@ class Experience(_message.Message):
     satisfaction: float
     shadow_verified: bool
     request_id: str
-    def __init__(self, edge_id: _Optional[str] = ..., seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., correlation: _Optional[_Iterable[float]] = ..., top_p: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ..., action_mask: _Optional[_Iterable[bool]] = ..., action: _Optional[int] = ..., action_probs: _Optional[_Iterable[float]] = ..., policy_version: _Optional[int] = ..., delay_s: _Optional[float] = ..., has_satisfaction: bool = ..., satisfaction: _Optional[float] = ..., shadow_verified: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    load: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, edge_id: _Optional[str] = ..., seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., correlation: _Optional[_Iterable[float]] = ..., top_p: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ..., action_mask: _Optional[_Iterable[bool]] = ..., action: _Optional[int] = ..., action_probs: _Optional[_Iterable[float]] = ..., policy_version: _Optional[int] = ..., delay_s: _Optional[float] = ..., has_satisfaction: bool = ..., satisfaction: _Optional[float] = ..., shadow_verified: bool = ..., request_id: _Optional[str] = ..., load: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ExperienceAck(_message.Message):
     __slots__ = ("stored", "duplicates", "conflicts")
