@@ -63,7 +63,9 @@ class CacheConfig:
 class PolicyConfig:
     # Runs until trainerd has published a learned policy, and whenever none verifies:
     # "cache-<theta>" (GPTCache: J_min <= theta -> A else B), "greedy-<theta>"
-    # (paper: J_min > theta -> B else C), "greedy-llm" or "random".
+    # (paper: J_min > theta -> B else C), "adaptive-<theta0>-<k>" (A when
+    # J_min <= theta0 + k * the cloud's wait), "verifier-<tau>" (A when the verifier's
+    # P(same) >= tau; needs reuse.verifier), "greedy-llm" or "random".
     baseline: str = "cache-0.5"
     sample: bool = True  # sample actions from the policy's probabilities (paper); else argmax
     seed: int = 0  # for sampling and random baselines
@@ -253,6 +255,12 @@ class EdgeConfig:
             require(0 < getattr(self, key) <= 600, key, "must be in (0, 600]")
         require(not self.mqtt.enabled or bool(self.trainer), "mqtt",
                 "needs trainer: announced policies are pulled from trainerd over gRPC")
+        require(not self.policy.baseline.startswith("verifier-") or bool(self.reuse.verifier),
+                "policy.baseline", "verifier-<tau> reads the verifier's P(same): it needs "
+                "reuse.verifier")
+        require(not self.policy.baseline.startswith("adaptive-") or bool(self.cloud),
+                "policy.baseline", "adaptive-<theta0>-<k> follows the cloud's wait: it needs "
+                "cloud")
         require(self.spool_max_bytes >= 64 * 1024, "spool_max_bytes", "must be >= 65536")
         require(self.embedder_threads >= 1 and self.embedder_workers >= 1, "embedder_workers",
                 "embedder_threads and embedder_workers must be >= 1")

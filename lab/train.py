@@ -2,7 +2,8 @@
 multi-edge experience, then every policy on the same request stream.
 
     MAPPO, G-MAPPO, T-MAPPO and LRS are trained here; the baselines need no training; the
-    Oracle takes the hindsight-best action (an upper bound, not deployable).
+    Oracle takes the hindsight-best action of each step (not deployable; myopic, so not a
+    bound over an episode in all-edges mode or on a loaded cloud).
 """
 
 from __future__ import annotations

@@ -109,6 +109,11 @@ def test_env_overrides_file_and_bad_keys_are_named(tmp_path, monkeypatch) -> Non
     bad.write_text('[policy]\nbaseline = "lru"\n')
     with pytest.raises(ConfigError, match=r"'policy\.baseline' unknown baseline 'lru'"):
         load_edged(bad)
+    # A baseline that reads what this edge cannot give it is refused, not run on zeros.
+    bad.write_text('[policy]\nbaseline = "verifier-0.9"\n')
+    with pytest.raises(ConfigError, match=r"'policy\.baseline' verifier-<tau> .* needs "
+                       r"reuse\.verifier"):
+        load_edged(bad)
 
 
 def test_edged_with_a_bad_config_exits_2_naming_the_key(tmp_path, capsys) -> None:

@@ -68,13 +68,18 @@ def test_quick_run_policies_keep_to_their_rules(quick_run: Path) -> None:
         for name in ("cache-0.5", "greedy-llm"):  # they reuse or forward, never augment
             m = policies[name]
             assert m["hit_rate"] + m["llm_freq"] == pytest.approx(1.0), (key, name)
-    # The Oracle (hindsight-best action) is an upper bound on average over the seeds.
+    # In nearest-edge mode the Oracle (each edge's hindsight-best action) is an upper bound on
+    # average over the seeds. Not in all-edges mode: there it also picks the actions of the
+    # edges whose answer is not served (their own best), which shape their caches, and a
+    # policy that reuses on every edge can end an episode ahead (w = 1: greedy-llm -1.26
+    # against -1.30); nor under load, where it is myopic (lab.under_load).
     rows = read_rows(quick_run / "results.csv")
     oracle = {tuple(r[k] for k in ("mode", "w", "edges", "train_share")): float(r["reward"])
               for r in rows if r["policy"] == "oracle"}
     for r in rows:
         key = tuple(r[k] for k in ("mode", "w", "edges", "train_share"))
-        assert oracle[key] >= float(r["reward"]) - 1e-9, r
+        if r["mode"] == "nearest":
+            assert oracle[key] >= float(r["reward"]) - 1e-9, r
 
 
 def test_a_rerun_with_the_same_seed_gives_the_same_numbers(exported_embedder, tmp_path) -> None:

@@ -220,7 +220,7 @@ EXPERIENCE_FIELDS = {
     "action_mask": lists(st.booleans(), 5), "action": st.one_of(st.integers(-1, 3), INT32),
     "action_probs": lists(FLOATS, 4), "policy_version": INT64, "delay_s": DOUBLES,
     "has_satisfaction": st.booleans(), "satisfaction": DOUBLES, "shadow_verified": st.booleans(),
-    "request_id": REQUEST_IDS,
+    "request_id": REQUEST_IDS, "load": lists(FLOATS, 4),
 }
 VALID_EXPERIENCE = dict(edge_id="edge-fuzz", seq=1, unix_time=1.7e9, correlation=[0.5] * 15,
                         top_p=5, embedding=[0.1] * 8, action_mask=[True, True, True], action=1,

@@ -124,6 +124,8 @@ async def test_experience_is_committed_in_batches(tmp_path: Path) -> None:
         ({"edge_id": "e" * 129}, "edge_id"),
         ({"seq": 0}, "seq"),
         ({"action_mask": [True, False]}, "action_mask"),
+        ({"load": [1.0, 2.0, 3.0]}, "load"),
+        ({"load": [float("nan"), 1.0]}, "load"),
     ],
 )
 async def test_bad_record_is_invalid_argument_naming_the_field(

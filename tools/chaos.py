@@ -271,7 +271,10 @@ class Chaos:
             pending = 0
             for address in self.stack.edge_addresses:
                 stub = edge_pb2_grpc.EdgeServiceStub(self.channel(address))
-                stats = await stub.GetStats(edge_pb2.GetStatsRequest(), timeout=10)
+                # wait_for_ready: the channel to an edge that was just restarted may still be
+                # in its reconnect backoff, where a plain call fails at once (seen in CI).
+                stats = await stub.GetStats(edge_pb2.GetStatsRequest(), timeout=10,
+                                            wait_for_ready=True)
                 pending += stats.experience_pending
             if pending == 0:
                 return

@@ -34,6 +34,7 @@ from trainerd.registry import (
     PolicyTooLarge,
 )
 from trainerd.store import ExperienceStore
+from velo.load import LOAD_FEATURES
 from velo.logs import get_logger
 from velo.metrics import Reading
 from velo.names import NAME_RULE, valid_name
@@ -119,6 +120,11 @@ def validate_experience(record: trainer_pb2.Experience) -> str | None:
                 "[-2, 0]")
     if not math.isfinite(record.unix_time) or record.unix_time < 0:
         return f"unix_time is {record.unix_time}; must be a time"
+    if len(record.load) not in (0, len(LOAD_FEATURES)):
+        return (f"load has {len(record.load)} values; must be {len(LOAD_FEATURES)} "
+                f"({', '.join(LOAD_FEATURES)}) or none")
+    if not all(math.isfinite(v) and v >= 0 for v in record.load):
+        return "load must hold seconds (finite, >= 0)"
     return request_id_problem(record.request_id)
 
 

@@ -55,7 +55,7 @@ class LoadAdaptivePolicy:
     """Adaptive-theta0-k: Cache-theta whose threshold follows the load, reuse when
     J_min <= theta0 + k * cloud_wait_s (velo.load). The hand-written policy a careful engineer
     ships instead of a learned one: the longer the cloud's queue, the more a near match is
-    worth; theta0 and k are tuned per workload (lab.load_experiment)."""
+    worth; theta0 and k are tuned per workload (lab.under_load)."""
 
     version = 0
 
