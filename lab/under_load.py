@@ -26,7 +26,13 @@ from lab.experiment import Scale
 from lab.sim import SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
-from velo.policy import CachePolicy, LoadAdaptivePolicy, RandomPolicy, VerifierThresholdPolicy
+from velo.policy import (
+    CachePolicy,
+    LoadAdaptivePolicy,
+    Policy,
+    RandomPolicy,
+    VerifierThresholdPolicy,
+)
 from velo.workload import load_qa
 
 # The default run: 3 seeds; LRS trained for 120 updates (it is cheap here, ~40 s per 60 in
@@ -59,23 +65,22 @@ def sim_config(case: Case, edge_s: float, edges: int = 3) -> SimConfig:
                      edge_speeds=SPEEDS if differ else (), edge_rtts_s=RTTS if differ else ())
 
 
-def tune(env: SimEnv, candidates: dict, steps: int, seed: int) -> tuple[str, float]:
+def tune(env: SimEnv, candidates: list[Policy], steps: int, seed: int) -> tuple[Policy, float]:
     """The candidate with the best mean reward on the training split, and that reward."""
-    scores = {name: evaluate(env, policy, steps, seed, split="train")["reward"]
-              for name, policy in candidates.items()}
-    best = max(scores, key=scores.get)
-    return best, scores[best]
+    scores = [evaluate(env, policy, steps, seed, split="train")["reward"]
+              for policy in candidates]
+    best = int(np.argmax(scores))
+    return candidates[best], scores[best]
 
 
-def tuned_adaptive(env: SimEnv, scale, tune_seed: int) -> tuple[LoadAdaptivePolicy, float]:
+def tuned_adaptive(env: SimEnv, scale, tune_seed: int) -> tuple[Policy, float]:
     """The load-adaptive threshold tuned on the training split, and its reward there."""
-    name, reward = tune(env, {f"adaptive-{t}-{k}": LoadAdaptivePolicy(t, k)
-                              for t in THETAS for k in SLOPES}, scale.eval_steps, tune_seed)
-    return LoadAdaptivePolicy(*map(float, name.split("-")[1:])), reward
+    return tune(env, [LoadAdaptivePolicy(t, k) for t in THETAS for k in SLOPES],
+                scale.eval_steps, tune_seed)
 
 
 def demonstrations(env: SimEnv, scale, seed: int, tune_seed: int,
-                   adaptive: LoadAdaptivePolicy, adaptive_reward: float):
+                   adaptive: Policy, adaptive_reward: float):
     """The expert of the demonstrations: the hindsight-best action per request (SPEC), unless
     the tuned load-adaptive threshold earns more on the training split. Under load it can:
     the Oracle is myopic, it forwards whenever that request gains, and the queue it builds
@@ -98,10 +103,9 @@ def run_case(case: Case, scale, latencies: Path, trace: Path, cache_dir: Path, e
                  trace_path=trace)
     test_seed, tune_seed = case.seed + 1000, case.seed + 500
     results: dict[str, dict[str, float]] = {}
-    cache, _ = tune(env, {f"cache-{t}": CachePolicy(t) for t in THETAS}, scale.eval_steps,
-                    tune_seed)
+    cache, _ = tune(env, [CachePolicy(t) for t in THETAS], scale.eval_steps, tune_seed)
     adaptive = tuned_adaptive(env, scale, tune_seed)
-    for name, policy in ((f"{cache} (tuned)", CachePolicy(float(cache.split("-")[1]))),
+    for name, policy in ((f"{cache.name} (tuned)", cache),
                          (f"{adaptive[0].name} (tuned)", adaptive[0]),
                          ("random", RandomPolicy(case.seed)), ("oracle", "oracle")):
         results[name] = evaluate(env, policy, scale.eval_steps, test_seed)
@@ -118,10 +122,9 @@ def run_case(case: Case, scale, latencies: Path, trace: Path, cache_dir: Path, e
 
         env = SimEnv(sim_config(case, edge_s), items, _embedder(), None, latencies, cache_dir,
                      verifier=OnnxVerifier(verifier), trace_path=trace)
-        tau, _ = tune(env, {f"verifier-{t}": VerifierThresholdPolicy(t) for t in TAUS},
-                      scale.eval_steps, tune_seed)
-        results[f"{tau} (tuned)"] = evaluate(env, VerifierThresholdPolicy(
-            float(tau.split("-")[1])), scale.eval_steps, test_seed)
+        tau, _ = tune(env, [VerifierThresholdPolicy(t) for t in TAUS], scale.eval_steps,
+                      tune_seed)
+        results[f"{tau.name} (tuned)"] = evaluate(env, tau, scale.eval_steps, test_seed)
         env.close()
     normalise(results)
     return results
@@ -242,8 +245,7 @@ def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies:
     items = load_qa(data)[: scale.items or None]
     env = SimEnv(sim_config(case, edge_s), items, _embedder(), None, latencies, cache_dir,
                  trace_path=trace)
-    static, _ = tune(env, {f"cache-{t}": CachePolicy(t) for t in THETAS}, scale.eval_steps,
-                     seed + 500)
+    static = tune(env, [CachePolicy(t) for t in THETAS], scale.eval_steps, seed + 500)[0].name
     demos = demonstrations(env, scale, seed, seed + 500, *tuned_adaptive(env, scale, seed + 500))
     _, onnx = train_policy(env, "lrs", scale, seed, demos, load=True, gate_seed=seed + 500)
     env.close()
