@@ -75,10 +75,12 @@ class Scale:
     w_values: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1.0)
     edge_counts: tuple[int, ...] = (1, 2, 3, 4, 5)
     train_shares: tuple[float, ...] = (0.25, 0.5, 1.0)
+    gate_points: int = 10  # checkpoints the gate scores on the training requests
+    warm_start_epochs: int = 0  # behaviour cloning before PPO (LRSConfig.warm_start_epochs)
 
 
 QUICK = Scale(seeds=3, updates=10, rollout_steps=32, eval_steps=60, demos=256, items=60,
-              w_values=(0.01, 0.1, 1.0), edge_counts=(1, 3), train_shares=(0.5, 1.0))
+              gate_points=5, w_values=(0.01, 0.1, 1.0), edge_counts=(1, 3), train_shares=(0.5, 1.0))
 
 
 def settings_of(figure: Figure, scale: Scale) -> list[Setting]:
@@ -143,11 +145,12 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
     """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` (`load`: on the load-aware state); its
     ONNX export, loaded as the edge runs it (argmax, as MAPPO is evaluated), and the bytes.
     `gate_seed`: keep the version with the best reward on the training requests of that
-    stream (lab.train.train's gate, at ten points of the training), the stream the baselines
-    are tuned on."""
+    stream (lab.train.train's gate, at `scale.gate_points` points of the training), the
+    stream the baselines are tuned on."""
     encoder, use_demos = VARIANTS[name]
     cfg = LRSConfig(seed=seed, use_encoder=encoder, use_demos=use_demos,
-                    demos_first=scale.demos, use_load=load)
+                    demos_first=scale.demos, use_load=load,
+                    warm_start_epochs=scale.warm_start_epochs)
 
     def gate(lrs) -> float:
         policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
@@ -157,7 +160,7 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
                 scale.eval_steps, log=lambda _: None, curve=curve,
                 gate=gate if gate_seed is not None else None,
-                gate_every=max(1, scale.updates // 10))
+                gate_every=max(1, scale.updates // scale.gate_points))
     onnx = lrs.export_onnx()
     if env.verifier is not None:  # edges must build the same state to run it
         from lab.verifier import mark_state

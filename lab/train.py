@@ -108,6 +108,13 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
     lrs = LRS(cfg, agents=env.cfg.edges)
     best: tuple[float, int, dict] | None = None  # (score, update, actor weights)
     episode = 0
+    if demos is not None and cfg.warm_start_epochs:
+        agree = lrs.warm_start(demos, cfg.warm_start_epochs)
+        log(f"  warm start: {cfg.warm_start_epochs} epochs of behaviour cloning, "
+            f"{agree:.0%} of the expert's actions")
+        if gate is not None:  # the cloned expert is a candidate like any checkpoint
+            best = (gate(lrs), 0, copy.deepcopy(lrs.actor.state_dict()))
+            log(f"  gate after the warm start: {best[0]:+.3f}")
     states, in_episode = env.reset(cfg.seed), 0
     for u in range(1, updates + 1):
         buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "load", "act", "logp",

@@ -37,8 +37,15 @@ from velo.workload import load_qa
 
 # The default run: 3 seeds; LRS trained for 120 updates (it is cheap here, ~40 s per 60 in
 # all-edges mode) with the gate every 10; 150 test steps per policy from empty caches.
-SCALE = Scale(seeds=3, updates=120, rollout_steps=64, eval_steps=150, demos=2048)
-QUICK = Scale(seeds=1, updates=10, rollout_steps=32, eval_steps=60, demos=256, items=60)
+# PPO starts from the expert cloned for 50 epochs, measured on 4 loaded cases (1 seed each:
+# oasst1 all 0.9 paper, all 1.2 correct, nearest 1.2 paper; conversations all 0.9 paper):
+# mean normalised 0.955 against 0.874 without (30 epochs at the PPO learning rate: 0.909).
+# 50 epochs reproduce 95 % of the expert's actions, 150 reproduce 99 % but scored lower on
+# the training requests (the clone learns the training embeddings by heart).
+SCALE = Scale(seeds=3, updates=120, rollout_steps=64, eval_steps=150, demos=2048,
+              warm_start_epochs=50)
+QUICK = Scale(seeds=1, updates=10, rollout_steps=32, eval_steps=60, demos=256, items=60,
+              warm_start_epochs=50)
 UTILISATIONS = (0.5, 0.9, 1.2)
 THETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)  # L2 distance thresholds
 SLOPES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # k: how much θ grows per second of cloud wait
@@ -217,7 +224,8 @@ def report(results: list[tuple[Case, dict]], scale: Scale) -> str:
     seeds = len({c.seed for c, _ in results})
     return (f"# The learned scheduler on a loaded cloud\n\n{seeds} seeds per setting. LRS: "
             f"{scale.updates} updates x {scale.rollout_steps} steps; the gate keeps the best "
-            "of ten points of the training on the training requests; demonstrations from the "
+            "of ten points of the training (and the cloned expert it starts from) on the "
+            "training requests; demonstrations from the "
             "hindsight Oracle, or from the tuned load-adaptive threshold where it earned more "
             f"on the training requests. {scale.eval_steps} test steps per policy from empty "
             "caches (unseen restatements of every item). Cloud: 8 slots, Azure-trace arrivals "

@@ -123,6 +123,38 @@ def test_demonstrations_teach_the_expert_action_without_any_reward() -> None:
     assert shares[2] > 0.9, shares
 
 
+def _threshold_expert(rng: np.random.Generator, n: int) -> Demos:
+    """States with a random top similarity and cloud wait, labelled by the load-adaptive rule
+    "reuse when the similarity beats 0.8 - 0.1 x wait, else forward". Embeddings of unit
+    norm, as the embedder's are (raw normal noise in 384 dimensions is learnt by heart)."""
+    corr, emb, mask = _random_states(rng, n)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    corr[:, 0, 0] = rng.uniform(0.3, 1.0, n)
+    corr[:, 1:] = np.clip(corr[:, 1:], -1, 1)
+    load = np.stack([rng.uniform(0.0, 5.0, n), rng.uniform(0.5, 8.0, n)], 1).astype(np.float32)
+    reuse = corr[:, 0, 0] >= 0.8 - 0.1 * load[:, 0]
+    return Demos(corr, emb, mask, np.where(reuse, 0, 1), load)
+
+
+def test_warm_start_clones_a_load_adaptive_expert_on_states_it_has_not_seen() -> None:
+    """The warm start alone (no PPO update): the actor agrees with the expert's rule on more
+    than 4 in 5 fresh states (measured 0.86 after 50 epochs, 0.63 after 5; it reproduces the
+    demonstrations themselves exactly); the same actor untrained agrees on 0.22."""
+    rng = np.random.default_rng(3)
+    demos, fresh = _threshold_expert(rng, 2048), _threshold_expert(rng, 512)
+    cfg = LRSConfig(use_encoder=False, use_load=True, seed=0)
+
+    def agreement(lrs: LRS) -> float:
+        probs = lrs.probabilities(fresh.correlation, fresh.embedding, fresh.action_mask,
+                                  fresh.load)
+        return float((probs.argmax(-1) == fresh.actions).mean())
+
+    cloned = LRS(cfg, agents=1)
+    assert agreement(LRS(cfg, agents=1)) < 0.5
+    assert cloned.warm_start(demos, epochs=50) > 0.9
+    assert agreement(cloned) > 0.8
+
+
 async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> None:
     from trainerd.learner import LearnerConfig, OnlineLearner
     from trainerd.registry import PolicyRegistry
