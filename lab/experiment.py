@@ -527,6 +527,16 @@ def run_experiment(figures: list[int], scale: Scale, data: Path, latencies: Path
 
 
 # -- aggregation and reports -------------------------------------------------------------------
+def mean_std_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Mean, standard deviation and half-width of the normal 95 % interval over seeds (0
+    and 0 for a single seed)."""
+    v = np.array(values, dtype=float)
+    if len(v) < 2:
+        return float(np.mean(v)), 0.0, 0.0
+    std = float(np.std(v, ddof=1))
+    return float(np.mean(v)), std, 1.96 * std / math.sqrt(len(v))
+
+
 def aggregate(results: list[RunResult]) -> list[dict]:
     """One row per setting x policy: mean, std and a 95 % interval over the seeds."""
     groups: dict[tuple[Setting, str], list[dict[str, float]]] = {}
@@ -537,11 +547,8 @@ def aggregate(results: list[RunResult]) -> list[dict]:
     for (setting, policy), runs in groups.items():
         row: dict = {**asdict(setting), "policy": policy, "seeds": len(runs)}
         for key in MEASURES:
-            values = np.array([m.get(key, float("nan")) for m in runs], dtype=float)
-            row[key] = float(np.mean(values))
-            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            row[f"{key}_ci95"] = (1.96 * row[f"{key}_std"] / math.sqrt(len(values))
-                                  if len(values) > 1 else 0.0)
+            row[key], row[f"{key}_std"], row[f"{key}_ci95"] = mean_std_ci95(
+                [m.get(key, float("nan")) for m in runs])
         rows.append(row)
     order = {p: i for i, p in enumerate(EVERY_POLICY)}
     rows.sort(key=lambda r: (r["mode"], r["w"], r["edges"], r["train_share"],

@@ -15,14 +15,13 @@ Normalised reward: Random 0, Oracle 1. Targets (issue 24) are checked over the s
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lab.experiment import Scale
+from lab.experiment import Scale, mean_std_ci95
 from lab.sim import SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
@@ -168,12 +167,6 @@ def summarise(results: list[tuple[Case, dict]]) -> dict[tuple, dict[str, dict[st
     return table
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    v = np.array(values, dtype=float)
-    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else 0.0
-    return float(v.mean()), half
-
-
 def markdown(results: list[tuple[Case, dict]]) -> str:
     table = summarise(results)
     lines = ["| data | mode | reward | util. | policy | normalised (95 % CI) | reward | d (s) "
@@ -182,7 +175,7 @@ def markdown(results: list[tuple[Case, dict]]) -> str:
     verdicts = []
     for (data, mode, reward, util), roles in table.items():
         for role, m in roles.items():
-            norm, half = _mean_ci(m["normalized"])
+            norm, _, half = mean_std_ci95(m["normalized"])
             tuned = ", ".join(sorted(set(m["tuned"]))) if "tuned" in role else ""
             lines.append(f"| {data} | {mode} | {reward} | {util:g} | {role} | {norm:.2f} ± "
                          f"{half:.2f} | {np.mean(m['reward']):+.3f} | {np.mean(m['d']):.2f} "

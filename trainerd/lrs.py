@@ -385,9 +385,8 @@ class LRS:
         return stats
 
     def warm_start(self, demos: Demos, epochs: int, batch: int = 256) -> float:
-        """Behaviour cloning of the actor on all of E_g for `epochs` passes; the last
-        epoch's share of the expert's actions the actor's argmax agrees with."""
-        agree = 0.0
+        """Behaviour cloning of the actor on all of E_g for `epochs` passes; the share of the
+        expert's actions the actor's argmax then agrees with."""
         # Its own optimiser: cloning a fixed target takes larger steps than PPO may, and
         # PPO's Adam then starts without moments from a different loss.
         optimiser = torch.optim.Adam(self.actor.parameters(), lr=self.cfg.warm_start_lr)
@@ -399,11 +398,10 @@ class LRS:
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.actor.parameters(), self.cfg.max_grad_norm)
                 optimiser.step()
-            with torch.no_grad():
-                hits = int((self._bc_logits(demos, np.arange(len(demos.actions))).argmax(-1)
-                            == torch.as_tensor(demos.actions)).sum())
-            agree = hits / len(demos.actions)
-        return agree
+        with torch.no_grad():
+            agreed = (self._bc_logits(demos, np.arange(len(demos.actions))).argmax(-1)
+                      == torch.as_tensor(demos.actions))
+        return float(agreed.float().mean())
 
     def _load(self, load: np.ndarray | torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The load input as a tensor; zeros (an idle cloud) when a load-aware learner is
