@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edged.contract import EdgeError, ErrorKind, Piece, Usage
 from velo.conversation import Turn
-from velo.load import RunningMean, load_vector
+from velo.load import RunningMean, load_vector, wait_after
 from velo.security import TLSConfig, dial
 from velo.serving import clip
 from velo.shape import Shape
@@ -63,10 +63,15 @@ class Generation:
 
 class CloudLoadView:
     """What this edge sees of the cloud's load (velo.load): cloudd's latest report (on every
-    answer, and polled with each health check) and the edge's own recent forward latency."""
+    answer, and polled with each health check) plus the forwards this edge sent since, and
+    the edge's own recent forward latency."""
 
     def __init__(self) -> None:
-        self.cloud_wait_s = 0.0
+        self.last: cloud_pb2.CloudLoad = cloud_pb2.CloudLoad()
+        # This edge's forwards sent after the last report and not yet answered: the report
+        # did not count them, and in a burst they are most of the queue.
+        self.unreported = 0
+        self._report_number = 0
         self.forward = RunningMean()
         # None until cloudd first answered; False when it answers without a load report (an
         # older cloudd): a load-aware policy then cannot be filled.
@@ -75,7 +80,25 @@ class CloudLoadView:
     def report(self, message: cloud_pb2.GenerateResponse | cloud_pb2.CloudStats) -> None:
         self.reported = message.HasField("load")
         if self.reported:
-            self.cloud_wait_s = message.load.estimated_wait_s
+            self.last = message.load
+            self.unreported = 0
+            self._report_number += 1
+
+    def sent(self) -> int:
+        """A forward left for the cloud; returns the token `done` takes."""
+        self.unreported += 1
+        return self._report_number
+
+    def done(self, token: int) -> None:
+        """That forward ended; a report since then already counted it (or its end)."""
+        if token == self._report_number:
+            self.unreported = max(0, self.unreported - 1)
+
+    @property
+    def cloud_wait_s(self) -> float:
+        last = self.last
+        return wait_after(last.in_flight, last.queued, last.slots, last.mean_service_s,
+                          self.unreported)
 
     def vector(self) -> np.ndarray:
         """The `load` part of a state, in velo.load.LOAD_FEATURES order."""
@@ -106,6 +129,7 @@ class CloudClient:
             shape=shape.proto() if shape is not None else None,
         )
         start = time.perf_counter()
+        sent = self.load.sent() if not background else None
         try:
             if on_piece is None:
                 response = await self.stub.Generate(request, timeout=self.timeout_s)
@@ -133,6 +157,9 @@ class CloudClient:
                 raise CloudError(kind, f"cloud LLM unavailable (cloudd at {self.address}): "
                                  f"{exc.details()}") from exc
             raise CloudError(kind, f"cloud LLM failed: {exc.details()}") from exc
+        finally:
+            if sent is not None:
+                self.load.done(sent)
 
     def _answered(self, done: cloud_pb2.GenerateResponse, cloud_s: float,
                   background: bool) -> Generation:

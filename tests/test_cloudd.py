@@ -232,6 +232,43 @@ async def test_cloudd_reports_its_queue_and_the_wait_it_means(fake: FakeLLM) -> 
         assert max(a.queue_s for a in answers) > 0.0  # two of them waited for a slot
 
 
+async def test_an_edge_counts_its_own_forwards_until_the_cloud_reports_them(
+        fake: FakeLLM) -> None:
+    """The first forwards of a burst are sent before any answer brings a report of the queue
+    they make: the edge's view (edged.cloud_client) adds them to the last report, so the
+    later ones see the wait cloudd itself would estimate, and it goes back to the reports
+    once the answers (or failures) are in."""
+    from edged.cloud_client import CloudClient, CloudError
+
+    fake.delay_s = 0.3
+    async with running_cloudd(fake.url, max_concurrency=1, max_queue=8) as (daemon, stub):
+        client = CloudClient(daemon.grpc.address, timeout_s=10.0)
+        await client.generate("warm-up", [], 2, "warm-up")
+        service = client.load.last.mean_service_s
+        assert service >= 0.3 and client.load.cloud_wait_s == 0.0  # idle when it answered
+        fake.delay_s = 0.0
+        fake.gate.clear()
+        calls = [asyncio.ensure_future(client.generate(f"q{i}", [], 2, f"q{i}"))
+                 for i in range(3)]
+        await wait_until(lambda: daemon.servicer.in_flight == 1 and daemon.servicer.queued == 2)
+        stats = await stub.GetCloudStats(cloud_pb2.CloudStatsRequest())
+        # No answer came back, yet the edge sees the queue its three forwards made.
+        assert client.load.unreported == 3
+        assert client.load.cloud_wait_s == pytest.approx(stats.load.estimated_wait_s)
+        assert client.load.cloud_wait_s == pytest.approx(3 * service)
+        fake.gate.set()
+        await asyncio.gather(*calls)
+        assert client.load.unreported == 0
+        assert client.load.cloud_wait_s == 0.0  # the last answer left an idle cloud
+        # A forward that fails brings no report: it stops counting when it ends.
+        fake.fail_next = 100
+        with pytest.raises(CloudError):
+            await client.generate("fails", [], 2, "fails")
+        fake.fail_next = 0
+        assert client.load.unreported == 0
+        await client.channel.close()
+
+
 async def test_client_cancelling_a_stream_closes_the_llm_stream(fake: FakeLLM) -> None:
     fake.chunk_delay_s = 0.02
     async with running_cloudd(fake.url) as (daemon, stub):

@@ -4,7 +4,8 @@ simulator (lab.sim), so that a policy trained on simulated load reads the live o
 The load part of a state (the ONNX input `load`, velo.state) holds, in this order:
   cloud_wait_s  the wait a new request would have for one of the cloud's LLM slots, as cloudd
                 estimates it from its queue (`estimated_wait`) and reports on every answer and
-                in its stats
+                in its stats; an edge adds the forwards it sent since that report
+                (`wait_after`), which the report cannot count yet
   forward_s     the edge's own recent forward latency: a running mean of the delays of its
                 last answers from the cloud (0 before the first one)
 """
@@ -24,6 +25,17 @@ def estimated_wait(in_flight: int, queued: int, slots: int, mean_service_s: floa
     if slots <= 0 or in_flight < slots:
         return 0.0
     return (queued + 1) * mean_service_s / slots
+
+
+def wait_after(in_flight: int, queued: int, slots: int, mean_service_s: float,
+               joined: int) -> float:
+    """The estimated wait once `joined` more requests reached the cloud since it counted
+    `in_flight` and `queued`: they take free slots first, then queue. An edge's view between
+    two reports, so that the first forwards of a burst raise the wait the later ones see
+    (in the simulator every edge reads the cloud's queue as it is, lab.cloud)."""
+    total = in_flight + queued + max(joined, 0)
+    running = min(total, slots)
+    return estimated_wait(running, total - running, slots, mean_service_s)
 
 
 class RunningMean:

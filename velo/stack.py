@@ -64,7 +64,8 @@ class StackConfig:
     restart: bool = True  # start a daemon that died again (supervise())
     # Published through trainerd at start when an edge's policy is "lrs" (none: such edges run
     # cache-0.5 until something is published). The shipped one: LRS on the load-aware state,
-    # trained on the loaded simulator by `velo experiment --live --load` (lrs-load.onnx).
+    # trained on the loaded simulator in nearest-edge mode (`lab.under_load.live_burst`,
+    # mode="nearest"): it reuses at c^s >= 0.75 whatever the load.
     policy_file: Path | None = POLICY_FILE
 
 
