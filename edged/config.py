@@ -93,7 +93,7 @@ class PolicyConfig:
 @dataclass
 class LimitsConfig:
     max_prompt_chars: int = 8000  # longer prompts get INVALID_ARGUMENT
-    max_reference_chars: int = 32000
+    max_reference_chars: int = 32000  # longer reference answers get INVALID_ARGUMENT
     max_tokens: int = 1024  # cap on AskRequest.max_tokens
     # The tokens a request may generate when it names no limit (max_tokens = 0). The edge
     # always tells cloudd the limit, so that it knows which cached answers fit the request.
@@ -161,7 +161,7 @@ class HttpConfig:
     # max_connections open connections new ones are closed at once (half-open connections
     # must not take the file descriptors the gRPC port needs).
     header_timeout_s: float = 10.0
-    max_connections: int = 1000
+    max_connections: int = 1000  # see header_timeout_s
 
     def __post_init__(self) -> None:
         require(not self.listen or ":" in self.listen, "listen", "must be host:port")
@@ -188,7 +188,7 @@ class EdgeAuthConfig(AuthConfig):
 @dataclass
 class EdgeConfig:
     edge_id: str = "edge-1"  # unique in the fleet; names the collection and experience
-    listen: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:50051"  # gRPC address; beyond loopback it needs [auth] or insecure
     # Prometheus /metrics (velo.metrics), e.g. "127.0.0.1:9151"; empty: not served.
     metrics_listen: str = ""
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
@@ -212,15 +212,15 @@ class EdgeConfig:
     # embedder = "triton": the server's gRPC address (host:port; tools/triton_server.py) and
     # model (deploy/triton/model_repository/minilm; which ONNX file it runs is set there).
     triton_url: str = "127.0.0.1:8001"
-    triton_model: str = "minilm"
+    triton_model: str = "minilm"  # see triton_url
     triton_timeout_s: float = 10.0  # deadline of each call to Triton (an embedding, a check)
     # onnxruntime intra-op threads of the one embedding session (idle ones sleep): the
     # machine's cores, so that a lone request uses them all.
     embedder_threads: int = 2
     # Embedding runs at once on that session (concurrent requests share the threads).
     embedder_workers: int = 2
-    log_level: str = "info"
-    shutdown_grace_s: float = 10.0
+    log_level: str = "info"  # debug, info, warning, error or critical (JSON lines on stderr)
+    shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
     spool_max_records: int = 200_000  # experience kept while trainerd is unreachable
     # ... and at most this many bytes of it (and half of the disk's free space at start)
     spool_max_bytes: int = 1024 * MiB

@@ -2,7 +2,7 @@
 pipeline's EdgeRequest and how to answer), and the pipeline's events -> OpenAI's completion,
 chunk and usage objects. The routes are in edged.openai_front.
 
-What each request field becomes (the README's OpenAI section lists the same):
+What each request field becomes (docs/openai.md lists the same):
 
     honoured     messages (system/developer, user, assistant with tool_calls, tool),
                  max_tokens / max_completion_tokens (the answer's fit: velo.shape.fits),

@@ -48,7 +48,7 @@ from velo.verifier import OnnxVerifier, content_stems, pair_features
 
 TOP_P = 5  # cached questions the verifier scores per request, as on the edge
 SHARES = (0.6, 0.2, 0.2)  # train, calibration, test
-CONTRADICTION_WEIGHT = 0.5  # a contradictions-only file's examples count half (see README)
+CONTRADICTION_WEIGHT = 0.5  # weight of a contradictions-only file's training examples
 TEST_ROWS = (1_000, 10_000)  # plus "everything there is" (>= 2·10⁴ with the dev files)
 HIT_RATE = 0.24  # where the generalisation gap is read
 

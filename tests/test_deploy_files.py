@@ -33,7 +33,7 @@ SYSTEMD = ROOT / "systemd"
 def filled_in(daemon: str, tmp_path: Path) -> Path:
     """The shipped example config with its /etc/velo paths made real under tmp_path: the
     certificates of a test CA, tokens files and the edge's own token, as an operator makes
-    them (README "Deploying")."""
+    them (docs/operating.md)."""
     from tests.certs import CA
     from tests.test_security import tokens_file
     from velo.security import new_token
@@ -85,7 +85,9 @@ def test_a_daemon_beyond_loopback_without_tokens_refuses_to_start(daemon: str, l
     with pytest.raises(ConfigError, match=r"'listen' 0\.0\.0\.0:\d+ reaches beyond this "
                        r"machine.*velo token"):
         loader(config)
-    config.write_text("insecure = true\n" + open_)
+    meant = re.sub(r'(?m)^insecure = false', 'insecure = true', open_)
+    assert meant != open_  # the example shows the key
+    config.write_text(meant)
     assert loader(config).insecure
     config.write_text(re.sub(r'(?m)^listen = "0\.0\.0\.0:', 'listen = "127.0.0.1:', open_)
                       .replace('listen = "0.0.0.0:8080"', 'listen = "127.0.0.1:8080"'))

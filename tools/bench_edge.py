@@ -847,7 +847,8 @@ def print_wrong_hits(wrong: dict) -> None:
 
 
 def markdown(report: dict) -> str:
-    """The README's table: one row per cache size and system, the floor and every ratio."""
+    """The table of docs/performance.md: one row per cache size and system, the floor and
+    every ratio."""
     clients = report["args"]["clients"].strip("[]").replace(" ", "").split(",")
     top = clients[-1]
     lines = ["| rows | system | p50 / p95 / p99 ms, single stream | × floor (p50) | "
@@ -915,7 +916,7 @@ def main(argv: list[str] | None = None) -> None:
                         "embedded one's is its own)")
     parser.add_argument("--milvus-mmap", action="store_true",
                         help="the embedded Milvus memory-maps loaded segments (less memory, "
-                        "slower searches: README, Performance)")
+                        "slower searches: docs/performance.md)")
     parser.add_argument("--index-type", default="IVF_FLAT",
                         help="the collection's index (IVF_FLAT, IVF_SQ8: 8-bit vectors, HNSW)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")

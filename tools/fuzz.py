@@ -40,8 +40,8 @@ ASK = "/velo.v1.EdgeService/Ask"
 ASK_STREAM = "/velo.v1.EdgeService/AskStream"
 GET_STATS = "/velo.v1.EdgeService/GetStats"
 RPC_TIMEOUT_S = 10.0  # a hang becomes a counted DEADLINE_EXCEEDED, never a stuck tool
-# What an edge may answer to anything (README: "What edges answer to bad input"); the rest is
-# a bug (UNKNOWN, INTERNAL) or worth a look (DEADLINE_EXCEEDED: a hang).
+# What an edge may answer to anything (docs/architecture.md, "What edges answer to bad
+# input"); the rest is a bug (UNKNOWN, INTERNAL) or worth a look (DEADLINE_EXCEEDED: a hang).
 EXPECTED = frozenset({"OK", "UNAVAILABLE", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"})
 MAX_PAYLOAD = 64 * 1024 - 1  # every payload but the few deliberately oversized ones
 RECEIVE_LIMIT = 8 * 1024 * 1024  # edged's grpc.max_receive_message_length

@@ -21,7 +21,7 @@ class TrainerConfig:
     metrics_listen: str = ""  # Prometheus /metrics, e.g. "127.0.0.1:9170"; empty: off
     data_dir: str = "var/trainerd"  # experience.db and policies/ live here
     shutdown_grace_s: float = 5.0  # how long in-flight RPCs may finish on SIGTERM
-    log_level: str = "info"
+    log_level: str = "info"  # debug, info, warning, error or critical (JSON lines on stderr)
     # Largest ONNX policy accepted by PublishPolicy; the gRPC message limit follows it. No more
     # than the edges' [policy] max_bytes (8 MiB by default): a "latest" that every edge refuses
     # would leave the fleet on its old policy. A default LRS is ~110 KB.
@@ -29,7 +29,7 @@ class TrainerConfig:
     # The edges' P (cache.top_p) and embedding width H: every published policy is loaded and
     # run on states of this shape exactly as an edge will, and refused if an edge could not.
     edge_top_p: int = 5
-    edge_embed_dim: int = 384
+    edge_embed_dim: int = 384  # see edge_top_p
     # Experience records are committed to SQLite in transactions of at most this many, so a
     # long upload stream neither holds all its records in memory nor one huge transaction.
     max_batch_records: int = 10_000

@@ -46,14 +46,14 @@ class LearnerConfig:
     max_records: int = 2048  # at most this many new records per edge and round
     edges: list[str] | None = None  # the agents; None: every edge that has reported
     phi1: float = 1.0  # reward weights, as on the edges
-    phi2: float = 0.1
+    phi2: float = 0.1  # w of the reward q - w * d
     satisfaction_prior: float = -0.6  # q used when no q was measured at all
     check_every_s: float = 5.0  # how often to look for enough new experience
-    use_encoder: bool = True  # LRS: Transformer encoder ...
-    use_demos: bool = True  # ... and demonstrations from shadow verification
+    use_encoder: bool = True  # LRS's Transformer request encoder T[.] (false: one linear layer)
+    use_demos: bool = True  # demonstrations from shadow verification in the first updates
     use_load: bool = False  # train load-aware policies (edges' records carry the load)
     holdback: float = 0.25  # share of a round's steps kept back to gate the new version
-    seed: int = 0
+    seed: int = 0  # of the learner's initial weights and minibatches
 
 
 class OnlineLearner:

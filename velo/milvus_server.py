@@ -89,7 +89,7 @@ class EmbeddedMilvus:
 
         `mmap`: loaded segments are memory-mapped files under data_dir/mmap instead of
         process memory (Milvus 2.3 `queryNode.mmapDirPath`): the page cache holds the hot
-        vectors and the kernel may drop cold texts (see README, Performance).
+        vectors and the kernel may drop cold texts (see docs/performance.md).
 
         `auth`: Milvus authentication (`common.security.authorizationEnabled`) with a root
         password of this data_dir's own (see the module docstring); clients pass `.token`.

@@ -59,7 +59,7 @@ class TLSConfig:
     # This daemon's certificate and key (PEM): served on its port and, when a server asks
     # for one (mutual TLS), presented on the links it dials.
     cert_file: str = ""
-    key_file: str = ""
+    key_file: str = ""  # see cert_file
     # CA bundle (PEM) that peers' certificates must chain to. Set: the links this daemon
     # dials use TLS and check the server's certificate against it.
     ca_file: str = ""
