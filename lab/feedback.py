@@ -24,7 +24,6 @@ import numpy as np
 
 from lab.pairs import Pair, components
 from velo.calibration import RowCalibration
-from velo.verifier import OnnxVerifier, pair_features
 
 # Scores the top candidates of one arrival: (asked text, cached texts, cosine sims) -> scores.
 Scorer = Callable[[str, Sequence[str], np.ndarray], np.ndarray]
@@ -32,13 +31,6 @@ Scorer = Callable[[str, Sequence[str], np.ndarray], np.ndarray]
 
 def cosine_scorer(text: str, cached: Sequence[str], sims: np.ndarray) -> np.ndarray:
     return sims
-
-
-def verifier_scorer(verifier: OnnxVerifier) -> Scorer:
-    def score(text: str, cached: Sequence[str], sims: np.ndarray) -> np.ndarray:
-        return verifier.p_same(np.stack([pair_features(text, c, float(s))
-                                         for c, s in zip(cached, sims, strict=True)]))
-    return score
 
 
 def quora_intents(pairs: list[Pair]) -> list[tuple[str, ...]]:

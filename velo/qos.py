@@ -32,11 +32,6 @@ class QosWeights:
     phi2: float = 0.1
 
 
-def similarity(distance: float | np.ndarray) -> float | np.ndarray:
-    """c^s = 1 - J/2 for the L2 distance J of eq. 1 between unit vectors."""
-    return 1.0 - distance / 2.0
-
-
 def satisfaction(answer_vec: np.ndarray, reference_vec: np.ndarray) -> float:
     """Eq. 2: q = -||f^a - f^r||_2, in [-2, 0]; 0 means the answer says what the reference says."""
     return -float(np.linalg.norm(answer_vec - reference_vec))

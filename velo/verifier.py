@@ -290,16 +290,6 @@ class VerifierError(Exception):
     """A verifier file that cannot be used; the message says why."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    p_same: float  # the verifier's probability that the reuse is right
-    threshold: float  # the reuse threshold in force for this row (per-row when calibrated)
-
-    @property
-    def reuse_ok(self) -> bool:
-        return self.p_same >= self.threshold
-
-
 class OnnxVerifier:
     """The exported verifier, run by onnxruntime on one thread (~20 µs a pair)."""
 
