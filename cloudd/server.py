@@ -33,7 +33,7 @@ from velo.llm_server import LLMSupervisor, LocalLLMServer
 from velo.load import RunningMean, estimated_wait
 from velo.logs import get_logger
 from velo.metrics import Reading
-from velo.serving import Daemon, GrpcServer, clip, request_id_problem
+from velo.serving import UNDECIDED, Daemon, GrpcServer, Undecided, clip, request_id_problem
 from velo.shape import Shape, shape_problem, to_json
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
@@ -344,7 +344,6 @@ class Cloudd(Daemon):
         self.backend: OpenAIBackend | None = None
         self.servicer: CloudServicer | None = None
         self.supervisor: LLMSupervisor | None = None
-        self.watcher: asyncio.Task | None = None
 
     async def startup(self) -> None:
         llm_cfg = self.cfg.llm
@@ -372,44 +371,39 @@ class Cloudd(Daemon):
             self.supervisor = LLMSupervisor(server, on_state,
                                             max_backoff_s=local.max_restart_backoff_s).start()
             self.servicer.supervisor = self.supervisor
-        else:
+        else:  # an external LLM server: probed here (a local one's supervisor reports it)
             await self._probe()
-        self.watcher = asyncio.create_task(self._watch_llm())
+            self.spawn(self.watch_part(LLM, self._llm_problem, self.cfg.llm.health_every_s))
         await super().startup()
         self.log.info("llm", base_url=self.backend.url, model=llm_cfg.model,
                       local=local.enabled)
 
-    async def _watch_llm(self) -> None:
-        """Probe the LLM every health_every_s while it answers, every second while it does not
-        (a running local server is the supervisor's to watch: its exit is reported at once)."""
-        while True:
-            ok = self.grpc.parts[LLM].ok
-            await asyncio.sleep(self.cfg.llm.health_every_s if ok else 1.0)
-            if self.supervisor is None:
-                await self._probe()
-
     async def _probe(self) -> None:
-        """GET /models of the external LLM server."""
+        """Probe the external LLM server once and report it (at start, before SERVING)."""
+        problem = await self._llm_problem()
+        if problem is not UNDECIDED:
+            await self.grpc.set_part(LLM, problem is None, problem or "")
+
+    async def _llm_problem(self) -> str | Undecided | None:
+        """GET /models of the external LLM server: why it is down, or None. Probed every
+        health_every_s while it answers, every second while it does not (watch_part)."""
         assert self.backend is not None
         try:
             async with asyncio.timeout(self.cfg.llm.connect_timeout_s + 1):
                 models = await self.backend.models()
         except (BackendError, TimeoutError) as exc:
-            await self.grpc.set_part(LLM, False, str(exc) or "the LLM did not answer in time")
-            return
+            return str(exc) or "the LLM did not answer in time"
         assert self.servicer is not None
         if time.monotonic() - self.servicer.hung_at < HUNG_HOLD_S:
-            return  # /models answers, generation did not: only an answer brings it back up
+            return UNDECIDED  # /models answers, generation did not: only an answer brings it up
         if models and self.cfg.llm.model not in models:
             self.log.warning("configured model not offered by the llm server",
                              model=self.cfg.llm.model, offered=[clip(m) for m in models[:8]])
-        await self.grpc.set_part(LLM, True)
+        return None
 
     async def shutdown(self) -> None:
         await super().shutdown()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            await asyncio.gather(self.watcher, return_exceptions=True)
+        await self.stop_tasks()
         if self.supervisor is not None:
             await asyncio.to_thread(self.supervisor.stop)
         if self.backend is not None:

@@ -4,7 +4,6 @@ down, with cloudd's own reason."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -20,11 +19,10 @@ from edged.contract import EdgeError, ErrorKind, Piece, Usage
 from velo.conversation import Turn
 from velo.load import RunningMean, load_vector, wait_after
 from velo.security import TLSConfig, dial
-from velo.serving import clip
+from velo.serving import UNDECIDED, Undecided, clip
 from velo.shape import Shape
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
-PartReport = Callable[[str, bool, str], Awaitable[None]]
 PieceSink = Callable[[Piece], Awaitable[None]]
 CHECK_TIMEOUT_S = 3.0
 SLOW_CHECKS = 3  # health checks that time out in a row before the cloud counts as down
@@ -110,6 +108,7 @@ class CloudClient:
                  token: str = "") -> None:
         self.address, self.timeout_s = address, timeout_s
         self.load = CloudLoadView()
+        self._slow_checks = 0  # health checks in a row that ran out of time (probe)
         self.channel = dial(address, tls, token) if address else None
         self.stub = cloud_pb2_grpc.CloudServiceStub(self.channel) if self.channel else None
         self.health = health_pb2_grpc.HealthStub(self.channel) if self.channel else None
@@ -176,23 +175,21 @@ class CloudClient:
             self.load.report(await self.stub.GetCloudStats(cloud_pb2.CloudStatsRequest(),
                                                            timeout=CHECK_TIMEOUT_S))
 
-    async def watch(self, report: PartReport, part: str, every_s: float = 1.0) -> None:
-        """Check cloudd's health every `every_s` and report `part` up or down with the reason
-        (cloudd unreachable, or cloudd's own account of why its LLM is down).
+    async def probe(self) -> str | Undecided | None:
+        """Why cloudd cannot serve (unreachable, or its own account of why its LLM is down),
+        None when it can; the edge's daemon runs it every second (Daemon.watch_part). While
+        cloudd is up, the load report is refreshed too (quiet edges see the load).
 
         A check that only ran out of time counts after SLOW_CHECKS in a row: on a loaded box
         one slow answer is not an outage, and health that flaps takes edges out of rotation.
         """
-        assert self.health is not None
-        slow = 0
-        while True:
-            ok, reason, timed_out = await self._check()
-            slow = slow + 1 if timed_out else 0
-            if not timed_out or slow >= SLOW_CHECKS:
-                await report(part, ok, reason)
-            if ok:
-                await self.poll_load()
-            await asyncio.sleep(every_s)
+        ok, reason, timed_out = await self._check()
+        self._slow_checks = self._slow_checks + 1 if timed_out else 0
+        if ok:
+            await self.poll_load()
+        if timed_out and self._slow_checks < SLOW_CHECKS:
+            return UNDECIDED
+        return None if ok else reason
 
     async def check(self) -> tuple[bool, str]:
         """(up, why not) of cloudd and its LLM."""

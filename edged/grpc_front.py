@@ -104,9 +104,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             return ask_response(await self.edge.pipeline.ask(edge_request(request)))
         except EdgeError as exc:
             await _abort(context, exc)
-        except Exception as exc:
-            log.exception("request failed", request_id=request.request_id[:128])
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
 
     async def AskStream(self, request: edge_pb2.AskRequest,
                         context: grpc.aio.ServicerContext) -> None:
@@ -122,9 +119,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         except asyncio.CancelledError:
             log.info("client cancelled stream", request_id=request.request_id[:128])
             raise
-        except Exception as exc:
-            log.exception("stream failed", request_id=request.request_id[:128])
-            await context.abort(grpc.StatusCode.INTERNAL, f"edge error: {type(exc).__name__}")
 
     async def GetStats(self, request: edge_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> edge_pb2.EdgeStats:

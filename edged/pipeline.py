@@ -58,7 +58,7 @@ from velo.logs import get_logger
 from velo.names import NAME_RULE, valid_name
 from velo.policy import Decision
 from velo.qos import Action
-from velo.serving import MAX_REQUEST_ID_CHARS, clip, request_id_problem
+from velo.serving import MAX_REQUEST_ID_CHARS, PartReport, clip, request_id_problem
 from velo.shape import (
     AnswerFacts,
     Shape,
@@ -77,7 +77,6 @@ Emit = Callable[[Event], Awaitable[None]]
 REPLAY_WORDS = 4  # a streamed reuse is replayed in pieces of this many words
 PASS_THROUGH = "pass-through"  # the "policy" of a request no policy decided
 # Reports a part of the edge up or down: (part, ok, reason).
-PartReport = Callable[[str, bool, str], Awaitable[None]]
 VECTOR_DB, CLOUD, TRAINER = "vector_db", "cloud", "trainer"
 
 

@@ -35,7 +35,7 @@ from velo.logs import get_logger
 from velo.models import embedder_dir
 from velo.policy import baseline_from_name
 from velo.security import dial, read_token
-from velo.serving import Daemon
+from velo.serving import UNDECIDED, Daemon, Undecided
 from velo.v1 import edge_pb2_grpc
 from velo.verifier import OnnxVerifier
 
@@ -43,6 +43,7 @@ log = get_logger("edged")
 
 VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
 EMBEDDER_PROBE_S = 2.0  # the same for a remote (Triton) embedder
+CLOUD_PROBE_S = 1.0  # cloudd's health is checked every second, up or down
 EMBEDDER = "embedder"
 CACHE_SIZE_S = 30.0  # how often the reuse threshold is fitted to the cache's size again
 
@@ -83,10 +84,11 @@ class Edged(Daemon):
         super().__init__(cfg.listen, cfg.shutdown_grace_s, tls=cfg.tls, auth=cfg.auth,
                          roles=ROLES, metrics_listen=cfg.metrics_listen)
         self.cfg = cfg
-        self.tasks: list[asyncio.Task] = []
         self.http: HttpServer | None = None
         self.entries_deleted = 0  # by operators (edged.admin)
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
+        self._vector_db_probe: asyncio.Future | None = None  # the last one, maybe still running
+        self._vector_db_slow = 0  # probes in a row that ran out of time
 
     async def startup(self) -> None:
         cfg = self.cfg
@@ -125,21 +127,22 @@ class Edged(Daemon):
         self.admin = CacheAdmin(self.cache, self.embedder, cfg.data_path, self._deleted,
                                 cfg.cache.satisfaction_prior)
         self.metrics.read(stats_readings(self._scraped_stats))
-        background = [self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
-                      self.pipeline.flush_loop(), self._watch_vector_db()]
+        for work in (self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
+                     self.pipeline.flush_loop(),
+                     self.watch_part(VECTOR_DB, self._probe_vector_db, VECTOR_DB_PROBE_S)):
+            self.spawn(work)
         if self.pipeline.guard is not None:
             await self._follow_cache_size(self.pipeline.guard, once=True)  # before serving
-            background.append(self._follow_cache_size(self.pipeline.guard))
+            self.spawn(self._follow_cache_size(self.pipeline.guard))
         if hasattr(self.embedder, "check"):  # a remote embedder (Triton) can go away
-            background.append(self._watch_embedder())
+            self.spawn(self.watch_part(EMBEDDER, self._probe_embedder, EMBEDDER_PROBE_S))
         if cfg.mqtt.enabled and self.trainer_channel is not None:
             # Announced versions are pulled over the trainer channel, as the watch's are.
             self.announcements = AnnouncementListener(cfg.mqtt, self.policies, cfg.edge_id)
-            background.append(self.announcements.run())
+            self.spawn(self.announcements.run())
         if self.cloud.stub is not None:
             await self.report(CLOUD, *await self.cloud.check())  # known before SERVING
-            background.append(self.cloud.watch(self.report, CLOUD))
-        self.tasks = [asyncio.create_task(coro) for coro in background]
+            self.spawn(self.watch_part(CLOUD, self.cloud.probe, CLOUD_PROBE_S))
         self.grpc.add(edge_pb2_grpc.add_EdgeServiceServicer_to_server, EdgeServicer(self),
                       "velo.v1.EdgeService")
         await super().startup()
@@ -189,27 +192,24 @@ class Edged(Daemon):
         """A part of the edge is up or down (the trainer is not required to serve)."""
         await self.grpc.set_part(part, ok, reason, required=part != TRAINER)
 
-    async def _watch_vector_db(self) -> None:
+    async def _probe_vector_db(self) -> str | Undecided | None:
         """Probe Milvus on a thread of its own (a frozen server must not tie up the threads
         requests use), at most one probe at a time. A probe that only runs out of time counts
         after two in a row (a slow answer on a loaded box is not an outage)."""
-        loop = asyncio.get_running_loop()
-        slow = 0
-        while True:
-            ok = self.grpc.parts[VECTOR_DB].ok
-            await asyncio.sleep(VECTOR_DB_PROBE_S if ok else 1.0)
-            probe = loop.run_in_executor(self._probe_thread, self.cache.ping, 2.0, not ok)
-            try:
-                problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
-                slow = 0
-            except TimeoutError:
-                slow += 1
-                if slow >= 2:
-                    await self.report(VECTOR_DB, False, f"Milvus at {self.cfg.vector_db.uri} "
-                                                        "did not answer within 3 s")
-                await asyncio.gather(probe, return_exceptions=True)  # one probe at a time
-                continue
-            await self.report(VECTOR_DB, problem is None, problem or "")
+        if self._vector_db_probe is not None:  # one probe at a time: wait for a stuck one
+            await asyncio.gather(self._vector_db_probe, return_exceptions=True)
+        reconnect = not self.grpc.parts[VECTOR_DB].ok
+        probe = self._vector_db_probe = asyncio.get_running_loop().run_in_executor(
+            self._probe_thread, self.cache.ping, 2.0, reconnect)
+        try:
+            problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
+        except TimeoutError:
+            self._vector_db_slow += 1
+            if self._vector_db_slow < 2:
+                return UNDECIDED
+            return f"Milvus at {self.cfg.vector_db.uri} did not answer within 3 s"
+        self._vector_db_slow = 0
+        return problem
 
     async def _follow_cache_size(self, guard: ReuseGuard, once: bool = False) -> None:
         """Keep the reuse threshold fit for the cache's size (edged.reuse.ReuseThreshold):
@@ -226,12 +226,9 @@ class Edged(Daemon):
                 return
             await asyncio.sleep(CACHE_SIZE_S)
 
-    async def _watch_embedder(self) -> None:
-        """Probe a remote embedder (Triton): the edge is not SERVING while it is down."""
-        while True:
-            problem = await asyncio.to_thread(self.embedder.check)
-            await self.report(EMBEDDER, problem is None, problem or "")
-            await asyncio.sleep(EMBEDDER_PROBE_S if problem is None else 1.0)
+    async def _probe_embedder(self) -> str | None:
+        """A remote embedder (Triton): the edge is not SERVING while it is down."""
+        return await asyncio.to_thread(self.embedder.check)
 
     async def shutdown(self) -> None:
         if self.http is not None:
@@ -239,9 +236,7 @@ class Edged(Daemon):
         await super().shutdown()  # drains in-flight requests
         await self.pipeline.drain()
         self.pipeline.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.stop_tasks()
         await self.cloud.close()
         if self.trainer_channel is not None:
             await self.trainer_channel.close()

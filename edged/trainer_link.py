@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,13 +28,13 @@ from edged.spool import Spool
 from velo.fleet import Announcement
 from velo.logs import get_logger
 from velo.policy import OnnxPolicy, Policy, PolicyRejected
+from velo.serving import PartReport
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("edged.trainer")
 MAX_BACKOFF_S = 10.0
 FALLBACK_VERSIONS = 8  # older versions tried when the latest is refused
 TRAINER = "trainer"
-PartReport = Callable[[str, bool, str], Awaitable[None]]
 
 
 async def _no_report(part: str, ok: bool, reason: str) -> None:

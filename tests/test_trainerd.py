@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -331,16 +332,30 @@ async def test_watch_ends_cleanly_and_quickly_on_shutdown(tmp_path: Path) -> Non
 
 
 async def test_unexpected_error_is_internal_not_unknown(trainer, monkeypatch) -> None:
+    """An exception no handler expected (velo.serving's guard, shared by every daemon): the
+    caller gets INTERNAL with an id and not the exception's text; the log has the traceback
+    under that id. A unary method and a streaming one alike."""
+    from structlog.testing import capture_logs
+
     daemon, stub = trainer
 
-    def broken(version: int = 0):
+    def broken(*args: object) -> None:
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(daemon.registry, "get", broken)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetPolicy(trainer_pb2.GetPolicyRequest())
-    assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert "disk on fire" not in err.value.details()
+    monkeypatch.setattr(daemon.registry, "latest", broken)
+    with capture_logs() as logs:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.GetPolicy(trainer_pb2.GetPolicyRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            async for _ in stub.WatchPolicies(trainer_pb2.WatchPoliciesRequest()):
+                pass
+    for err, method in ((unary, "GetPolicy"), (stream, "WatchPolicies")):
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "disk on fire" not in err.value.details() and method in err.value.details()
+        error_id = re.search(r"id ([0-9a-f]{12})", err.value.details()).group(1)
+        logged = [e for e in logs if e.get("error_id") == error_id]
+        assert logged and logged[0]["event"] == "rpc failed" and logged[0]["exc_info"]
 
 
 def test_exported_policy_masks_actions_in_the_graph(policy_bytes: bytes) -> None:

@@ -14,10 +14,8 @@ the edges over MQTT (trainerd.broadcast).
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -39,7 +37,7 @@ from velo.logs import get_logger
 from velo.metrics import Reading
 from velo.names import NAME_RULE, valid_name
 from velo.security import caller
-from velo.serving import Daemon, clip, request_id_problem
+from velo.serving import Daemon, PartReport, clip, request_id_problem
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("trainerd")
@@ -57,31 +55,6 @@ ROLES = {
     "/velo.v1.TrainerService/WatchPolicies": _READERS,
     "/velo.v1.TrainerService/PublishPolicy": frozenset({"publisher"}),
 }
-
-R = TypeVar("R")
-
-
-def _never_unknown(
-    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Turn an unexpected exception into INTERNAL (logged with its traceback) rather than
-    grpc's UNKNOWN, which would leak the exception text to the client."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise  # a deliberate abort(): its status is already set
-        except Exception:
-            log.exception("rpc failed", method=method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"trainerd: internal error in {method.__name__}"
-            )
-            raise  # not reached: abort() raises
-
-    return wrapper
-
 
 def validate_experience(record: trainer_pb2.Experience) -> str | None:
     """What is wrong with `record` (a message naming the field), or None when it is valid."""
@@ -140,13 +113,12 @@ def _info_proto(info: PolicyInfo) -> trainer_pb2.PolicyInfo:
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, store: ExperienceStore, registry: PolicyRegistry, max_batch_records: int,
-                 report: Callable[[str, bool, str], Awaitable[None]]) -> None:
+                 report: PartReport) -> None:
         self.store = store
         self.registry = registry
         self.max_batch_records = max_batch_records
         self.report = report
 
-    @_never_unknown
     async def ReportExperience(
         self,
         request_iterator: AsyncIterator[trainer_pb2.Experience],
@@ -202,7 +174,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.ExperienceAck(stored=stored, duplicates=duplicates,
                                          conflicts=conflicts)
 
-    @_never_unknown
     async def GetPolicy(
         self, request: trainer_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.Policy:
@@ -218,12 +189,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         return trainer_pb2.Policy(info=_info_proto(info), onnx=data)
 
-    @_never_unknown
     async def WatchPolicies(
         self, request: trainer_pb2.WatchPoliciesRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        # Written with context.write() rather than as an async generator so that
-        # _never_unknown applies here as to the other methods.
         after = request.after_version
         latest = self.registry.latest()
         if latest is not None and latest.version > after:
@@ -237,7 +205,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             await context.write(_info_proto(info))
             after = info.version
 
-    @_never_unknown
     async def PublishPolicy(
         self, request: trainer_pb2.PublishPolicyRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.PolicyInfo:
@@ -263,8 +230,6 @@ class Trainerd(Daemon):
         self.config = config
         self.store: ExperienceStore | None = None
         self.registry: PolicyRegistry | None = None
-        self.learner_task: asyncio.Task | None = None
-        self.broadcast_task: asyncio.Task | None = None  # MQTT announcements ([mqtt])
 
     async def startup(self) -> None:
         data = self.config.data_path
@@ -281,14 +246,12 @@ class Trainerd(Daemon):
         latest = self.registry.latest()
         self.log.info("opened", data_dir=str(data), experience=self.store.count(),
                       latest_policy=latest.version if latest else 0)
-        self.learner_task = None
         if self.config.learner.enabled:
             self.learner = OnlineLearner(self.config.learner, self.store, self.registry)
-            self.learner_task = asyncio.create_task(self.learner.run())
-        self.broadcast_task = None
-        if self.config.mqtt.enabled:
+            self.spawn(self.learner.run())
+        if self.config.mqtt.enabled:  # MQTT announcements of each new version
             self.broadcaster = PolicyBroadcaster(self.config.mqtt, self.registry)
-            self.broadcast_task = asyncio.create_task(self.broadcaster.run())
+            self.spawn(self.broadcaster.run())
         await super().startup()
 
     def _readings(self) -> list[Reading]:
@@ -299,10 +262,7 @@ class Trainerd(Daemon):
                         "none yet)", latest.version if latest else 0)]
 
     async def shutdown(self) -> None:
-        for task in (self.learner_task, self.broadcast_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self.stop_tasks()  # the learner and the broadcaster
         # End the watch streams first: they never finish on their own and would otherwise
         # hold the drain below for the whole grace period.
         if self.registry is not None:

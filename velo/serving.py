@@ -15,13 +15,15 @@ part is up. A part going down or coming back is logged once, with the reason.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import inspect
 import os
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +66,23 @@ def clip(text: str, limit: int = QUOTE_CHARS) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+# How a component tells its daemon that a part is up or down: (part, up, reason if down).
+PartReport = Callable[[str, bool, str], Awaitable[None]]
+DOWN_PROBE_S = 1.0  # a part that is down is probed this often, so that it is back up soon
+
+
+class Undecided(enum.Enum):
+    """A probe's answer when it cannot tell yet (one check ran out of time on a loaded box:
+    not an outage until it happens again); the part stays as it is."""
+
+    UNDECIDED = "undecided"
+
+
+UNDECIDED = Undecided.UNDECIDED
+# A probe of a part: None when it is up, why not when it is down, or UNDECIDED.
+Probe = Callable[[], Awaitable[str | Undecided | None]]
+
+
 @dataclass
 class Part:
     ok: bool
@@ -72,8 +91,9 @@ class Part:
 
 
 class GrpcServer:
-    """A grpc.aio server that also serves grpc.health.v1 and server reflection, and answers
-    undecodable requests with INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+    """A grpc.aio server that also serves grpc.health.v1 and server reflection, and never
+    answers grpc's UNKNOWN: undecodable requests get INVALID_ARGUMENT, and an exception no
+    handler expected gets INTERNAL with an id that its logged traceback carries."""
 
     def __init__(self, listen: str, max_message_bytes: int = 8 * 1024 * 1024,
                  credentials: grpc.ServerCredentials | None = None,
@@ -189,7 +209,8 @@ async def _reject(context: grpc.aio.ServicerContext, bad: _Undecodable) -> None:
 
 class RejectUndecodable(grpc.aio.ServerInterceptor):
     """Turn a request that cannot be decoded (malformed protobuf, invalid UTF-8 in a string
-    field) into INVALID_ARGUMENT: it is the caller's fault, and grpc would answer UNKNOWN."""
+    field) into INVALID_ARGUMENT: it is the caller's fault, and grpc would answer UNKNOWN.
+    And an exception a handler did not expect into INTERNAL with a logged id (_internal)."""
 
     def __init__(self) -> None:
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: handlers are fixed
@@ -210,18 +231,28 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
     serialize = handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _guard_unary(handler.unary_unary), deserialize, serialize)
+            _guard_unary(handler.unary_unary, method), deserialize, serialize)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _guard_unary(handler.unary_stream), deserialize, serialize)
+            _guard_unary(handler.unary_stream, method), deserialize, serialize)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _guard_stream(handler.stream_unary), deserialize, serialize)
+            _guard_stream(handler.stream_unary, method), deserialize, serialize)
     return grpc.stream_stream_rpc_method_handler(
-        _guard_stream(handler.stream_stream), deserialize, serialize)
+        _guard_stream(handler.stream_stream, method), deserialize, serialize)
 
 
-def _guard_unary(behavior: Callable) -> Callable:
+async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    """An exception no handler expected (call inside `except`): logged with its traceback
+    under an id, and answered INTERNAL with that id. grpc would answer UNKNOWN and put the
+    exception's text in the reply; the caller gets the id to quote, the operator the log."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("rpc failed", method=method, error_id=error_id)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {method} (id {error_id}: the daemon's log has it)")
+
+
+def _guard_unary(behavior: Callable, method: str) -> Callable:
     # grpc.aio tells a server-streaming async generator from a coroutine by inspection, so
     # the guard must be the same kind of function as the behaviour it wraps.
     if inspect.isasyncgenfunction(behavior):
@@ -229,19 +260,29 @@ def _guard_unary(behavior: Callable) -> Callable:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
             if isinstance(request, _Undecodable):
                 await _reject(context, request)
-            async for reply in behavior(request, context):
-                yield reply
+            try:
+                async for reply in behavior(request, context):
+                    yield reply
+            except grpc.aio.AbortError:
+                raise  # a deliberate abort(): its status is already set
+            except Exception:
+                await _internal(context, method)
         return stream
 
     @functools.wraps(behavior)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
             await _reject(context, request)
-        return await behavior(request, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, method)
     return unary
 
 
-def _guard_stream(behavior: Callable) -> Callable:
+def _guard_stream(behavior: Callable, method: str) -> Callable:
     async def checked(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
         async for request in requests:
             if isinstance(request, _Undecodable):
@@ -252,13 +293,23 @@ def _guard_stream(behavior: Callable) -> Callable:
         @functools.wraps(behavior)
         async def stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
                          ) -> AsyncIterator:
-            async for reply in behavior(checked(requests, context), context):
-                yield reply
+            try:
+                async for reply in behavior(checked(requests, context), context):
+                    yield reply
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await _internal(context, method)
         return stream
 
     @functools.wraps(behavior)
     async def unary(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(checked(requests, context), context)
+        try:
+            return await behavior(checked(requests, context), context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, method)
     return unary
 
 
@@ -285,6 +336,7 @@ class Daemon:
         self.metrics_listen = metrics_listen
         self.metrics = Metrics()
         self.metrics.read(self._health_readings)
+        self.tasks: list[asyncio.Task] = []  # background work for the daemon's life (spawn)
 
     @property
     def grpc(self) -> GrpcServer:
@@ -314,6 +366,33 @@ class Daemon:
                 *(Reading("velo_part_up", "1 while this part of the daemon is up", float(p.ok),
                           labels={"daemon": self.name, "part": name})
                   for name, p in self._grpc.parts.items())]
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run `work` in the background for the daemon's life; stop_tasks() ends it."""
+        task = asyncio.create_task(work)
+        self.tasks.append(task)
+        return task
+
+    async def stop_tasks(self) -> None:
+        """Cancel the background work and wait until it has ended (the subclass's shutdown
+        says when: after the work the tasks serve has drained)."""
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def watch_part(self, part: str, probe: Probe, every_s: float, *,
+                         required: bool = True) -> None:
+        """Probe `part` for the daemon's life (run it with spawn): now, then every `every_s`
+        while it is up and every DOWN_PROBE_S while it is down, and report what the probe
+        says. The one loop every daemon's health follows."""
+        while True:
+            verdict = await probe()
+            if verdict is not UNDECIDED:
+                await self.grpc.set_part(part, verdict is None, verdict or "",
+                                         required=required)
+            now = self.grpc.parts.get(part)
+            await asyncio.sleep(every_s if now is None or now.ok else DOWN_PROBE_S)
 
     async def main_loop(self) -> None:
         await self.should_exit.wait()
