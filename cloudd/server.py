@@ -355,6 +355,9 @@ class Cloudd(Daemon):
                                     startup_timeout_s=local.startup_timeout_s)
             llm_cfg = dataclasses.replace(llm_cfg, base_url=server.base_url)
         self.backend = OpenAIBackend(llm_cfg)
+        # Released in the reverse order (Daemon.closing): the watch, the local LLM server,
+        # then the HTTP client.
+        self.closing.push_async_callback(self.backend.aclose)
         self.servicer = CloudServicer(self.backend, llm_cfg, self.grpc)
         self.servicer.llm_seconds = self.metrics.histogram(
             "velo_cloud_llm_seconds", "Time waiting on the LLM per answered request")
@@ -370,9 +373,11 @@ class Cloudd(Daemon):
 
             self.supervisor = LLMSupervisor(server, on_state,
                                             max_backoff_s=local.max_restart_backoff_s).start()
+            self.closing.push_async_callback(asyncio.to_thread, self.supervisor.stop)
             self.servicer.supervisor = self.supervisor
         else:  # an external LLM server: probed here (a local one's supervisor reports it)
             await self._probe()
+            self.closing.push_async_callback(self.stop_tasks)
             self.spawn(self.watch_part(LLM, self._llm_problem, self.cfg.llm.health_every_s))
         await super().startup()
         self.log.info("llm", base_url=self.backend.url, model=llm_cfg.model,
@@ -401,13 +406,6 @@ class Cloudd(Daemon):
                              model=self.cfg.llm.model, offered=[clip(m) for m in models[:8]])
         return None
 
-    async def shutdown(self) -> None:
-        await super().shutdown()
-        await self.stop_tasks()
-        if self.supervisor is not None:
-            await asyncio.to_thread(self.supervisor.stop)
-        if self.backend is not None:
-            await self.backend.aclose()
 
 
 def _history(request: cloud_pb2.GenerateRequest) -> list[Turn]:

@@ -99,10 +99,15 @@ class Edged(Daemon):
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0,
                                  texts_path=cfg.texts_path)
+        # Released in the reverse order (Daemon.closing): the pipeline drains, background
+        # tasks stop, then links and stores close.
+        self.closing.callback(self._probe_thread.shutdown, wait=False, cancel_futures=True)
         await asyncio.to_thread(self.cache.open)
+        self.closing.push_async_callback(asyncio.to_thread, self.cache.close)
         await self.report(VECTOR_DB, True, "")
         self.spool = Spool(cfg.data_path / "experience-spool.db", cfg.spool_max_records,
                            cfg.spool_max_bytes)
+        self.closing.callback(self.spool.close)
         if self.spool.released_at_start:
             log.warning("released experience records held by the previous run (their shadow "
                         "verification never finished)", records=self.spool.released_at_start)
@@ -111,6 +116,10 @@ class Edged(Daemon):
         self.trainer_channel = dial(cfg.trainer, cfg.tls, token, options=[
             ("grpc.max_receive_message_length", cfg.policy.max_bytes + 64 * 1024)],
         ) if cfg.trainer else None
+        if self.trainer_channel is not None:
+            self.closing.push_async_callback(self.trainer_channel.close)
+        self.closing.push_async_callback(self.cloud.close)
+        self.closing.push_async_callback(self.stop_tasks)
         self.uploader = ExperienceUploader(self.trainer_channel, self.spool, cfg.upload_batch,
                                            self.report, cfg.trainer_timeout_s)
         self.policies = PolicyFollower(
@@ -124,6 +133,7 @@ class Edged(Daemon):
         self.pipeline = EdgePipeline(cfg, self.embedder, self.cache, self.cloud, self.policies,
                                      self.spool, self.uploader, self.report, reuse_guard(cfg),
                                      EdgeMetrics(self.metrics))
+        self.closing.push_async_callback(self._drain_pipeline)
         self.admin = CacheAdmin(self.cache, self.embedder, cfg.data_path, self._deleted,
                                 cfg.cache.satisfaction_prior)
         self.metrics.read(stats_readings(self._scraped_stats))
@@ -233,14 +243,10 @@ class Edged(Daemon):
     async def shutdown(self) -> None:
         if self.http is not None:
             await self.http.stop()  # drains in-flight HTTP requests
-        await super().shutdown()  # drains in-flight requests
+        await super().shutdown()  # drains in-flight requests, then releases (startup's order)
+
+    async def _drain_pipeline(self) -> None:
+        """Background records (shadow verification) finish, write-backs are flushed."""
         await self.pipeline.drain()
         self.pipeline.close()
-        await self.stop_tasks()
-        await self.cloud.close()
-        if self.trainer_channel is not None:
-            await self.trainer_channel.close()
-        self.spool.close()
-        await asyncio.to_thread(self.cache.close)
-        self._probe_thread.shutdown(wait=False, cancel_futures=True)
 

@@ -285,6 +285,35 @@ async def test_a_frozen_cloud_is_unavailable_within_the_cloud_timeout(edge_confi
         cloud.wait()
 
 
+async def test_a_start_that_fails_half_way_releases_what_it_had_opened(edge_config) -> None:
+    """edged opens its vector DB, spool and gRPC port and starts its background work before
+    its HTTP front, whose port is taken here: serve() raises the bind error, and on the way
+    out the start's resources are released (Daemon.closing): the gRPC port accepts nothing,
+    the spool is closed, the background tasks have ended."""
+    import socket
+    import sqlite3
+
+    from edged.config import HttpConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        edge = Edged(edge_config(http=HttpConfig(listen=f"127.0.0.1:{taken.getsockname()[1]}")))
+        loop = asyncio.get_running_loop()
+        try:
+            with pytest.raises(RuntimeError, match="cannot listen for HTTP"):
+                await edge.serve()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # serve() installed them
+                loop.remove_signal_handler(sig)
+    assert edge.grpc.started and edge.grpc.port  # it got that far
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", edge.grpc.port), timeout=2).close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        edge.spool.count()
+    assert edge.tasks == []
+
+
 def test_an_edge_whose_peers_are_gone_stops_within_its_grace(milvus, tmp_path) -> None:
     """edged as its own process; cloudd and trainerd killed under it. SIGTERM ends it within
     its grace period (it ignored SIGTERM for minutes), and while a shutdown is stuck a second

@@ -234,6 +234,7 @@ class Trainerd(Daemon):
     async def startup(self) -> None:
         data = self.config.data_path
         self.store = ExperienceStore(data / "experience.db")
+        self.closing.callback(self.store.close)  # after the drain (Daemon.shutdown)
         self.registry = PolicyRegistry(data / "policies", max_bytes=self.config.max_policy_bytes,
                                        edge_shape=(self.config.edge_top_p,
                                                    self.config.edge_embed_dim))
@@ -268,5 +269,3 @@ class Trainerd(Daemon):
         if self.registry is not None:
             await self.registry.close()
         await super().shutdown()
-        if self.store is not None:
-            self.store.close()

@@ -15,6 +15,7 @@ part is up. A part going down or coming back is logged once, with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -337,6 +338,9 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.read(self._health_readings)
         self.tasks: list[asyncio.Task] = []  # background work for the daemon's life (spawn)
+        # What startup() opened, to release in reverse order (push as each thing opens): a
+        # startup that fails half-way releases what it had opened.
+        self.closing = contextlib.AsyncExitStack()
 
     @property
     def grpc(self) -> GrpcServer:
@@ -398,10 +402,12 @@ class Daemon:
         await self.should_exit.wait()
 
     async def shutdown(self) -> None:
-        """Drain in-flight RPCs; subclasses then close their own resources."""
+        """Drain in-flight RPCs, then release what startup() pushed on `closing` (newest
+        first). Subclasses put what must happen before the drain ahead of super()."""
         self.log.info("shutting down", grace_s=self.shutdown_grace_s)
         await self.grpc.stop(self.shutdown_grace_s)
         self.metrics.stop()
+        await self.closing.aclose()
 
     def _on_signal(self) -> None:
         """The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once
@@ -415,20 +421,30 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:
+            # Release what the start had opened (files, ports, threads, child processes)
+            # before the error ends the daemon; the start's error is the one to report.
+            with contextlib.suppress(Exception):
+                await self._bounded_shutdown()
+            raise
         sd_notify("READY=1")
         try:
             await self.main_loop()
         finally:
             sd_notify("STOPPING=1")
-            # Whatever the peers do, the shutdown ends: the grace for in-flight work, then a
-            # few seconds to close files and connections.
-            limit = self.shutdown_grace_s + SHUTDOWN_CLOSE_S
-            try:
-                await asyncio.wait_for(self.shutdown(), timeout=limit)
-                self.log.info("stopped")
-            except TimeoutError:
-                self.log.error("shutdown did not finish in time; stopping anyway", limit_s=limit)
+            await self._bounded_shutdown()
+
+    async def _bounded_shutdown(self) -> None:
+        """Whatever the peers do, the shutdown ends: the grace for in-flight work, then a few
+        seconds to close files and connections."""
+        limit = self.shutdown_grace_s + SHUTDOWN_CLOSE_S
+        try:
+            await asyncio.wait_for(self.shutdown(), timeout=limit)
+            self.log.info("stopped")
+        except TimeoutError:
+            self.log.error("shutdown did not finish in time; stopping anyway", limit_s=limit)
 
     def run(self) -> None:
         """Entry point of a daemon process: serve on uvloop until SIGINT/SIGTERM.
