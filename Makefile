@@ -6,7 +6,7 @@ EMBEDDER := models/minilm-l6-v2/model-int8.onnx
 # Every install resolves the versions in constraints.txt, on every machine, every time.
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo smoke up test lint protos constraints clean triton
+.PHONY: setup demo smoke up test test-slow lint protos constraints clean triton
 
 setup: $(VENV)/.installed $(EMBEDDER)
 
@@ -44,8 +44,14 @@ up: setup
 triton: setup
 	$(BIN)/python tools/triton_server.py --bench
 
+# The suite a developer runs before every commit (about 10 minutes on 2 idle cores); the
+# end-to-end runs marked slow (the quick experiment, the fault suite, Milvus restarts, the
+# benchmark: another 12 minutes) run with test-slow. CI runs both.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check .

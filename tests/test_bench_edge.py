@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from velo.milvus_server import free_port
 from velo.models import ROOT
+
+pytestmark = pytest.mark.slow  # a minute or more: `make test-slow` (CI runs it)
 
 
 def test_bench_edge_reports_every_measurement(milvus, exported_embedder, tmp_path: Path) -> None:

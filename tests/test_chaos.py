@@ -17,7 +17,7 @@ import pytest
 
 from velo.models import ROOT
 
-pytestmark = pytest.mark.llm
+pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 
 def test_quick_fault_suite_loses_nothing(milvus, exported_embedder, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from velo_cli.main import build_parser
 
 
@@ -21,6 +23,7 @@ def test_every_option_of_every_command_has_help() -> None:
     assert set(edges) == {"replay"} and edges["replay"].type is None
 
 
+@pytest.mark.slow
 def test_velo_says_its_version_and_installs_from_a_wheel_under_our_own_name(tmp_path) -> None:
     """`velo` on PyPI is another project: the wheel is velo-edge-cache, carries the licence,
     and installs into a fresh venv (no dependencies: only the name and metadata are checked)."""

@@ -14,7 +14,7 @@ from lab.experiment import QUICK, Job, Setting, calibrate, run_job
 from velo.models import ROOT
 
 # The quick run takes about 4 min on an idle 2-core machine; CI's shared runners are slower.
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 DATA = ROOT / "data" / "oasst1_dev.jsonl"
 LATENCIES = ROOT / "data" / "llm_latency_llmperf.jsonl"

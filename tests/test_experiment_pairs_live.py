@@ -18,6 +18,8 @@ from velo.verifier import OnnxVerifier
 
 from .conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # a minute or more: `make test-slow` (CI runs it)
+
 DATA = ROOT / "data" / "oasst1_dev.jsonl"
 LATENCIES = ROOT / "data" / "llm_latency_llmperf.jsonl"
 

@@ -190,6 +190,7 @@ async def test_requests_queued_behind_a_frozen_search_keep_their_own_deadline(
         await until(lambda: edge.grpc.serving, timeout_s=15)
 
 
+@pytest.mark.slow
 async def test_edges_ride_out_a_restart_of_their_separate_milvus_server(
         edge_config, milvus) -> None:
     """The Milvus standalone runs in its own processes, started apart from the edges (the
@@ -251,6 +252,7 @@ def _wait_serving(port: int, timeout_s: float) -> None:
     raise AssertionError(f"port {port} did not answer within {timeout_s} s")
 
 
+@pytest.mark.slow
 async def test_a_frozen_cloud_is_unavailable_within_the_cloud_timeout(edge_config, fake_llm,
                                                                       tmp_path) -> None:
     """cloudd SIGSTOPped (its port still accepts, nothing answers): a forward is UNAVAILABLE

@@ -259,6 +259,7 @@ def test_every_listener_is_loopback(milvus) -> None:
     assert {address for address, _ in listeners} == {LOOPBACK}, sorted(listeners)
 
 
+@pytest.mark.slow
 def test_two_embedded_servers_run_side_by_side(milvus, tmp_path: Path) -> None:
     """A second embedded Milvus (e.g. `velo up` while the tests run) starts beside the session's
     and each serves its own data; with both in the host's network the second one's etcd found
@@ -298,6 +299,7 @@ def test_taken_port_fails_clearly(tmp_path: Path) -> None:
             server.stop()  # had it started elsewhere
 
 
+@pytest.mark.slow
 def test_stop_is_quick_and_a_restart_keeps_flushed_data(milvus) -> None:
     """Stop the session's server with a loaded collection (the query node used to wait 1800 s
     for a handoff, so every stop ran into SIGKILL) and start it again on the same data_dir: the

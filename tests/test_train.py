@@ -84,6 +84,7 @@ def test_measures_count_a_known_episode() -> None:
     assert both["d"] == pytest.approx(9.01 / 7)
 
 
+@pytest.mark.slow
 def test_lrs_beats_random_and_every_greedy_baseline(env: SimEnv) -> None:
     greedy = ["greedy-0.1", "greedy-0.3", "greedy-0.5", "greedy-llm"]
     policies = ["random", *greedy, "lrs", "oracle"]
