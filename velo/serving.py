@@ -103,7 +103,7 @@ class GrpcServer:
         self.credentials = credentials
         self.server = grpc.aio.server(
             # Innermost: authentication (outer interceptors) decides before anything is decoded.
-            interceptors=[*interceptors, RejectUndecodable()],
+            interceptors=[*interceptors, NeverUnknown()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -183,7 +183,7 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-# -- undecodable requests -------------------------------------------------------------------
+# -- never UNKNOWN: undecodable requests, unexpected errors ---------------------------------
 class _Undecodable:
     """What the request deserializer hands on instead of raising (grpc would say UNKNOWN)."""
 
@@ -208,10 +208,11 @@ async def _reject(context: grpc.aio.ServicerContext, bad: _Undecodable) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
 
 
-class RejectUndecodable(grpc.aio.ServerInterceptor):
-    """Turn a request that cannot be decoded (malformed protobuf, invalid UTF-8 in a string
-    field) into INVALID_ARGUMENT: it is the caller's fault, and grpc would answer UNKNOWN.
-    And an exception a handler did not expect into INTERNAL with a logged id (_internal)."""
+class NeverUnknown(grpc.aio.ServerInterceptor):
+    """grpc answers UNKNOWN, with the exception's text, to what a handler did not foresee.
+    This guard, around every handler of every daemon, answers instead: a request that cannot
+    be decoded (malformed protobuf, invalid UTF-8 in a string field) is INVALID_ARGUMENT, the
+    caller's fault; an exception a handler did not expect is INTERNAL with a logged id."""
 
     def __init__(self) -> None:
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: handlers are fixed
