@@ -385,9 +385,7 @@ class Cloudd(Daemon):
 
     async def _probe(self) -> None:
         """Probe the external LLM server once and report it (at start, before SERVING)."""
-        problem = await self._llm_problem()
-        if problem is not UNDECIDED:
-            await self.grpc.set_part(LLM, problem is None, problem or "")
+        await self.report_probe(LLM, await self._llm_problem())
 
     async def _llm_problem(self) -> str | Undecided | None:
         """GET /models of the external LLM server: why it is down, or None. Probed every

@@ -386,16 +386,19 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def report_probe(self, part: str, verdict: str | Undecided | None, *,
+                           required: bool = True) -> None:
+        """Set `part` up (None) or down (why) as a probe said; UNDECIDED leaves it as it is."""
+        if verdict is not UNDECIDED:
+            await self.grpc.set_part(part, verdict is None, verdict or "", required=required)
+
     async def watch_part(self, part: str, probe: Probe, every_s: float, *,
                          required: bool = True) -> None:
         """Probe `part` for the daemon's life (run it with spawn): now, then every `every_s`
         while it is up and every DOWN_PROBE_S while it is down, and report what the probe
         says. The one loop every daemon's health follows."""
         while True:
-            verdict = await probe()
-            if verdict is not UNDECIDED:
-                await self.grpc.set_part(part, verdict is None, verdict or "",
-                                         required=required)
+            await self.report_probe(part, await probe(), required=required)
             now = self.grpc.parts.get(part)
             await asyncio.sleep(every_s if now is None or now.ok else DOWN_PROBE_S)
 
