@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cloudd.config import load
 from cloudd.server import Cloudd
-from velo.serving import daemon_main
+from velo.runtime.serving import daemon_main
 
 
 def main(argv: list[str] | None = None) -> None:

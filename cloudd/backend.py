@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 
 from cloudd.config import LLMConfig
-from velo.conversation import Turn
-from velo.logs import get_logger
-from velo.shape import Shape, estimate_tokens, llm_fields
+from velo.core.conversation import Turn
+from velo.core.shape import Shape, estimate_tokens, llm_fields
+from velo.runtime.logs import get_logger
 
 log = get_logger("cloudd.backend")
 

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from velo.config import is_file, load_config, require
-from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
+from velo.runtime.config import is_file, load_config, require
+from velo.runtime.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 
 ENV_PREFIX = "VELO_CLOUDD"
 
@@ -142,7 +142,7 @@ class CloudConfig:
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
     llm: LLMConfig = field(default_factory=LLMConfig)
     local_llm: LocalLLMConfig = field(default_factory=LocalLLMConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.runtime.security
     auth: AuthConfig = field(default_factory=AuthConfig)  # edges' tokens (role "edge")
     # Listening beyond loopback needs auth.tokens_file, unless this says an open cloudd is
     # wanted.

@@ -28,13 +28,13 @@ from cloudd.backend import (
     OpenAIBackend,
 )
 from cloudd.config import CloudConfig, LLMConfig
-from velo.conversation import Turn, history_problem, prompt_problem
-from velo.llm_server import LLMSupervisor, LocalLLMServer
-from velo.load import RunningMean, estimated_wait
-from velo.logs import get_logger
-from velo.metrics import Reading
-from velo.serving import UNDECIDED, Daemon, GrpcServer, Undecided, clip, request_id_problem
-from velo.shape import Shape, shape_problem, to_json
+from cloudd.llm_server import LLMSupervisor, LocalLLMServer
+from velo.core.conversation import Turn, history_problem, prompt_problem
+from velo.core.load import RunningMean, estimated_wait
+from velo.core.shape import Shape, shape_problem, to_json
+from velo.runtime.logs import get_logger
+from velo.runtime.metrics import Reading
+from velo.runtime.serving import UNDECIDED, Daemon, GrpcServer, Undecided, clip, request_id_problem
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = get_logger("cloudd")
@@ -119,7 +119,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                   llm_s=round(completion.llm_s, 3))
 
     def readings(self) -> list[Reading]:
-        """Scrape-time values for /metrics (velo.metrics)."""
+        """Scrape-time values for /metrics (velo.runtime.metrics)."""
         stats = self.stats
         part = self.server.parts.get(LLM)
         return [
@@ -132,7 +132,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             Reading("velo_cloud_in_flight", "Requests talking to the LLM now", self.in_flight),
             Reading("velo_cloud_queued", "Requests waiting for an LLM slot", self.queued),
             Reading("velo_cloud_estimated_wait_seconds", "The wait of a request arriving now "
-                    "for an LLM slot (velo.load)", self.load().estimated_wait_s),
+                    "for an LLM slot (velo.core.load)", self.load().estimated_wait_s),
             Reading("velo_cloud_llm_up", "1 while the LLM answers",
                     float(part is not None and part.ok)),
             Reading("velo_cloud_llm_restarts_total", "Restarts of the local LLM server",
@@ -142,7 +142,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         ]
 
     def load(self) -> cloud_pb2.CloudLoad:
-        """The load report (velo.load): requests holding a slot and waiting for one, and the
+        """The load report (velo.core.load): requests holding a slot and waiting for one, and the
         wait a new one would have."""
         return cloud_pb2.CloudLoad(
             in_flight=self.in_flight, queued=self.queued, slots=self.cfg.max_concurrency,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edged.config import load
 from edged.server import Edged
-from velo.serving import daemon_main
+from velo.runtime.serving import daemon_main
 
 
 def main(argv: list[str] | None = None) -> None:

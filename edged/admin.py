@@ -3,8 +3,8 @@ import QA pairs (warm-up) and export them. Both fronts serve it (gRPC EdgeServic
 the HTTP front's /v1/velo/cache routes), with the admin role when the edge has [auth], and
 only to loopback callers when it has none.
 
-An entry is a cached QA pair: two rows in Milvus (question and answer vectors, velo.cache)
-and its texts and facts in the edge's text store (velo.texts). Every invalidation and import
+An entry is a cached QA pair: two rows in Milvus (question and answer vectors, velo.edge.cache)
+and its texts and facts in the edge's text store (velo.edge.texts). Every invalidation and import
 is written as one audit line (who, what, how many entries) to the log and to `audit.jsonl` in
 the edge's data folder.
 """
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged.contract import EdgeError, ErrorKind, invalid
-from velo.cache import VectorCache
-from velo.embedder import Embedder
-from velo.logs import get_logger
-from velo.names import NAME_RULE, valid_name
-from velo.serving import clip
-from velo.shape import AnswerFacts, estimate_tokens
-from velo.texts import Entry
+from velo.core.names import NAME_RULE, valid_name
+from velo.core.shape import AnswerFacts, estimate_tokens
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import Embedder
+from velo.edge.texts import Entry
+from velo.runtime.logs import get_logger
+from velo.runtime.serving import clip
 from velo.v1 import chat_pb2, edge_pb2
 
 log = get_logger("edged.audit")

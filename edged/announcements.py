@@ -1,4 +1,4 @@
-"""edged's side of the MQTT fleet broadcast (velo.fleet): learn of new policies at once.
+"""edged's side of the MQTT fleet broadcast (velo.runtime.fleet): learn of new policies at once.
 
 Subscribes to the fleet's policy topic; each announcement of a version newer than the one
 running is handed to the PolicyFollower, which pulls that version over gRPC, checks it against
@@ -12,8 +12,8 @@ import aiomqtt
 import grpc
 
 from edged.trainer_link import PolicyFollower
-from velo import fleet
-from velo.logs import get_logger
+from velo.runtime import fleet
+from velo.runtime.logs import get_logger
 
 log = get_logger("edged.mqtt")
 

@@ -16,11 +16,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edged.contract import EdgeError, ErrorKind, Piece, Usage
-from velo.conversation import Turn
-from velo.load import RunningMean, load_vector, wait_after
-from velo.security import TLSConfig, dial
-from velo.serving import UNDECIDED, Undecided, clip
-from velo.shape import Shape
+from velo.core.conversation import Turn
+from velo.core.load import RunningMean, load_vector, wait_after
+from velo.core.shape import Shape
+from velo.runtime.security import TLSConfig, dial
+from velo.runtime.serving import UNDECIDED, Undecided, clip
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 PieceSink = Callable[[Piece], Awaitable[None]]
@@ -60,7 +60,7 @@ class Generation:
 
 
 class CloudLoadView:
-    """What this edge sees of the cloud's load (velo.load): cloudd's latest report (on every
+    """What this edge sees of the cloud's load (velo.core.load): cloudd's latest report (on every
     answer, and polled with each health check) plus the forwards this edge sent since, and
     the edge's own recent forward latency."""
 
@@ -99,7 +99,7 @@ class CloudLoadView:
                           self.unreported)
 
     def vector(self) -> np.ndarray:
-        """The `load` part of a state, in velo.load.LOAD_FEATURES order."""
+        """The `load` part of a state, in velo.core.load.LOAD_FEATURES order."""
         return load_vector(self.cloud_wait_s, self.forward.value)
 
 

@@ -7,13 +7,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from velo.cache import VectorDBConfig
-from velo.config import is_file, load_config, require
-from velo.embedder import EMBEDDER_KINDS
-from velo.fleet import MqttConfig
-from velo.names import NAME_RULE, valid_name
-from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
-from velo.texts import store_path
+from velo.core.names import NAME_RULE, valid_name
+from velo.edge.cache import VectorDBConfig
+from velo.edge.embedder import EMBEDDER_KINDS
+from velo.edge.texts import store_path
+from velo.runtime.config import is_file, load_config, require
+from velo.runtime.fleet import MqttConfig
+from velo.runtime.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 
 ENV_PREFIX = "VELO_EDGED"
 MiB = 1024 * 1024
@@ -82,7 +82,7 @@ class PolicyConfig:
         require(self.shadow_max_inflight >= 0, "shadow_max_inflight", "must be >= 0")
         require(1024 <= self.max_bytes <= 1024 * MiB, "max_bytes",
                 "must be between 1024 and 1073741824 (1 GiB)")
-        from velo.policy import baseline_from_name
+        from velo.core.policy import baseline_from_name
 
         try:
             baseline_from_name(self.baseline)
@@ -131,7 +131,8 @@ class ReuseConfig:
     # given to --delta). The threshold follows the number of cached questions (a bigger cache
     # offers more near-misses): counted at start and every 30 s.
     delta: float = 0.05
-    calibrate_rows: bool = True  # learn per-row thresholds from verification (velo.calibration)
+    # Learn per-row thresholds from verification (velo.edge.calibration).
+    calibrate_rows: bool = True
     # A verified answer is right when its q (eq. 2) against the fresh answer is at least this
     # (-0.6: the two answers' embeddings have cosine >= 0.82).
     right_q: float = -0.6
@@ -189,7 +190,7 @@ class EdgeAuthConfig(AuthConfig):
 class EdgeConfig:
     edge_id: str = "edge-1"  # unique in the fleet; names the collection and experience
     listen: str = "127.0.0.1:50051"  # gRPC address; beyond loopback it needs [auth] or insecure
-    # Prometheus /metrics (velo.metrics), e.g. "127.0.0.1:9151"; empty: not served.
+    # Prometheus /metrics (velo.runtime.metrics), e.g. "127.0.0.1:9151"; empty: not served.
     metrics_listen: str = ""
     cloud: str = "127.0.0.1:50060"  # cloudd address; empty: no cloud (only Action A works)
     # Deadline of each call to cloudd (a whole answer, or a whole stream): a frozen cloudd turns
@@ -231,9 +232,9 @@ class EdgeConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.runtime.security
     auth: EdgeAuthConfig = field(default_factory=EdgeAuthConfig)
-    # Learn of new policies from trainerd's MQTT announcements too (see velo.fleet); the
+    # Learn of new policies from trainerd's MQTT announcements too (see velo.runtime.fleet); the
     # weights still come from `trainer` over gRPC. Off by default.
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Listening beyond loopback (listen, http.listen) needs auth.tokens_file, unless this says
@@ -275,7 +276,7 @@ class EdgeConfig:
 
     @property
     def texts_path(self) -> Path:
-        """The SQLite file of the cached pairs' texts (velo/texts.py)."""
+        """The SQLite file of the cached pairs' texts (velo/edge/texts.py)."""
         return store_path(self.data_path, self.collection)
 
 

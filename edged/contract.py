@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from velo.conversation import Turn
-from velo.qos import Action
-from velo.security import Principal
-from velo.shape import Shape
-from velo.state import CachedRow
+from velo.core.conversation import Turn
+from velo.core.qos import Action
+from velo.core.shape import Shape
+from velo.core.state import CachedRow
+from velo.runtime.security import Principal
 
 MAX_AGE_S = 10 * 365 * 86400.0  # largest cache.max_age_s accepted (ten years)
 
@@ -101,7 +101,7 @@ class Decided:
     request_id: str
     edge_id: str
     row: CachedRow | None = None  # the cached row A or C uses
-    bypass: tuple[str, ...] = ()  # why no cached answer could serve it (velo.shape)
+    bypass: tuple[str, ...] = ()  # why no cached answer could serve it (velo.core.shape)
     keyed_on: tuple[str, ...] = ()  # request fields in its cache key besides the prompt
 
     @property

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.batching import MicroBatcher
-from velo.cache import VectorCache
-from velo.embedder import Embedder
-from velo.policy import Decision, Policy
-from velo.state import CachedRow, EdgeState, build_state
-from velo.verifier import OnnxVerifier
+from velo.core.policy import Decision, Policy
+from velo.core.state import CachedRow, EdgeState, build_state
+from velo.core.verifier import OnnxVerifier
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import Embedder
 
 
 class VectorDBError(Exception):
@@ -91,7 +91,7 @@ class Decider:
         `search_timeout_s`: the longest a request waits for its search, queueing behind a
         batch in flight included (vector_db.timeout_s bounds each Milvus call; a request that
         arrives during a frozen call would otherwise wait for it and then its own).
-        `load`: what the edge sees of the cloud's load now (velo.load), for load-aware
+        `load`: what the edge sees of the cloud's load now (velo.core.load), for load-aware
         policies."""
         self.load = load
         self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
@@ -142,7 +142,7 @@ class Decider:
 
     def _verify(self, policy: Policy, prompt: str,
                 ) -> Callable[[tuple[CachedRow, ...]], np.ndarray] | None:
-        """The verified state's scorer when the policy was trained on it (velo.state)."""
+        """The verified state's scorer when the policy was trained on it (velo.core.state)."""
         if getattr(policy, "state", "paper") != "verified" or self.verifier is None:
             return None
         return self.verifier.scorer_for(prompt)

@@ -22,11 +22,11 @@ from edged.contract import (
     Usage,
     invalid,
 )
-from velo.conversation import Turn
-from velo.logs import get_logger
-from velo.qos import Action
-from velo.security import caller, is_loopback
-from velo.shape import Shape, to_json
+from velo.core.conversation import Turn
+from velo.core.qos import Action
+from velo.core.shape import Shape, to_json
+from velo.runtime.logs import get_logger
+from velo.runtime.security import caller, is_loopback
 from velo.v1 import chat_pb2, edge_pb2, edge_pb2_grpc
 
 if TYPE_CHECKING:

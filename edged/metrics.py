@@ -1,4 +1,4 @@
-"""What edged exports to Prometheus (velo.metrics): request outcomes and stage latencies as
+"""What edged exports to Prometheus (velo.runtime.metrics): request outcomes and stage latencies as
 they happen, and at each scrape the counters GetStats reports."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edged.decision import StageTimes
-from velo.metrics import Metrics, Reading
-from velo.qos import Action
+from velo.core.qos import Action
+from velo.runtime.metrics import Metrics, Reading
 
 SIMILARITY = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0)
 ACTION_LABELS = {Action.REUSE: "reuse", Action.FORWARD: "forward", Action.AUGMENT: "augment"}

@@ -33,7 +33,7 @@ chunk of a stream):
     x-velo-edge, x-request-id, and Age (seconds since the reused answer was cached)
 
 Cache control, per request: the `Cache-Control` header (no-cache, no-store, max-age=N) and
-`x-velo-min-similarity`, or the body's `velo.cache` object (`extra_body` in the openai client:
+`x-velo-min-similarity`, or the body's `velo.edge.cache` object (`extra_body` in the openai client:
 {"velo": {"cache": {"no_cache": true, "no_store": true, "max_age_s": 60,
 "min_similarity": 0.9}}}). When both are given, the stricter of each applies. no-cache
 replaces the entries the request would have been served from with the fresh answer.
@@ -57,9 +57,9 @@ from edged.config import EdgeConfig
 from edged.contract import Answered, Decided, EdgeError, EdgeRequest, ErrorKind, Piece
 from edged.openai_protocol import BadRequest, Chunks, chat_request, completion, served_headers
 from edged.pipeline import EdgePipeline
-from velo.logs import get_logger
-from velo.security import Principal, TokenTable, is_loopback
-from velo.workload import entry_record, importable_pairs
+from velo.core.records import entry_record, importable_pairs
+from velo.runtime.logs import get_logger
+from velo.runtime.security import Principal, TokenTable, is_loopback
 
 log = get_logger("edged.http")
 

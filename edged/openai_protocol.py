@@ -5,7 +5,7 @@ chunk and usage objects. The routes are in edged.openai_front.
 What each request field becomes (docs/openai.md lists the same):
 
     honoured     messages (system/developer, user, assistant with tool_calls, tool),
-                 max_tokens / max_completion_tokens (the answer's fit: velo.shape.fits),
+                 max_tokens / max_completion_tokens (the answer's fit: velo.core.shape.fits),
                  stream, stream_options.include_usage, n = 1
     keyed        stop, response_format (json_object, json_schema): passed to the LLM, and a
                  cached answer is reused only for the same ones
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from edged.contract import Answered, CacheRules, Decided, EdgeRequest
-from velo.conversation import Turn
-from velo.qos import Action
-from velo.security import Principal
-from velo.shape import Shape
+from velo.core.conversation import Turn
+from velo.core.qos import Action
+from velo.core.shape import Shape
+from velo.runtime.security import Principal
 
 ACTION_NAMES = {Action.REUSE: "reuse", Action.FORWARD: "forward", Action.AUGMENT: "augment"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -173,7 +173,7 @@ def _text(content: Any, i: int) -> str:
 
 
 def _cache_rules(headers: Any, extension: Any) -> CacheRules:
-    """Cache-Control / x-velo-min-similarity headers and the body's velo.cache, the stricter
+    """Cache-Control / x-velo-min-similarity headers and the body's velo.edge.cache, the stricter
     of each. Out-of-range values are refused by the pipeline's own check."""
     no_cache = no_store = False
     ages: list[float] = []
@@ -190,14 +190,14 @@ def _cache_rules(headers: Any, extension: Any) -> CacheRules:
     if extension is not None:
         cache = extension.get("cache", {}) if isinstance(extension, dict) else None
         if not isinstance(cache, dict):
-            raise BadRequest("velo.cache must be an object", "velo")
+            raise BadRequest("velo.edge.cache must be an object", "velo")
         no_cache |= _flag(cache, "no_cache")
         no_store |= _flag(cache, "no_store")
         for key, into in (("max_age_s", ages), ("min_similarity", floors)):
             if key in cache:
                 if isinstance(cache[key], bool) or not isinstance(cache[key], int | float):
-                    raise BadRequest(f"velo.cache.{key} must be a number", "velo")
-                into.append(_number(cache[key], f"velo.cache.{key}"))
+                    raise BadRequest(f"velo.edge.cache.{key} must be a number", "velo")
+                into.append(_number(cache[key], f"velo.edge.cache.{key}"))
     youngest = min(ages) if ages else 0.0
     # max-age=0 means "only what is fresh now": no reuse.
     return CacheRules(no_cache=no_cache or (bool(ages) and youngest == 0), no_store=no_store,
@@ -205,11 +205,11 @@ def _cache_rules(headers: Any, extension: Any) -> CacheRules:
 
 
 def _flag(cache: dict[str, Any], key: str) -> bool:
-    """A velo.cache switch: true, false or absent. "yes" is refused, not read as false (an
+    """A velo.edge.cache switch: true, false or absent. "yes" is refused, not read as false (an
     answer the caller asked to refresh must not be reused because of a spelling)."""
     value = cache.get(key, False)
     if not isinstance(value, bool):
-        raise BadRequest(f"velo.cache.{key} must be true or false, got {str(value)[:32]!r}",
+        raise BadRequest(f"velo.edge.cache.{key} must be true or false, got {str(value)[:32]!r}",
                          "velo")
     return value
 

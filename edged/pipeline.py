@@ -6,7 +6,7 @@
 
 It knows no transport: it takes an `EdgeRequest` and yields events (edged.contract), and
 refuses with `EdgeError`s that each front maps once. A request whose shape the cache cannot
-serve (tools, tool turns, logprobs: velo.shape) is a pass-through: straight to the LLM, not
+serve (tools, tool turns, logprobs: velo.core.shape) is a pass-through: straight to the LLM, not
 cached, no policy decision, no experience.
 
 Every answered request has its experience record on disk before the answer leaves: a crash
@@ -44,22 +44,18 @@ from edged.metrics import EdgeMetrics
 from edged.reuse import Candidate, ReuseGuard
 from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
-from velo import qos
-from velo.cache import VectorCache
-from velo.conversation import (
+from velo.core import qos
+from velo.core.conversation import (
     Turn,
     cache_scope,
     context_key,
     history_problem,
     prompt_problem,
 )
-from velo.embedder import Embedder, EmbedderUnavailable
-from velo.logs import get_logger
-from velo.names import NAME_RULE, valid_name
-from velo.policy import Decision
-from velo.qos import Action
-from velo.serving import MAX_REQUEST_ID_CHARS, PartReport, clip, request_id_problem
-from velo.shape import (
+from velo.core.names import NAME_RULE, valid_name
+from velo.core.policy import Decision
+from velo.core.qos import Action
+from velo.core.shape import (
     AnswerFacts,
     Shape,
     bypass_reasons,
@@ -69,7 +65,11 @@ from velo.shape import (
     shape_problem,
     storable,
 )
-from velo.state import CachedRow, EdgeState, select_row
+from velo.core.state import CachedRow, EdgeState, select_row
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import Embedder, EmbedderUnavailable
+from velo.runtime.logs import get_logger
+from velo.runtime.serving import MAX_REQUEST_ID_CHARS, PartReport, clip, request_id_problem
 from velo.v1 import trainer_pb2
 
 log = get_logger("edged.pipeline")
@@ -104,7 +104,7 @@ class Counters:
 
 class _Fit:
     """The rows a request may use: the edge's TTL and similarity floor made stricter (never
-    looser) by the request's cache control, and the answer-fit rule (velo.shape.fits). It
+    looser) by the request's cache control, and the answer-fit rule (velo.core.shape.fits). It
     remembers whether the nearest usable row was dropped only because its answer does not fit
     the request's token limit (said to the caller as bypass "max_tokens")."""
 
@@ -413,7 +413,7 @@ class EdgePipeline:
                     self.cache.insert_pair, rec.scope, rec.prompt, rec.answer, rec.prompt_vec,
                     rec.answer_vec, q_used - rec.d, tenant=rec.tenant, facts=rec.facts)
         else:
-            # Write-behind (velo.cache): no Milvus call here, so no thread either.
+            # Write-behind (velo.edge.cache): no Milvus call here, so no thread either.
             self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
                                   qos.updated_value(rec.row.value, q_used, rec.d))
         if rec.q is not None:
@@ -542,7 +542,7 @@ class EdgePipeline:
         return dropped
 
     async def flush_loop(self) -> None:
-        """Write the pending hit counts and values back to Milvus in one batch (velo.cache)."""
+        """Write the pending hit counts and values back to Milvus in one batch (velo.edge.cache)."""
         while True:
             await asyncio.sleep(self.cfg.cache.flush_every_s)
             try:
@@ -566,7 +566,7 @@ class EdgePipeline:
 @dataclass
 class _Record:
     request_id: str
-    scope: str  # the cache scope: the tenant, or its conversation scope (velo.conversation)
+    scope: str  # the cache scope: the tenant, or its conversation scope (velo.core.conversation)
     tenant: str
     prompt: str
     answer: str

@@ -1,10 +1,10 @@
 """The reuse guard: an answer is served from the cache only when the verifier says the cached
-question means the same as the new one (velo.verifier), at a threshold calibrated for the
-error bound δ and then learned per row from verification (velo.calibration).
+question means the same as the new one (velo.core.verifier), at a threshold calibrated for the
+error bound δ and then learned per row from verification (velo.edge.calibration).
 
 The global threshold follows the cache's size: a bigger cache offers more near-misses, so the
 threshold a verifier was calibrated with for δ rises with the cached questions
-(velo.verifier.OnnxVerifier.threshold_for); the edge counts them at start and every 30 s.
+(velo.core.verifier.OnnxVerifier.threshold_for); the edge counts them at start and every 30 s.
 
 The policy still decides A, B or C (the paper's LRS); the guard only turns an A it does not
 trust into a B. Every verification teaches it: a forward compares the fresh answer with the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from velo.calibration import RowCalibration, RowRecord
-from velo.logs import get_logger
-from velo.state import QUESTION, CachedRow
-from velo.verifier import OnnxVerifier, pair_features
+from velo.core.state import QUESTION, CachedRow
+from velo.core.verifier import OnnxVerifier, pair_features
+from velo.edge.calibration import RowCalibration, RowRecord
+from velo.runtime.logs import get_logger
 
 log = get_logger("edged.reuse")
 

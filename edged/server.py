@@ -28,16 +28,16 @@ from edged.pipeline import CLOUD, TRAINER, VECTOR_DB, EdgePipeline
 from edged.reuse import ReuseGuard, ReuseThreshold
 from edged.spool import Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
-from velo.cache import VectorCache
-from velo.embedder import load_embedder
-from velo.http_server import HttpServer
-from velo.logs import get_logger
-from velo.models import embedder_dir
-from velo.policy import baseline_from_name
-from velo.security import dial, read_token
-from velo.serving import UNDECIDED, Daemon, Undecided
+from velo.core.models import embedder_dir
+from velo.core.policy import baseline_from_name
+from velo.core.verifier import OnnxVerifier
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import load_embedder
+from velo.runtime.http_server import HttpServer
+from velo.runtime.logs import get_logger
+from velo.runtime.security import dial, read_token
+from velo.runtime.serving import UNDECIDED, Daemon, Undecided
 from velo.v1 import edge_pb2_grpc
-from velo.verifier import OnnxVerifier
 
 log = get_logger("edged")
 

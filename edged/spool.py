@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from velo.logs import get_logger
+from velo.runtime.logs import get_logger
 
 log = get_logger("edged.spool")
 

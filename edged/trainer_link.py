@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 
 from edged.spool import Spool
-from velo.fleet import Announcement
-from velo.logs import get_logger
-from velo.policy import OnnxPolicy, Policy, PolicyRejected
-from velo.serving import PartReport
+from velo.core.policy import OnnxPolicy, Policy, PolicyRejected
+from velo.runtime.fleet import Announcement
+from velo.runtime.logs import get_logger
+from velo.runtime.serving import PartReport
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("edged.trainer")

@@ -2,7 +2,7 @@
 
 For each workload (QA files), offload mode and reward, LRS is trained twice on the simulator,
 once on the paper's state and once on the `verified` state (c^s replaced by the verifier's
-P(same), velo.state), and both are evaluated on the same test stream next to the baselines.
+P(same), velo.core.state), and both are evaluated on the same test stream next to the baselines.
 Cache-θ's θ is tuned on the training split (the best mean reward over THETAS there), never on
 the test stream. Rewards: eq. 2's (the paper's) and the correctness-aware one
 (SimConfig.false_hit_penalty: a served answer of another question costs `penalty` more).
@@ -17,9 +17,9 @@ from pathlib import Path
 from lab.sim import SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
-from velo.policy import CachePolicy, GreedyLLMPolicy, RandomPolicy
-from velo.verifier import OnnxVerifier
-from velo.workload import load_qa
+from velo.core.policy import CachePolicy, GreedyLLMPolicy, RandomPolicy
+from velo.core.records import load_qa
+from velo.core.verifier import OnnxVerifier
 
 THETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # L2 distance thresholds (cosine 0.955 ... 0.68)
 REWARDS = {"paper": 0.0, "correct": 1.0}

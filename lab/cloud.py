@@ -9,7 +9,7 @@
   arrivals, bursty: the count per 10 s varies by 27 %), its gaps scaled so that the cloud's
   *offered* utilisation, were every request forwarded once, is `utilisation`:
   rate = utilisation * slots / mean service time. Reuses lower the load the cloud really sees.
-- What an edge sees (velo.load): the cloud's estimated wait from its queue, exactly as cloudd
+- What an edge sees (velo.core.load): the cloud's estimated wait from its queue, exactly as cloudd
   computes and reports it, and its own recent forward latency, updated when an answer of its
   comes back (not when it was sent).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from velo.load import RunningMean, estimated_wait
+from velo.core.load import RunningMean, estimated_wait
 
 
 def trace_gaps(path: Path) -> np.ndarray:
@@ -94,7 +94,7 @@ class SharedCloud:
         return start - t
 
     def estimated_wait(self, t: float) -> float:
-        """What cloudd reports at `t` (velo.load.estimated_wait of its queue)."""
+        """What cloudd reports at `t` (velo.core.load.estimated_wait of its queue)."""
         self.jobs = [j for j in self.jobs if j[1] > t]
         in_flight = sum(start <= t for start, _ in self.jobs)
         return estimated_wait(in_flight, len(self.jobs) - in_flight, self.slots,

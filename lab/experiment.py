@@ -33,10 +33,10 @@ from lab.memory_cache import MemoryCache
 from lab.sim import EmbeddedTexts, SimConfig, SimEnv, item_texts, measure_embedding
 from lab.train import LEARNED as VARIANTS
 from lab.train import collect_demos, evaluate, train
-from trainerd.lrs import LRSConfig
-from velo import qos
-from velo.policy import OnnxPolicy, baseline_from_name
-from velo.workload import load_qa
+from velo.core import qos
+from velo.core.policy import OnnxPolicy, baseline_from_name
+from velo.core.records import load_qa
+from velo.learning.lrs import LRSConfig
 
 BASELINES = ("random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm")
 LEARNED = tuple(VARIANTS)  # mappo, g-mappo, t-mappo, lrs
@@ -197,7 +197,7 @@ def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
         train_verifier,
         with_thresholds,
     )
-    from velo.verifier import OnnxVerifier
+    from velo.core.verifier import OnnxVerifier
 
     data = pairs.load_pairs(pairs_path)
     embedder = _embedder()
@@ -281,7 +281,7 @@ def feedback_workload(path: Path) -> FeedbackWorkload:
     from lab.multiturn import record_problem
     from lab.pairs import load_pairs
     from lab.verifier import split_by_component
-    from velo.embedder import MultilingualEmbedder
+    from velo.edge.embedder import MultilingualEmbedder
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -387,7 +387,7 @@ def multilingual_experiment(out: Path, path: Path, cache_dir: Path, delta: float
                             seed: int = 0) -> str:
     """Cross-lingual reuse with MiniLM and multilingual USE (lab.multilingual)."""
     from lab import multilingual
-    from velo.embedder import MultilingualEmbedder
+    from velo.edge.embedder import MultilingualEmbedder
 
     items = multilingual.load_items(path)
     results = {}
@@ -462,8 +462,8 @@ def _embedder():
     """One ONNX embedder per worker process (only needed to embed a new data set once)."""
     global _EMBEDDER
     if _EMBEDDER is None:
-        from velo.embedder import Embedder
-        from velo.models import embedder_dir
+        from velo.core.models import embedder_dir
+        from velo.edge.embedder import Embedder
 
         _EMBEDDER = Embedder(embedder_dir())
     return _EMBEDDER

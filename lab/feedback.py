@@ -3,7 +3,7 @@
 An edge starts empty and serves a stream of questions; each arrival is one restatement of an
 intent drawn with Zipf popularity (Quora duplicate clusters, the `nc-*` conversations'
 restated turns, xquad's languages). A forward asks the LLM and caches the question; a reuse
-serves the best-scored cached row. Verification (velo.calibration) tells the edge whether the
+serves the best-scored cached row. Verification (velo.edge.calibration) tells the edge whether the
 row it reused, or the nearest row of a forward, meant the same: forwards are verified for
 free (the fresh answer is there), reuses at `shadow_rate` (SPEC §3). Here the verdict is the
 data's own label (same intent or not), i.e. a perfect judge; on an edge it is q of the served
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.pairs import Pair, components
-from velo.calibration import RowCalibration
+from velo.edge.calibration import RowCalibration
 
 # Scores the top candidates of one arrival: (asked text, cached texts, cosine sims) -> scores.
 Scorer = Callable[[str, Sequence[str], np.ndarray], np.ndarray]
@@ -208,7 +208,7 @@ def restatement_intents(path) -> tuple[list[tuple[str, ...]], list[str]]:
     a text in the same scope (the same first question in two conversations) are one intent."""
     import json
 
-    from velo.conversation import Turn, context_key
+    from velo.core.conversation import Turn, context_key
 
     by_key: dict[tuple[str, str], int] = {}
     intents: list[set[str]] = []

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from lab.train import Metrics
-from velo.replay import Outcome, replay
-from velo.stack import Stack, StackConfig
-from velo.workload import Arrival, QAItem
+from velo.core.records import QAItem
+from velo.ops.replay import Outcome, replay
+from velo.ops.stack import Stack, StackConfig
+from velo.ops.workload import Arrival
 
 LIVE_POLICIES = ("cache-0.5", "greedy-0.5", "random", "lrs")
 

@@ -1,10 +1,10 @@
 """An in-memory stand-in for the edge's Milvus cache, for simulations that run thousands of
 episodes (`velo experiment`).
 
-Same interface and semantics as `velo.cache.VectorCache` for what the simulator uses: two rows
+Same interface and semantics as `velo.edge.cache.VectorCache` for what the simulator uses: two rows
 per QA pair, exact top-P by L2 distance within a tenant (what Milvus returns for the few
 hundred rows a simulated edge holds), hits and value written back, and the same eviction rule
-(`velo.cache.eviction_mask`). A test checks that it returns the same rows as Milvus for the
+(`velo.edge.cache.eviction_mask`). A test checks that it returns the same rows as Milvus for the
 same writes. Nothing is persisted: it is a simulation backend, never an edge store.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from velo.cache import MAX_TEXT_BYTES, eviction_mask
-from velo.state import ANSWER, QUESTION, CachedRow
+from velo.core.state import ANSWER, QUESTION, CachedRow
+from velo.edge.cache import MAX_TEXT_BYTES, eviction_mask
 
 
 class MemoryCache:

@@ -1,6 +1,6 @@
 """Cross-lingual reuse (`velo experiment --multilingual FILE`): xquad's questions cached in
 English, asked in Spanish, German, Chinese and Russian (human translations), with MiniLM and
-with the multilingual USE embedder (velo.embedder).
+with the multilingual USE embedder (velo.edge.embedder).
 
 Items are split in two halves: on the calibration half each embedder's cosine threshold is set
 for the error bound δ (the lowest threshold whose error rate, plus a one-sided 95 % Wilson

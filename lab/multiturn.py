@@ -3,7 +3,7 @@ keyed on the last message alone, on any conversation file in the QA format (the 
 one turn a line, `question`, and `history` (the earlier turns as chat messages; empty or absent
 for a first turn). `multiturn_dev.jsonl` is one.
 
-Every turn of every conversation is cached under its context (velo.conversation); the
+Every turn of every conversation is cached under its context (velo.core.conversation); the
 last-message baseline caches the same rows in one scope (the tenant). Then:
   * restated turns (those with `paraphrases`): each restatement is asked after its turn's own
     history; a hit is right when it serves that turn;
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from velo.conversation import Turn, context_key
+from velo.core.conversation import Turn, context_key
 
 THRESHOLDS = (0.7, 0.8, 0.85, 0.9)
 

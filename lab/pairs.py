@@ -13,7 +13,7 @@ Reuse rules, each traced as a curve of hit rate against error rate (vCache's err
 queries) by sweeping its threshold:
   * cosine   Cache-θ, GPTCache's rule: reuse the nearest row when its similarity >= θ;
   * verifier the learned verifier of reuse scores the top-P rows, the best one is reused when
-             its P(same) >= τ (velo.verifier);
+             its P(same) >= τ (velo.core.verifier);
   * lrs      the learned policy's P(A) >= τ (its state is the paper's; it serves the nearest row).
 
 With a bound δ, each rule's threshold is calibrated on the calibration split: the lowest one
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from lab.memory_cache import MemoryCache
-from velo.policy import OnnxPolicy
-from velo.qos import Action
-from velo.state import QUESTION, CachedRow, EdgeState, build_state
-from velo.verifier import OnnxVerifier, pair_features
+from velo.core.policy import OnnxPolicy
+from velo.core.qos import Action
+from velo.core.state import QUESTION, CachedRow, EdgeState, build_state
+from velo.core.verifier import OnnxVerifier, pair_features
 
 TENANT = "pairs"
 RULES = ("cosine", "verifier", "lrs")

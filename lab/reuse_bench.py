@@ -1,6 +1,6 @@
 """`velo experiment --reuse`: is reuse right at any scale, on every data set we have?
 
-Trains the verifier of reuse (velo.verifier) on the training splits of the given files,
+Trains the verifier of reuse (velo.core.verifier) on the training splits of the given files,
 calibrates its thresholds against the cache size, and measures on the test splits:
 
   1. δ at any size: the main pairs file's test questions cached among other real questions
@@ -44,7 +44,7 @@ from lab.verifier import (
     train_verifier,
     with_thresholds,
 )
-from velo.verifier import OnnxVerifier, content_stems, pair_features
+from velo.core.verifier import OnnxVerifier, content_stems, pair_features
 
 TOP_P = 5  # cached questions the verifier scores per request, as on the edge
 SHARES = (0.6, 0.2, 0.2)  # train, calibration, test
@@ -103,7 +103,7 @@ def load_set(path: Path, seed: int) -> DataSet:
 
 
 def edge_similarity(cosine: float) -> float:
-    """c^s as the edge hands it to the verifier (velo.state.CachedRow.similarity: 1 - J/2, J
+    """c^s as the edge hands it to the verifier (velo.core.state.CachedRow.similarity: 1 - J/2, J
     the L2 distance of the unit embeddings), from their cosine."""
     return 1.0 - math.sqrt(max(2.0 - 2.0 * cosine, 0.0)) / 2.0
 
@@ -245,7 +245,7 @@ def run(paths: list[Path], out: Path, cache_dir: Path, delta: float = 0.05, seed
     """The whole benchmark; writes OUT/reuse.md (and OUT/verifier.onnx when it trains)."""
     from lab.experiment import _embedder
     from lab.sim import EmbeddedTexts
-    from velo.workload import load_qa
+    from velo.core.records import load_qa
 
     started = time.monotonic()
     sets = [load_set(p, seed) for p in paths]

@@ -1,7 +1,7 @@
 """A simulated multi-edge VELO, built from the real edge code, for training and experiments.
 
-Real: one Milvus collection per edge (`velo.cache.VectorCache`, the edge's own class), the
-state of eq. 6-8 (`velo.state`), the row selection of eq. 4, the cache value of eq. 5, the
+Real: one Milvus collection per edge (`velo.edge.cache.VectorCache`, the edge's own class), the
+state of eq. 6-8 (`velo.core.state`), the row selection of eq. 4, the cache value of eq. 5, the
 below-mean eviction of Algorithm 2, the ONNX MiniLM embeddings (computed once per data set with
 the real embedder and kept on disk) and the edge delay (search + state, measured on every step,
 plus the embedder's latency measured at start). Experiments that run thousands of episodes
@@ -23,7 +23,7 @@ Simulated, because a GPU LLM cannot answer thousands of training requests here, 
   a shared, finite resource (lab.cloud): requests arrive by the Azure trace, forwards and
   augments of every edge wait in one queue for `cloud_slots` slots, and the delay is that wait
   plus the drawn service time plus the edge's distance to the cloud (`edge_rtts_s`). Each
-  state then carries what the edge sees of the load (velo.load): cloudd's estimated wait as of
+  state then carries what the edge sees of the load (velo.core.load): cloudd's estimated wait as of
   the step's start and the edge's own recent forward latency.
 
 Training draws the original questions of the training items; testing draws every item, asked
@@ -47,14 +47,14 @@ import numpy as np
 
 from lab.cloud import Arrivals, EdgeLink, SharedCloud, trace_gaps
 from lab.memory_cache import MemoryCache
-from velo import qos
-from velo.cache import VectorCache, VectorDBConfig
-from velo.embedder import Embedder
-from velo.load import load_vector
-from velo.qos import Action
-from velo.state import EdgeState, build_state, select_row
-from velo.verifier import OnnxVerifier
-from velo.workload import QAItem
+from velo.core import qos
+from velo.core.load import load_vector
+from velo.core.qos import Action
+from velo.core.records import QAItem
+from velo.core.state import EdgeState, build_state, select_row
+from velo.core.verifier import OnnxVerifier
+from velo.edge.cache import VectorCache, VectorDBConfig
+from velo.edge.embedder import Embedder
 
 TENANT = "sim"
 
@@ -155,7 +155,7 @@ class SimEnv:
                  trace_path: Path | None = None) -> None:
         """`milvus_uri` None: each edge's cache is a `MemoryCache` (same rows, no server).
         `milvus_token`: its token ("user:password"), when it has authentication on.
-        `verifier`: the agents see the `verified` state (velo.state.build_state).
+        `verifier`: the agents see the `verified` state (velo.core.state.build_state).
         `trace_path`: the Azure LLM trace whose arrivals load the cloud (cfg.utilisation > 0)."""
         self.cfg = cfg
         self.verifier = verifier

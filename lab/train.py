@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from lab.sim import SimEnv, StepResult
-from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
-from velo.policy import OnnxPolicy, Policy, baseline_from_name
-from velo.qos import Action
+from velo.core.policy import OnnxPolicy, Policy, baseline_from_name
+from velo.core.qos import Action
+from velo.learning.lrs import LRS, Demos, LRSConfig, Rollout
 
 LEARNED = {  # name -> (use_encoder, use_demos)
     "mappo": (False, False),

@@ -5,9 +5,9 @@ offered utilisation, one queue for every edge). For each workload, offload mode,
 utilisation and seed, on one simulator:
 - every baseline is tuned on the training split at that load (the best mean reward there),
   never on the test stream: Cache-θ over THETAS, the load-adaptive threshold
-  (velo.policy.LoadAdaptivePolicy, θ = θ0 + k * cloud wait) over THETAS x SLOPES and, given a
+  (velo.core.policy.LoadAdaptivePolicy, θ = θ0 + k * cloud wait) over THETAS x SLOPES and, given a
   verifier, the verifier threshold (P(same) >= τ, on the verified state) over TAUS;
-- LRS is trained on the load-aware state (velo.load; `paper_state` adds LRS on the paper's
+- LRS is trained on the load-aware state (velo.core.load; `paper_state` adds LRS on the paper's
   state, the ablation);
 - everything, Random and the (myopic, hindsight) Oracle included, runs on the same test stream.
 Normalised reward: Random 0, Oracle 1. Targets (issue 24) are checked over the seeds' means.
@@ -26,14 +26,14 @@ from lab.experiment import Scale, mean_std_ci95
 from lab.sim import SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
-from velo.policy import (
+from velo.core.policy import (
     CachePolicy,
     LoadAdaptivePolicy,
     Policy,
     RandomPolicy,
     VerifierThresholdPolicy,
 )
-from velo.workload import load_qa
+from velo.core.records import load_qa
 
 # The default run: 3 seeds; LRS trained for 120 updates (it is cheap here, ~40 s per 60 in
 # all-edges mode) with the gate every 10; 150 test steps per policy from empty caches.
@@ -124,8 +124,8 @@ def run_case(case: Case, scale, latencies: Path, trace: Path, cache_dir: Path, e
         policy, _ = train_policy(env, "lrs", scale, case.seed, demos, gate_seed=tune_seed)
         results["lrs (paper state)"] = evaluate(env, policy, scale.eval_steps, test_seed)
     env.close()
-    if verifier is not None:  # the verifier threshold reads the verified state (velo.state)
-        from velo.verifier import OnnxVerifier
+    if verifier is not None:  # the verifier threshold reads the verified state (velo.core.state)
+        from velo.core.verifier import OnnxVerifier
 
         env = SimEnv(sim_config(case, edge_s), items, _embedder(), None, latencies, cache_dir,
                      verifier=OnnxVerifier(verifier), trace_path=trace)
@@ -241,7 +241,7 @@ def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies:
     static one (docs/experiment/load.md), so the expert LRS starts from follows the wait.
     In nearest-edge mode the Oracle is the expert, and its clone reads no load (measured:
     the same reuses as Cache-θ through the burst). The demo's policy
-    (velo/policies/lrs-load.onnx) is an earlier nearest-edge run, kept for its caution."""
+    (velo/ops/policies/lrs-load.onnx) is an earlier nearest-edge run, kept for its caution."""
     import torch
 
     from lab import live

@@ -1,4 +1,4 @@
-"""Train the verifier of reuse (velo.verifier) on labelled pairs and export it to ONNX.
+"""Train the verifier of reuse (velo.core.verifier) on labelled pairs and export it to ONNX.
 
 Honest splits: questions are grouped into connected components (two questions are connected
 when a pair holds both), and whole components go to train, calibration or test, so no test
@@ -6,7 +6,7 @@ question (nor its paraphrase) was seen in training or calibration.
 
 Training examples are what an edge meets: cache every `a` side of the split, ask every `b`,
 and label each of the top-K cached candidates right when it is the `b`'s labelled paraphrase
-(label 1). The model is a small MLP on the features of velo.verifier, standardised inside the
+(label 1). The model is a small MLP on the features of velo.core.verifier, standardised inside the
 graph, trained with a class-balanced logistic loss.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from lab.memory_cache import MemoryCache
 from lab.pairs import Pair, components, wilson_upper
-from velo.verifier import FEATURES, pair_features
+from velo.core.verifier import FEATURES, pair_features
 
 TENANT = "verify"
 
@@ -77,7 +77,7 @@ def candidate_examples(pairs: list[Pair], vectors, dim: int, k: int,
 
 def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig,
                    name: str = "verifier-mlp", weights: np.ndarray | None = None) -> bytes:
-    """Fit the MLP and return the ONNX bytes (contract in velo.verifier). `weights`: one per
+    """Fit the MLP and return the ONNX bytes (contract in velo.core.verifier). `weights`: one per
     example (default 1): how much a data set's examples count against the others'."""
     import onnx
     import torch
@@ -185,7 +185,7 @@ def thresholds_by_rows(runs: list[SizeRun], delta: float,
 
 def with_thresholds(model: bytes, table: dict[float, list[tuple[int, float]]]) -> bytes:
     """The verifier file with its calibrated thresholds, {δ: [(cached rows, threshold), ...]}
-    (read by edges, [reuse]; velo.verifier.OnnxVerifier.threshold_for)."""
+    (read by edges, [reuse]; velo.core.verifier.OnnxVerifier.threshold_for)."""
     import json
 
     import onnx
@@ -200,7 +200,7 @@ def with_thresholds(model: bytes, table: dict[float, list[tuple[int, float]]]) -
 
 
 def mark_state(policy: bytes, state: str) -> bytes:
-    """An ONNX policy labelled with the state it was trained on (velo.policy.STATES)."""
+    """An ONNX policy labelled with the state it was trained on (velo.core.policy.STATES)."""
     import onnx
 
     graph = onnx.load_from_string(policy)

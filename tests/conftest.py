@@ -14,7 +14,7 @@ from types import ModuleType
 import grpc
 import pytest
 
-from velo.models import ROOT, embedder_dir
+from velo.core.models import ROOT, embedder_dir
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -42,7 +42,7 @@ def exported_embedder() -> Path:
 @pytest.fixture(scope="session")
 def milvus(tmp_path_factory: pytest.TempPathFactory):
     """One real Milvus standalone server for the whole session; tests use own collections."""
-    from velo.milvus_server import EmbeddedMilvus
+    from velo.ops.milvus_server import EmbeddedMilvus
 
     server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus")).start()
     yield server
@@ -53,7 +53,7 @@ def milvus(tmp_path_factory: pytest.TempPathFactory):
 def edge_config(milvus, exported_embedder, tmp_path: Path) -> Callable[..., object]:
     """Build an EdgeConfig on the test Milvus with a fresh collection and data dir."""
     from edged.config import EdgeConfig
-    from velo.cache import VectorDBConfig
+    from velo.edge.cache import VectorDBConfig
 
     def make(**overrides: object) -> EdgeConfig:
         suffix = uuid.uuid4().hex[:8]

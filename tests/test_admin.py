@@ -18,7 +18,7 @@ from edged.config import CacheConfig, EdgeAuthConfig, HttpConfig, PolicyConfig
 from edged.server import Edged
 from tests.conftest import SHARED_DATA, ask, edge_client, running
 from tests.test_security import tokens_file
-from velo.security import dial, is_loopback, new_token
+from velo.runtime.security import dial, is_loopback, new_token
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 DATA = SHARED_DATA / "oasst1_dev.jsonl"

@@ -1,5 +1,5 @@
 """Micro-batching of concurrent requests (edged.batching) and the write-behind of hit counts
-and values (velo.cache): the two hot-path changes measured by tools/bench_edge.py."""
+and values (velo.edge.cache): the two hot-path changes measured by tools/bench_edge.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edged.batching import MicroBatcher
-from velo.cache import VectorCache, VectorDBConfig
+from velo.edge.cache import VectorCache, VectorDBConfig
 
 DIM = 16
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from velo.milvus_server import free_port
-from velo.models import ROOT
+from velo.core.models import ROOT
+from velo.ops.milvus_server import free_port
 
 pytestmark = pytest.mark.slow  # a minute or more: `make test-slow` (CI runs it)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from velo.models import ROOT
+from velo.core.models import ROOT
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 

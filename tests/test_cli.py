@@ -32,7 +32,7 @@ def test_velo_says_its_version_and_installs_from_a_wheel_under_our_own_name(tmp_
     import zipfile
     from importlib.metadata import version
 
-    from velo.models import ROOT
+    from velo.core.models import ROOT
 
     said = subprocess.run([sys.executable, "-m", "velo_cli", "--version"], capture_output=True,
                           text=True, timeout=60)
@@ -51,7 +51,8 @@ def test_velo_says_its_version_and_installs_from_a_wheel_under_our_own_name(tmp_
         assert "velo = velo_cli" in z.read(scripts).decode()
     assert "Name: velo-edge-cache" in meta and "License-Expression: Apache-2.0" in meta
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert "velo/antonyms.txt" in names and "velo/synonyms.txt" in names  # the verifier's
+    assert "velo/core/antonyms.txt" in names and "velo/core/synonyms.txt" in names  # the verifier's
+    assert "velo/ops/policies/lrs-load.onnx" in names  # the demo's load-aware policy
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps",

@@ -20,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudd.__main__ import main
 from cloudd.config import CloudConfig, LLMConfig, LocalLLMConfig, load
+from cloudd.llm_server import LLMServerError, LocalLLMServer
 from cloudd.server import Cloudd
 from tests.fake_llm import FAKE_MODEL, FakeLLM
-from velo.config import ConfigError
-from velo.llm_server import LLMServerError, LocalLLMServer
-from velo.models import ROOT
+from velo.core.models import ROOT
+from velo.runtime.config import ConfigError
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 
@@ -209,7 +209,7 @@ async def test_over_capacity_is_resource_exhausted(fake: FakeLLM) -> None:
 
 
 async def test_cloudd_reports_its_queue_and_the_wait_it_means(fake: FakeLLM) -> None:
-    """Every answer and the stats carry the load (velo.load): with both slots held by slow
+    """Every answer and the stats carry the load (velo.core.load): with both slots held by slow
     requests and two more queued, the wait of a new request is (2 + 1) x the mean service
     time / 2 slots, the service time cloudd measured on the earlier answers."""
     fake.delay_s = 0.3

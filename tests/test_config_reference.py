@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from velo.models import ROOT
+from velo.core.models import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import config_reference

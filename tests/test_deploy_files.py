@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cloudd.config import load as load_cloudd
 from edged.config import load as load_edged
 from trainerd.config import load as load_trainerd
-from velo.config import ConfigError, load_config
-from velo.models import ROOT
+from velo.core.models import ROOT
+from velo.runtime.config import ConfigError, load_config
 
 SYSTEMD = ROOT / "systemd"
 
@@ -36,7 +36,7 @@ def filled_in(daemon: str, tmp_path: Path) -> Path:
     them (docs/operating.md)."""
     from tests.certs import CA
     from tests.test_security import tokens_file
-    from velo.security import new_token
+    from velo.runtime.security import new_token
 
     etc = tmp_path / "etc" / "velo"
     ca = CA(etc / "tls", "ca")

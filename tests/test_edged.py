@@ -22,7 +22,7 @@ from tests.fake_llm import fake_tokens
 from trainerd.config import TrainerConfig
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
-from velo.milvus_server import free_port
+from velo.ops.milvus_server import free_port
 from velo.v1 import edge_pb2, trainer_pb2, trainer_pb2_grpc
 
 QUESTION = "How do I reset my router to factory settings?"
@@ -352,7 +352,7 @@ async def _until(condition, timeout_s: float) -> None:
 
 
 def test_state_is_padded_and_masks_a_and_c_when_nothing_is_cached() -> None:
-    from velo.state import CachedRow, build_state
+    from velo.core.state import CachedRow, build_state
 
     f = np.ones(4, dtype=np.float32) / 2
     empty = build_state(f, [], top_p=3)
@@ -490,11 +490,11 @@ async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
 
 async def test_a_load_aware_policy_reads_what_the_edge_sees_of_the_cloud(
         edge_config, cloud, tmp_path: Path) -> None:
-    """trainerd learns a load-aware policy (velo.load) from the edge's records; the edge runs
+    """trainerd learns a load-aware policy (velo.core.load) from the edge's records; the edge runs
     it, fed with cloudd's load report and its own forward latency, and logs that load with
     every decision: 0 before the first answer from the cloud, that answer's delay after."""
     from trainerd.learner import LearnerConfig
-    from velo.load import LOAD_FEATURES
+    from velo.core.load import LOAD_FEATURES
 
     port = free_port()
     trainer_cfg = trainer_config(tmp_path, port)
@@ -586,7 +586,7 @@ def test_edge_never_reads_a_policys_external_weights_from_its_disk(tmp_path: Pat
     such a file lies in the edge's working directory (onnxruntime would read it)."""
     import onnx
 
-    from velo.policy import OnnxPolicy, PolicyRejected
+    from velo.core.policy import OnnxPolicy, PolicyRejected
 
     model = onnx.load_from_string(export_mlp_policy(None, top_p=5, embed_dim=384, seed=0))
     onnx.save_model(model, tmp_path / "policy.onnx", save_as_external_data=True,
@@ -603,8 +603,8 @@ async def test_a_learned_policy_decides_off_the_event_loop() -> None:
     import threading
 
     from edged.decision import Decider
-    from velo.policy import Decision
-    from velo.qos import Action
+    from velo.core.policy import Decision
+    from velo.core.qos import Action
 
     threads: list[str] = []
 

@@ -1,4 +1,4 @@
-"""velo.embedder against the real exported all-MiniLM-L6-v2 (exported on first use)."""
+"""velo.edge.embedder against the real exported all-MiniLM-L6-v2 (exported on first use)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_tool
-from velo.embedder import Embedder
-from velo.models import ModelNotFound, embedder_dir, minilm_source_dir
+from velo.core.models import ModelNotFound, embedder_dir, minilm_source_dir
+from velo.edge.embedder import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_missing_model_file_raises(tmp_path: Path, model_dir: Path) -> None:
 def test_runtime_does_not_import_torch(model_dir: Path) -> None:
     # The edge daemon ships without PyTorch: loading and using the embedder must not need it.
     code = (
-        "import sys; from velo.embedder import Embedder; "
+        "import sys; from velo.edge.embedder import Embedder; "
         f"Embedder({str(model_dir)!r}).embed_one('hi'); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab.experiment import QUICK, Job, Setting, calibrate, run_job
-from velo.models import ROOT
+from velo.core.models import ROOT
 
 # The quick run takes about 4 min on an idle 2-core machine; CI's shared runners are slower.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -101,8 +101,8 @@ def test_items_without_a_second_answer_get_an_honest_simulated_llm(exported_embe
     import numpy as np
 
     from lab.sim import SimConfig, SimEnv
-    from velo.embedder import Embedder
-    from velo.workload import QAItem
+    from velo.core.records import QAItem
+    from velo.edge.embedder import Embedder
 
     items = [QAItem(f"x{n}", f"How many points did team {n} score?", f"{300 + n} points",
                     paraphrases=(f"Points scored by team {n}?",)) for n in range(4)]
@@ -215,7 +215,7 @@ def test_a_file_that_is_not_conversations_stops_with_its_name_and_line(tmp_path)
 
 def test_feedback_recognises_each_file_by_its_content(tmp_path) -> None:
     from lab.experiment import _embedder, feedback_experiment, feedback_workload
-    from velo.embedder import MultilingualEmbedder
+    from velo.edge.embedder import MultilingualEmbedder
 
     pairs = _write_lines(tmp_path / "pairs.jsonl", [
         {"a": f"How do I learn language {n}?", "b": f"Best way to learn language {n}?",

@@ -13,8 +13,8 @@ import pytest
 
 from lab.experiment import QUICK, Job, Setting, calibrate, live_experiment
 from lab.pairs import load_pairs
-from velo.models import ROOT
-from velo.verifier import OnnxVerifier
+from velo.core.models import ROOT
+from velo.core.verifier import OnnxVerifier
 
 from .conftest import SHARED_DATA
 

@@ -46,11 +46,11 @@ from tests.conftest import running
 from tests.fake_llm import FAKE_MODEL, FakeLLM
 from trainerd.config import TrainerConfig
 from trainerd.server import Trainerd
-from velo.cache import VectorCache
-from velo.config import ConfigError
-from velo.embedder import Embedder
-from velo.models import ROOT
-from velo.names import valid_name
+from velo.core.models import ROOT
+from velo.core.names import valid_name
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import Embedder
+from velo.runtime.config import ConfigError
 from velo.v1 import (
     chat_pb2,
     cloud_pb2,
@@ -71,7 +71,7 @@ ISOLATION_PROBES = 1_000
 BUGS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 # A status message travels as trailing metadata: gRPC clients refuse more than 16 KiB of it
 # (and, randomly, more than 8 KiB), turning any status into RESOURCE_EXHAUSTED. Daemons quote
-# at most velo.serving.QUOTE_CHARS of a caller's input, so their messages stay well below.
+# at most velo.runtime.serving.QUOTE_CHARS of a caller's input, so their messages stay well below.
 MAX_DETAILS_CHARS = 4096
 RPC_TIMEOUT_S = 10.0
 # No example database: it would be written into the checkout (.hypothesis/). More examples

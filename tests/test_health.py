@@ -22,7 +22,7 @@ from cloudd.server import Cloudd
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
 from tests.fake_llm import FAKE_MODEL, FakeLLM
-from velo.milvus_server import free_port
+from velo.ops.milvus_server import free_port
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -136,7 +136,7 @@ async def test_a_frozen_milvus_bounds_an_ask_by_the_vector_db_timeout(edge_confi
     """`vector_db.timeout_s` reaches every Milvus call: an Ask arriving while Milvus is frozen
     (before the health watch has noticed) is UNAVAILABLE after about that long, not held until
     Milvus wakes (it hung for the whole freeze)."""
-    from velo.cache import VectorDBConfig
+    from velo.edge.cache import VectorDBConfig
 
     cfg = edge_config(cloud=cloud, vector_db=VectorDBConfig(uri=milvus.uri, token=milvus.token,
                                                             timeout_s=2.0))
@@ -160,7 +160,7 @@ async def test_requests_queued_behind_a_frozen_search_keep_their_own_deadline(
     """Concurrent requests share one search: one arriving while a search hangs on a frozen
     Milvus waited for that search to time out and then for its own (2x the deadline). Each
     now ends within vector_db.timeout_s of its own arrival."""
-    from velo.cache import VectorDBConfig
+    from velo.edge.cache import VectorDBConfig
 
     timeout_s = 3.0
     cfg = edge_config(cloud=cloud, vector_db=VectorDBConfig(uri=milvus.uri, token=milvus.token,
@@ -375,7 +375,7 @@ def test_an_edge_whose_peers_are_gone_stops_within_its_grace(milvus, tmp_path) -
 
 STUCK_DAEMON = """
 import asyncio, sys, threading, time
-from velo.serving import Daemon
+from velo.runtime.serving import Daemon
 
 class Stuck(Daemon):
     name = "stuck"
@@ -399,7 +399,7 @@ def test_a_stuck_shutdown_ends_by_its_limit_and_a_second_signal_at_once(
         tmp_path, second_signal: bool) -> None:
     """A daemon whose shutdown and worker thread hang on a gone peer: one SIGTERM ends it within
     its grace plus the closing time (SHUTDOWN_CLOSE_S); a second signal ends it at once."""
-    from velo.serving import SHUTDOWN_CLOSE_S
+    from velo.runtime.serving import SHUTDOWN_CLOSE_S
 
     script = tmp_path / "stuck.py"
     script.write_text(STUCK_DAEMON)

@@ -1,5 +1,5 @@
 """The cloud's load: the simulator's shared cloud (lab.cloud), what an edge sees of it
-(velo.load), the load-aware policy contract and the load-adaptive baseline."""
+(velo.core.load), the load-aware policy contract and the load-adaptive baseline."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lab.cloud import Arrivals, EdgeLink, SharedCloud, trace_gaps
-from trainerd.lrs import LRS, LRSConfig, Rollout
-from velo.load import LOAD_FEATURES, estimated_wait
-from velo.models import ROOT
-from velo.policy import LoadAdaptivePolicy, OnnxPolicy, PolicyRejected, baseline_from_name
-from velo.qos import Action
-from velo.state import CachedRow, build_state
+from velo.core.load import LOAD_FEATURES, estimated_wait
+from velo.core.models import ROOT
+from velo.core.policy import LoadAdaptivePolicy, OnnxPolicy, PolicyRejected, baseline_from_name
+from velo.core.qos import Action
+from velo.core.state import CachedRow, build_state
+from velo.learning.lrs import LRS, LRSConfig, Rollout
 
 TRACE = ROOT / "data" / "azure_llm_trace_conv_2023.csv"
 
@@ -136,7 +136,7 @@ def test_an_edge_without_a_load_report_refuses_a_load_aware_policy(tmp_path) -> 
     import hashlib
 
     from edged.trainer_link import PolicyFollower
-    from velo.policy import RandomPolicy
+    from velo.core.policy import RandomPolicy
 
     body = LRS(LRSConfig(use_encoder=False, use_load=True), agents=1).export_onnx()
     digest = hashlib.sha256(body).hexdigest()
@@ -153,8 +153,8 @@ def sim(exported_embedder, tmp_path_factory):
     """Simulators of 3 edges at a given cloud utilisation: in-memory caches, the real
     embeddings (computed once), 2 cloud slots."""
     from lab.sim import SimConfig, SimEnv
-    from velo.embedder import Embedder
-    from velo.workload import load_qa
+    from velo.core.records import load_qa
+    from velo.edge.embedder import Embedder
 
     items = load_qa(ROOT / "data" / "oasst1_dev.jsonl")[:60]
     cache_dir, embedder, envs = tmp_path_factory.mktemp("embeddings"), \

@@ -7,7 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trainerd.lrs import (
+from velo.core.policy import OnnxPolicy
+from velo.core.state import build_state
+from velo.learning.lrs import (
     LRS,
     Demos,
     LRSConfig,
@@ -16,8 +18,6 @@ from trainerd.lrs import (
     clipped_value_loss,
     gae,
 )
-from velo.policy import OnnxPolicy
-from velo.state import build_state
 
 
 def test_gae_matches_hand_computation() -> None:
@@ -234,9 +234,9 @@ async def test_the_gate_publishes_only_a_version_that_beats_the_current_one(
 
 
 def test_greedy_llm_reuses_only_when_the_cached_value_beats_asking_the_llm() -> None:
-    from velo.policy import baseline_from_name
-    from velo.qos import Action
-    from velo.state import CachedRow
+    from velo.core.policy import baseline_from_name
+    from velo.core.qos import Action
+    from velo.core.state import CachedRow
 
     policy = baseline_from_name("greedy-llm")
     f = np.ones(384, np.float32) / np.sqrt(384)
@@ -250,8 +250,8 @@ def test_greedy_llm_reuses_only_when_the_cached_value_beats_asking_the_llm() -> 
 
 
 def test_onnx_equals_pytorch_on_states_built_from_real_embeddings(exported_embedder) -> None:
-    from velo.embedder import Embedder
-    from velo.state import CachedRow
+    from velo.core.state import CachedRow
+    from velo.edge.embedder import Embedder
 
     texts = ["How do I bake bread?", "What is the way to make bread at home?",
              "Who won the 2010 world cup?", "Explain transformers in machine learning."]

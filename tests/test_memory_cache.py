@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 
 from lab.memory_cache import MemoryCache
-from velo.cache import VectorCache, VectorDBConfig
+from velo.edge.cache import VectorCache, VectorDBConfig
 
 DIM = 16
 

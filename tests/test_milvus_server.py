@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from velo.milvus_server import (
+from velo.ops.milvus_server import (
     COMPONENTS,
     INNER_API_PORT,
     LOOPBACK,

@@ -34,9 +34,9 @@ from tests.test_trainerd import running as running_trainer
 from trainerd.config import TrainerConfig
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
-from velo import fleet
-from velo.config import ConfigError, load_config
-from velo.policy import RandomPolicy
+from velo.core.policy import RandomPolicy
+from velo.runtime import fleet
+from velo.runtime.config import ConfigError, load_config
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 TOP_P, EMBED_DIM = 5, 384

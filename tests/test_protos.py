@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from velo.models import ROOT
+from velo.core.models import ROOT
 
 
 def test_generated_stubs_are_up_to_date() -> None:

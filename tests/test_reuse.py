@@ -19,13 +19,13 @@ from lab.sim import EmbeddedTexts
 from lab.verifier import train_verifier, with_thresholds
 from tests.conftest import ask, edge_client, running
 from tests.test_edged import LLM_ANSWER, QUESTION, seed
-from velo.calibration import RowCalibration
-from velo.conversation import Turn, cache_scope, context_key, history_problem
-from velo.embedder import Embedder
-from velo.names import valid_scope
-from velo.qos import Action
+from velo.core.conversation import Turn, cache_scope, context_key, history_problem
+from velo.core.names import valid_scope
+from velo.core.qos import Action
+from velo.core.verifier import FEATURES, OnnxVerifier, VerifierError, pair_features
+from velo.edge.calibration import RowCalibration
+from velo.edge.embedder import Embedder
 from velo.v1 import chat_pb2, edge_pb2, trainer_pb2
-from velo.verifier import FEATURES, OnnxVerifier, VerifierError, pair_features
 
 from .conftest import SHARED_DATA
 
@@ -90,7 +90,7 @@ def test_the_shipped_verifier_refuses_negated_questions_and_serves_restated_ones
         exported_embedder) -> None:
     """docs/reuse/verifier.onnx at its δ = 0.05 threshold for a small cache, on questions (the
     negation corpus it learned from holds statements only)."""
-    from velo.models import ROOT
+    from velo.core.models import ROOT
 
     verifier = OnnxVerifier(ROOT / "docs" / "reuse" / "verifier.onnx")
     threshold = verifier.threshold_for(0.05, 1000)
@@ -326,7 +326,7 @@ def test_an_edge_with_a_verifier_not_calibrated_for_its_delta_says_so(edge_confi
 
 # -- LRS on the verified state, the correctness-aware reward ------------------------------------
 def test_the_verified_state_puts_p_same_where_the_similarity_was() -> None:
-    from velo.state import CachedRow, build_state
+    from velo.core.state import CachedRow, build_state
 
     rows = [CachedRow(i, i, 1, q, "answer", 0, -1.0, 0.0, d)
             for i, (q, d) in enumerate([("How do I learn Java?", 0.3),
@@ -347,7 +347,7 @@ def test_an_edge_without_a_verifier_refuses_a_verified_state_policy(tmp_path) ->
     from edged.trainer_link import PolicyFollower
     from lab.verifier import mark_state
     from trainerd.export import export_mlp_policy
-    from velo.policy import OnnxPolicy, PolicyRejected, RandomPolicy
+    from velo.core.policy import OnnxPolicy, PolicyRejected, RandomPolicy
 
     body = mark_state(export_mlp_policy(), "verified")
     assert OnnxPolicy(body, 1, "v", top_p=5, embed_dim=384).state == "verified"
@@ -366,9 +366,9 @@ def test_the_correctness_aware_reward_charges_every_wrong_answer(exported_embedd
                                                                  tmp_path) -> None:
     from lab.sim import SimConfig, SimEnv
     from lab.train import evaluate
-    from velo.models import ROOT
-    from velo.policy import CachePolicy
-    from velo.workload import load_qa
+    from velo.core.models import ROOT
+    from velo.core.policy import CachePolicy
+    from velo.core.records import load_qa
 
     items = load_qa(ROOT / "data" / "oasst1_dev.jsonl")[:40]
     results = {}

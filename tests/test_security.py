@@ -23,8 +23,8 @@ from tests.fake_llm import FAKE_MODEL, FakeLLM, fake_tokens
 from trainerd.config import TrainerConfig
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
-from velo.config import ConfigError
-from velo.security import AuthConfig, TLSConfig, dial, new_token, token_sha256
+from velo.runtime.config import ConfigError
+from velo.runtime.security import AuthConfig, TLSConfig, dial, new_token, token_sha256
 from velo.v1 import (
     cloud_pb2,
     cloud_pb2_grpc,
@@ -252,7 +252,7 @@ def test_velo_token_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) 
     import subprocess
     import sys
 
-    from velo.security import TokenTable
+    from velo.runtime.security import TokenTable
 
     out = subprocess.run([sys.executable, "-m", "velo_cli", "token", "--role", "edge",
                           "--name", "edge-7"], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""A cached answer is served only to a request it fits (velo.shape): the rules alone, then
+"""A cached answer is served only to a request it fits (velo.core.shape): the rules alone, then
 through a real edge (Milvus, the ONNX embedder, a real cloudd in front of the OpenAI-compatible
 test LLM, which answers in 8 tokens, cuts at max_tokens and calls tools as an LLM would)."""
 
@@ -13,9 +13,9 @@ from edged.config import PolicyConfig
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
 from tests.fake_llm import ANSWER_TOKENS, fake_tokens
-from velo.cache import eviction_mask
-from velo.conversation import Turn
-from velo.shape import AnswerFacts, Shape, bypass_reasons, fits, shape_key, shape_problem
+from velo.core.conversation import Turn
+from velo.core.shape import AnswerFacts, Shape, bypass_reasons, fits, shape_key, shape_problem
+from velo.edge.cache import eviction_mask
 from velo.v1 import chat_pb2, edge_pb2
 
 QUESTION = "Who founded the Roman Empire?"

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from velo.models import ROOT
-from velo.replay import replay, summary_table
-from velo.stack import Stack, StackConfig
-from velo.workload import load_qa, zipf_workload
+from velo.core.models import ROOT
+from velo.core.records import load_qa
+from velo.ops.replay import replay, summary_table
+from velo.ops.stack import Stack, StackConfig
+from velo.ops.workload import zipf_workload
 
 pytestmark = pytest.mark.llm
 
@@ -148,7 +149,7 @@ def test_velo_demo_fails_loudly_when_the_llm_cannot_start(tmp_path, milvus) -> N
 def test_velo_replay_exits_1_and_says_what_is_down(tmp_path, edge_config) -> None:
     from edged.server import Edged
     from tests.conftest import running
-    from velo.milvus_server import free_port
+    from velo.ops.milvus_server import free_port
 
     async def scenario() -> subprocess.CompletedProcess:
         cfg = edge_config(cloud=f"127.0.0.1:{free_port()}")  # no cloudd there

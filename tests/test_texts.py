@@ -1,4 +1,4 @@
-"""Each cached pair's texts are stored once, outside Milvus (velo.texts.TextStore), against a
+"""Each cached pair's texts are stored once, outside Milvus (velo.edge.texts.TextStore), against a
 real Milvus: searches get them back, eviction and restarts keep them right, and a collection
 made before the move keeps serving its texts."""
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from velo.cache import VectorCache, VectorDBConfig
-from velo.shape import AnswerFacts
-from velo.texts import Entry, TextStore
+from velo.core.shape import AnswerFacts
+from velo.edge.cache import VectorCache, VectorDBConfig
+from velo.edge.texts import Entry, TextStore
 
 DIM = 16
 

@@ -8,17 +8,17 @@ import pytest
 
 from lab.sim import Outcome, SimConfig, SimEnv, StepResult
 from lab.train import Metrics, run, table
-from trainerd.lrs import LRSConfig
-from velo.embedder import Embedder
-from velo.models import ROOT
-from velo.qos import Action
+from velo.core.models import ROOT
+from velo.core.qos import Action
+from velo.edge.embedder import Embedder
+from velo.learning.lrs import LRSConfig
 
 DATA = ROOT / "data"
 
 
 @pytest.fixture(scope="module")
 def env(milvus, exported_embedder, tmp_path_factory):
-    from velo.workload import load_qa
+    from velo.core.records import load_qa
 
     items = load_qa(DATA / "oasst1_dev.jsonl")[:60]
     sim = SimEnv(SimConfig(edges=3, seed=0), items, Embedder(exported_embedder), milvus.uri,

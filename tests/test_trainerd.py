@@ -26,7 +26,7 @@ from trainerd.config import TrainerConfig, load
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
 from trainerd.store import ExperienceStore
-from velo.config import ConfigError
+from velo.runtime.config import ConfigError
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 TOP_P, EMBED_DIM = 5, 384
@@ -332,7 +332,7 @@ async def test_watch_ends_cleanly_and_quickly_on_shutdown(tmp_path: Path) -> Non
 
 
 async def test_unexpected_error_is_internal_not_unknown(trainer, monkeypatch) -> None:
-    """An exception no handler expected (velo.serving's guard, shared by every daemon): the
+    """An exception no handler expected (velo.runtime.serving's guard, shared by every daemon): the
     caller gets INTERNAL with an id and not the exception's text; the log has the traceback
     under that id. A unary method and a streaming one alike."""
     from structlog.testing import capture_logs

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA, ask, edge_client, load_tool, running
-from velo.embedder import Embedder, EmbedderUnavailable, load_embedder
-from velo.models import ROOT
+from velo.core.models import ROOT
+from velo.edge.embedder import Embedder, EmbedderUnavailable, load_embedder
 from velo.v1 import edge_pb2
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the edge extra")
-from velo.triton_embedder import TritonEmbedder
+from velo.edge.triton_embedder import TritonEmbedder
 
 MIN_COSINE = 0.999
 
@@ -106,7 +106,7 @@ def test_single_vectors_are_the_in_process_ones(server, texts, in_process) -> No
 
 
 def test_server_down_is_a_clear_error(tool, tmp_path) -> None:
-    from velo.milvus_server import free_port
+    from velo.ops.milvus_server import free_port
 
     nowhere = f"127.0.0.1:{free_port()}"
     with pytest.raises(EmbedderUnavailable, match=r"tools/triton_server\.py") as err:

@@ -56,15 +56,15 @@ import uvloop  # noqa: E402
 
 from edged.decision import Decider  # noqa: E402
 from lab.pairs import load_pairs  # noqa: E402
-from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
-from velo.embedder import Embedder  # noqa: E402
-from velo.milvus_server import EmbeddedMilvus  # noqa: E402
-from velo.models import embedder_dir  # noqa: E402
-from velo.policy import CachePolicy, OnnxPolicy  # noqa: E402
-from velo.texts import store_path  # noqa: E402
+from velo.core.models import embedder_dir  # noqa: E402
+from velo.core.policy import CachePolicy, OnnxPolicy  # noqa: E402
+from velo.core.records import load_qa  # noqa: E402
+from velo.core.verifier import OnnxVerifier  # noqa: E402
+from velo.edge.cache import VectorCache, VectorDBConfig  # noqa: E402
+from velo.edge.embedder import Embedder  # noqa: E402
+from velo.edge.texts import store_path  # noqa: E402
+from velo.ops.milvus_server import EmbeddedMilvus  # noqa: E402
 from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
-from velo.verifier import OnnxVerifier  # noqa: E402
-from velo.workload import load_qa  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PAIRS = DATA / "paraphrase_pairs_dev.jsonl"
@@ -317,7 +317,7 @@ class Profiler:
         "vector search (pymilvus + wait)": "search_many",
         "experience spool (SQLite)": "Spool.append",
         "write-back flush (Milvus upsert)": "flush_updates",
-        "policy": "decide (velo/policy.py",
+        "policy": "decide (velo/core/policy.py",
         "gRPC server / event loop": "",
     }
 
@@ -706,7 +706,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 def _untrained_lrs(dim: int) -> OnnxPolicy:
     """The LRS network (random weights: the same work per forward pass as a trained one)."""
-    from trainerd.lrs import LRS, LRSConfig
+    from velo.learning.lrs import LRS, LRSConfig
 
     learner = LRS(LRSConfig(top_p=5, embed_dim=dim), agents=3)
     return OnnxPolicy(learner.export_onnx(), 1, "lrs", top_p=5, embed_dim=dim, sample=False)

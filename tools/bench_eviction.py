@@ -28,8 +28,8 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from velo.security import dial  # noqa: E402
-from velo.stack import Stack, StackConfig  # noqa: E402
+from velo.ops.stack import Stack, StackConfig  # noqa: E402
+from velo.runtime.security import dial  # noqa: E402
 from velo.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

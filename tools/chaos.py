@@ -59,13 +59,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from fuzz import fuzz_edge, fuzz_http, isolation_probes  # noqa: E402
 
 from trainerd.export import export_mlp_policy  # noqa: E402
-from velo.cache import VectorCache, VectorDBConfig  # noqa: E402
-from velo.embedder import Embedder  # noqa: E402
-from velo.logs import configure_logging  # noqa: E402
-from velo.milvus_server import free_port  # noqa: E402
-from velo.models import embedder_dir  # noqa: E402
-from velo.stack import Stack, StackConfig  # noqa: E402
-from velo.texts import store_path  # noqa: E402
+from velo.core.models import embedder_dir  # noqa: E402
+from velo.core.records import load_qa  # noqa: E402
+from velo.edge.cache import VectorCache, VectorDBConfig  # noqa: E402
+from velo.edge.embedder import Embedder  # noqa: E402
+from velo.edge.texts import store_path  # noqa: E402
+from velo.ops.milvus_server import free_port  # noqa: E402
+from velo.ops.stack import Stack, StackConfig  # noqa: E402
+from velo.runtime.logs import configure_logging  # noqa: E402
 from velo.v1 import (  # noqa: E402
     cloud_pb2,
     cloud_pb2_grpc,
@@ -74,7 +75,6 @@ from velo.v1 import (  # noqa: E402
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from velo.workload import load_qa  # noqa: E402
 
 TENANT = "chaos"
 DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
@@ -295,7 +295,7 @@ class Chaos:
                              text=True).stdout
         for line in out.splitlines():
             pid, ppid, args = line.split(None, 2)
-            if int(ppid) == cloudd and "velo.llm_server" in args:
+            if int(ppid) == cloudd and "cloudd.llm_server" in args:
                 return int(pid)
         raise RuntimeError("cloudd runs no LLM server")
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing velo
     sys.path.insert(0, str(ROOT))
 
-from velo.models import DEFAULT_EMBEDDER_DIR, minilm_source_dir  # noqa: E402
+from velo.core.models import DEFAULT_EMBEDDER_DIR, minilm_source_dir  # noqa: E402
 
 DIM = 384
 MAX_LENGTH = 256  # sentence-transformers' max_seq_length for this model
@@ -73,7 +73,7 @@ def is_complete(out: Path) -> bool:
 
 
 def load_tokenizer(path: Path, max_length: int = MAX_LENGTH) -> Any:
-    """The tokenizer exactly as velo.embedder configures it (the shipped file pads to 128)."""
+    """The tokenizer exactly as velo.edge.embedder configures it (the shipped file pads to 128)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
@@ -159,7 +159,7 @@ def fix_and_check_graph(path: Path) -> None:
     model = onnx.load(str(path))
     out = model.graph.output[0]
     # The tracer cannot see through normalize()'s Div and leaves the width symbolic; a static
-    # 384 lets consumers (and velo.embedder) read the dimension from the graph.
+    # 384 lets consumers (and velo.edge.embedder) read the dimension from the graph.
     width = out.type.tensor_type.shape.dim[1]
     width.ClearField("dim_param")
     width.dim_value = DIM

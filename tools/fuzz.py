@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from velo.cache import VectorCache
-from velo.embedder import Embedder
+from velo.edge.cache import VectorCache
+from velo.edge.embedder import Embedder
 from velo.v1 import edge_pb2, edge_pb2_grpc
 from velo.v1.chat_pb2 import ChatMessage
 

@@ -243,7 +243,7 @@ class TritonServer:
 
 def bench(url: str) -> None:
     """Single-text and batch-32 latency through the client edged uses (median of runs)."""
-    from velo.triton_embedder import TritonEmbedder
+    from velo.edge.triton_embedder import TritonEmbedder
 
     embedder = TritonEmbedder(url)
     texts = [f"How do I configure the cache for tenant number {i} in production?"

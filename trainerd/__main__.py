@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainerd.config import load
 from trainerd.server import Trainerd
-from velo.serving import daemon_main
+from velo.runtime.serving import daemon_main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""trainerd's side of the MQTT fleet broadcast (velo.fleet): announce each accepted policy.
+"""trainerd's side of the MQTT fleet broadcast (velo.runtime.fleet): announce each accepted policy.
 
 Each version the registry accepts is published, retained and at QoS 1, to the fleet's policy
 topic. On every (re)connection the latest version is published again first: a version
@@ -11,8 +11,8 @@ from __future__ import annotations
 import aiomqtt
 
 from trainerd.registry import PolicyInfo, PolicyRegistry
-from velo import fleet
-from velo.logs import get_logger
+from velo.runtime import fleet
+from velo.runtime.logs import get_logger
 
 log = get_logger("trainerd.mqtt")
 CLIENT_ID = "velo-trainerd"

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainerd.learner import LearnerConfig
-from velo.config import load_config, require
-from velo.fleet import MqttConfig
-from velo.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
+from velo.runtime.config import load_config, require
+from velo.runtime.fleet import MqttConfig
+from velo.runtime.security import AuthConfig, TLSConfig, require_auth_beyond_loopback
 
 ENV_PREFIX = "VELO_TRAINERD"
 MiB = 1024 * 1024
@@ -35,10 +35,10 @@ class TrainerConfig:
     max_batch_records: int = 10_000
     # Algorithm 1 on the experience streams (off by default: it needs the trainer extra, torch).
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.security
+    tls: TLSConfig = field(default_factory=TLSConfig)  # see velo.runtime.security
     # Tokens of edges (role "edge", name = the edge id it reports as) and of publishers.
     auth: AuthConfig = field(default_factory=AuthConfig)
-    # Announce each accepted policy to edges over MQTT (see velo.fleet); off by default.
+    # Announce each accepted policy to edges over MQTT (see velo.runtime.fleet); off by default.
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Listening beyond loopback needs auth.tokens_file, unless this says an open trainerd (that
     # anyone reaching it may publish policies to every edge) is wanted.

@@ -1,4 +1,4 @@
-"""Export a small MLP policy to ONNX, following the policy contract (velo.state).
+"""Export a small MLP policy to ONNX, following the policy contract (velo.core.state).
 
 This is the shape of what the learner will export, and a ready policy for tests and for
 bootstrapping a fleet before training. PyTorch is imported inside the function so that the

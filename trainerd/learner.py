@@ -19,7 +19,7 @@ From production experience to a MAPPO rollout:
   edges logged) against the version last published (the edges' own policy before the first),
   and published only if it scores at least as well: an update that made things worse never
   reaches the edges, and the next round trains on.
-- `use_load`: the load-aware state (velo.load); each record carries the load its edge saw.
+- `use_load`: the load-aware state (velo.core.load); each record carries the load its edge saw.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 from trainerd.registry import PolicyRegistry
 from trainerd.store import ExperienceStore
-from velo.logs import get_logger
+from velo.runtime.logs import get_logger
 from velo.v1 import trainer_pb2
 
 log = get_logger("trainerd.learner")
@@ -100,8 +100,8 @@ class OnlineLearner:
     def _train(self, batches: dict[str, list[trainer_pb2.Experience]]) -> bytes | None:
         """One round: an update on the first steps, the gate on the rest; the ONNX policy to
         publish, or None when the gate held it back."""
-        from trainerd.lrs import LRS, Demos, LRSConfig, Rollout
-        from velo.load import LOAD_FEATURES
+        from velo.core.load import LOAD_FEATURES
+        from velo.learning.lrs import LRS, Demos, LRSConfig, Rollout
 
         edges = sorted(batches)
         steps = min(len(b) for b in batches.values())

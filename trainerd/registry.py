@@ -10,7 +10,7 @@ Both are written atomically (temporary file, fsync, rename). A policy file is wr
 its index entry, so a crash in between leaves an unlisted file; its version is still never
 reused, which keeps versions monotonic across restarts.
 
-The contract (see velo.state): inputs correlation [B, 3, P], embedding [B, H] and
+The contract (see velo.core.state): inputs correlation [B, 3, P], embedding [B, H] and
 action_mask [B, 3], output probs [B, 3], all float32.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from velo.policy import OnnxPolicy, PolicyRejected
-from velo.serving import clip
+from velo.core.policy import OnnxPolicy, PolicyRejected
+from velo.runtime.serving import clip
 
 _FILE = re.compile(r"v(\d+)\.onnx")
 _NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")  # always fullmatch
@@ -42,7 +42,7 @@ _INPUTS = {
     "embedding": ("[batch, H]", {}),
     "action_mask": ("[batch, 3]", {1: 3}),
 }
-_LOAD_INPUT = {"load": ("[batch, 2]", {1: 2})}  # only in load-aware policies (velo.load)
+_LOAD_INPUT = {"load": ("[batch, 2]", {1: 2})}  # only in load-aware policies (velo.core.load)
 _OUTPUTS = {"probs": ("[batch, 3]", {1: 3})}
 
 
@@ -192,7 +192,7 @@ def check_policy(name: str, onnx_bytes: bytes, max_bytes: int,
                  edge_shape: tuple[int, int] = (5, 384)) -> None:
     """Raise PolicyRejected (PolicyTooLarge for size) unless the policy may be published: the
     contract below, no external data, and then exactly what an edge does before it runs one
-    (velo.policy.OnnxPolicy: onnxruntime loads it and runs masked probe states)."""
+    (velo.core.policy.OnnxPolicy: onnxruntime loads it and runs masked probe states)."""
     if not _NAME.fullmatch(name):
         raise PolicyRejected(
             f"policy name {clip(name)} must be 1-128 characters of letters, digits, '_.:+-'"

@@ -5,7 +5,7 @@
     WatchPolicies     server stream: the latest version at once, then each new one
     PublishPolicy     verify a policy exactly as an edge will, store it as the next version
 
-With a tokens file (velo.security), only edges report experience, each only as itself, and
+With a tokens file (velo.runtime.security), only edges report experience, each only as itself, and
 only publishers publish. The optional learner (Algorithm 1) reads the ExperienceStore and
 publishes through the PolicyRegistry. With [mqtt], each accepted version is also announced to
 the edges over MQTT (trainerd.broadcast).
@@ -32,12 +32,12 @@ from trainerd.registry import (
     PolicyTooLarge,
 )
 from trainerd.store import ExperienceStore
-from velo.load import LOAD_FEATURES
-from velo.logs import get_logger
-from velo.metrics import Reading
-from velo.names import NAME_RULE, valid_name
-from velo.security import caller
-from velo.serving import Daemon, PartReport, clip, request_id_problem
+from velo.core.load import LOAD_FEATURES
+from velo.core.names import NAME_RULE, valid_name
+from velo.runtime.logs import get_logger
+from velo.runtime.metrics import Reading
+from velo.runtime.security import caller
+from velo.runtime.serving import Daemon, PartReport, clip, request_id_problem
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("trainerd")

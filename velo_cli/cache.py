@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction, edge: str,
 
 
 def run(args: argparse.Namespace, tls: object) -> None:
-    from velo.security import dial
+    from velo.runtime.security import dial
     from velo.v1 import edge_pb2_grpc
 
     async def main() -> None:
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace, tls: object) -> None:
 
 
 async def _list(stub: object, args: argparse.Namespace) -> None:
+    from velo.core.records import entry_record
     from velo.v1 import edge_pb2
-    from velo.workload import entry_record
 
     reply = await stub.ListEntries(edge_pb2.ListEntriesRequest(
         tenant=args.tenant, limit=args.limit, offset=args.offset), timeout=60)
@@ -115,8 +115,8 @@ async def _list(stub: object, args: argparse.Namespace) -> None:
 
 
 async def _show(stub: object, args: argparse.Namespace) -> None:
+    from velo.core.records import entry_record
     from velo.v1 import edge_pb2
-    from velo.workload import entry_record
 
     entry = await stub.GetEntry(edge_pb2.GetEntryRequest(id=args.id), timeout=60)
     print(json.dumps(entry_record(entry), ensure_ascii=False, indent=2))
@@ -136,8 +136,8 @@ async def _delete(stub: object, args: argparse.Namespace) -> None:
 
 
 async def _import(stub: object, args: argparse.Namespace) -> None:
+    from velo.core.records import importable_pairs
     from velo.v1 import edge_pb2
-    from velo.workload import importable_pairs
 
     with args.file.open(encoding="utf-8") as f:
         pairs, skipped = importable_pairs(f)
@@ -154,8 +154,8 @@ async def _import(stub: object, args: argparse.Namespace) -> None:
 
 
 async def _export(stub: object, args: argparse.Namespace) -> None:
+    from velo.core.records import entry_record
     from velo.v1 import edge_pb2
-    from velo.workload import entry_record
 
     out = args.out.open("w", encoding="utf-8") if args.out else sys.stdout
     count = 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from velo.models import ROOT
+from velo.core.models import ROOT
 from velo_cli import cache
 
 DEFAULT_EDGES = "127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from velo.logs import configure_logging
+    from velo.runtime.logs import configure_logging
 
     quiet = {"ask", "replay", "demo", "train", "experiment", "cache"}
     configure_logging("warning" if args.command in quiet else "info")
@@ -211,7 +211,7 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
                    help="number of edges to start")
     p.add_argument("--policies", default="lrs,cache-0.5,random",
                    help="policy per edge, cycled: a baseline, or lrs (the learned policy "
-                   "shipped in velo/policies/lrs-load.onnx, published through trainerd at "
+                   "shipped in velo/ops/policies/lrs-load.onnx, published through trainerd at "
                    "start); default: the learned policy beside two baselines")
     p.add_argument("--state-dir", type=Path, default=ROOT / "var" / "stack",
                    help="Milvus data, daemons' state and logs")
@@ -236,7 +236,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tls(args: argparse.Namespace):
-    from velo.security import TLSConfig
+    from velo.runtime.security import TLSConfig
 
     return TLSConfig(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
 
@@ -252,7 +252,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
 
 
 def _stack(args: argparse.Namespace, base_port: int, http_port: int = 0):
-    from velo.stack import Stack, StackConfig
+    from velo.ops.stack import Stack, StackConfig
 
     return Stack(StackConfig(data_dir=args.state_dir, edges=args.edge_count,
                              edge_policies=tuple(args.policies.split(",")), base_port=base_port,
@@ -297,8 +297,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from velo.replay import LETTER
-    from velo.security import dial
+    from velo.ops.replay import LETTER
+    from velo.runtime.security import dial
     from velo.v1 import edge_pb2, edge_pb2_grpc
 
     async def run() -> None:
@@ -335,7 +335,8 @@ def _tenant(asked: str | None, api_key: str, default: str) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from velo.workload import load_qa, zipf_workload
+    from velo.core.records import load_qa
+    from velo.ops.workload import zipf_workload
 
     path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
     items = load_qa(path)
@@ -347,7 +348,7 @@ def _load(args: argparse.Namespace):
 def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
             tls=None, api_key: str = "") -> int:
     """Replay the workload and print the QoS table; returns the number of failed requests."""
-    from velo.replay import LEGEND, replay, summary_table
+    from velo.ops.replay import LEGEND, replay, summary_table
 
     path, items, arrivals = _load(args)
     distinct = len({a.item.id for a in arrivals})
@@ -369,7 +370,7 @@ def _replay(args: argparse.Namespace, edges: list[str], names: dict[str, str],
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from velo.diagnose import edge_health
+    from velo.ops.diagnose import edge_health
 
     edges = args.edges.split(",")
     if _replay(args, edges, {}, _tls(args), args.api_key):
@@ -412,8 +413,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> None:
-    from velo.names import NAME_RULE, valid_name
-    from velo.security import new_token, token_sha256
+    from velo.core.names import NAME_RULE, valid_name
+    from velo.runtime.security import new_token, token_sha256
 
     if args.role in ("tenant", "edge") and not valid_name(args.name):
         sys.exit(f"velo token: --name must be {NAME_RULE} for role {args.role}")
@@ -429,11 +430,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from lab.sim import SimConfig, SimEnv
     from lab.train import run, table
-    from trainerd.lrs import LRSConfig
-    from velo.embedder import Embedder
-    from velo.milvus_server import EmbeddedMilvus
-    from velo.models import embedder_dir
-    from velo.workload import load_qa
+    from velo.core.models import embedder_dir
+    from velo.core.records import load_qa
+    from velo.edge.embedder import Embedder
+    from velo.learning.lrs import LRSConfig
+    from velo.ops.milvus_server import EmbeddedMilvus
 
     path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
     items = load_qa(path)[: args.items or None]
@@ -474,7 +475,7 @@ def _latencies() -> Path:
 def _qa_files(given: list[Path], data: Path, flag: str) -> list[Path]:
     """The QA files of `flag` (default: `data` and the conversation data), each checked now: a
     bad file stops here, not in a worker after the first trainings."""
-    from velo.workload import load_qa
+    from velo.core.records import load_qa
 
     conversations = DEFAULT_DATA.parent / "multiturn_dev.jsonl"
     datas = given or [data] + [p for p in [conversations] if p.exists()]

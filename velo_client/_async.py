@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from velo.security import FAST_RECONNECT
+from velo.runtime.security import FAST_RECONNECT
 from velo.v1 import edge_pb2, edge_pb2_grpc
 from velo_client._types import (
     TLS,

@@ -1,6 +1,6 @@
 """Triton Python-backend model: texts in, all-MiniLM-L6-v2 unit vectors out.
 
-It runs velo.embedder.Embedder itself (imported from this checkout), not a copy: the same
+It runs velo.edge.embedder.Embedder itself (imported from this checkout), not a copy: the same
 ONNX graph, tokenizer, truncation and padding as edged's in-process embedder, so a vector from
 Triton and one from edged agree (tests/test_triton.py: cosine >= 0.999). The graph already
 does the mean pooling and L2 normalisation (tools/export_embedder.py).
@@ -25,7 +25,7 @@ ROOT = Path(os.environ.get("VELO_ROOT") or Path(__file__).resolve().parents[5])
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from velo.embedder import Embedder  # noqa: E402  (needs ROOT on sys.path)
+from velo.edge.embedder import Embedder  # noqa: E402  (needs ROOT on sys.path)
 
 
 class TritonPythonModel:
