@@ -6,7 +6,7 @@ EMBEDDER := models/minilm-l6-v2/model-int8.onnx
 # Every install resolves the versions in constraints.txt, on every machine, every time.
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo smoke up test test-slow lint protos constraints clean triton
+.PHONY: setup demo smoke up test test-slow lint typecheck protos constraints clean triton
 
 setup: $(VENV)/.installed $(EMBEDDER)
 
@@ -55,6 +55,10 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Strict on the shared layers and the daemons (pyproject.toml [tool.mypy]).
+typecheck: setup
+	$(BIN)/mypy
 
 protos: setup
 	$(BIN)/python tools/gen_protos.py

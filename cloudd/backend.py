@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ def _reason(exc: BaseException) -> str:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in errno.errorcode:
+            assert seen.errno is not None  # a key of errno.errorcode
             return os.strerror(seen.errno)
         seen = seen.__cause__ or seen.__context__
     return str(exc) or type(exc).__name__
@@ -268,7 +269,7 @@ class OpenAIBackend:
     async def stream(
         self, prompt: str, context: Sequence[tuple[str, str]] = (), max_tokens: int = 0,
         history: Sequence[Turn] = (), shape: Shape | None = None,
-    ) -> AsyncIterator[Piece | Completion]:
+    ) -> AsyncGenerator[Piece | Completion, None]:
         """Yield the answer's pieces as they arrive, then one `Completion` with all of it.
 
         Tool calls arrive in fragments (OpenAI's streamed `delta.tool_calls`); they are joined
@@ -281,6 +282,7 @@ class OpenAIBackend:
         response = await self._send(body, stream=True)
         parts: list[str] = []
         deltas = 0  # content deltas: servers send one per token (llama.cpp, vLLM, TGI)
+        usage: dict[str, Any]  # the server's usage report (JSON)
         model, usage, finish = self.cfg.model, {}, None
         calls: dict[int, dict[str, Any]] = {}
         logprobs: list[Any] = []

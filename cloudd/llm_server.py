@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,7 +46,8 @@ class LLMServerError(RuntimeError):
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # (host, port): typeshed says Any
+        return port
 
 
 def tail(path: Path | None, lines: int = 20) -> str:
@@ -182,7 +184,7 @@ class LocalLLMServer:
                 time.sleep(0.2)
 
     def _answers(self, client: httpx.Client, method: str, path: str,
-                 body: dict | None = None) -> bool:
+                 body: dict[str, Any] | None = None) -> bool:
         try:
             return client.request(method, self.base_url + path, json=body,
                                   timeout=self.startup_timeout_s).status_code == 200
@@ -325,7 +327,7 @@ def _serve(argv: list[str]) -> None:
     defaults = native.llama_model_default_params
 
     def without_extra_buffer_types() -> native.llama_model_params:
-        params = defaults()
+        params: native.llama_model_params = defaults()  # llama_cpp's ctypes wrapper: Any
         params.use_extra_bufts = False
         return params
 

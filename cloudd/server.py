@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import Histogram
@@ -36,6 +37,9 @@ from velo.runtime.logs import get_logger
 from velo.runtime.metrics import Reading
 from velo.runtime.serving import UNDECIDED, Daemon, GrpcServer, Undecided, clip, request_id_problem
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 log = get_logger("cloudd")
 LLM = "llm"  # the health part
@@ -110,7 +114,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         self.tokens = {"prompt": 0, "completion": 0}  # counted from the LLM's usage reports
         self.llm_seconds: Histogram | None = None  # set when metrics are on
 
-    def _generated(self, completion: Completion, rlog: object) -> None:
+    def _generated(self, completion: Completion, rlog: FilteringBoundLogger) -> None:
         self.tokens["prompt"] += completion.prompt_tokens
         self.tokens["completion"] += completion.completion_tokens
         if self.llm_seconds is not None:
@@ -213,8 +217,8 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
             )
         return request_id_problem(request.request_id)
 
-    async def _failed(self, exc: Exception, rlog: object, context: grpc.aio.ServicerContext,
-                      what: str) -> None:
+    async def _failed(self, exc: Exception, rlog: FilteringBoundLogger,
+                      context: grpc.aio.ServicerContext, what: str) -> None:
         code, message = _status(exc)
         self.stats.failures += 1
         part = self.server.parts.get(LLM)
@@ -249,12 +253,13 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         else:
             await self.server.set_part(LLM, False, str(exc))
 
-    def _left_behind(self, done: asyncio.Future[Completion], rlog: object) -> None:
+    def _left_behind(self, done: asyncio.Future[tuple[Completion, float]],
+                     rlog: FilteringBoundLogger) -> None:
         """The end of an LLM call whose client had gone: logged, never raised."""
         if done.cancelled():
             return
         if (exc := done.exception()) is not None:
-            rlog.info("an abandoned LLM call failed", error=str(exc))  # type: ignore[attr-defined]
+            rlog.info("an abandoned LLM call failed", error=str(exc))
 
     async def _answered(self) -> None:
         if not self.server.parts[LLM].ok and self.supervisor is None:

@@ -18,12 +18,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, TypeVarTuple
 
 from edged.contract import EdgeError, ErrorKind, invalid
 from velo.core.names import NAME_RULE, valid_name
 from velo.core.shape import AnswerFacts, estimate_tokens
 from velo.edge.cache import VectorCache
-from velo.edge.embedder import Embedder
+from velo.edge.embedder import TextEmbedder
 from velo.edge.texts import Entry
 from velo.runtime.logs import get_logger
 from velo.runtime.serving import clip
@@ -34,6 +35,9 @@ MAX_LIST = 1000  # entries per page, ids per delete request, pairs per import ca
 DEFAULT_LIST = 50
 DEFAULT_MIN_SIMILARITY = 0.9  # delete by question: rows at least this alike
 EXPORT_PAGE = 500
+
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class Deletion:
 
 
 class CacheAdmin:
-    def __init__(self, cache: VectorCache, embedder: Embedder, data_dir: Path,
+    def __init__(self, cache: VectorCache,
+                 embedder: TextEmbedder, data_dir: Path,
                  on_deleted: Callable[[int], None], import_value: float) -> None:
         self.cache, self.embedder = cache, embedder
         # An imported answer's cache value c^r: the edge's prior satisfaction, as if reused at
@@ -112,11 +117,13 @@ class CacheAdmin:
         if not 0 <= limit <= MAX_LIST or offset < 0:
             raise invalid(f"limit must be between 0 (= {DEFAULT_LIST}) and {MAX_LIST}, offset "
                           ">= 0")
+        assert self.cache.texts is not None  # opened before the admin was made
         entries, total = await self._db(self.cache.texts.newest, tenant, limit or DEFAULT_LIST,
                                         offset)
         return await self._views(entries), total
 
     async def get(self, entry_id: int) -> EntryView:
+        assert self.cache.texts is not None  # opened before the admin was made
         entries = await self._db(self.cache.texts.get, [entry_id])
         views = await self._views(list(entries.values()))
         if not views:
@@ -134,6 +141,7 @@ class CacheAdmin:
             chosen = found if chosen is None else chosen & found
 
         texts = self.cache.texts
+        assert texts is not None  # opened before the admin was made
         if deletion.ids:
             narrow(await self._db(texts.has, deletion.ids))
         if deletion.tenant or deletion.older_than_s:
@@ -182,6 +190,7 @@ class CacheAdmin:
             raise invalid(f"tenant {clip(tenant)} is invalid: use {NAME_RULE}")
         offset = 0
         while True:
+            assert self.cache.texts is not None  # opened before the admin was made
             entries, _ = await self._db(self.cache.texts.newest, tenant, EXPORT_PAGE, offset)
             if not entries:
                 return
@@ -198,7 +207,7 @@ class CacheAdmin:
                           max(r.value for r in rows[e.pair_id]))
                 for e in entries if e.pair_id in rows]
 
-    async def _db(self, method: Callable, *args: object) -> object:
+    async def _db(self, method: Callable[[*Ts], R], *args: *Ts) -> R:
         try:
             return await asyncio.to_thread(method, *args)
         except EdgeError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -27,13 +27,15 @@ class MicroBatcher(Generic[T, R]):
     every caller of the batch gets the exception; when it puts an exception in an item's
     place, that caller alone gets it (one bad query must not fail its batch-mates)."""
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, name: str,
-                 workers: int = 1) -> None:
+    # `fn` returns one result per item, in order (an array counts: it iterates by row), or an
+    # exception in the place of an item that failed alone.
+    def __init__(self, fn: Callable[[list[T]], Iterable[R | BaseException]], max_batch: int,
+                 name: str, workers: int = 1) -> None:
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be >= 1")
         self.fn, self.max_batch, self.name, self.workers = fn, max_batch, name, workers
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
-        self._drains: set[asyncio.Task] = set()
+        self._drains: set[asyncio.Task[None]] = set()
         self._busy = 0  # workers running a batch now
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
         self.calls = 0  # batches run, and items in them: their ratio is the mean batch size

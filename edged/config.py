@@ -118,8 +118,8 @@ class LimitsConfig:
 
 @dataclass
 class ReuseConfig:
-    # The verifier of reuse (edged.reuse): an ONNX file written by `velo experiment --reuse` or
-    # `--pairs` (OUT/verifier.onnx). Empty: no verifier; the guard then scores rows by cosine
+    # The verifier of reuse (edged.reuse): an ONNX file written by `velo experiment reuse` or
+    # `pairs` (OUT/verifier.onnx). Empty: no verifier; the guard then scores rows by cosine
     # similarity.
     verifier: str = ""
     # Reuse only at a score >= this (the verifier's P(same), or the cosine similarity). 0 with a

@@ -24,7 +24,7 @@ from velo.core.policy import Decision, Policy
 from velo.core.state import CachedRow, EdgeState, build_state
 from velo.core.verifier import OnnxVerifier
 from velo.edge.cache import VectorCache
-from velo.edge.embedder import Embedder
+from velo.edge.embedder import TextEmbedder
 
 
 class VectorDBError(Exception):
@@ -82,8 +82,9 @@ class PromptVectors:
 
 
 class Decider:
-    def __init__(self, embedder: Embedder, cache: VectorCache, current_policy: Callable[[], Policy],
-                 top_p: int, max_batch: int = 16, embed_workers: int = 2,
+    def __init__(self, embedder: TextEmbedder, cache: VectorCache,
+                 current_policy: Callable[[], Policy], top_p: int, max_batch: int = 16,
+                 embed_workers: int = 2,
                  verifier: OnnxVerifier | None = None, prompt_vectors: int = 0,
                  search_timeout_s: float = 10.0,
                  load: Callable[[], np.ndarray] | None = None) -> None:
@@ -132,7 +133,7 @@ class Decider:
         state = build_state(f, rows, self.top_p, self._verify(policy, prompt),
                             self.load() if self.load is not None else None)
         t3 = time.perf_counter()
-        if getattr(policy, "runs_model", False):
+        if policy.runs_model:
             decision = await asyncio.get_running_loop().run_in_executor(
                 self._policy_thread, policy.decide, state)
         else:  # a baseline: a comparison or two, cheaper than a thread hop
@@ -143,7 +144,7 @@ class Decider:
     def _verify(self, policy: Policy, prompt: str,
                 ) -> Callable[[tuple[CachedRow, ...]], np.ndarray] | None:
         """The verified state's scorer when the policy was trained on it (velo.core.state)."""
-        if getattr(policy, "state", "paper") != "verified" or self.verifier is None:
+        if policy.state != "verified" or self.verifier is None:
             return None
         return self.verifier.scorer_for(prompt)
 

@@ -6,7 +6,7 @@ call the cache admin (edged.admin).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -90,7 +90,9 @@ def _usage(usage: Usage) -> chat_pb2.Usage:
 
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: EdgeError) -> NoReturn:
+# grpc ships no stubs, so mypy cannot see that context.abort always raises.
+async def _abort(context: grpc.aio.ServicerContext,  # type: ignore[misc]
+                 exc: EdgeError) -> NoReturn:
     await context.abort(grpc.StatusCode[exc.kind.name], str(exc))
 
 
@@ -127,7 +129,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             rows = await asyncio.wait_for(asyncio.to_thread(edge.cache.count), 5)
         except Exception:
             rows = -1  # the vector DB is down; the rest of the stats still matter
-        counts = {key: value for key, value in edge.stats(rows).items()
+        counts: dict[str, Any] = {key: value for key, value in edge.stats(rows).items()
                   if key in edge_pb2.EdgeStats.DESCRIPTOR.fields_by_name}
         return edge_pb2.EdgeStats(
             edge_id=edge.cfg.edge_id, policy=edge.policies.current.name, **counts,

@@ -88,7 +88,7 @@ class HttpError(Exception):
         status, kind = HTTP_STATUS[exc.kind]
         return cls(status, str(exc), kind)
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param,
                           "code": self.status}}
 
@@ -298,7 +298,7 @@ class OpenAIFront:
                 raise HttpError(413, f"request body over {limit} bytes ([http] max_body_bytes)")
         return raw
 
-    async def _json_body(self, request: Request) -> dict:
+    async def _json_body(self, request: Request) -> dict[str, Any]:
         raw = await self._body(request)
         try:
             body = json.loads(raw)
@@ -321,7 +321,7 @@ class OpenAIFront:
         return principal.name
 
 
-def _entry(view: EntryView) -> dict:
+def _entry(view: EntryView) -> dict[str, Any]:
     return entry_record(view.proto())
 
 

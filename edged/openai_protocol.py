@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from edged.contract import Answered, CacheRules, Decided, EdgeRequest
 from velo.core.conversation import Turn
@@ -157,7 +157,7 @@ def _turn(message: Any, i: int) -> Turn:
                          "answers", "messages")
     name = message.get("name")
     return Turn(role, _text(content, i), json.dumps(calls) if calls else "",
-                call_id if role == "tool" else "", name if isinstance(name, str) else "")
+                cast(str, call_id) if role == "tool" else "", name if isinstance(name, str) else "")
 
 
 def _text(content: Any, i: int) -> str:
@@ -167,7 +167,7 @@ def _text(content: Any, i: int) -> str:
         texts = [part.get("text") if isinstance(part, dict) else None for part in content]
         if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(t, str)
                for p, t in zip(content, texts, strict=True)):
-            return "".join(texts)
+            return "".join(cast(list[str], texts))  # all str: checked just above
     raise BadRequest(f"messages[{i}].content must be text (a string or text parts)",
                      "messages")
 

@@ -20,8 +20,9 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar, cast
 
 import numpy as np
 
@@ -67,12 +68,14 @@ from velo.core.shape import (
 )
 from velo.core.state import CachedRow, EdgeState, select_row
 from velo.edge.cache import VectorCache
-from velo.edge.embedder import Embedder, EmbedderUnavailable
+from velo.edge.embedder import EmbedderUnavailable, TextEmbedder
 from velo.runtime.logs import get_logger
 from velo.runtime.serving import MAX_REQUEST_ID_CHARS, PartReport, clip, request_id_problem
 from velo.v1 import trainer_pb2
 
 log = get_logger("edged.pipeline")
+P = ParamSpec("P")
+R = TypeVar("R")
 Emit = Callable[[Event], Awaitable[None]]
 REPLAY_WORDS = 4  # a streamed reuse is replayed in pieces of this many words
 PASS_THROUGH = "pass-through"  # the "policy" of a request no policy decided
@@ -120,7 +123,7 @@ class _Fit:
 
 
 class EdgePipeline:
-    def __init__(self, cfg: EdgeConfig, embedder: Embedder, cache: VectorCache,
+    def __init__(self, cfg: EdgeConfig, embedder: TextEmbedder, cache: VectorCache,
                  cloud: CloudClient, policies: PolicyFollower, spool: Spool,
                  uploader: ExperienceUploader, report: PartReport,
                  guard: ReuseGuard | None = None, metrics: EdgeMetrics | None = None) -> None:
@@ -133,7 +136,7 @@ class EdgePipeline:
         self.counters = Counters()
         self.q_estimate = cfg.cache.satisfaction_prior  # running mean of measured q
         self.eviction_due = asyncio.Event()
-        self.background: set[asyncio.Task] = set()
+        self.background: set[asyncio.Task[None]] = set()
         self.inflight = 0
         self.shadows = 0  # shadow verifications in flight
         self.rng = np.random.default_rng(cfg.policy.seed)
@@ -172,7 +175,7 @@ class EdgePipeline:
         finally:
             self.inflight -= 1
 
-    async def stream(self, request: EdgeRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: EdgeRequest) -> AsyncGenerator[Event, None]:
         """Serve one request as events: Decided, Pieces of text, then Answered. An error is
         raised where it happens (before Decided: nothing was served). Leaving the iteration
         early cancels the request: nothing partial is cached."""
@@ -220,13 +223,15 @@ class EdgePipeline:
             if candidate.trusted:
                 row = candidate.row  # the verifier's best, not eq. 4's pick
             else:  # the guard does not trust this reuse: ask the LLM instead
+                assert self.guard is not None  # a candidate comes from the guard only
                 self.guard.vetoed += 1
                 action, row = Action.FORWARD, None
-        bypass: list[str] = []
+        bypass = []
         superseded: tuple[int, ...] = ()
         if request.cache.no_cache:
             # The LLM answers; what this request would have been served from is replaced.
             if action is Action.REUSE:
+                assert row is not None  # only a FORWARD leaves row None
                 superseded = self._would_serve(state, row)
             action, row = Action.FORWARD, None
             bypass.append("no-cache")
@@ -243,6 +248,7 @@ class EdgePipeline:
 
         cloud_s, saved, generation = 0.0, None, None
         if action is Action.REUSE:
+            assert row is not None  # only a FORWARD leaves row None
             answer, facts = row.answer, row.facts
             usage = saved = Usage(facts.prompt_tokens, facts.completion_tokens, facts.estimated)
             finish = facts.finish_reason
@@ -250,7 +256,9 @@ class EdgePipeline:
                 for piece in replay_pieces(answer):
                     await emit(Piece(piece))
         else:
-            context = [(row.question, row.answer)] if action is Action.AUGMENT else []
+            # An AUGMENT has its row (only a FORWARD leaves row None).
+            context = [(cast(CachedRow, row).question, cast(CachedRow, row).answer)] \
+                if action is Action.AUGMENT else []
             generation = await self._generate(request, request_id, max_tokens, context, emit,
                                               has_rows=bool(state.rows))
             answer, cloud_s, finish = generation.text, generation.cloud_s, \
@@ -414,6 +422,7 @@ class EdgePipeline:
                     rec.answer_vec, q_used - rec.d, tenant=rec.tenant, facts=rec.facts)
         else:
             # Write-behind (velo.edge.cache): no Milvus call here, so no thread either.
+            assert rec.row is not None  # a REUSE or AUGMENT has its row
             self.cache.update_row(rec.row, rec.scope, rec.row.hits + 1,
                                   qos.updated_value(rec.row.value, q_used, rec.d))
         if rec.q is not None:
@@ -454,6 +463,7 @@ class EdgePipeline:
         if rec.q is None:
             return
         if rec.candidate is not None and rec.decision.action is Action.REUSE:
+            assert self.guard is not None  # a candidate comes from the guard only
             self.guard.observe(rec.candidate, rec.q, reused=True)
         self.counters.shadow_verified += 1
         self.q_estimate += 0.05 * (rec.q - self.q_estimate)
@@ -465,6 +475,10 @@ class EdgePipeline:
     async def _verify_candidate(self, rec: _Record) -> None:
         """After a forward: would the best cached row have been right? Its answer against the
         fresh one is a verified outcome at no LLM cost (edged.reuse)."""
+        # Spawned for a FORWARD with a candidate (from the guard), after _record embedded the
+        # answer.
+        assert rec.candidate is not None and self.guard is not None
+        assert rec.answer_vec is not None
         row_vec = await asyncio.to_thread(self.embedder.embed_one, rec.candidate.row.answer)
         self.guard.observe(rec.candidate, qos.satisfaction(row_vec, rec.answer_vec),
                            reused=False)
@@ -486,7 +500,7 @@ class EdgePipeline:
             return False
         return True
 
-    async def _vector_db(self, method: Callable, *args: object, **kwargs: object) -> object:
+    async def _vector_db(self, method: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await asyncio.to_thread(method, *args, **kwargs)
         except Exception as exc:  # pymilvus raises many types; the caller needs one status
@@ -503,7 +517,7 @@ class EdgePipeline:
         self.background.add(task)
         task.add_done_callback(self._background_done)
 
-    def _background_done(self, task: asyncio.Task) -> None:
+    def _background_done(self, task: asyncio.Task[None]) -> None:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background step failed", error=repr(task.exception()))
@@ -599,7 +613,8 @@ class _Record:
 
     def experience_encoder(self, edge_id: str) -> Encoder:
         def encode(seq: int) -> bytes:
-            return trainer_pb2.Experience(
+            # protobuf's runtime is untyped here: SerializeToString is Any to mypy.
+            return cast(bytes, trainer_pb2.Experience(
                 edge_id=edge_id, seq=seq, unix_time=time.time(),
                 correlation=self.state.correlation.ravel().tolist(),
                 top_p=self.state.correlation.shape[1],
@@ -610,7 +625,7 @@ class _Record:
                 has_satisfaction=self.q is not None, satisfaction=self.q or 0.0,
                 shadow_verified=self.shadow, request_id=self.request_id,
                 load=self.state.load.tolist(),
-            ).SerializeToString()
+            ).SerializeToString())
         return encode
 
 

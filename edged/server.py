@@ -16,6 +16,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from edged.admin import CacheAdmin
 from edged.announcements import AnnouncementListener
@@ -39,6 +40,9 @@ from velo.runtime.security import dial, read_token
 from velo.runtime.serving import UNDECIDED, Daemon, Undecided
 from velo.v1 import edge_pb2_grpc
 
+if TYPE_CHECKING:
+    from velo.edge.triton_embedder import TritonEmbedder
+
 log = get_logger("edged")
 
 VECTOR_DB_PROBE_S = 2.0  # how often Milvus is probed while it answers (every second if not)
@@ -48,7 +52,7 @@ EMBEDDER = "embedder"
 CACHE_SIZE_S = 30.0  # how often the reuse threshold is fitted to the cache's size again
 
 
-def _guard_stats(guard: ReuseGuard | None) -> dict:
+def _guard_stats(guard: ReuseGuard | None) -> dict[str, float]:
     if guard is None:
         return {}
     return {"reuses_vetoed": guard.vetoed, "reuses_verified": guard.verified,
@@ -87,7 +91,8 @@ class Edged(Daemon):
         self.http: HttpServer | None = None
         self.entries_deleted = 0  # by operators (edged.admin)
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-db-probe")
-        self._vector_db_probe: asyncio.Future | None = None  # the last one, maybe still running
+        # The last probe, maybe still running.
+        self._vector_db_probe: asyncio.Future[str | None] | None = None
         self._vector_db_slow = 0  # probes in a row that ran out of time
 
     async def startup(self) -> None:
@@ -238,7 +243,8 @@ class Edged(Daemon):
 
     async def _probe_embedder(self) -> str | None:
         """A remote embedder (Triton): the edge is not SERVING while it is down."""
-        return await asyncio.to_thread(self.embedder.check)
+        # Watched only when the embedder has `check`, which only TritonEmbedder has.
+        return await asyncio.to_thread(cast("TritonEmbedder", self.embedder).check)
 
     async def shutdown(self) -> None:
         if self.http is not None:

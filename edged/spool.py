@@ -80,7 +80,8 @@ class Spool:
         return (self._pragma("page_count") - self._pragma("freelist_count")) * self._page_size
 
     def _meta(self, key: str) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        value: int = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        return value
 
     def _add_meta(self, key: str, delta: int) -> None:
         self._db.execute("UPDATE meta SET value = value + ? WHERE key = ?", (delta, key))

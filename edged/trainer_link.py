@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 
@@ -37,6 +38,15 @@ FALLBACK_VERSIONS = 8  # older versions tried when the latest is refused
 TRAINER = "trainer"
 
 
+class _PolicyArgs(TypedDict):
+    """OnnxPolicy's keyword arguments that come from the edge's config."""
+
+    top_p: int
+    embed_dim: int
+    sample: bool
+    seed: int
+
+
 async def _no_report(part: str, ok: bool, reason: str) -> None:
     return None
 
@@ -44,7 +54,9 @@ async def _no_report(part: str, ok: bool, reason: str) -> None:
 class ExperienceUploader:
     def __init__(self, channel: grpc.aio.Channel | None, spool: Spool, batch: int,
                  report: PartReport = _no_report, timeout_s: float = 30.0) -> None:
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
+        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
+        self.stub = (trainer_pb2_grpc.TrainerServiceStub(channel)
+                     if channel else None)
         self.spool, self.batch, self.report = spool, batch, report
         self.timeout_s = timeout_s  # deadline of one upload stream
         self.sent = 0
@@ -80,6 +92,7 @@ class ExperienceUploader:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _upload(self, pending: list[tuple[int, bytes]]) -> None:
+        assert self.stub is not None  # only run() uploads, and only while it has a stub
         records = [trainer_pb2.Experience.FromString(body) for _, body in pending]
         try:
             ack = await self.stub.ReportExperience(iter(records), timeout=self.timeout_s)
@@ -113,14 +126,17 @@ class PolicyFollower:
                  report: PartReport = _no_report, has_verifier: bool = False,
                  fills_load: Callable[[], bool] = lambda: False,
                  timeout_s: float = 60.0) -> None:
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(channel) if channel else None
+        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
+        self.stub = (trainer_pb2_grpc.TrainerServiceStub(channel)
+                     if channel else None)
         self.timeout_s = timeout_s  # deadline of one policy download
         self.current: Policy = baseline
         self.store_dir = store_dir
         self.max_bytes, self.report = max_bytes, report
         self.has_verifier = has_verifier  # a "verified"-state policy needs [reuse] verifier
         self.fills_load = fills_load  # a load-aware policy needs a cloud reporting its load
-        self._args = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample, "seed": seed}
+        self._args: _PolicyArgs = {"top_p": top_p, "embed_dim": embed_dim, "sample": sample,
+                                   "seed": seed}
         self.rejected: dict[int, str] = {}  # version -> why; never fetched again
         self.swapped = asyncio.Event()  # set after every successful swap (tests wait on it)
         # The watch stream and MQTT announcements (edged.announcements) may both ask for the
@@ -184,6 +200,9 @@ class PolicyFollower:
     async def _fetch_locked(self, version: int, announced: Announcement | None) -> bool:
         if version in self.rejected:
             return False
+        # run() fetches only with a stub; announcements are followed only with a trainer
+        # channel (edged.server), which gives one.
+        assert self.stub is not None
         try:
             policy = await self.stub.GetPolicy(trainer_pb2.GetPolicyRequest(version=version),
                                                timeout=self.timeout_s)
@@ -249,7 +268,7 @@ class PolicyFollower:
         self.swapped.set()
         log.info("policy swapped", policy=policy.name, sha256=policy.sha256[:12])
 
-    def _save(self, body: bytes, meta: dict) -> None:
+    def _save(self, body: bytes, meta: dict[str, int | str]) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         for name, data in (("current.onnx", body), ("current.json", json.dumps(meta).encode())):
             tmp = self.store_dir / (name + ".tmp")

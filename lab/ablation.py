@@ -1,4 +1,4 @@
-"""`velo experiment --ablation`: does LRS stop reusing wrong answers when it sees the verifier?
+"""`velo experiment ablation`: does LRS stop reusing wrong answers when it sees the verifier?
 
 For each workload (QA files), offload mode and reward, LRS is trained twice on the simulator,
 once on the paper's state and once on the `verified` state (c^s replaced by the verifier's
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.sim import SimConfig, SimEnv
+from lab.sim import ORACLE, SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
 from velo.core.policy import CachePolicy, GreedyLLMPolicy, RandomPolicy
@@ -44,22 +44,22 @@ def run_case(case: Case, scale, verifier: Path, latencies: Path, cache_dir: Path
     env = SimEnv(cfg, items, _embedder(), None, latencies, cache_dir)
     tuning = {t: evaluate(env, CachePolicy(t), scale.eval_steps, case.seed + 500,
                           split="train")["reward"] for t in THETAS}
-    theta = max(tuning, key=tuning.get)
+    theta = max(tuning, key=lambda t: tuning[t])
     results[f"cache-{theta} (tuned)"] = evaluate(env, CachePolicy(theta), scale.eval_steps,
                                                  case.seed + 1000)
     results["random"] = evaluate(env, RandomPolicy(case.seed), scale.eval_steps, case.seed + 1000)
     results["greedy-llm"] = evaluate(env, GreedyLLMPolicy(), scale.eval_steps, case.seed + 1000)
-    results["oracle"] = evaluate(env, "oracle", scale.eval_steps, case.seed + 1000)
-    for state, environment in (("paper", env), ("verified", None)):
-        if environment is None:
+    results["oracle"] = evaluate(env, ORACLE, scale.eval_steps, case.seed + 1000)
+    for state in ("paper", "verified"):
+        if state == "verified":
             env.close()
-            environment = SimEnv(cfg, items, _embedder(), None, latencies, cache_dir,
-                                 verifier=OnnxVerifier(verifier))
-        demos = collect_demos(environment, scale.demos, case.seed + 1)
-        policy, _ = train_policy(environment, "lrs", scale, case.seed, demos)
-        results[f"lrs ({state} state)"] = evaluate(environment, policy, scale.eval_steps,
+            env = SimEnv(cfg, items, _embedder(), None, latencies, cache_dir,
+                         verifier=OnnxVerifier(verifier))
+        demos = collect_demos(env, scale.demos, case.seed + 1)
+        policy, _ = train_policy(env, "lrs", scale, case.seed, demos)
+        results[f"lrs ({state} state)"] = evaluate(env, policy, scale.eval_steps,
                                                    case.seed + 1000)
-    environment.close()
+    env.close()
     normalise(results)
     return results
 

@@ -1,4 +1,5 @@
-"""`velo experiment`: the paper's evaluation (§IV-C, Fig. 4-10) on the simulator, over seeds.
+"""`velo experiment figures`: the paper's evaluation (§IV-C, Fig. 4-10) on the simulator, over
+seeds.
 
 Each figure varies one setting around the reference point (w = 0.1, 3 edges, the whole training
 set) in one offload mode; every (setting, seed) is one independent run: train the learned
@@ -22,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,13 +31,25 @@ import torch
 from lab.design import Figure, RunResult, Setting
 from lab.figures import plot_curves, plot_sweep
 from lab.memory_cache import MemoryCache
-from lab.sim import EmbeddedTexts, SimConfig, SimEnv, item_texts, measure_embedding
+from lab.sim import (
+    ORACLE,
+    EmbeddedTexts,
+    Oracle,
+    SimConfig,
+    SimEnv,
+    item_texts,
+    measure_embedding,
+)
 from lab.train import LEARNED as VARIANTS
 from lab.train import collect_demos, evaluate, train
 from velo.core import qos
-from velo.core.policy import OnnxPolicy, baseline_from_name
+from velo.core.policy import OnnxPolicy, Policy, baseline_from_name
 from velo.core.records import load_qa
+from velo.edge.embedder import TextEmbedder
 from velo.learning.lrs import LRSConfig
+
+if TYPE_CHECKING:
+    from velo.edge.embedder import Embedder
 
 BASELINES = ("random", "greedy-0.1", "greedy-0.3", "greedy-0.5", "cache-0.5", "greedy-llm")
 LEARNED = tuple(VARIANTS)  # mappo, g-mappo, t-mappo, lrs
@@ -115,12 +128,13 @@ def run_job(job: Job) -> RunResult:
     if any(VARIANTS.get(p, (False, False))[1] for p in job.policies):
         demos = collect_demos(env, job.scale.demos, job.seed + 1)
     for name in job.policies:
+        policy: Policy | Oracle
         if name in VARIANTS:
             curves[name] = []
             policy, _ = train_policy(env, name, job.scale, job.seed, demos, curves[name],
                                      gate_seed=job.seed + 500)
         elif name == "oracle":
-            policy = "oracle"
+            policy = ORACLE
         else:
             policy = baseline_from_name(name, job.seed)
         metrics[name] = evaluate(env, policy, job.scale.eval_steps, job.seed + 1000)
@@ -155,6 +169,7 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
     def gate(lrs) -> float:
         policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
                             embed_dim=cfg.embed_dim, sample=False)
+        assert gate_seed is not None  # the gate runs only with a seed of its own
         return evaluate(env, policy, scale.eval_steps, gate_seed, split="train")["reward"]
 
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
@@ -266,16 +281,17 @@ def pairs_benchmark(pairs_path: Path, job: Job, out: Path, delta: float | None,
     return report
 
 
-# A --feedback workload: its name, the intents (texts that mean the same), their conversation
-# scopes (None: one scope) and the embedder's constructor.
-FeedbackWorkload = tuple[str, list[tuple[str, ...]], list[str] | None, Callable[[], object]]
+# A `velo experiment feedback` workload: its name, the intents (texts that mean the same),
+# their conversation scopes (None: one scope) and the embedder's constructor.
+FeedbackWorkload = tuple[str, list[tuple[str, ...]], list[str] | None,
+                         Callable[[], TextEmbedder]]
 
 
 def feedback_workload(path: Path) -> FeedbackWorkload:
-    """What `--feedback` learns on in PATH, recognised from its content: a/b/label pairs
-    (lab.pairs.load_pairs) give the duplicate clusters of the test split of lab.verifier's split;
-    QA records with `paraphrases` give restatement intents, scoped by conversation context when
-    the file has `history`, embedded by multilingual USE when a restatement is not English.
+    """What `velo experiment feedback` learns on in PATH, recognised from its content: a/b/label
+    pairs (lab.pairs.load_pairs) give the duplicate clusters of the test split of lab.verifier's
+    split; QA records with `paraphrases` give restatement intents, scoped by conversation context
+    when the file has `history`, embedded by multilingual USE when a restatement is not English.
     ValueError naming the file (and line) for a file it cannot use."""
     from lab import feedback
     from lab.multiturn import record_problem
@@ -340,7 +356,7 @@ def feedback_experiment(out: Path, paths: Iterable[Path], cache_dir: Path, seeds
         except ValueError as exc:
             skipped.append(f"Skipped {exc}")
     if not workloads:
-        raise SystemExit("\n".join(["velo experiment --feedback: no file it can use", *skipped]))
+        raise SystemExit("\n".join(["velo experiment feedback: no file it can use", *skipped]))
     md = ["# Learning from feedback\n",
           f"Each workload: {seeds} streams of {requests} requests, intents by Zipf popularity "
           f"(skew {SimConfig.skew}), a uniform restatement each; every forward verifies the best "
@@ -404,8 +420,8 @@ def multilingual_experiment(out: Path, path: Path, cache_dir: Path, delta: float
 
 def live_experiment(job: Job, out: Path, requests: int, state_dir: Path, max_tokens: int = 48,
                     milvus_uri: str = "", milvus_token: str = "") -> str:
-    """`--live`: LRS trained on the simulator, then the real stack and the simulator side by
-    side on the same requests (lab.live). Returns the Markdown report."""
+    """`velo experiment live`: LRS trained on the simulator, then the real stack and the
+    simulator side by side on the same requests (lab.live). Returns the Markdown report."""
     from lab import live
 
     env = make_env(job)
@@ -455,10 +471,10 @@ def normalise(metrics: dict[str, dict[str, float]]) -> None:
         m["normalized"] = (m["reward"] - low) / (high - low) if high != low else float("nan")
 
 
-_EMBEDDER = None
+_EMBEDDER: Embedder | None = None
 
 
-def _embedder():
+def _embedder() -> Embedder:
     """One ONNX embedder per worker process (only needed to embed a new data set once)."""
     global _EMBEDDER
     if _EMBEDDER is None:
@@ -513,9 +529,12 @@ def plan(figures: list[int], scale: Scale) -> dict[tuple[Setting, int], tuple[st
     return runs
 
 
+Progress = Callable[[Iterable[RunResult], int], Iterable[RunResult]]  # (runs, count) -> runs
+
+
 def run_experiment(figures: list[int], scale: Scale, data: Path, latencies: Path, out: Path,
                    cache_dir: Path, jobs: int = 2, recalibrate: bool = False,
-                   progress: Callable[[int], Iterable] | None = None) -> list[RunResult]:
+                   progress: Progress | None = None) -> list[RunResult]:
     edge_s = calibrate(out, data, cache_dir, recalibrate)
     work = [Job(setting, seed, policies, scale, data, latencies, cache_dir, edge_s)
             for (setting, seed), policies in plan(figures, scale).items()]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,7 +18,7 @@ PANELS = (("reward", "(a) reward"), ("q", "(b) satisfaction q"), ("d", "(c) dela
           ("llm_freq", "(d) LLM direct-request frequency"))
 X_LABEL = {"w": "weight ratio w", "edges": "number of edge servers",
            "train_share": "training-set size (share of the QA items)"}
-STYLE = {  # one fixed look per policy across every figure
+STYLE: dict[str, dict[str, Any]] = {  # one fixed look per policy across every figure
     "random": dict(color="tab:gray", marker="x"),
     "greedy-0.1": dict(color="tab:blue", marker="v"),
     "greedy-0.3": dict(color="tab:cyan", marker="^"),

@@ -1,6 +1,6 @@
-"""`velo experiment --live`: a small version of the experiment through the real daemons and the
+"""`velo experiment live`: a small version of the experiment through the real daemons and the
 real local LLM, next to the simulator's numbers for the same policies and the same requests.
-`--live --load` (run_burst): a load-aware LRS edge and a tuned static edge share one cloud
+`velo experiment burst` (run_burst): a load-aware LRS edge and a tuned static edge share one cloud
 through a calm phase, a burst and a calm phase again.
 
 One edge per policy (Cache-0.5, Greedy-0.5, Random and LRS); every request of the test stream
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.train import Metrics
+from velo.core.policy import Policy
 from velo.core.records import QAItem
 from velo.ops.replay import Outcome, replay
 from velo.ops.stack import Stack, StackConfig
@@ -117,7 +118,7 @@ def live_metrics(outcomes: list[Outcome]) -> dict[str, float]:
     }
 
 
-def simulated(env, policies: dict[str, object], arrivals: list[Arrival]) -> dict[str, dict]:
+def simulated(env, policies: dict[str, Policy], arrivals: list[Arrival]) -> dict[str, dict]:
     """The same arrivals through the simulator (one edge, empty cache) for each policy."""
     index = {item.id: n for n, item in enumerate(env.items)}
     results = {}
@@ -129,8 +130,7 @@ def simulated(env, policies: dict[str, object], arrivals: list[Arrival]) -> dict
                 continue  # no second answer: the simulator cannot answer it with B
             states = env.observe_arrivals([(index[arrival.item.id], arrival.text)])
             result, _ = env.step([policy.decide(states[0]).action])
-            if hasattr(policy, "observe"):
-                policy.observe(result.actions[0], result.outcomes[0].q, result.outcomes[0].d)
+            policy.observe(result.actions[0], result.outcomes[0].q, result.outcomes[0].d)
             metrics.add(result)
         results[name] = metrics.summary()
     return results

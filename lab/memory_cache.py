@@ -1,5 +1,5 @@
 """An in-memory stand-in for the edge's Milvus cache, for simulations that run thousands of
-episodes (`velo experiment`).
+episodes (`velo experiment figures`, `load`, ...).
 
 Same interface and semantics as `velo.edge.cache.VectorCache` for what the simulator uses: two rows
 per QA pair, exact top-P by L2 distance within a tenant (what Milvus returns for the few
@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import replace
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -20,7 +21,23 @@ from velo.core.state import ANSWER, QUESTION, CachedRow
 from velo.edge.cache import MAX_TEXT_BYTES, eviction_mask
 
 
-class MemoryCache:
+class SimCache(Protocol):
+    """What the simulator asks of an edge's cache. VectorCache (real Milvus) and MemoryCache
+    both keep it; `scope` is where a pair is looked up (the simulated tenant)."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def drop(self) -> None: ...
+    def clear(self) -> None: ...
+    def count(self) -> int: ...
+    def search(self, vector: np.ndarray, tenant: str, top_p: int) -> list[CachedRow]: ...
+    def insert_pair(self, scope: str, question: str, answer: str, question_vec: np.ndarray,
+                    answer_vec: np.ndarray, value: float) -> int | None: ...
+    def update_row(self, row: CachedRow, tenant: str, hits: int, value: float) -> CachedRow: ...
+    def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float) -> int: ...
+
+
+class MemoryCache(SimCache):
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.rows: dict[int, tuple[str, CachedRow]] = {}  # id -> (tenant, row)
@@ -57,14 +74,14 @@ class MemoryCache:
     def count(self) -> int:
         return len(self.rows)
 
-    def insert_pair(self, tenant: str, question: str, answer: str, question_vec: np.ndarray,
+    def insert_pair(self, scope: str, question: str, answer: str, question_vec: np.ndarray,
                     answer_vec: np.ndarray, value: float) -> int | None:
         if max(len(question.encode()), len(answer.encode())) > MAX_TEXT_BYTES:
             return None
         pair_id, now = secrets.randbits(61), time.time()
         for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec)):
             row_id = pair_id * 2 + kind - 1
-            self.rows[row_id] = (tenant, CachedRow(
+            self.rows[row_id] = (scope, CachedRow(
                 id=row_id, pair_id=pair_id, kind=kind, question=question, answer=answer, hits=0,
                 value=float(value), created=now, distance=0.0,
                 vector=np.asarray(vec, dtype=np.float32)))
@@ -94,6 +111,7 @@ class MemoryCache:
 
     def _rebuild(self) -> None:
         self._ids = np.array(list(self.rows), dtype=np.int64)
-        self._vectors = (np.stack([row.vector for _, row in self.rows.values()])
+        # Every row here was inserted with its vector (insert_pair).
+        self._vectors = (np.stack([cast(np.ndarray, row.vector) for _, row in self.rows.values()])
                          if self.rows else np.zeros((0, self.dim), dtype=np.float32))
         self._stale = False

@@ -1,4 +1,4 @@
-"""Cross-lingual reuse (`velo experiment --multilingual FILE`): xquad's questions cached in
+"""Cross-lingual reuse (`velo experiment multilingual FILE`): xquad's questions cached in
 English, asked in Spanish, German, Chinese and Russian (human translations), with MiniLM and
 with the multilingual USE embedder (velo.edge.embedder).
 

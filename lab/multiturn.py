@@ -1,4 +1,4 @@
-"""Multi-turn reuse (`velo experiment --multiturn FILE`): conversation-aware keys against a cache
+"""Multi-turn reuse (`velo experiment multiturn FILE`): conversation-aware keys against a cache
 keyed on the last message alone, on any conversation file in the QA format (the data README):
 one turn a line, `question`, and `history` (the earlier turns as chat messages; empty or absent
 for a first turn). `multiturn_dev.jsonl` is one.

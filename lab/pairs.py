@@ -1,4 +1,4 @@
-"""A labelled false-hit benchmark in the GPTCache / vCache style (`velo experiment --pairs`).
+"""A labelled false-hit benchmark in the GPTCache / vCache style (`velo experiment pairs`).
 
 The pairs are split by connected component (lab.verifier.split_by_component) into train (the
 verifier learns there), calibration (δ is calibrated there) and test (everything printed is
@@ -28,6 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,7 +198,7 @@ def calibrate(calib: list[Query], test: list[Query], rule: str, delta: float) ->
     threshold = math.inf  # reuse nothing if no threshold meets the bound
     for t in sorted({round(q.scores[rule], 6) for q in calib if q.scores[rule] > -1.0}):
         c = at_threshold(calib, rule, t)
-        if wilson_upper(c["wrong_hits"], c["queries"]) <= delta:
+        if wilson_upper(int(c["wrong_hits"]), int(c["queries"])) <= delta:
             threshold = t
             break
     measured = at_threshold(test, rule, threshold)
@@ -264,7 +265,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    styles = {"cosine": dict(color="tab:brown", marker="s", markersize=3,
+    styles: dict[str, dict[str, Any]] = {"cosine": dict(color="tab:brown", marker="s", markersize=3,
                              label="Cache-θ (static cosine threshold)"),
               "verifier": dict(color="tab:blue", marker="o", markersize=3,
                                label="learned verifier, P(same) ≥ τ"),

@@ -1,4 +1,4 @@
-"""`velo experiment --reuse`: is reuse right at any scale, on every data set we have?
+"""`velo experiment reuse`: is reuse right at any scale, on every data set we have?
 
 Trains the verifier of reuse (velo.core.verifier) on the training splits of the given files,
 calibrates its thresholds against the cache size, and measures on the test splits:
@@ -163,11 +163,11 @@ def score(pairs: list[Pair], index: Index, vectors, verifier: OnnxVerifier) -> l
         if not rows:
             out.append(Scored(text, frozenset(right[text]), -1.0, None, -1.0, None))
             continue
-        p = verifier.p_same(np.stack([pair_features(text, r, edge_similarity(s))
-                                      for r, s in rows]))
-        best = int(np.argmax(p))
+        p_same = verifier.p_same(np.stack([pair_features(text, r, edge_similarity(s))
+                                           for r, s in rows]))
+        best = int(np.argmax(p_same))
         out.append(Scored(text, frozenset(right[text]), rows[0][1], rows[0][0],
-                          float(p[best]), rows[best][0]))
+                          float(p_same[best]), rows[best][0]))
     return out
 
 
@@ -251,7 +251,7 @@ def run(paths: list[Path], out: Path, cache_dir: Path, delta: float = 0.05, seed
     sets = [load_set(p, seed) for p in paths]
     mains = [d for d in sets if d.labelled_both_ways]
     if not mains:
-        raise ValueError("--reuse needs one pairs file with both labels (the main one, e.g. "
+        raise ValueError("it needs one pairs file with both labels (the main one, e.g. "
                          "qqp_pairs_dev.jsonl): δ is calibrated and checked on it")
     main = mains[0]
     extra = sorted({i.question for p in distractor_paths for i in load_qa(p)})

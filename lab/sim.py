@@ -40,13 +40,14 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lab.cloud import Arrivals, EdgeLink, SharedCloud, trace_gaps
-from lab.memory_cache import MemoryCache
+from lab.memory_cache import MemoryCache, SimCache
 from velo.core import qos
 from velo.core.load import load_vector
 from velo.core.qos import Action
@@ -54,7 +55,7 @@ from velo.core.records import QAItem
 from velo.core.state import EdgeState, build_state, select_row
 from velo.core.verifier import OnnxVerifier
 from velo.edge.cache import VectorCache, VectorDBConfig
-from velo.edge.embedder import Embedder
+from velo.edge.embedder import Embedder, TextEmbedder
 
 TENANT = "sim"
 
@@ -105,6 +106,17 @@ class Outcome:
     row_id: int | None = None  # the cached row used (A and C)
 
 
+class Oracle:
+    """The Oracle baseline: each step's hindsight-best actions (SimEnv.best_actions), read from
+    outcomes no edge can see. Not a Policy of the state: evaluate() asks the environment."""
+
+    name = "oracle"
+    version = 0
+
+
+ORACLE = Oracle()
+
+
 @dataclass
 class StepResult:
     actions: list[Action]
@@ -130,18 +142,18 @@ def item_texts(items: list[QAItem]) -> set[str]:
 class EmbeddedTexts:
     """Every text of a data set embedded once with the real ONNX embedder, cached on disk."""
 
-    def __init__(self, texts: set[str], embedder: Embedder, cache_dir: Path) -> None:
-        texts = sorted(texts)
-        digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    def __init__(self, texts: set[str], embedder: TextEmbedder, cache_dir: Path) -> None:
+        ordered = sorted(texts)
+        digest = hashlib.sha256(json.dumps(ordered).encode()).hexdigest()[:16]
         path = cache_dir / f"embeddings-{digest}-{embedder.dim}.npz"
         if path.exists():
             vectors = np.load(path)["vectors"]
         else:
-            vectors = np.concatenate([embedder.embed(texts[i : i + 64])
-                                      for i in range(0, len(texts), 64)])
+            vectors = np.concatenate([embedder.embed(ordered[i : i + 64])
+                                      for i in range(0, len(ordered), 64)])
             cache_dir.mkdir(parents=True, exist_ok=True)
             np.savez(path, vectors=vectors)
-        self.index = {t: i for i, t in enumerate(texts)}
+        self.index = {t: i for i, t in enumerate(ordered)}
         self.vectors = vectors
 
     def __getitem__(self, text: str) -> np.ndarray:
@@ -179,14 +191,14 @@ class SimEnv:
             if trace_path is None:
                 raise ValueError("utilisation > 0 needs the arrival trace (trace_path)")
             rate = cfg.utilisation * cfg.cloud_slots / float(self.latencies.mean())
-        self.clock = Arrivals(trace_gaps(trace_path) if rate else np.ones(1), rate)
+        self.clock = Arrivals(trace_gaps(trace_path) if rate and trace_path else np.ones(1), rate)
         self.links = [EdgeLink() for _ in range(cfg.edges)]
         self.rng = np.random.default_rng(cfg.seed)
         self.zipf = 1.0 / np.arange(1, len(self.items) + 1) ** cfg.skew
         self.order = self.rng.permutation(len(self.items))  # popularity rank -> item
         self.split = "train"
         run = uuid.uuid4().hex[:8]
-        self.caches: list[VectorCache | MemoryCache] = [
+        self.caches: list[SimCache] = [
             VectorCache(VectorDBConfig(uri=milvus_uri, token=milvus_token), f"sim_{run}_{n}",
                         embedder.dim)
             if milvus_uri else MemoryCache(embedder.dim) for n in range(cfg.edges)]
@@ -311,7 +323,7 @@ class SimEnv:
             return best
         valid = [self._candidates(n, self.cloud) for n in edges]
 
-        def served_reward(joint: tuple[Action, ...]) -> tuple[float, float]:
+        def served_reward(joint: Iterable[Action]) -> tuple[float, float]:
             """The served answer's reward; among equals, the edges' own rewards: an edge
             whose answer is not served gets the action that would be best were it served
             (its label as a demonstration), not whichever comes first."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lab.sim import SimEnv, StepResult
+from lab.sim import ORACLE, Oracle, SimEnv, StepResult
 from velo.core.policy import OnnxPolicy, Policy, baseline_from_name
 from velo.core.qos import Action
 from velo.learning.lrs import LRS, Demos, LRSConfig, Rollout
@@ -72,7 +72,7 @@ class Metrics:
 def collect_demos(env: SimEnv, count: int, seed: int, expert: Policy | None = None) -> Demos:
     """E_g: states visited by the Oracle with its hindsight-best actions, or by `expert` with
     its actions."""
-    states, actions = env.reset(seed), []
+    states, actions = env.reset(seed), list[int]()
     corr, emb, mask, load = [], [], [], []
     while len(actions) < count:
         chosen = env.best_actions() if expert is None else [expert.decide(s).action
@@ -163,19 +163,17 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
     return lrs
 
 
-def evaluate(env: SimEnv, policy: Policy | str, steps: int, seed: int,
+def evaluate(env: SimEnv, policy: Policy | Oracle, steps: int, seed: int,
              split: str = "test") -> dict[str, float]:
     """Run one policy on a fresh cache and the request stream of `seed` ("train": the training
     questions, for tuning a baseline without seeing the test stream)."""
     metrics = Metrics()
     states = env.reset(seed, split=split)
     for _ in range(steps):
-        if policy == "oracle":
-            actions = env.best_actions()
+        if isinstance(policy, Oracle):
+            result, states = env.step(env.best_actions())
         else:
-            actions = [policy.decide(s).action for s in states]
-        result, states = env.step(actions)
-        if hasattr(policy, "observe"):
+            result, states = env.step([policy.decide(s).action for s in states])
             for a, o in zip(result.actions, result.outcomes, strict=True):
                 policy.observe(a, o.q, o.d)
         metrics.add(result)
@@ -201,10 +199,10 @@ def run(env: SimEnv, *, policies: list[str], lrs_cfg: LRSConfig, updates: int,
                         eval_steps, log)
             # Evaluated greedy (argmax), as MAPPO evaluates: an edge runs it so with
             # `policy.sample = false` (sampling keeps exploring, which online learning needs).
-            policy: Policy | str = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
+            policy: Policy | Oracle = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
                                               embed_dim=cfg.embed_dim, sample=False)
         elif name == "oracle":
-            policy = "oracle"
+            policy = ORACLE
         else:
             policy = baseline_from_name(name, seed)
         results[name] = evaluate(env, policy, eval_steps, seed + 1000)

@@ -1,4 +1,4 @@
-"""`velo experiment --load`: the learned scheduler against tuned baselines on a loaded cloud.
+"""`velo experiment load`: the learned scheduler against tuned baselines on a loaded cloud.
 
 The cloud is a shared, finite resource (lab.cloud: 8 slots, Azure-trace arrivals scaled to an
 offered utilisation, one queue for every edge). For each workload, offload mode, reward,
@@ -23,7 +23,7 @@ import numpy as np
 
 from edged.config import EdgeConfig
 from lab.experiment import Scale, mean_std_ci95
-from lab.sim import SimConfig, SimEnv
+from lab.sim import ORACLE, SimConfig, SimEnv
 from lab.train import collect_demos, evaluate
 from lab.workers import run_cases
 from velo.core.policy import (
@@ -92,7 +92,7 @@ def demonstrations(env: SimEnv, scale, seed: int, tune_seed: int,
     the tuned load-adaptive threshold earns more on the training split. Under load it can:
     the Oracle is myopic, it forwards whenever that request gains, and the queue it builds
     costs every later request."""
-    oracle = evaluate(env, "oracle", scale.eval_steps, tune_seed, split="train")["reward"]
+    oracle = evaluate(env, ORACLE, scale.eval_steps, tune_seed, split="train")["reward"]
     return collect_demos(env, scale.demos, seed + 1,
                          adaptive if adaptive_reward > oracle else None)
 
@@ -114,7 +114,7 @@ def run_case(case: Case, scale, latencies: Path, trace: Path, cache_dir: Path, e
     adaptive = tuned_adaptive(env, scale, tune_seed)
     for name, policy in ((f"{cache.name} (tuned)", cache),
                          (f"{adaptive[0].name} (tuned)", adaptive[0]),
-                         ("random", RandomPolicy(case.seed)), ("oracle", "oracle")):
+                         ("random", RandomPolicy(case.seed)), ("oracle", ORACLE)):
         results[name] = evaluate(env, policy, scale.eval_steps, test_seed)
     demos = demonstrations(env, scale, case.seed, tune_seed, *adaptive)
     policy, _ = train_policy(env, "lrs", scale, case.seed, demos, load=True,
@@ -231,7 +231,7 @@ def report(results: list[tuple[Case, dict]], scale: Scale) -> str:
 def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies: Path,
                trace: Path, cache_dir: Path, edge_s: float, scale: Scale, seed: int = 0,
                max_tokens: int = 128, burst_concurrency: int = 16, mode: str = "all") -> str:
-    """`velo experiment --live --load`: LRS trained on the load-aware state (`mode`,
+    """`velo experiment burst`: LRS trained on the load-aware state (`mode`,
     utilisation 1.2, the correctness-aware reward) and the Cache-θ tuned there, each on an
     edge of the real stack, one shared cloudd; a third of the requests one at a time, a
     third as a burst (`burst_concurrency` at once), a third calm again. Writes OUT/burst.md

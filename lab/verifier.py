@@ -90,6 +90,9 @@ def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig
     mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
 
     class Verifier(nn.Module):
+        mean: torch.Tensor  # buffers: saved and exported with the weights
+        std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("mean", mean)
@@ -118,7 +121,8 @@ def train_verifier(features: np.ndarray, labels: np.ndarray, cfg: VerifierConfig
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(1, len(FEATURES)),), buffer,
+        # A file object is a documented target; torch's annotation names paths only.
+        torch.onnx.export(model, (torch.zeros(1, len(FEATURES)),), buffer,  # type: ignore[arg-type]
                           input_names=["features"], output_names=["p_same"],
                           dynamic_axes={"features": {0: "batch"}, "p_same": {0: "batch"}},
                           opset_version=17, dynamo=False)

@@ -603,12 +603,12 @@ async def test_a_learned_policy_decides_off_the_event_loop() -> None:
     import threading
 
     from edged.decision import Decider
-    from velo.core.policy import Decision
+    from velo.core.policy import Decision, Policy
     from velo.core.qos import Action
 
     threads: list[str] = []
 
-    class Learned:
+    class Learned(Policy):
         name, version, runs_model = "learned", 1, True
 
         def decide(self, state) -> Decision:

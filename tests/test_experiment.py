@@ -1,4 +1,4 @@
-"""`velo experiment --quick`: every figure's outputs exist and are well formed, the measures
+"""`velo experiment figures --quick`: every figure's outputs exist and are well formed, the measures
 obey what their definitions force, and a run repeated with the same seed gives the same numbers."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ LATENCIES = ROOT / "data" / "llm_latency_llmperf.jsonl"
 def quick_run(exported_embedder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("experiment")
     result = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--quick", "--data", str(DATA),
-         "--out", str(out), "--jobs", "2"],
+        [sys.executable, "-m", "velo_cli", "experiment", "figures", "--quick", "--data",
+         str(DATA), "--out", str(out), "--jobs", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=1100)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LRS reward vs the best baseline" in result.stdout
@@ -242,13 +242,18 @@ def test_feedback_recognises_each_file_by_its_content(tmp_path) -> None:
     assert f"{bad}:2: not a JSON line" in message and "missing.jsonl: cannot read it" in message
 
 
-def test_feedback_and_ablation_take_files() -> None:
+def test_each_experiment_is_a_subcommand_with_its_own_options() -> None:
+    from velo_cli import experiment
     from velo_cli.main import build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["experiment", "--feedback", "a.jsonl", "b.jsonl", "--out", "o"])
-    assert args.feedback == [Path("a.jsonl"), Path("b.jsonl")] and args.ablation is None
-    args = parser.parse_args(["experiment", "--ablation", "c.jsonl"])
-    assert args.ablation == [Path("c.jsonl")] and args.feedback is None
-    args = parser.parse_args(["experiment", "--feedback", "--ablation"])  # no files: defaults
-    assert args.feedback == [] and args.ablation == []
+    args = parser.parse_args(["experiment", "feedback", "a.jsonl", "b.jsonl", "--out", "o"])
+    assert args.run is experiment.feedback and args.files == [Path("a.jsonl"), Path("b.jsonl")]
+    args = parser.parse_args(["experiment", "ablation", "c.jsonl", "--quick"])
+    assert args.run is experiment.ablation and args.files == [Path("c.jsonl")] and args.quick
+    args = parser.parse_args(["experiment", "load"])  # no files: the defaults
+    assert args.run is experiment.load and args.files == []
+    with pytest.raises(SystemExit):  # an option of another experiment
+        parser.parse_args(["experiment", "feedback", "--paper-state"])
+    with pytest.raises(SystemExit):  # which experiment must be said
+        parser.parse_args(["experiment", "--quick"])

@@ -1,4 +1,4 @@
-"""`velo experiment --pairs` (the labelled false-hit benchmark) and `--live` (the real stack next
+"""`velo experiment pairs` (the labelled false-hit benchmark) and `live` (the real stack next
 to the simulator on the same requests)."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def test_pairs_benchmark_counts_hits_and_respects_the_bound(exported_embedder, t
     pairs.write_text("".join(source.read_text().splitlines(keepends=True)[:300]))
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--quick", "--data", str(DATA),
-         "--pairs", str(pairs), "--delta", "0.1", "--out", str(out)],
+        [sys.executable, "-m", "velo_cli", "experiment", "pairs", str(pairs), "--quick",
+         "--data", str(DATA), "--delta", "0.1", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "pairs.png").read_bytes()[:4] == b"\x89PNG"
@@ -102,7 +102,7 @@ def test_a_given_verifier_is_scored_on_any_pairs_without_retraining(exported_emb
     pairs = _head(SHARED_DATA / "qqp_pairs_dev.jsonl", 200, tmp_path / "mine.jsonl")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--pairs", str(pairs), "--no-retrain",
+        [sys.executable, "-m", "velo_cli", "experiment", "pairs", str(pairs), "--no-retrain",
          "--verifier", str(ROOT / "docs" / "reuse" / "verifier.onnx"), "--no-lrs",
          "--delta", "0.05", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -113,7 +113,7 @@ def test_a_given_verifier_is_scored_on_any_pairs_without_retraining(exported_emb
     md = (out / "pairs.md").read_text()
     assert "as it is" in md and "δ = 0.05 (verifier)" in md
     missing = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--pairs", str(pairs), "--no-retrain",
+        [sys.executable, "-m", "velo_cli", "experiment", "pairs", str(pairs), "--no-retrain",
          "--verifier", str(tmp_path / "nope.onnx"), "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert missing.returncode != 0 and "nope.onnx is not a readable file" in missing.stderr
@@ -128,7 +128,7 @@ def test_the_reuse_benchmark_prints_every_table_on_any_files(exported_embedder,
         ("paraphrase_pairs_dev.jsonl", 100))]
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--reuse", *map(str, files),
+        [sys.executable, "-m", "velo_cli", "experiment", "reuse", *map(str, files),
          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "reuse.json").read_text())
@@ -143,6 +143,6 @@ def test_the_reuse_benchmark_prints_every_table_on_any_files(exported_embedder,
     assert rows == sorted(rows) and taus == sorted(taus)  # more rows, a stricter threshold
     assert "## 1. δ at any size" in result.stdout
     only_positives = subprocess.run(
-        [sys.executable, "-m", "velo_cli", "experiment", "--reuse", str(files[2]),
+        [sys.executable, "-m", "velo_cli", "experiment", "reuse", str(files[2]),
          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert only_positives.returncode != 0 and "both labels" in only_positives.stderr

@@ -48,7 +48,8 @@ def export_mlp_policy(
             )
             self.register_buffer("logit_bias", torch.tensor(bias or (0.0, 0.0, 0.0)))
 
-        def forward(self, correlation, embedding, action_mask):  # type: ignore[no-untyped-def]
+        def forward(self, correlation: torch.Tensor, embedding: torch.Tensor,
+                    action_mask: torch.Tensor) -> torch.Tensor:
             features = torch.cat([correlation.flatten(1), self.embed(embedding)], dim=1)
             logits = self.mlp(features) + self.logit_bias
             # Masking inside the graph: the edge can never pick an invalid action, whatever
@@ -75,7 +76,7 @@ def export_mlp_policy(
         torch.onnx.export(
             module,
             example,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch annotates paths only; a file works too
             input_names=["correlation", "embedding", "action_mask"],
             output_names=["probs"],
             dynamic_axes={

@@ -28,6 +28,7 @@ import asyncio
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from trainerd.registry import PolicyRegistry
 from trainerd.store import ExperienceStore
 from velo.runtime.logs import get_logger
 from velo.v1 import trainer_pb2
+
+if TYPE_CHECKING:  # velo.learning needs torch: imported where a round trains
+    from velo.learning.lrs import LRS, Actor
 
 log = get_logger("trainerd.learner")
 
@@ -61,8 +65,8 @@ class OnlineLearner:
                  registry: PolicyRegistry) -> None:
         self.cfg, self.store, self.registry = cfg, store, registry
         self.cursor: dict[str, int] = {}  # edge -> last seq used for training
-        self.lrs = None  # created at the first round, once P and H are known
-        self.published = None  # a copy of the actor last published (the gate's bar)
+        self.lrs: LRS | None = None  # created at the first round, once P and H are known
+        self.published: Actor | None = None  # a copy of the actor last published (the gate's bar)
         self.rounds = 0
         self.held_back = 0  # rounds whose version the gate did not publish
 
@@ -161,9 +165,11 @@ class OnlineLearner:
         return self.lrs.export_onnx()
 
     def _score(self, corr: np.ndarray, emb: np.ndarray, mask: np.ndarray, load: np.ndarray,
-               actions: np.ndarray, logp: np.ndarray, rewards: np.ndarray, actor) -> float:
+               actions: np.ndarray, logp: np.ndarray, rewards: np.ndarray, *,
+               actor: Actor) -> float:
         """`actor`'s mean reward on logged steps, estimated off-policy (self-normalised
         importance sampling: weights pi(a|s) / mu(a|s), mu the probabilities logged)."""
+        assert self.lrs is not None  # only _train scores, once it has made self.lrs
         probs = self.lrs.probabilities(corr, emb, mask, load, actor=actor)
         weights = probs[np.arange(len(actions)), actions] / np.exp(logp)
         return float((weights * rewards).sum() / max(weights.sum(), 1e-9))
@@ -180,7 +186,8 @@ class OnlineLearner:
         return defaultdict(lambda: fallback, {k: float(np.mean(v)) for k, v in sums.items()})
 
     def _demos(self, records: list[list[trainer_pb2.Experience]], top_p: int,
-               cloud_d: float) -> tuple | None:
+               cloud_d: float | np.floating[Any],
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Hindsight-best A-or-B for shadow-verified reuses (the production expert)."""
         picks = [r for b in records for r in b if r.shadow_verified and r.action == 0]
         if not picks:

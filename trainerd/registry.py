@@ -30,7 +30,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from velo.core.policy import OnnxPolicy, PolicyRejected
+from velo.core.policy import OnnxPolicy
+from velo.core.policy import PolicyRejected as PolicyRejected  # raised by publish
 from velo.runtime.serving import clip
 
 _FILE = re.compile(r"v(\d+)\.onnx")

@@ -256,6 +256,7 @@ class Trainerd(Daemon):
         await super().startup()
 
     def _readings(self) -> list[Reading]:
+        assert self.store is not None and self.registry is not None  # startup set both first
         latest = self.registry.latest()
         return [Reading("velo_trainer_experience_records", "Experience records stored (all "
                         "edges)", self.store.count()),

@@ -18,8 +18,13 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from velo.runtime.security import TLSConfig
+    from velo.v1.edge_pb2_grpc import EdgeServiceStub
 
 IMPORT_BATCH = 500  # pairs per ImportEntries call
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
@@ -76,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction, edge: str,
     exp.add_argument("--out", type=Path, default=None, help="file to write (default stdout)")
 
 
-def run(args: argparse.Namespace, tls: object) -> None:
+def run(args: argparse.Namespace, tls: TLSConfig | None) -> None:
     from velo.runtime.security import dial
     from velo.v1 import edge_pb2_grpc
 
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace, tls: object) -> None:
         sys.exit(f"velo cache {args.verb}: {exc}")
 
 
-async def _list(stub: object, args: argparse.Namespace) -> None:
+async def _list(stub: EdgeServiceStub, args: argparse.Namespace) -> None:
     from velo.core.records import entry_record
     from velo.v1 import edge_pb2
 
@@ -114,7 +119,7 @@ async def _list(stub: object, args: argparse.Namespace) -> None:
           f"{' for ' + args.tenant if args.tenant else ''})", file=sys.stderr)
 
 
-async def _show(stub: object, args: argparse.Namespace) -> None:
+async def _show(stub: EdgeServiceStub, args: argparse.Namespace) -> None:
     from velo.core.records import entry_record
     from velo.v1 import edge_pb2
 
@@ -122,7 +127,7 @@ async def _show(stub: object, args: argparse.Namespace) -> None:
     print(json.dumps(entry_record(entry), ensure_ascii=False, indent=2))
 
 
-async def _delete(stub: object, args: argparse.Namespace) -> None:
+async def _delete(stub: EdgeServiceStub, args: argparse.Namespace) -> None:
     from velo.v1 import edge_pb2
 
     reply = await stub.DeleteEntries(edge_pb2.DeleteEntriesRequest(
@@ -135,7 +140,7 @@ async def _delete(stub: object, args: argparse.Namespace) -> None:
                                                if reply.deleted else ""))
 
 
-async def _import(stub: object, args: argparse.Namespace) -> None:
+async def _import(stub: EdgeServiceStub, args: argparse.Namespace) -> None:
     from velo.core.records import importable_pairs
     from velo.v1 import edge_pb2
 
@@ -153,7 +158,7 @@ async def _import(stub: object, args: argparse.Namespace) -> None:
           "lines, empty or too long texts, conversation entries)")
 
 
-async def _export(stub: object, args: argparse.Namespace) -> None:
+async def _export(stub: EdgeServiceStub, args: argparse.Namespace) -> None:
     from velo.core.records import entry_record
     from velo.v1 import edge_pb2
 

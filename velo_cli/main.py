@@ -7,7 +7,7 @@
     velo demo                     up + replay + QoS summary + down, in one go
     velo token --role R --name N  a new bearer token, and its line for a tokens file
     velo train [--mode nearest|all|both] ...   train LRS on the simulator, print every policy
-    velo experiment [--figure N ...] [--quick] [--out DIR]   the paper's Fig. 4-10 over seeds
+    velo experiment WHAT ...      figures (the paper's Fig. 4-10), pairs, reuse, load, live, ...
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from pathlib import Path
 import grpc
 
 from velo.core.models import ROOT
-from velo_cli import cache
+from velo_cli import cache, experiment
+from velo_cli.data import latencies, qa_data
 
 DEFAULT_EDGES = "127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "oasst1_dev.jsonl"
-BUNDLED_DATA = ROOT / "data" / "oasst1_dev.jsonl"
 
 
 DISTRIBUTION = "velo-edge-cache"  # the name on PyPI ("velo" there is another project)
@@ -113,84 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--state-dir", type=Path, default=ROOT / "var" / "train",
                     help="embeddings cache and the trained policies")
 
-    ex = sub.add_parser("experiment", help="the paper's evaluation (Fig. 4-10) over seeds: "
-                        "figures, results.csv and results.md (needs the trainer extra)")
-    ex.add_argument("--data", type=Path, default=None, help="QA JSON lines (default: oasst1 dev)")
-    ex.add_argument("--out", type=Path, default=ROOT / "var" / "experiment",
-                    help="folder for the reports, CSVs and figures")
-    ex.add_argument("--figure", type=int, action="append", choices=range(4, 11),
-                    metavar="{4..10}", help="reproduce this figure (repeatable; default: all)")
-    ex.add_argument("--all", action="store_true", help="every figure (the default)")
-    ex.add_argument("--quick", action="store_true",
-                    help="a small version of everything (60 items, few updates): < 3 min")
-    ex.add_argument("--seeds", type=int, default=0, help="runs per setting (default 3)")
-    ex.add_argument("--updates", type=int, default=0, help="updates per learned policy")
-    ex.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="worker processes (default: one per core)")
-    ex.add_argument("--pairs", type=Path, default=None,
-                    help="run the labelled false-hit benchmark on these question pairs instead "
-                    "(JSON lines a/b/label, or GPTCache's text_a/text_b/label list)")
-    ex.add_argument("--holdout", type=float, default=0.5,
-                    help="with --pairs of positives only: share of `a` sides left out of the "
-                    "cache to make negatives (0: cache all, as GPTCache's benchmark)")
-    ex.add_argument("--delta", type=float, default=None,
-                    help="with --pairs: a bound on the error rate (wrong answers served / "
-                    "queries); each reuse rule's threshold is calibrated for it on a "
-                    "calibration split and checked on the test split")
-    ex.add_argument("--no-lrs", action="store_true",
-                    help="with --pairs: skip training LRS (the verifier and cosine curves only)")
-    ex.add_argument("--feedback", nargs="*", type=Path, default=None, metavar="FILE",
-                    help="learning from feedback: static thresholds against per-row "
-                    "calibration on each FILE, recognised from its content: a/b/label pairs "
-                    "(duplicate clusters), QA lines with `paraphrases` (restatements; "
-                    "conversation-scoped with `history`, multilingual USE when not English); "
-                    "default: the shared qqp_pairs_dev, multiturn_dev and xquad_dev files "
-                    "(writes feedback.md)")
-    ex.add_argument("--multilingual", type=Path, default=None, metavar="FILE",
-                    help="cross-lingual reuse with MiniLM and multilingual USE on an xquad-style "
-                    "file (writes multilingual.md)")
-    ex.add_argument("--multiturn", type=Path, default=None, metavar="FILE",
-                    help="conversation-aware keys against last-message keys on any "
-                    "conversation file (QA lines with `history`, restated turns with "
-                    "`paraphrases`) such as multiturn_dev.jsonl; says what the file cannot "
-                    "measure (writes multiturn.md)")
-    ex.add_argument("--ablation", nargs="*", type=Path, default=None, metavar="FILE",
-                    help="LRS on the paper's state and on the verified state, under eq. 2's and "
-                    "the correctness-aware reward, both modes, next to the baselines (Cache-θ "
-                    "tuned on the training split), on each FILE of QA lines (default: --data "
-                    "and multiturn_dev.jsonl)")
-    ex.add_argument("--load", nargs="*", type=Path, default=None, metavar="FILE",
-                    help="the learned scheduler on a loaded cloud (8 slots, Azure-trace "
-                    "arrivals, one queue for every edge) at utilisations 0.5, 0.9 and 1.2, "
-                    "both modes, both rewards, against Cache-θ and the load-adaptive "
-                    "threshold tuned on the training split; prints issue 24's targets met or "
-                    "missed (writes load.md); on each FILE of QA lines (default: --data and "
-                    "multiturn_dev.jsonl)")
-    ex.add_argument("--paper-state", action="store_true",
-                    help="with --load: also LRS on the paper's state (the ablation)")
-    ex.add_argument("--reuse", nargs="*", type=Path, default=None, metavar="FILE",
-                    help="reuse at any scale: train the verifier on each FILE's training split "
-                    "(a/b/label pairs, or QA lines whose `paraphrases` restate the question), "
-                    "calibrate δ by cache size, and print the δ table at three sizes, the share "
-                    "of contradictions served and the gap to the cosine threshold on every "
-                    "test split (writes reuse.md and verifier.onnx); default: the shared "
-                    "qqp, negation and paraphrase pairs and multiturn_dev")
-    ex.add_argument("--verifier", type=Path, default=ROOT / "docs" / "reuse" / "verifier.onnx",
-                    help="the verifier: of the verified state (--ablation, and the verifier "
-                    "threshold of --load), or the one scored "
-                    "with --no-retrain (--pairs, --reuse)")
-    ex.add_argument("--no-retrain", action="store_true",
-                    help="with --pairs or --reuse: score --verifier as it is (its own "
-                    "thresholds) on the whole --pairs file / the test splits, train nothing")
-    ex.add_argument("--live", action="store_true",
-                    help="a small version through the real daemons and the real local LLM, "
-                    "next to the simulator on the same requests (writes live.md); with --load, "
-                    "a load-aware LRS edge and a tuned static edge through a calm phase, a "
-                    "burst and a calm phase on one shared cloudd (writes burst.md)")
-    ex.add_argument("--live-requests", type=int, default=40,
-                    help="with --live: requests to each of the 4 edges")
-    ex.add_argument("--recalibrate", action="store_true",
-                    help="measure the edge time again instead of reusing OUT/calibration.json")
+    experiment.add_parser(sub)
     return parser
 
 
@@ -201,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = {"ask", "replay", "demo", "train", "experiment", "cache"}
     configure_logging("warning" if args.command in quiet else "info")
     commands = {"up": cmd_up, "ask": cmd_ask, "replay": cmd_replay, "demo": cmd_demo,
-                "train": cmd_train, "experiment": cmd_experiment, "token": cmd_token,
+                "train": cmd_train, "experiment": experiment.run, "token": cmd_token,
                 "cache": lambda a: cache.run(a, _tls(a))}
     commands[args.command](args)
 
@@ -308,10 +230,13 @@ def cmd_ask(args: argparse.Namespace) -> None:
                                           tenant=_tenant(args.tenant, args.api_key, "default"),
                                           max_tokens=args.max_tokens)
             if args.stream:
+                done = None
                 async for chunk in stub.AskStream(request, timeout=300):
                     print(chunk.text, end="", flush=True)
                     done = chunk.done if chunk.HasField("done") else None
                 print()
+                if done is None:
+                    sys.exit("velo ask: the stream ended without its final chunk")
             else:
                 done = await stub.Ask(request, timeout=300)
                 print(done.answer)
@@ -338,7 +263,7 @@ def _load(args: argparse.Namespace):
     from velo.core.records import load_qa
     from velo.ops.workload import zipf_workload
 
-    path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
+    path = qa_data(args.data)
     items = load_qa(path)
     # Very long prompts only slow the tiny local LLM down; they teach nothing extra here.
     arrivals = zipf_workload(items, args.requests, seed=args.seed, max_chars=400)
@@ -436,9 +361,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from velo.learning.lrs import LRSConfig
     from velo.ops.milvus_server import EmbeddedMilvus
 
-    path = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
+    path = qa_data(args.data)
     items = load_qa(path)[: args.items or None]
-    latencies = _latencies()
     modes = ["nearest", "all"] if args.mode == "both" else [args.mode]
     with ExitStack() as stack:
         uri, token = args.milvus_uri, args.milvus_token
@@ -450,7 +374,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             started = time.monotonic()
             env = SimEnv(SimConfig(edges=args.edge_count, mode=mode, phi2=args.w,
                                    seed=args.seed),
-                         items, embedder, uri, latencies, args.state_dir / "cache",
+                         items, embedder, uri, latencies(), args.state_dir / "cache",
                          milvus_token=token)
             print(f"\n== {mode}-edge mode: {len(env.items)} QA items from {path}, "
                   f"{args.edge_count} edges, w = {args.w}")
@@ -465,179 +389,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"\n{mode}-edge mode, {args.eval_steps} evaluation steps per policy "
                   f"({time.monotonic() - started:.0f} s in all):\n")
             print(table(results))
-
-
-def _latencies() -> Path:
-    path = DEFAULT_DATA.parent / "llm_latency_llmperf.jsonl"
-    return path if path.exists() else ROOT / "data" / "llm_latency_llmperf.jsonl"
-
-
-def _qa_files(given: list[Path], data: Path, flag: str) -> list[Path]:
-    """The QA files of `flag` (default: `data` and the conversation data), each checked now: a
-    bad file stops here, not in a worker after the first trainings."""
-    from velo.core.records import load_qa
-
-    conversations = DEFAULT_DATA.parent / "multiturn_dev.jsonl"
-    datas = given or [data] + [p for p in [conversations] if p.exists()]
-    for path in datas:
-        try:
-            load_qa(path)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"velo experiment {flag}: {exc}") from exc
-    return datas
-
-
-def _trace() -> Path:
-    path = DEFAULT_DATA.parent / "azure_llm_trace_conv_2023.csv"
-    return path if path.exists() else ROOT / "data" / "azure_llm_trace_conv_2023.csv"
-
-
-def _readable(path: Path, flag: str) -> Path:
-    if not path.is_file():
-        raise SystemExit(f"velo experiment {flag}: {path} is not a readable file")
-    return path
-
-
-def cmd_experiment(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from tqdm import tqdm
-
-    from lab.experiment import FIGURES, QUICK, Scale, plan, run_experiment, write_reports
-
-    data = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else BUNDLED_DATA)
-    scale = QUICK if args.quick else Scale()
-    if args.seeds:
-        scale = replace(scale, seeds=args.seeds)
-    if args.updates:
-        scale = replace(scale, updates=args.updates)
-    figures = sorted(set(args.figure or FIGURES))
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.pairs or args.live:
-        from lab.experiment import Job, Setting, calibrate, live_experiment, pairs_benchmark
-        from lab.pairs import markdown
-
-        cache_dir = ROOT / "var" / "train" / "cache"
-        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
-        job = Job(Setting(), 0, ("lrs",), scale, data, _latencies(), cache_dir, edge_s)
-    if args.live and args.load is not None:
-        from lab import under_load
-
-        scale = replace(under_load.QUICK if args.quick else under_load.SCALE,
-                        **{k: v for k, v in (("updates", args.updates),) if v})
-        print(f"velo experiment --live --load: training LRS on the loaded simulator ({data}), "
-              f"then a burst through the stack ({args.live_requests} requests to 2 edges)...")
-        print(under_load.live_burst(data, args.out, args.live_requests, ROOT / "var" / "burst",
-                                    _latencies(), _trace(), cache_dir, edge_s, scale))
-        return
-    if args.live:
-        print(f"velo experiment --live: training LRS on {data}, then the stack "
-              f"({args.live_requests} requests to each of 4 edges)...")
-        print(live_experiment(job, args.out, args.live_requests, ROOT / "var" / "live"))
-        print(f"{args.out / 'live.md'}")
-        return
-    if args.pairs:
-        verifier = _readable(args.verifier, "--verifier") if args.no_retrain else None
-        print(f"velo experiment --pairs {args.pairs}: "
-              + (f"scoring {verifier} on every pair" if verifier else "training the verifier")
-              + f"{'' if args.no_lrs else f' and LRS (on {data})'}, then the benchmark...")
-        print(markdown(pairs_benchmark(_readable(args.pairs, "--pairs"), job, args.out,
-                                       args.delta, args.holdout, lrs=not args.no_lrs,
-                                       verifier=verifier)))
-        print(f"\n{args.out / 'pairs.md'}, pairs.csv, pairs.png"
-              + ("" if verifier else ", verifier.onnx"))
-        return
-    if args.reuse is not None:
-        from lab import reuse_bench
-
-        shared = DEFAULT_DATA.parent
-        files = [_readable(p, "--reuse") for p in args.reuse] or [
-            shared / f for f in ("qqp_pairs_dev.jsonl", "negation_pairs_dev.jsonl",
-                                 "paraphrase_pairs_dev.jsonl", "multiturn_dev.jsonl")]
-        distractors = [p for p in (shared / "oasst1_dev.jsonl", shared / "xquad_dev.jsonl")
-                       if p.exists()]
-        verifier = _readable(args.verifier, "--verifier") if args.no_retrain else None
-        print(f"velo experiment --reuse: {', '.join(p.name for p in files)}"
-              + (f", scoring {verifier}" if verifier else ", training the verifier") + "...")
-        try:
-            reuse_bench.run(files, args.out, ROOT / "var" / "train" / "cache",
-                            args.delta or 0.05, verifier_path=verifier,
-                            distractor_paths=distractors)
-        except ValueError as exc:
-            raise SystemExit(f"velo experiment --reuse: {exc}") from None
-        print((args.out / "reuse.md").read_text())
-        print(f"{args.out / 'reuse.md'}" + ("" if verifier else ", verifier.onnx"))
-        return
-    if args.load is not None:
-        from lab import under_load
-        from lab.experiment import calibrate
-
-        datas = _qa_files(args.load, data, "--load")
-        cache_dir = ROOT / "var" / "train" / "cache"
-        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
-        scale = replace(under_load.QUICK if args.quick else under_load.SCALE,
-                        **{k: v for k, v in (("seeds", args.seeds), ("updates", args.updates))
-                           if v})
-        cases = under_load.cases_for(datas, scale.seeds)
-        print(f"velo experiment --load: {len(cases)} runs ({len(datas)} data sets x 2 modes x "
-              f"2 rewards x {len(under_load.UTILISATIONS)} loads x {scale.seeds} seeds), "
-              f"{scale.updates} LRS updates each...")
-        verifier = args.verifier if args.verifier.is_file() else None
-        results = under_load.run_all(cases, scale, _latencies(), _trace(), cache_dir, edge_s,
-                                     args.jobs, args.paper_state, verifier)
-        text = under_load.report(results, scale)
-        (args.out / "load.md").write_text(text)
-        print(text)
-        return
-    if args.ablation is not None:
-        from lab import ablation
-        from lab.experiment import calibrate
-
-        datas = _qa_files(args.ablation, data, "--ablation")
-        cache_dir = ROOT / "var" / "train" / "cache"
-        edge_s = calibrate(args.out, data, cache_dir, args.recalibrate)
-        cases = [ablation.Case(d, mode, reward, seed) for d in datas
-                 for mode in ("nearest", "all") for reward in ablation.REWARDS
-                 for seed in range(args.seeds or 1)]
-        print(f"velo experiment --ablation: {len(cases)} cases, 2 LRS trainings each...")
-        results = ablation.run_all(cases, scale, args.verifier, _latencies(), cache_dir, edge_s,
-                                   args.jobs)
-        text = f"# Ablation: the paper's state against the verified state\n\n" \
-               f"{ablation.markdown(results)}\n"
-        (args.out / "ablation.md").write_text(text)
-        print(text)
-        return
-    if args.feedback is not None or args.multiturn or args.multilingual:
-        from lab.experiment import (
-            feedback_experiment,
-            multilingual_experiment,
-            multiturn_experiment,
-        )
-
-        cache_dir = ROOT / "var" / "train" / "cache"
-        if args.multilingual:
-            print(multilingual_experiment(args.out, args.multilingual, cache_dir,
-                                          args.delta or 0.05))
-        if args.multiturn:
-            print(multiturn_experiment(args.out, args.multiturn, cache_dir))
-        if args.feedback is not None:
-            defaults = [DEFAULT_DATA.parent / f"{name}_dev.jsonl"
-                        for name in ("qqp_pairs", "multiturn", "xquad")]
-            files = args.feedback or [p for p in defaults if p.exists()]
-            print(feedback_experiment(args.out, files, cache_dir))
-        return
-    runs = plan(figures, scale)
-    print(f"velo experiment: figures {', '.join(map(str, figures))} on {data}: {len(runs)} runs "
-          f"({scale.seeds} seeds), {args.jobs} workers; results in {args.out}")
-    started = time.monotonic()
-    results = run_experiment(
-        figures, scale, data, _latencies(), args.out, ROOT / "var" / "train" / "cache",
-        jobs=args.jobs, recalibrate=args.recalibrate,
-        progress=lambda it, total: tqdm(it, total=total, desc="runs", unit="run"))
-    write_reports(results, figures, scale, args.out, data, started)
-    print((args.out / "results.md").read_text().split("\n## ")[0])
-    print(f"done in {time.monotonic() - started:.0f} s: {args.out / 'results.md'}, "
-          f"results.csv, runs.csv, fig*.png")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tempfile
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
 from velo.core.load import LOAD_FEATURES
+from velo.core.onnx import load_session
 from velo.core.qos import Action
 from velo.core.state import EdgeState
 
@@ -25,11 +25,23 @@ class Decision:
     probs: np.ndarray  # [3] probabilities of A, B, C under the policy
 
 
+STATES = ("paper", "verified")  # the states a policy may read (velo.core.state)
+
+
 class Policy(Protocol):
+    """What an edge and the simulator ask of a policy. The policies here subclass it for its
+    defaults: the paper's state, no model to run, nothing learned from outcomes."""
+
     name: str
     version: int  # 0 for baselines; the trainer's version for learned policies
+    state: str = "paper"  # the state it reads, one of STATES ("verified" needs a verifier)
+    runs_model: bool = False  # a real forward pass: edged runs decide() off the event loop
 
     def decide(self, state: EdgeState) -> Decision: ...
+
+    def observe(self, action: Action, q: float, d: float) -> None:
+        """The outcome of one of its decisions: q (eq. 2) and delay d. Most ignore it."""
+        return None  # a body of its own: subclasses need not override it
 
 
 def _one_hot(action: Action) -> Decision:
@@ -38,7 +50,7 @@ def _one_hot(action: Action) -> Decision:
     return Decision(action, probs)
 
 
-class CachePolicy:
+class CachePolicy(Policy):
     """Cache-theta (GPTCache semantics): reuse when J_min <= theta, otherwise forward."""
 
     version = 0
@@ -51,7 +63,7 @@ class CachePolicy:
         return _one_hot(Action.REUSE if state.min_distance <= self.theta else Action.FORWARD)
 
 
-class LoadAdaptivePolicy:
+class LoadAdaptivePolicy(Policy):
     """Adaptive-theta0-k: Cache-theta whose threshold follows the load, reuse when
     J_min <= theta0 + k * cloud_wait_s (velo.core.load). The hand-written policy a careful engineer
     ships instead of a learned one: the longer the cloud's queue, the more a near match is
@@ -68,7 +80,7 @@ class LoadAdaptivePolicy:
         return _one_hot(Action.REUSE if state.min_distance <= theta else Action.FORWARD)
 
 
-class VerifierThresholdPolicy:
+class VerifierThresholdPolicy(Policy):
     """Verifier-tau: reuse when the verifier's P(same) of the nearest row is at least tau,
     otherwise forward. It reads the `verified` state, so an edge runs it with a verifier."""
 
@@ -84,7 +96,7 @@ class VerifierThresholdPolicy:
         return _one_hot(Action.REUSE if reuse else Action.FORWARD)
 
 
-class GreedyPolicy:
+class GreedyPolicy(Policy):
     """Greedy-theta (the paper's baseline): forward when J_min > theta, otherwise augment."""
 
     version = 0
@@ -97,7 +109,7 @@ class GreedyPolicy:
         return _one_hot(Action.FORWARD if state.min_distance > self.theta else Action.AUGMENT)
 
 
-class RandomPolicy:
+class RandomPolicy(Policy):
     """Uniform over the valid actions."""
 
     version = 0
@@ -111,7 +123,7 @@ class RandomPolicy:
         return Decision(Action(int(self.rng.choice(3, p=probs))), probs)
 
 
-class GreedyLLMPolicy:
+class GreedyLLMPolicy(Policy):
     """Greedy-LLM (paper IV-B): reuse when the best match's cache value c^r beats a running
     estimate of what asking the LLM directly is worth (q - d of past B requests), otherwise
     forward. `observe` feeds it every outcome."""
@@ -159,35 +171,19 @@ def baseline_from_name(name: str, seed: int = 0) -> Policy:
     return CachePolicy(theta) if match.group(1) == "cache" else GreedyPolicy(theta)
 
 
-STATES = ("paper", "verified")
-
-
 class PolicyRejected(ValueError):
     """An ONNX policy failed verification; the message says why."""
 
 
-class OnnxPolicy:
+class OnnxPolicy(Policy):
     """A learned policy exported to ONNX (contract in velo.core.state), run by onnxruntime."""
 
     runs_model = True  # its forward pass is real work: edged runs it off the event loop
 
     def __init__(self, onnx_bytes: bytes, version: int, name: str, *, top_p: int, embed_dim: int,
                  sample: bool = True, seed: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        try:
-            # A policy comes from the network: its weights must all be inside it. onnxruntime
-            # resolves "external data" weights as files relative to a folder (the working
-            # directory by default, where it read a file it was pointed at): point it at an
-            # empty one, so that such a policy fails to load instead of reading edge files.
-            with tempfile.TemporaryDirectory(prefix="velo-policy-") as empty:
-                options.add_session_config_entry(
-                    "session.model_external_initializers_file_folder_path", empty)
-                self.session = ort.InferenceSession(onnx_bytes, options,
-                                                    providers=["CPUExecutionProvider"])
+        try:  # a policy comes from the network: load_session refuses external weights
+            self.session = load_session(onnx_bytes)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise PolicyRejected(f"onnxruntime cannot load policy v{version}: "
                                  f"{str(exc)[:500]}") from exc
@@ -217,7 +213,7 @@ class OnnxPolicy:
                                                                   else [])}
         if names != expected:
             raise PolicyRejected(f"policy inputs are {sorted(names)}; expected "
-                                 f"{', '.join(sorted(expected))} (metadata velo.core.load "
+                                 f"{', '.join(sorted(expected))} (metadata velo.load "
                                  f"{'names' if self.load_features else 'does not name'} a "
                                  "load input)")
         for mask in ([0, 1, 0], [1, 1, 1]):
@@ -239,7 +235,7 @@ class OnnxPolicy:
             (probs,) = self.session.run(["probs"], feeds)
         except Exception as exc:
             raise PolicyRejected(f"policy v{self.version} failed on a probe state: {exc}") from exc
-        return probs
+        return cast(np.ndarray, probs)
 
     def decide(self, state: EdgeState) -> Decision:
         probs = self.probabilities(state.correlation[None], state.embedding[None],

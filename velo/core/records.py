@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from velo.core.conversation import is_scope
 from velo.v1 import edge_pb2
@@ -63,7 +64,7 @@ def importable_pairs(lines: Iterable[str]) -> tuple[list[tuple[str, str]], int]:
     return pairs, skipped
 
 
-def entry_record(entry: edge_pb2.CacheEntry) -> dict:
+def entry_record(entry: edge_pb2.CacheEntry) -> dict[str, Any]:
     """A cached entry as a QA record (`velo cache export`, the HTTP export), with what VELO
     knows of it under `velo`: `importable_pairs` reads such lines back."""
     return {"id": str(entry.id), "question": entry.question, "answer": entry.answer,

@@ -1,13 +1,13 @@
 """The agent's local state (eq. 6-8), built the same way on the edge and in the trainer.
 
 The ONNX policy contract (every learned policy, exported by trainerd; a policy trained on the
-`verified` state, metadata velo.core.state = "verified", reads P(same) in place of c^s):
+`verified` state, metadata velo.state = "verified", reads P(same) in place of c^s):
   inputs  correlation [B, 3, P] float32  rows c^s, c^k, c^r of the top-P cached rows (eq. 6)
           embedding   [B, H]    float32  the request embedding f, input of T[.] (eq. 7)
           action_mask [B, 3]    float32  1 where the action is valid, order A, B, C
   output  probs       [B, 3]    float32  action probabilities, 0 for masked actions
 A policy trained on the load-aware state has a fourth input and names it in its metadata
-(velo.core.load = "cloud_wait_s,forward_s", velo.core.load.LOAD_FEATURES):
+(velo.load = "cloud_wait_s,forward_s", velo.core.load.LOAD_FEATURES):
           load        [B, 2]    float32  the cloud's estimated wait and the edge's recent
                                          forward latency, seconds
 An edge refuses a policy whose inputs it cannot fill (velo.core.policy).

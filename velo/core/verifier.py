@@ -22,13 +22,13 @@ import itertools
 import json
 import math
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from velo.core.onnx import load_session
 from velo.core.state import CachedRow
 
 # Lower-case words, and numbers with their decimals ("3.5", "2024") as one token.
@@ -219,7 +219,7 @@ def content_stems(text: str) -> list[str]:
     return sorted(stem(w) for w in tokens(text) if w not in _STOP)
 
 
-def _jaccard(a: set, b: set) -> float:
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
@@ -294,19 +294,9 @@ class OnnxVerifier:
     """The exported verifier, run by onnxruntime on one thread (~20 µs a pair)."""
 
     def __init__(self, model: bytes | Path) -> None:
-        import onnxruntime as ort
-
         data = Path(model).read_bytes() if isinstance(model, Path) else model
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         try:
-            # A model must be self-contained, as a policy must (velo.core.policy): external-data
-            # weights resolve against an empty folder, never the working directory.
-            with tempfile.TemporaryDirectory(prefix="velo-verifier-") as empty:
-                opts.add_session_config_entry(
-                    "session.model_external_initializers_file_folder_path", empty)
-                self._session = ort.InferenceSession(data, opts,
-                                                     providers=["CPUExecutionProvider"])
+            self._session = load_session(data)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise VerifierError(f"not a usable verifier model: {str(exc)[:300]}") from None
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -316,7 +306,7 @@ class OnnxVerifier:
                 f"verifier was trained on features {names}, this VELO computes {FEATURES}; "
                 "retrain it with `velo verifier train`")
         self.name = meta.get("velo.verifier.name", "verifier")
-        # δ -> [(rows, threshold)], rows ascending (velo experiment --reuse / --pairs).
+        # δ -> [(rows, threshold)], rows ascending (velo experiment reuse / pairs).
         self.thresholds: dict[float, list[tuple[int, float]]] = {}
         try:
             for key, value in json.loads(meta.get("velo.verifier.thresholds", "{}")).items():

@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -121,6 +122,7 @@ class VectorCache:
         served: remove them, so that the cache's size counts what can be served. Checked when
         the store holds fewer pairs than Milvus; returns how many rows went."""
         assert self.texts is not None
+        assert self.client is not None  # open() connected before calling this
         pairs = self.count() // 2
         if self.texts.count() >= pairs:
             return 0
@@ -146,6 +148,7 @@ class VectorCache:
         """Entries stored before the TextStore kept scopes, tenants and creation times: read
         them from their Milvus rows (a conversation scope's tenant cannot be told: left
         unknown, and such entries are listed under no tenant)."""
+        assert self.texts is not None and self.client is not None  # called by open()
         missing = self.texts.without_scope()
         for start in range(0, len(missing), 1000):
             chunk = missing[start : start + 1000]
@@ -164,6 +167,7 @@ class VectorCache:
         """A collection whose rows still carry their texts (VELO before the TextStore): copy
         the texts the store lacks into it. Its rows keep theirs (new rows get empty ones), and
         leave Milvus's memory as they are evicted."""
+        assert self.texts is not None and self.client is not None  # called by open()
         iterator = self.client.query_iterator(
             self.collection, batch_size=2048, filter="id >= 0",
             output_fields=["id", "question", "answer"], consistency_level="Strong")
@@ -189,6 +193,7 @@ class VectorCache:
         params = {"IVF_FLAT": {"nlist": self.cfg.nlist}, "IVF_SQ8": {"nlist": self.cfg.nlist},
                   "HNSW": {"M": 16, "efConstruction": 200}, "FLAT": {}}[self.cfg.index_type]
         index.add_index("vec", index_type=self.cfg.index_type, metric_type="L2", params=params)
+        assert self.client is not None  # called by open()
         self.client.create_collection(self.collection, schema=schema, index_params=index,
                                       consistency_level=CONSISTENCY)
 
@@ -201,6 +206,7 @@ class VectorCache:
         restart take longer than vector_db.timeout_s, and requests must not be let in before.
         """
         try:
+            assert self.client is not None  # open() first
             if not self.client.has_collection(self.collection, timeout=timeout_s):
                 return f"collection {self.collection} does not exist any more"
             state = self.client.get_load_state(self.collection, timeout=timeout_s)["state"]
@@ -246,6 +252,7 @@ class VectorCache:
         for tenant, positions in by_tenant.items():
             vectors = [queries[i][1] for i in positions]
             try:
+                assert self.client is not None  # open() first
                 found = self.client.search(
                     self.collection, data=[v.tolist() for v in vectors], limit=top_p,
                     filter=tenant_filter(tenant), output_fields=_FIELDS,
@@ -258,13 +265,14 @@ class VectorCache:
                     results[i] = exc
         return results
 
-    def _merge_recent(self, hits: list[dict], vector: np.ndarray, tenant: str,
+    def _merge_recent(self, hits: list[dict[str, Any]], vector: np.ndarray, tenant: str,
                       top_p: int) -> list[CachedRow]:
         # Milvus reports squared L2 for metric L2; eq. 1 is the plain distance.
         found = {int(h["entity"]["id"]): _row(h["entity"], float(np.sqrt(max(h["distance"], 0))))
                  for h in hits}
         nearest = sorted(self._overlay.merge(found, vector, tenant).values(),
                          key=lambda r: r.distance)[:top_p]
+        assert self.texts is not None  # open() first
         entries = self.texts.get(r.pair_id for r in nearest)
         # A row without texts (its pair's texts lost with the edge's data_dir) is left out
         # rather than served empty.
@@ -277,6 +285,7 @@ class VectorCache:
         MAX_SEARCH of them), without texts: for an operator's delete by question."""
         if not scopes:
             return []
+        assert self.client is not None  # open() first
         found: dict[int, CachedRow] = {}
         # Every IVF list probed; HNSW's ef must reach the top-k.
         params = {"metric_type": "L2", "params": {"nprobe": self.cfg.nlist, "ef": MAX_SEARCH}}
@@ -303,6 +312,7 @@ class VectorCache:
         deleted = set(self._overlay.deleted_ids())
         for start in range(0, len(pair_ids), 500):
             ids = [2 * p + k for p in pair_ids[start : start + 500] for k in (0, 1)]
+            assert self.client is not None  # open() first
             found = {int(r["id"]): _row(r, 0.0) for r in self.client.query(
                 self.collection, filter=f"id in {ids}", output_fields=_FIELDS,
                 consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)}
@@ -314,6 +324,7 @@ class VectorCache:
 
     def count(self) -> int:
         """Rows held by this edge (Bounded: may lag the last few seconds of writes)."""
+        assert self.client is not None  # open() first
         (res,) = self.client.query(self.collection, filter="id >= 0", output_fields=["count(*)"],
                                    consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)
         return int(res["count(*)"])
@@ -349,6 +360,7 @@ class VectorCache:
             rows += pair
             ids.append(pair_id)
         if rows:
+            assert self.texts is not None and self.client is not None  # open() first
             self.texts.put(entries)  # before the rows that point at them
             self.client.insert(self.collection, rows, timeout=self.cfg.timeout_s)
             self._overlay.inserted(scope, [_row(r, 0.0) for r in rows])
@@ -365,10 +377,11 @@ class VectorCache:
         if not valid_scope(tenant):
             raise ValueError(f"tenant {tenant[:64]!r} is not {NAME_RULE}")
         written = 0
-        rows: list[dict] = []
+        rows: list[dict[str, Any]] = []
         texts: list[Entry] = []
 
         def write() -> int:
+            assert self.texts is not None and self.client is not None  # open() first
             self.texts.put(texts)
             self.client.insert(self.collection, rows)
             return len(rows)
@@ -388,6 +401,7 @@ class VectorCache:
 
     def wait_indexed(self, timeout_s: float = 600.0) -> None:
         """Seal what was written and wait until the index covers every row."""
+        assert self.client is not None  # open() first
         self.client.flush(self.collection)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -417,6 +431,7 @@ class VectorCache:
                 missing = [i for i in dirty if i not in vectors]
                 for start in range(0, len(missing), 1000):
                     chunk = missing[start : start + 1000]
+                    assert self.client is not None  # open() first
                     for r in self.client.query(self.collection, filter=f"id in {chunk}",
                                                output_fields=["id", "vec"],
                                                consistency_level=CONSISTENCY,
@@ -427,6 +442,7 @@ class VectorCache:
                         for i, (tenant, row) in dirty.items()
                         if i in vectors and not self._overlay.is_deleted(i)]
                 if rows:
+                    assert self.client is not None  # open() first
                     self.client.upsert(self.collection, rows, timeout=self.cfg.timeout_s)
             except Exception:
                 self._overlay.restore_dirty(dirty)  # retried at the next flush
@@ -435,6 +451,7 @@ class VectorCache:
 
     def drop(self) -> None:
         """Delete the whole collection (simulation teardown; never called by edged)."""
+        assert self.client is not None and self.texts is not None  # open() first
         self.client.drop_collection(self.collection)
         self.texts.clear()
         self._overlay = _Overlay()  # pending write-backs went with it
@@ -442,11 +459,13 @@ class VectorCache:
     def clear(self) -> None:
         """Drop every row (simulation resets; never called by edged)."""
         ids = self._scan()[0].tolist()
+        assert self.client is not None  # _scan() needed it too
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
             self.client.delete(self.collection, filter=f"id in {chunk}",
                                timeout=self.cfg.timeout_s)
             self._overlay.deleted(chunk)
+        assert self.texts is not None  # open() first
         self.texts.clear()
 
     def delete_pairs(self, pair_ids: list[int]) -> int:
@@ -454,9 +473,11 @@ class VectorCache:
         ids = [2 * p + k for p in pair_ids for k in (0, 1)]
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
+            assert self.client is not None  # open() first
             self.client.delete(self.collection, filter=f"id in {chunk}",
                                timeout=self.cfg.timeout_s)
             self._overlay.deleted(chunk)
+        assert self.texts is not None  # open() first
         self.texts.delete(pair_ids)
         return len(ids)
 
@@ -471,6 +492,7 @@ class VectorCache:
         drop = eviction_mask(values, created, below_mean=below_mean, max_rows=max_rows,
                              ttl_s=ttl_s, now=time.time(), grace_s=grace_s)
         doomed = ids[drop]
+        assert self.client is not None  # _scan() needed it too
         for start in range(0, len(doomed), 1000):
             chunk = doomed[start : start + 1000].tolist()
             self.client.delete(self.collection, filter=f"id in {chunk}",
@@ -478,12 +500,14 @@ class VectorCache:
             self._overlay.deleted(chunk)
         # A pair's texts go once neither of its rows is left (rows are evicted one by one).
         gone = set((doomed // 2).tolist()) - set((ids[~drop] // 2).tolist())
+        assert self.texts is not None  # open() first
         self.texts.delete(gone)
         return len(doomed)
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, values, created = [], [], []
         rows: dict[int, tuple[float, float]] = {}
+        assert self.client is not None  # open() first
         iterator = self.client.query_iterator(self.collection, batch_size=4096, filter="id >= 0",
                                               output_fields=["id", "value", "created"],
                                               consistency_level=CONSISTENCY)
@@ -600,7 +624,9 @@ class _Overlay:
     def vectors(self, ids: list[int]) -> dict[int, list[float]]:
         """Vectors of recently inserted rows (the others are read back from Milvus)."""
         with self._lock:
-            return {i: self._inserted[i][2].vector.tolist() for i in ids if i in self._inserted}
+            # Inserted rows come from entities with their "vec" (`_row`): never None here.
+            return {i: cast(np.ndarray, self._inserted[i][2].vector).tolist()
+                    for i in ids if i in self._inserted}
 
     def merge(self, found: dict[int, CachedRow], vector: np.ndarray,
               tenant: str) -> dict[int, CachedRow]:
@@ -636,6 +662,7 @@ class _Overlay:
 
     def _expire(self) -> None:
         horizon = time.monotonic() - RECENT_S
+        entry: Any  # (t, ...) or t, by table
         for table in (self._inserted, self._updated, self._deleted):
             while table:
                 row_id, entry = next(iter(table.items()))
@@ -644,7 +671,8 @@ class _Overlay:
                 del table[row_id]
 
 
-def _entity(tenant: str, row: CachedRow, vector: list[float], text_fields: bool) -> dict:
+def _entity(tenant: str, row: CachedRow, vector: list[float],
+            text_fields: bool) -> dict[str, Any]:
     entity = {"id": row.id, "vec": vector, "pair_id": row.pair_id, "kind": row.kind,
               "tenant": tenant, "hits": row.hits, "value": float(row.value),
               "created": row.created}
@@ -654,7 +682,7 @@ def _entity(tenant: str, row: CachedRow, vector: list[float], text_fields: bool)
 
 
 def _pair_rows(tenant: str, question_vec: np.ndarray, answer_vec: np.ndarray, value: float,
-               text_fields: bool) -> tuple[int, list[dict]]:
+               text_fields: bool) -> tuple[int, list[dict[str, Any]]]:
     pair_id = secrets.randbits(61)
     now = time.time()
     return pair_id, [
@@ -665,7 +693,7 @@ def _pair_rows(tenant: str, question_vec: np.ndarray, answer_vec: np.ndarray, va
         for kind, vec in ((QUESTION, question_vec), (ANSWER, answer_vec))]
 
 
-def _row(entity: dict, distance: float) -> CachedRow:
+def _row(entity: dict[str, Any], distance: float) -> CachedRow:
     """A row as Milvus returns it; its texts are filled in from the TextStore."""
     row_id = int(entity["id"])
     return CachedRow(

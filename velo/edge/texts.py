@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from velo.core.shape import AnswerFacts
 from velo.runtime.logs import get_logger
@@ -61,14 +62,14 @@ class Entry:
     created: float = 0.0
     facts: AnswerFacts = field(default_factory=AnswerFacts)
 
-    def row(self) -> tuple:
+    def row(self) -> tuple[Any, ...]:
         f = self.facts
         return (self.pair_id, self.question, self.answer, self.tenant or None,
                 self.scope or None, self.created or None, f.finish_reason, f.prompt_tokens,
                 f.completion_tokens, f.max_tokens, int(f.estimated))
 
 
-def _entry(row: tuple) -> Entry:
+def _entry(row: tuple[Any, ...]) -> Entry:
     pair_id, question, answer, tenant, scope, created, finish, prompt, completion, cap, est = row
     return Entry(int(pair_id), question, answer, tenant or "", scope or "", created or 0.0,
                  AnswerFacts(finish, int(prompt), int(completion), int(cap), bool(est)))
@@ -195,6 +196,7 @@ class TextStore:
 
     def select(self, tenant: str = "", cached_before: float = 0.0) -> list[int]:
         """Ids of the entries of `tenant` ("" = any) cached before `cached_before` (0 = any)."""
+        args: list[str | float]
         clauses, args = [], []
         if tenant:
             clauses.append("tenant = ?")

@@ -10,6 +10,7 @@ Imported only when that kind is configured, so edges without tritonclient still 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class TritonEmbedder:
                 client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             raise self._unavailable(exc) from exc
-        out = result.as_numpy("EMBEDDING")
+        out: np.ndarray | None = result.as_numpy("EMBEDDING")
         if out is None or out.shape != (len(texts), self.dim):
             raise EmbedderUnavailable(f"Triton model {self.model!r} at {self.url} returned "
                                       f"{None if out is None else out.shape}, expected "
@@ -88,7 +89,7 @@ class TritonEmbedder:
 
     def embed_one(self, text: str) -> np.ndarray:
         """Embed one text: float32 [dim]."""
-        return self.embed([text])[0]
+        return cast(np.ndarray, self.embed([text])[0])
 
     def check(self) -> str | None:
         """None while the model is ready, else why not (for a health probe)."""

@@ -16,6 +16,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -127,6 +128,7 @@ class LocalState(nn.Module):
         c = torch.stack([similarity, kind - 1.0, torch.tanh(value)], dim=1)
         parts = [c.flatten(1), self.features(embedding)]
         if self.use_load:  # seconds, 0 .. minutes: log1p keeps a long queue in range
+            assert load is not None  # LRS._load gives a load-aware learner one (zeros if none)
             parts.append(torch.log1p(load.clamp(min=0.0)))
         return torch.cat(parts, dim=1)
 
@@ -176,7 +178,7 @@ class Critic(nn.Module):
         b, n = local.shape[:2]
         joint = local.detach().reshape(b, 1, -1).expand(b, n, -1)
         agent = torch.eye(n, device=local.device).expand(b, n, n)
-        return self.mlp(torch.cat([joint, agent], dim=-1)).squeeze(-1)
+        return cast(torch.Tensor, self.mlp(torch.cat([joint, agent], dim=-1))).squeeze(-1)
 
 
 class ValueNorm:
@@ -290,6 +292,7 @@ class LRS:
                                    torch.as_tensor(action_mask, dtype=torch.float32),
                                    self._load(load, len(correlation)))
         dist = Categorical(logits=logits)
+        # torch.distributions is unannotated: its methods are untyped calls to mypy.
         actions = logits.argmax(-1) if greedy else dist.sample()
         return actions.numpy(), dist.log_prob(actions).numpy()
 
@@ -299,9 +302,9 @@ class LRS:
                       actor: Actor | None = None) -> np.ndarray:
         """pi(. | s) for a batch of local states, by this actor or another (a saved copy)."""
         actor = actor or self.actor
-        return actor(torch.as_tensor(correlation), torch.as_tensor(embedding),
-                     torch.as_tensor(action_mask, dtype=torch.float32),
-                     self._load(load, len(correlation))).numpy()
+        return cast(torch.Tensor, actor(torch.as_tensor(correlation), torch.as_tensor(embedding),
+                                        torch.as_tensor(action_mask, dtype=torch.float32),
+                                        self._load(load, len(correlation)))).numpy()
 
     def update(self, rollout: Rollout, demos: Demos | None = None) -> dict[str, float]:
         """One network update u (Algorithm 1, lines 8-21)."""
@@ -341,7 +344,9 @@ class LRS:
         # Algorithm 1, lines 10-13: E'_g, l_g^u demonstrations sampled once per update, joins
         # the experience: every epoch passes over both, split into the same minibatches.
         picked = (self.rng.choice(len(demos.actions), size=min(demo_count, len(demos.actions)),
-                                  replace=False) if demo_count else np.zeros(0, dtype=np.int64))
+                                  replace=False)
+                  if demo_count and demos is not None  # demo_count is 0 without demos
+                  else np.zeros(0, dtype=np.int64))
         shares = torch.bincount(actions.long(), minlength=3).float() / len(actions)
         stats: dict[str, float] = {"demos": float(len(picked)), "explained_var": explained_var,
                                    **{f"share_{a}": float(shares[i])
@@ -366,6 +371,7 @@ class LRS:
                 entropy = dist.entropy().mean()
                 loss = policy_loss - cfg.entropy_coef * entropy
                 if len(demo_chunk):
+                    assert demos is not None  # picked from them
                     loss = loss + cfg.bc_coef * self._bc_loss(demos, demo_chunk)
                 self.actor_opt.zero_grad()
                 loss.backward()
@@ -376,6 +382,7 @@ class LRS:
                 value_loss = clipped_value_loss(values_now, old_values_n[chunk], targets[chunk],
                                                 cfg.value_clip)
                 self.critic_opt.zero_grad()
+                # Tensor.backward is unannotated: an untyped call to mypy.
                 (cfg.value_coef * value_loss).backward()
                 nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 self.critic_opt.step()
@@ -416,10 +423,10 @@ class LRS:
                load: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, 3, P], [B, N, H] (, [B, N, 2]) -> the actor's local states [B, N, D]."""
         b, n = correlation.shape[:2]
-        return self.actor.state(correlation.reshape(b * n, *correlation.shape[2:]),
-                                embedding.reshape(b * n, -1),
-                                self._load(None if load is None else load.reshape(b * n, -1),
-                                           b * n)).reshape(b, n, -1)
+        return cast(torch.Tensor, self.actor.state(
+            correlation.reshape(b * n, *correlation.shape[2:]), embedding.reshape(b * n, -1),
+            self._load(None if load is None else load.reshape(b * n, -1), b * n),
+        )).reshape(b, n, -1)
 
     def _bc_loss(self, demos: Demos, pick: np.ndarray) -> torch.Tensor:
         """Behaviour cloning: cross-entropy of the expert's actions on demonstrations E'_g."""
@@ -446,7 +453,10 @@ class LRS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                self.actor, example, buffer, dynamo=False, opset_version=17,
+                # annotated as a path, but the TorchScript exporter (dynamo=False) also
+                # writes to a file object
+                self.actor, example, buffer,  # type: ignore[arg-type]
+                dynamo=False, opset_version=17,
                 input_names=inputs, output_names=["probs"],
                 dynamic_axes={name: {0: "batch"} for name in (*inputs, "probs")})
         self.actor.train()
@@ -456,4 +466,4 @@ class LRS:
 
         graph = onnx.load_from_string(buffer.getvalue())
         graph.metadata_props.add(key="velo.load", value=",".join(LOAD_FEATURES))
-        return graph.SerializeToString()
+        return cast(bytes, graph.SerializeToString())  # protobuf: Any to mypy

@@ -38,8 +38,9 @@ async def _edge_health(address: str, tls: TLSConfig | None, token: str,
         except grpc.RpcError as exc:
             return f"unreachable ({exc.code().name})"
         try:
-            stats = await edge_pb2_grpc.EdgeServiceStub(channel).GetStats(
-                edge_pb2.GetStatsRequest(), timeout=timeout_s)
+            # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
+            stats = await edge_pb2_grpc.EdgeServiceStub(
+                channel).GetStats(edge_pb2.GetStatsRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             state = "serving" if status == SERVING else "not serving"
             return f"{state} (why not told: GetStats answered {exc.code().name})"
@@ -53,8 +54,9 @@ def cloud_health(address: str, timeout_s: float = 3.0) -> str:
     """'serving' or why cloudd at `address` is not (its LLM's state)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            stats = cloud_pb2_grpc.CloudServiceStub(channel).GetCloudStats(
-                cloud_pb2.CloudStatsRequest(), timeout=timeout_s)
+            # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
+            stats = cloud_pb2_grpc.CloudServiceStub(
+                channel).GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             return f"unreachable ({exc.code().name})"
     if stats.llm_up:

@@ -36,13 +36,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from velo.ops import private_network
 from velo.runtime.logs import get_logger
 
 if TYPE_CHECKING:
     from milvus import MilvusServer, MilvusServerConfig
+    from pymilvus import MilvusClient
 
 log = get_logger("velo.milvus")
 
@@ -61,7 +62,7 @@ RELAY_START_TIMEOUT_S = 30.0
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+        return cast(int, sock.getsockname()[1])  # getsockname() is Any to mypy
 
 
 def reserve_port(port: int) -> socket.socket | None:
@@ -119,7 +120,9 @@ class EmbeddedMilvus:
     @property
     def pid(self) -> int | None:
         """The server process's pid while it runs (tests freeze it; operators kill it)."""
-        return self._server.server_proc.pid if self.running else None
+        # running implies a server: checked again only to narrow it for mypy
+        return (self._server.server_proc.pid
+                if self._server is not None and self.running else None)
 
     @property
     def relay_pid(self) -> int | None:
@@ -384,7 +387,7 @@ class EmbeddedMilvus:
             raise RuntimeError(f"Milvus in {self.data_dir} has users besides root ({users}), made "
                                "while its password was the default one: do not use this data_dir")
 
-    def _client(self, token: str, deadline: float):  # -> pymilvus.MilvusClient
+    def _client(self, token: str, deadline: float) -> MilvusClient:
         from pymilvus import MilvusClient
 
         # dedicated: not the connection pymilvus shares among the clients of one uri and token.

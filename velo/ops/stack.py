@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,7 +79,7 @@ class Daemon:
     env: dict[str, str]
     address: str
     log_path: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = 0.0  # monotonic time of the last spawn
     next_start: float = 0.0  # monotonic time of the next restart after a death
@@ -175,8 +176,10 @@ class Stack:
         """Publish a policy through trainerd and wait until every edge that follows trainerd
         (policy "lrs") runs it; its version."""
         with grpc.insecure_channel(self.addresses["trainerd"]) as channel:
-            info = trainer_pb2_grpc.TrainerServiceStub(channel).PublishPolicy(
-                trainer_pb2.PublishPolicyRequest(name=name, onnx=onnx), timeout=30)
+            # grpcio-tools generates the stubs unannotated (velo/v1): untyped calls to mypy.
+            info = trainer_pb2_grpc.TrainerServiceStub(
+                channel).PublishPolicy(trainer_pb2.PublishPolicyRequest(name=name, onnx=onnx),
+                                       timeout=30)
         followers = [a for i, a in enumerate(self.edge_addresses)
                      if self.cfg.edge_policies[i % len(self.cfg.edge_policies)] == "lrs"]
         deadline = time.monotonic() + timeout_s
@@ -189,7 +192,7 @@ class Stack:
                         raise RuntimeError(f"edge {address} did not load policy "
                                            f"v{info.version} in {timeout_s:.0f} s")
                     time.sleep(0.3)
-        return info.version
+        return cast(int, info.version)  # a protobuf message's field: Any to mypy
 
     def _edge_settings(self, name: str) -> dict[str, str]:
         return {"EDGE_ID": name + self.cfg.run_tag,
@@ -220,6 +223,7 @@ class Stack:
             while time.monotonic() < deadline:
                 if not daemon.running:
                     code = daemon.proc.returncode if daemon.proc else None
+                    assert code is not None  # spawned before it is waited for, and exited
                     raise RuntimeError(f"{name} {describe_exit(code)} while starting; last "
                                        f"lines of {daemon.log_path}:\n{tail(daemon.log_path)}")
                 try:
@@ -241,8 +245,9 @@ class Stack:
         """cloudd restarts a local LLM server that fails to start for ever (it may be a
         passing problem in production); the stack gives up on the second failure and says
         why, rather than waiting out its timeout."""
-        stats = cloud_pb2_grpc.CloudServiceStub(channel).GetCloudStats(
-            cloud_pb2.CloudStatsRequest(), timeout=1)
+        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
+        stats = cloud_pb2_grpc.CloudServiceStub(
+            channel).GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=1)
         if stats.llm_restarts >= 2:
             raise RuntimeError(f"cloudd's LLM server failed to start {stats.llm_restarts} "
                                f"times: {stats.llm_down_reason}")
@@ -250,7 +255,7 @@ class Stack:
     def supervise(self) -> list[str]:
         """Restart what died (after its back-off); returns the names started again. Call it
         every second or so while the stack runs (`velo up` does)."""
-        started = []
+        started: list[str] = []
         if self.stopping or not self.cfg.restart:
             return started
         now = time.monotonic()
@@ -306,6 +311,7 @@ class Stack:
         for group in (edges, others):
             for daemon in group:
                 if daemon.running:
+                    assert daemon.proc is not None  # running: it has a process
                     daemon.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
             for daemon in group:

@@ -17,9 +17,12 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a daemon's configuration: nested dataclasses
 
 
 class ConfigError(ValueError):
@@ -44,7 +47,8 @@ def load_config(cls: type[T], path: str | Path | None, env_prefix: str) -> T:
     return _build(cls, data, "")
 
 
-def _apply_env(cls: type, data: dict[str, Any], prefix: str, environ: typing.Mapping) -> None:
+def _apply_env(cls: type, data: dict[str, Any], prefix: str,
+               environ: typing.Mapping[str, str]) -> None:
     marker = prefix + "__"
     for name, raw in environ.items():
         if not name.startswith(marker):
@@ -90,7 +94,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
+        # a dataclass type from get_type_hints (Any), narrowed by is_dataclass
+        return _build(typing.cast("type[DataclassInstance]", tp), value, key + ".")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -89,7 +89,7 @@ class HttpServer:
             "awaiting_headers": {}})
         self.port = 0
         self._server: _QuietServer | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def scheme(self) -> str:
@@ -119,7 +119,10 @@ class HttpServer:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                http=self._protocol, timeout_graceful_shutdown=self.grace_s,
+                                http=self._protocol,
+                                # uvicorn annotates it int, but only passes it on to
+                                # asyncio.wait_for(timeout=...), where a float works
+                                timeout_graceful_shutdown=self.grace_s,  # type: ignore[arg-type]
                                 **self._tls_options())
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
@@ -130,11 +133,11 @@ class HttpServer:
             await asyncio.sleep(0.01)
         return self.port
 
-    def _tls_options(self) -> dict:
+    def _tls_options(self) -> dict[str, Any]:
         tls = self.tls
         if tls is None or not tls.cert_file:
             return {}
-        options: dict = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+        options: dict[str, Any] = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
         if tls.client_auth:
             options |= {"ssl_ca_certs": tls.ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         return options

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,6 +20,9 @@ from prometheus_client.registry import Collector
 
 from velo.runtime.logs import get_logger
 from velo.runtime.security import TLSConfig
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer  # what start_http_server returns
 
 log = get_logger("velo.metrics")
 # Stage latencies: from a cached reuse (~ms) to a long LLM answer (~minute).
@@ -60,7 +64,7 @@ class _Reader(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         return Counter(name, help, labels, registry=self.registry)
@@ -77,7 +81,7 @@ class Metrics:
     def start(self, listen: str, tls: TLSConfig | None = None) -> int:
         """Serve /metrics on `listen` (host:port, port 0: any); returns the port."""
         host, _, port = listen.rpartition(":")
-        options = {}
+        options: dict[str, Any] = {}
         if tls is not None and tls.cert_file:
             options = {"certfile": tls.cert_file, "keyfile": tls.key_file}
         try:

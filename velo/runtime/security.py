@@ -232,7 +232,8 @@ class RequireToken(grpc.aio.ServerInterceptor):
     def __init__(self, table: TokenTable, roles: dict[str, frozenset[str]]) -> None:
         self.table, self.roles = table, roles
 
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails,
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                details: grpc.HandlerCallDetails,
                                 ) -> grpc.RpcMethodHandler | None:
         allowed = self.roles.get(details.method)
         if allowed is None:
@@ -285,23 +286,28 @@ class _Bearer:
 
 # grpc.aio files a channel's interceptor under the first call kind it implements, so each kind
 # needs its own object.
+# grpc ships no type information: its base classes are Any to mypy.
 class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
+    async def intercept_unary_unary(self, continuation: Callable[..., Any],
+                                    details: grpc.aio.ClientCallDetails, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
+    async def intercept_unary_stream(self, continuation: Callable[..., Any],
+                                     details: grpc.aio.ClientCallDetails, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, requests):
+    async def intercept_stream_unary(self, continuation: Callable[..., Any],
+                                     details: grpc.aio.ClientCallDetails, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 
 class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, requests):
+    async def intercept_stream_stream(self, continuation: Callable[..., Any],
+                                      details: grpc.aio.ClientCallDetails, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 

@@ -217,7 +217,8 @@ class NeverUnknown(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: handlers are fixed
 
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails,
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                details: grpc.HandlerCallDetails,
                                 ) -> grpc.RpcMethodHandler | None:
         guarded = self._guarded.get(details.method)
         if guarded is None:
@@ -254,12 +255,13 @@ async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
                         f"internal error in {method} (id {error_id}: the daemon's log has it)")
 
 
-def _guard_unary(behavior: Callable, method: str) -> Callable:
+def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     # grpc.aio tells a server-streaming async generator from a coroutine by inspection, so
     # the guard must be the same kind of function as the behaviour it wraps.
     if inspect.isasyncgenfunction(behavior):
         @functools.wraps(behavior)
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        async def stream(request: Any, context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
                 await _reject(context, request)
             try:
@@ -284,8 +286,9 @@ def _guard_unary(behavior: Callable, method: str) -> Callable:
     return unary
 
 
-def _guard_stream(behavior: Callable, method: str) -> Callable:
-    async def checked(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, _Undecodable):
                 await _reject(context, request)
@@ -293,8 +296,8 @@ def _guard_stream(behavior: Callable, method: str) -> Callable:
 
     if inspect.isasyncgenfunction(behavior):
         @functools.wraps(behavior)
-        async def stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
-                         ) -> AsyncIterator:
+        async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator[Any]:
             try:
                 async for reply in behavior(checked(requests, context), context):
                     yield reply
@@ -305,7 +308,7 @@ def _guard_stream(behavior: Callable, method: str) -> Callable:
         return stream
 
     @functools.wraps(behavior)
-    async def unary(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behavior(checked(requests, context), context)
         except grpc.aio.AbortError:
@@ -338,7 +341,7 @@ class Daemon:
         self.metrics_listen = metrics_listen
         self.metrics = Metrics()
         self.metrics.read(self._health_readings)
-        self.tasks: list[asyncio.Task] = []  # background work for the daemon's life (spawn)
+        self.tasks: list[asyncio.Task[Any]] = []  # background work for the daemon's life (spawn)
         # What startup() opened, to release in reverse order (push as each thing opens): a
         # startup that fails half-way releases what it had opened.
         self.closing = contextlib.AsyncExitStack()
@@ -372,7 +375,7 @@ class Daemon:
                           labels={"daemon": self.name, "part": name})
                   for name, p in self._grpc.parts.items())]
 
-    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `work` in the background for the daemon's life; stop_tasks() ends it."""
         task = asyncio.create_task(work)
         self.tasks.append(task)
