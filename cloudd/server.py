@@ -30,12 +30,13 @@ from cloudd.backend import (
 )
 from cloudd.config import CloudConfig, LLMConfig
 from cloudd.llm_server import LLMSupervisor, LocalLLMServer
+from velo.core.bad_input import clip, request_id_problem
 from velo.core.conversation import Turn, history_problem, prompt_problem
 from velo.core.load import RunningMean, estimated_wait
 from velo.core.shape import Shape, shape_problem, to_json
 from velo.runtime.logs import get_logger
 from velo.runtime.metrics import Reading
-from velo.runtime.serving import UNDECIDED, Daemon, GrpcServer, Undecided, clip, request_id_problem
+from velo.runtime.serving import UNDECIDED, Daemon, GrpcServer, Undecided
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 if TYPE_CHECKING:

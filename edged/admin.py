@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
 from edged.contract import EdgeError, ErrorKind, invalid
+from velo.core.bad_input import clip
 from velo.core.names import NAME_RULE, valid_name
 from velo.core.shape import AnswerFacts, estimate_tokens
 from velo.edge.cache import VectorCache
 from velo.edge.embedder import TextEmbedder
 from velo.edge.texts import Entry
 from velo.runtime.logs import get_logger
-from velo.runtime.serving import clip
 from velo.v1 import chat_pb2, edge_pb2
 
 log = get_logger("edged.audit")

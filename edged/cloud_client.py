@@ -16,11 +16,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edged.contract import EdgeError, ErrorKind, Piece, Usage
+from velo.core.bad_input import clip
 from velo.core.conversation import Turn
 from velo.core.load import RunningMean, load_vector, wait_after
 from velo.core.shape import Shape
 from velo.runtime.security import TLSConfig, dial
-from velo.runtime.serving import UNDECIDED, Undecided, clip
+from velo.runtime.serving import UNDECIDED, Undecided
 from velo.v1 import cloud_pb2, cloud_pb2_grpc
 
 PieceSink = Callable[[Piece], Awaitable[None]]

@@ -46,6 +46,7 @@ from edged.reuse import Candidate, ReuseGuard
 from edged.spool import Encoder, Spool
 from edged.trainer_link import ExperienceUploader, PolicyFollower
 from velo.core import qos
+from velo.core.bad_input import MAX_REQUEST_ID_CHARS, clip, request_id_problem
 from velo.core.conversation import (
     Turn,
     cache_scope,
@@ -70,7 +71,7 @@ from velo.core.state import CachedRow, EdgeState, select_row
 from velo.edge.cache import VectorCache
 from velo.edge.embedder import EmbedderUnavailable, TextEmbedder
 from velo.runtime.logs import get_logger
-from velo.runtime.serving import MAX_REQUEST_ID_CHARS, PartReport, clip, request_id_problem
+from velo.runtime.serving import PartReport
 from velo.v1 import trainer_pb2
 
 log = get_logger("edged.pipeline")
@@ -256,9 +257,10 @@ class EdgePipeline:
                 for piece in replay_pieces(answer):
                     await emit(Piece(piece))
         else:
-            # An AUGMENT has its row (only a FORWARD leaves row None).
-            context = [(cast(CachedRow, row).question, cast(CachedRow, row).answer)] \
-                if action is Action.AUGMENT else []
+            context: list[tuple[str, str]] = []
+            if action is Action.AUGMENT:
+                assert row is not None  # only a FORWARD leaves row None
+                context = [(row.question, row.answer)]
             generation = await self._generate(request, request_id, max_tokens, context, emit,
                                               has_rows=bool(state.rows))
             answer, cloud_s, finish = generation.text, generation.cloud_s, \

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edged.config import CacheConfig
 from lab.cloud import Arrivals, EdgeLink, SharedCloud, trace_gaps
 from lab.memory_cache import MemoryCache, SimCache
 from velo.core import qos
@@ -60,17 +61,20 @@ from velo.edge.embedder import Embedder, TextEmbedder
 TENANT = "sim"
 
 
+EDGE = CacheConfig()  # an edge's defaults: the simulator's are the same rules (edged.config)
+
+
 @dataclass
 class SimConfig:
     edges: int = 3  # N agents
     mode: str = "nearest"  # "nearest": one request per edge and step; "all": one for all edges
-    top_p: int = 5  # P
-    phi1: float = 1.0  # reward weight of satisfaction q
-    phi2: float = 0.1  # reward weight of delay d (w = phi2/phi1)
-    select_margin: float = 0.05  # as edged's cache.select_margin
-    eviction_every: int = 100  # xi
-    eviction_min_rows: int = 200  # as edged's cache.eviction_min_rows
-    max_rows: int = 100_000
+    top_p: int = EDGE.top_p  # P
+    phi1: float = EDGE.phi1  # reward weight of satisfaction q
+    phi2: float = EDGE.phi2  # reward weight of delay d (w = phi2/phi1)
+    select_margin: float = EDGE.select_margin  # eq. 4's band (edged's cache.select_margin)
+    eviction_every: int = EDGE.eviction_every  # xi
+    eviction_min_rows: int = EDGE.eviction_min_rows
+    max_rows: int = EDGE.max_rows
     skew: float = 1.1  # Zipf popularity of the items
     mislead: float = 0.3  # chance that C with a wrong context parrots it
     latency_source: str = "13b"  # which llmperf latencies model the cloud

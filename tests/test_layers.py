@@ -7,7 +7,8 @@ imports lab" and "no daemon imports another" are checked, not promised.
     edged | cloudd | trainerd         the daemons: the layers below, never one another
     velo.learning                     the learner (LRS), for trainerd and lab
     velo.edge                         the edge's stores: cache, texts, embedders, calibration
-    velo.core | velo.runtime          the rules every part shares | how a daemon runs
+    velo.runtime                      how a daemon runs: serving, config, security, metrics
+    velo.core                         the rules every part shares, no I/O
     velo.v1                           the generated stubs
     velo_client                       the SDK users install: only velo.v1 and velo.runtime.security
 
@@ -31,7 +32,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "velo": frozenset(),  # the namespace's own __init__
     "velo.v1": frozenset(),
     "velo.core": frozenset({"velo.v1"}),
-    "velo.runtime": frozenset({"velo.v1"}),
+    "velo.runtime": frozenset({"velo.v1", "velo.core"}),
     "velo.edge": frozenset({"velo.v1", "velo.core", "velo.runtime"}),
     "velo.learning": frozenset({"velo.v1", "velo.core"}),
     "edged": frozenset({"velo.v1", "velo.core", "velo.runtime", "velo.edge"}),

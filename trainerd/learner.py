@@ -34,6 +34,7 @@ import numpy as np
 
 from trainerd.registry import PolicyRegistry
 from trainerd.store import ExperienceStore
+from velo.core import qos
 from velo.runtime.logs import get_logger
 from velo.v1 import trainer_pb2
 
@@ -64,6 +65,7 @@ class OnlineLearner:
     def __init__(self, cfg: LearnerConfig, store: ExperienceStore,
                  registry: PolicyRegistry) -> None:
         self.cfg, self.store, self.registry = cfg, store, registry
+        self.weights = qos.QosWeights(cfg.phi1, cfg.phi2)  # the edges' reward (eq. 11)
         self.cursor: dict[str, int] = {}  # edge -> last seq used for training
         self.lrs: LRS | None = None  # created at the first round, once P and H are known
         self.published: Actor | None = None  # a copy of the actor last published (the gate's bar)
@@ -131,9 +133,9 @@ class OnlineLearner:
         actions = np.array([[r.action for r in b] for b in records]).T
         logp = np.array([[np.log(max(r.action_probs[r.action], 1e-6)) if r.action_probs else 0.0
                           for r in b] for b in records], np.float32).T
-        phi1, phi2 = self.cfg.phi1, self.cfg.phi2
-        rewards = np.array([[phi1 * (r.satisfaction if r.has_satisfaction
-                                     else q_mean[(r.edge_id, r.action)]) - phi2 * r.delay_s
+        rewards = np.array([[qos.reward(r.satisfaction if r.has_satisfaction
+                                        else q_mean[(r.edge_id, r.action)], r.delay_s,
+                                        self.weights)
                              for r in b] for b in records], np.float32).T
         held = max(1, int(steps * self.cfg.holdback)) if self.cfg.holdback > 0 else 0
         if steps - held < 2:  # too few to both train and gate: train, publish ungated
@@ -192,8 +194,10 @@ class OnlineLearner:
         picks = [r for b in records for r in b if r.shadow_verified and r.action == 0]
         if not picks:
             return None
-        best = [0 if self.cfg.phi1 * r.satisfaction - self.cfg.phi2 * r.delay_s
-                > -self.cfg.phi2 * cloud_d else 1 for r in picks]
+        # A beat B when its measured reward beats that of the fresh answer (q = 0, taken as
+        # the reference) after the mean cloud delay.
+        best = [0 if qos.reward(r.satisfaction, r.delay_s, self.weights)
+                > qos.reward(0.0, float(cloud_d), self.weights) else 1 for r in picks]
         return (np.array([np.reshape(r.correlation, (3, top_p)) for r in picks], np.float32),
                 np.array([r.embedding for r in picks], np.float32),
                 np.array([r.action_mask for r in picks], np.float32), np.array(best))

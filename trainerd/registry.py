@@ -30,9 +30,9 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
+from velo.core.bad_input import clip
 from velo.core.policy import OnnxPolicy
 from velo.core.policy import PolicyRejected as PolicyRejected  # raised by publish
-from velo.runtime.serving import clip
 
 _FILE = re.compile(r"v(\d+)\.onnx")
 _NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")  # always fullmatch

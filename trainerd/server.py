@@ -32,12 +32,13 @@ from trainerd.registry import (
     PolicyTooLarge,
 )
 from trainerd.store import ExperienceStore
+from velo.core.bad_input import clip, request_id_problem
 from velo.core.load import LOAD_FEATURES
 from velo.core.names import NAME_RULE, valid_name
 from velo.runtime.logs import get_logger
 from velo.runtime.metrics import Reading
 from velo.runtime.security import caller
-from velo.runtime.serving import Daemon, PartReport, clip, request_id_problem
+from velo.runtime.serving import Daemon, PartReport
 from velo.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = get_logger("trainerd")

@@ -20,7 +20,6 @@ import enum
 import functools
 import inspect
 import os
-import re
 import signal
 import socket
 import uuid
@@ -33,6 +32,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from velo.core.bad_input import clip
 from velo.runtime.logs import get_logger
 from velo.runtime.metrics import Metrics, Reading
 from velo.runtime.security import AuthConfig, RequireToken, TLSConfig
@@ -42,31 +42,6 @@ log = get_logger("velo.serving")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PART_PREFIX = "velo.part."
-# How much of a caller's own input an error message may quote: enough to recognise it,
-# never enough to make the reply (or the log line) as large as the input.
-QUOTE_CHARS = 64
-
-
-MAX_REQUEST_ID_CHARS = 128
-_REQUEST_ID = re.compile(rf"[!-~]{{0,{MAX_REQUEST_ID_CHARS}}}")  # printable ASCII, no spaces
-
-
-def request_id_problem(request_id: str) -> str | None:
-    """Why a client-chosen request id cannot be used (it is logged and forwarded), or None."""
-    if _REQUEST_ID.fullmatch(request_id):
-        return None
-    return (f"request_id {clip(request_id)} must be at most {MAX_REQUEST_ID_CHARS} printable "
-            "ASCII characters without spaces")
-
-
-def clip(text: str, limit: int = QUOTE_CHARS) -> str:
-    """`text` quoted for an error message or a log line: its repr, cut to `limit` characters
-    with the full length said, so that a 10 KB field never comes back as 10 KB."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
-
-
 # How a component tells its daemon that a part is up or down: (part, up, reason if down).
 PartReport = Callable[[str, bool, str], Awaitable[None]]
 DOWN_PROBE_S = 1.0  # a part that is down is probed this often, so that it is back up soon
