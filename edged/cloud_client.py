@@ -111,7 +111,6 @@ class CloudClient:
         self.load = CloudLoadView()
         self._slow_checks = 0  # health checks in a row that ran out of time (probe)
         self.channel = dial(address, tls, token) if address else None
-        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
         self.stub = (cloud_pb2_grpc.CloudServiceStub(self.channel)
                      if self.channel else None)
         self.health = health_pb2_grpc.HealthStub(self.channel) if self.channel else None

@@ -54,7 +54,6 @@ async def _no_report(part: str, ok: bool, reason: str) -> None:
 class ExperienceUploader:
     def __init__(self, channel: grpc.aio.Channel | None, spool: Spool, batch: int,
                  report: PartReport = _no_report, timeout_s: float = 30.0) -> None:
-        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
         self.stub = (trainer_pb2_grpc.TrainerServiceStub(channel)
                      if channel else None)
         self.spool, self.batch, self.report = spool, batch, report
@@ -126,7 +125,6 @@ class PolicyFollower:
                  report: PartReport = _no_report, has_verifier: bool = False,
                  fills_load: Callable[[], bool] = lambda: False,
                  timeout_s: float = 60.0) -> None:
-        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
         self.stub = (trainer_pb2_grpc.TrainerServiceStub(channel)
                      if channel else None)
         self.timeout_s = timeout_s  # deadline of one policy download

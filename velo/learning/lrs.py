@@ -292,7 +292,6 @@ class LRS:
                                    torch.as_tensor(action_mask, dtype=torch.float32),
                                    self._load(load, len(correlation)))
         dist = Categorical(logits=logits)
-        # torch.distributions is unannotated: its methods are untyped calls to mypy.
         actions = logits.argmax(-1) if greedy else dist.sample()
         return actions.numpy(), dist.log_prob(actions).numpy()
 
@@ -382,7 +381,6 @@ class LRS:
                 value_loss = clipped_value_loss(values_now, old_values_n[chunk], targets[chunk],
                                                 cfg.value_clip)
                 self.critic_opt.zero_grad()
-                # Tensor.backward is unannotated: an untyped call to mypy.
                 (cfg.value_coef * value_loss).backward()
                 nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 self.critic_opt.step()

@@ -38,7 +38,6 @@ async def _edge_health(address: str, tls: TLSConfig | None, token: str,
         except grpc.RpcError as exc:
             return f"unreachable ({exc.code().name})"
         try:
-            # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
             stats = await edge_pb2_grpc.EdgeServiceStub(
                 channel).GetStats(edge_pb2.GetStatsRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
@@ -54,7 +53,6 @@ def cloud_health(address: str, timeout_s: float = 3.0) -> str:
     """'serving' or why cloudd at `address` is not (its LLM's state)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
             stats = cloud_pb2_grpc.CloudServiceStub(
                 channel).GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:

@@ -43,7 +43,6 @@ async def replay(arrivals: list[Arrival], edges: list[str], items: list[QAItem],
     a time."""
     owner = {text: item.id for item in items for text in (item.question, *item.paraphrases)}
     channels = [dial(a, tls, api_key) for a in edges]
-    # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
     stubs = [edge_pb2_grpc.EdgeServiceStub(c) for c in channels]
     outcomes: list[Outcome] = []
     sends = ([(a, n) for a in arrivals for n in range(len(edges))] if to_every_edge

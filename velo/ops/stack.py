@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -96,6 +97,48 @@ class Daemon:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def wait_serving(self, timeout_s: float,
+                     check: Callable[[grpc.Channel], None] | None = None) -> bool:
+        """Wait until its health says SERVING (True) or `timeout_s` passes (False); fail fast,
+        quoting its log, if it exits. `check` looks at each answer that is not SERVING yet,
+        and may raise to give up early."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.running:
+                    code = self.proc.returncode if self.proc else None
+                    assert code is not None  # spawned before it is waited for, and exited
+                    raise RuntimeError(f"{self.name} {describe_exit(code)} while starting; "
+                                       f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return True
+                    if check is not None:
+                        check(channel)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        return False
+
+    def terminate(self) -> None:
+        """SIGTERM: it drains and exits (wait_stopped waits for that)."""
+        if self.running:
+            assert self.proc is not None  # running: it has a process
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout_s: float) -> None:
+        """Wait for it to exit; SIGKILL it once `timeout_s` has passed."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=max(0.1, timeout_s))
+        except subprocess.TimeoutExpired:
+            log.warning("killing daemon that did not stop", daemon=self.name)
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
@@ -176,7 +219,6 @@ class Stack:
         """Publish a policy through trainerd and wait until every edge that follows trainerd
         (policy "lrs") runs it; its version."""
         with grpc.insecure_channel(self.addresses["trainerd"]) as channel:
-            # grpcio-tools generates the stubs unannotated (velo/v1): untyped calls to mypy.
             info = trainer_pb2_grpc.TrainerServiceStub(
                 channel).PublishPolicy(trainer_pb2.PublishPolicyRequest(name=name, onnx=onnx),
                                        timeout=30)
@@ -217,25 +259,10 @@ class Stack:
     def wait_healthy(self, name: str, timeout_s: float = 180.0) -> None:
         """Wait until `name` says SERVING; fail fast, quoting its log, if it exits."""
         daemon = self.daemons[name]
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(daemon.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not daemon.running:
-                    code = daemon.proc.returncode if daemon.proc else None
-                    assert code is not None  # spawned before it is waited for, and exited
-                    raise RuntimeError(f"{name} {describe_exit(code)} while starting; last "
-                                       f"lines of {daemon.log_path}:\n{tail(daemon.log_path)}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        log.info("ready", daemon=name, address=daemon.address)
-                        return
-                    if daemon.module == "cloudd":
-                        self._fail_if_llm_cannot_start(channel)
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.3)
+        if daemon.wait_serving(timeout_s, self._fail_if_llm_cannot_start
+                               if daemon.module == "cloudd" else None):
+            log.info("ready", daemon=name, address=daemon.address)
+            return
         raise RuntimeError(f"{name} did not become healthy at {daemon.address} in "
                            f"{timeout_s:.0f} s: {self.diagnose().get(name, '')} (see "
                            f"{daemon.log_path})")
@@ -245,9 +272,8 @@ class Stack:
         """cloudd restarts a local LLM server that fails to start for ever (it may be a
         passing problem in production); the stack gives up on the second failure and says
         why, rather than waiting out its timeout."""
-        # grpcio-tools generates the stub unannotated (velo/v1): an untyped call to mypy.
-        stats = cloud_pb2_grpc.CloudServiceStub(
-            channel).GetCloudStats(cloud_pb2.CloudStatsRequest(), timeout=1)
+        stats = cloud_pb2_grpc.CloudServiceStub(channel).GetCloudStats(
+            cloud_pb2.CloudStatsRequest(), timeout=1)
         if stats.llm_restarts >= 2:
             raise RuntimeError(f"cloudd's LLM server failed to start {stats.llm_restarts} "
                                f"times: {stats.llm_down_reason}")
@@ -310,19 +336,10 @@ class Stack:
         others = [d for n, d in self.daemons.items() if not n.startswith("edge-")]
         for group in (edges, others):
             for daemon in group:
-                if daemon.running:
-                    assert daemon.proc is not None  # running: it has a process
-                    daemon.proc.send_signal(signal.SIGTERM)
+                daemon.terminate()
             deadline = time.monotonic() + timeout_s
             for daemon in group:
-                if daemon.proc is None:
-                    continue
-                try:
-                    daemon.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("killing daemon that did not stop", daemon=daemon.name)
-                    daemon.proc.kill()
-                    daemon.proc.wait()
+                daemon.wait_stopped(deadline - time.monotonic())
         if self.milvus is not None:
             self.milvus.stop()
             self.milvus = None

@@ -286,7 +286,6 @@ class _Bearer:
 
 # grpc.aio files a channel's interceptor under the first call kind it implements, so each kind
 # needs its own object.
-# grpc ships no type information: its base classes are Any to mypy.
 class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable[..., Any],
                                     details: grpc.aio.ClientCallDetails, request: Any) -> Any:

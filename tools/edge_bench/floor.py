@@ -1,0 +1,43 @@
+"""The floor: one embedding plus one in-process IVF probe, measured together."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edge_bench.gptcache_side import pin_faiss
+from edge_bench.measure import pct
+from velo.edge.embedder import Embedder
+
+
+def ivf_index(vectors: np.ndarray):
+    """The paper's index, in process (FAISS IVF_FLAT, nlist 128, nprobe 10) over every row."""
+    import faiss
+
+    pin_faiss()
+    quantizer = faiss.IndexFlatL2(vectors.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], 128, faiss.METRIC_L2)
+    index.train(vectors[np.random.default_rng(0).permutation(len(vectors))[:50_000]])
+    index.add(vectors)
+    index.nprobe = 10
+    return index
+
+
+def bench_floor(embedder: Embedder, index, queries: list[str], requests: int) -> dict:
+    """What no edge decision can beat: one embedding, then one in-process ANN probe for the
+    top 5, measured together, single stream."""
+    pin_faiss()
+    for prompt in queries[:20]:
+        index.search(embedder.embed_one(prompt)[None], 5)
+    embed, probe, both = [], [], []
+    for i in range(requests):
+        t0 = time.perf_counter()
+        vector = embedder.embed_one(queries[i % len(queries)])
+        t1 = time.perf_counter()
+        index.search(vector[None], 5)
+        t2 = time.perf_counter()
+        embed.append(t1 - t0)
+        probe.append(t2 - t1)
+        both.append(t2 - t0)
+    return {"embed": pct(embed), "probe": pct(probe), "total": pct(both)}
