@@ -106,6 +106,11 @@ class ReuseGuard:
         if self.calibrate_rows:
             self.rows.observe(candidate.row.pair_id, candidate.score, right)
 
+    def forget(self, pair_ids: list[int]) -> None:
+        """Pairs the cache no longer holds: their per-row thresholds go too (on the event
+        loop, as observe runs; edged.server wires VectorCache.pairs_gone here)."""
+        self.rows.forget(pair_ids)
+
     @property
     def false_hit_estimate(self) -> float:
         return self.judged_wrong / self.verified if self.verified else 0.0
@@ -114,9 +119,10 @@ class ReuseGuard:
         """Write the per-row thresholds (atomically: a crash leaves the old file)."""
         if not self.calibrate_rows:
             return
+        rows = dict(self.rows.rows)  # a copy (one C call): observe may add rows meanwhile
         data = {"basis": self.threshold.basis,
                 "rows": {str(k): [v.threshold, v.highest_wrong, v.right, v.wrong]
-                         for k, v in self.rows.rows.items()}}
+                         for k, v in rows.items()}}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.path)

@@ -147,6 +147,13 @@ class Edged(Daemon):
                      self.watch_part(VECTOR_DB, self._probe_vector_db, VECTOR_DB_PROBE_S)):
             self.spawn(work)
         if self.pipeline.guard is not None:
+            guard, loop = self.pipeline.guard, asyncio.get_running_loop()
+
+            def forget(pair_ids: list[int]) -> None:
+                # Evictions and deletions run in worker threads; the guard is the loop's.
+                loop.call_soon_threadsafe(guard.forget, pair_ids)
+
+            self.cache.pairs_gone = forget
             await self._follow_cache_size(self.pipeline.guard, once=True)  # before serving
             self.spawn(self._follow_cache_size(self.pipeline.guard))
         if hasattr(self.embedder, "check"):  # a remote embedder (Triton) can go away

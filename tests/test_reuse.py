@@ -298,6 +298,28 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
     assert guard.rows.rows.keys() == {int(k) for k in saved["rows"]}
 
 
+async def test_the_guard_forgets_the_thresholds_of_deleted_entries(edge_config, cloud) -> None:
+    """A per-row threshold lives as long as its row: an entry an operator deletes takes its
+    learned threshold with it (before, the table kept every row ever verified)."""
+    cfg = edge_config(cloud=cloud, reuse=ReuseConfig(threshold=0.99))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        await seed(edge, "t1")
+        await stub.Ask(ask(PARAPHRASE))  # vetoed: the forward's free check judges the row
+        guard = edge.pipeline.guard
+        for _ in range(50):
+            if guard.rows.rows:
+                break
+            await asyncio.sleep(0.1)
+        (pair,) = guard.rows.rows
+        deleted = await stub.DeleteEntries(edge_pb2.DeleteEntriesRequest(ids=[pair]))
+        assert deleted.deleted == 1
+        for _ in range(50):
+            if pair not in guard.rows.rows:
+                break
+            await asyncio.sleep(0.1)
+        assert pair not in guard.rows.rows
+
+
 async def test_a_running_edge_fits_its_threshold_to_the_questions_it_holds(edge_config,
                                                                             tmp_path) -> None:
     """Real Milvus: the edge counts its cached questions at start and takes the verifier's

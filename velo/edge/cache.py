@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -90,6 +91,9 @@ class VectorCache:
         self.client: MilvusClient | None = None
         self.texts: TextStore | None = None
         self.removed_without_texts = 0  # rows removed at open: their texts were gone
+        # Told the ids of pairs that have no row left (evicted or deleted), from the thread
+        # that removed them: what keeps state per pair (edged's per-row thresholds) forgets.
+        self.pairs_gone: Callable[[list[int]], None] | None = None
         self._text_fields = False  # a collection made before the texts moved out of Milvus
         self._overlay = _Overlay()
         self._flush_lock = threading.Lock()  # one flush at a time
@@ -479,6 +483,8 @@ class VectorCache:
             self._overlay.deleted(chunk)
         assert self.texts is not None  # open() first
         self.texts.delete(pair_ids)
+        if pair_ids and self.pairs_gone is not None:
+            self.pairs_gone(list(pair_ids))
         return len(ids)
 
     def evict(self, *, below_mean: bool, max_rows: int, ttl_s: float,
@@ -502,6 +508,8 @@ class VectorCache:
         gone = set((doomed // 2).tolist()) - set((ids[~drop] // 2).tolist())
         assert self.texts is not None  # open() first
         self.texts.delete(gone)
+        if gone and self.pairs_gone is not None:
+            self.pairs_gone(sorted(gone))
         return len(doomed)
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
