@@ -421,7 +421,8 @@ class EdgePipeline:
             if rec.store and rec.facts is not None:
                 rec.pair_id = await self._vector_db(
                     self.cache.insert_pair, rec.scope, rec.prompt, rec.answer, rec.prompt_vec,
-                    rec.answer_vec, q_used - rec.d, tenant=rec.tenant, facts=rec.facts)
+                    rec.answer_vec, qos.initial_value(q_used, rec.d), tenant=rec.tenant,
+                    facts=rec.facts)
         else:
             # Write-behind (velo.edge.cache): no Milvus call here, so no thread either.
             assert rec.row is not None  # a REUSE or AUGMENT has its row

@@ -384,7 +384,7 @@ class SimEnv:
             item = self.items[item_index]
             answer = item.alt_answers[0] if item.alt_answers else f"[simulated answer: {item.id}]"
             pair_id = cache.insert_pair(TENANT, text, answer, state.embedding, outcome.answer_vec,
-                                        outcome.q - outcome.d)
+                                        qos.initial_value(outcome.q, outcome.d))
             if pair_id is not None:
                 self.pairs[n][pair_id] = (item_index, outcome.answer_vec, answer)
             return

@@ -51,6 +51,11 @@ def reward(q: float, d: float, weights: QosWeights) -> float:
     return weights.phi1 * q - weights.phi2 * d
 
 
+def initial_value(q: float, d: float) -> float:
+    """A new row's cache value c^r: what its answer was worth when it was asked, q - d."""
+    return q - d
+
+
 def updated_value(value: float, q: float, d: float) -> float:
     """Eq. 5: the cache value of a used row moves halfway toward q - d."""
     return (value + q - d) / 2.0
