@@ -99,8 +99,7 @@ class Deletion:
 
 
 class CacheAdmin:
-    def __init__(self, cache: VectorCache,
-                 embedder: TextEmbedder, data_dir: Path,
+    def __init__(self, cache: VectorCache, embedder: TextEmbedder, data_dir: Path,
                  on_deleted: Callable[[int], None], import_value: float) -> None:
         self.cache, self.embedder = cache, embedder
         # An imported answer's cache value c^r: the edge's prior satisfaction, as if reused at

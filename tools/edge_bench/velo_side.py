@@ -4,7 +4,6 @@ asked over gRPC, and py-spy's profile of it."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -77,16 +76,13 @@ def edged_process(milvus_uri: str, milvus_token: str, workdir: Path, port: int,
         # 0: every request embeds its prompt, as GPTCache does (the semantic path).
         "LIMITS__PROMPT_VECTORS": str(prompt_vectors),
         "EMBEDDER_FILE": variant.file, "EMBEDDER_THREADS": str(variant.threads),
-        "EMBEDDER_WORKERS": str(variant.workers), "EDGE_ID": "bench",
-        "LISTEN": f"127.0.0.1:{port}", "CLOUD": "", "TRAINER": "",
+        "EMBEDDER_WORKERS": str(variant.workers), "EDGE_ID": "bench", "CLOUD": "", "TRAINER": "",
         "DATA_DIR": str(workdir / "edged"), "VECTOR_DB__URI": milvus_uri,
         "VECTOR_DB__TOKEN": milvus_token, "VECTOR_DB__COLLECTION": COLLECTION,
-        "LOG_LEVEL": "warning",
         # Hit traffic only updates values; keep every row for the whole run.
         "CACHE__EVICTION_EVERY": "1000000000", "POLICY__SHADOW_RATE": "0"}
-    daemon = Daemon("edged", "edged", {**os.environ, **{f"VELO_EDGED__{k}": v
-                                                        for k, v in settings.items()}},
-                    f"127.0.0.1:{port}", workdir / "edged.log")
+    daemon = Daemon.configured("edged", "edged", f"127.0.0.1:{port}", settings,
+                               workdir / "edged.log", log_level="warning")
     daemon.spawn()
     return daemon
 

@@ -86,6 +86,16 @@ class Daemon:
     next_start: float = 0.0  # monotonic time of the next restart after a death
     backoff_s: float = 1.0
 
+    @classmethod
+    def configured(cls, name: str, module: str, listen: str, settings: dict[str, str],
+                   log_path: Path, log_level: str = "info") -> Daemon:
+        """`module` (edged, cloudd, trainerd) listening on `listen`, with `settings` as its
+        VELO_<MODULE>__ environment keys (by their suffix, e.g. "VECTOR_DB__URI")."""
+        prefix = f"VELO_{module.upper()}__"
+        env = {**os.environ, **{prefix + k: v for k, v in settings.items()},
+               prefix + "LISTEN": listen, prefix + "LOG_LEVEL": log_level}
+        return cls(name, module, env, listen, log_path)
+
     def spawn(self) -> None:
         with open(self.log_path, "ab") as out:
             # A stack killed outright takes its daemons with it (they get SIGTERM and drain).
@@ -251,10 +261,8 @@ class Stack:
         return self.daemons[name]
 
     def _add(self, name: str, module: str, listen: str, settings: dict[str, str]) -> None:
-        prefix = f"VELO_{module.upper()}__"
-        env = {**os.environ, **{prefix + k: v for k, v in settings.items()},
-               prefix + "LISTEN": listen, prefix + "LOG_LEVEL": self.cfg.log_level}
-        self.daemons[name] = Daemon(name, module, env, listen, self.logs / f"{name}.log")
+        self.daemons[name] = Daemon.configured(name, module, listen, settings,
+                                               self.logs / f"{name}.log", self.cfg.log_level)
 
     def wait_healthy(self, name: str, timeout_s: float = 180.0) -> None:
         """Wait until `name` says SERVING; fail fast, quoting its log, if it exits."""
