@@ -108,6 +108,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
         self.in_flight = 0  # requests holding a slot (talking to the LLM)
         self.hung_at = -1e9  # monotonic time of the last request the LLM left unanswered
         self.queued = 0  # requests waiting for a slot
+        self.refused_full = 0  # user requests refused because the queue was full
         self.service = RunningMean()  # how long requests hold a slot, for the load report
         self.background = 0  # background requests holding a slot
         self.stats = cloud_pb2.CloudStats()
@@ -136,6 +137,13 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                     "refused for want of a free slot", stats.background_refused, True),
             Reading("velo_cloud_in_flight", "Requests talking to the LLM now", self.in_flight),
             Reading("velo_cloud_queued", "Requests waiting for an LLM slot", self.queued),
+            # The bounds, so that rules and panels need no copy of this cloudd's config.
+            Reading("velo_cloud_slots", "llm.max_concurrency: requests sent to the LLM at once",
+                    self.cfg.max_concurrency),
+            Reading("velo_cloud_queue_limit", "llm.max_queue: requests that may wait for a slot",
+                    self.cfg.max_queue),
+            Reading("velo_cloud_refused_full_total", "User requests refused RESOURCE_EXHAUSTED "
+                    "because the queue was full", self.refused_full, True),
             Reading("velo_cloud_estimated_wait_seconds", "The wait of a request arriving now "
                     "for an LLM slot (velo.core.load)", self.load().estimated_wait_s),
             Reading("velo_cloud_llm_up", "1 while the LLM answers",
@@ -167,6 +175,7 @@ class CloudServicer(cloud_pb2_grpc.CloudServiceServicer):
                 raise AtCapacity("no LLM slot is free for background work right now "
                                  f"({self.in_flight} in flight, {self.queued} queued)")
         elif self._slots.locked() and self.queued >= self.cfg.max_queue:
+            self.refused_full += 1
             raise AtCapacity(
                 f"cloudd is at capacity ({self.in_flight} in flight, {self.queued} queued); "
                 "retry later"

@@ -3,8 +3,10 @@ they happen, and at each scrape the counters GetStats reports."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+from edged.config import EdgeConfig
 from edged.decision import StageTimes
 from velo.core.qos import Action
 from velo.runtime.metrics import Metrics, Reading
@@ -20,7 +22,14 @@ class EdgeMetrics:
             "refused) and status (ok or the gRPC status code)", ["action", "status"])
         self.stage_seconds = metrics.histogram(
             "velo_edge_stage_seconds", "Time spent per stage of the request path "
-            "(embed, search, state, policy, cloud; delay is eq. 3's d)", ["stage"])
+            "(embed, search, state, policy, cloud)", ["stage"])
+        # The whole delay by action, so that "p95 of reuses vs forwards" can be drawn. A
+        # pass-through (no decision) is a forward here, as in velo_edge_requests_total and in
+        # GetStats: the LLM answered it.
+        self.request_seconds = metrics.histogram(
+            "velo_edge_request_seconds", "Delay of each answered request (eq. 3's d) by the "
+            "action that answered it (reuse/forward/augment; pass-through requests count as "
+            "forward)", ["action"])
         self.bypasses = metrics.counter(
             "velo_edge_bypassed_total", "Requests no cached answer could serve, by reason "
             "(tools, tool_messages, logprobs: passed through to the LLM, never cached; "
@@ -32,7 +41,9 @@ class EdgeMetrics:
         self._answered = {action: self.requests.labels(label, "ok")
                           for action, label in ACTION_LABELS.items()}
         self._stages = {stage: self.stage_seconds.labels(stage) for stage in
-                        ("embed", "search", "state", "policy", "delay", "cloud")}
+                        ("embed", "search", "state", "policy", "cloud")}
+        self._delays = {action: self.request_seconds.labels(label)
+                        for action, label in ACTION_LABELS.items()}
 
     def answered(self, action: Action, times: StageTimes, cloud_s: float, delay_s: float,
                  similarity: float | None) -> None:
@@ -42,7 +53,7 @@ class EdgeMetrics:
         stages["search"].observe(times.search_s)
         stages["state"].observe(times.state_s)
         stages["policy"].observe(times.policy_s)
-        stages["delay"].observe(delay_s)
+        self._delays[action].observe(delay_s)
         if action is not Action.REUSE:
             stages["cloud"].observe(cloud_s)
         elif similarity is not None:
@@ -51,7 +62,7 @@ class EdgeMetrics:
     def passed_through(self, delay_s: float, cloud_s: float) -> None:
         """A pass-through request (no decision: only its forward and its delay count)."""
         self._answered[Action.FORWARD].inc()
-        self._stages["delay"].observe(delay_s)
+        self._delays[Action.FORWARD].observe(delay_s)
         self._stages["cloud"].observe(cloud_s)
 
     def bypassed(self, reasons: tuple[str, ...]) -> None:
@@ -62,8 +73,10 @@ class EdgeMetrics:
         self.requests.labels("none", status).inc()
 
 
-def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[Reading]]:
-    """Scrape-time readings of the edge's own counters (`stats()` returns them by name)."""
+def stats_readings(stats: Callable[[], dict[str, float]],
+                   cfg: EdgeConfig) -> Callable[[], list[Reading]]:
+    """Scrape-time readings of the edge's own counters (`stats()` returns them by name), and
+    the settings the shipped alert rules compare them with (deploy/prometheus)."""
     described = {
         "cached_rows": ("velo_edge_cache_rows", "Rows in this edge's vector cache (two per QA "
                         "pair)", False),
@@ -96,12 +109,15 @@ def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[R
                                True),
         "reuses_vetoed": ("velo_edge_reuses_vetoed_total", "Reuses the reuse guard turned into "
                           "forwards", True),
-        "reuses_verified": ("velo_edge_reuses_verified_total", "Reuses checked against a fresh "
-                            "LLM answer", True),
+        "reuses_verified": ("velo_edge_reuses_verified_total", "Reuses shadow-verified against "
+                            "a fresh LLM answer (with or without a reuse guard): the sample "
+                            "count of velo_edge_false_hit_estimate", True),
         "reuses_judged_wrong": ("velo_edge_reuses_judged_wrong_total", "Verified reuses judged "
-                                "wrong", True),
-        "false_hit_estimate": ("velo_edge_false_hit_estimate", "Share of verified reuses judged "
-                               "wrong (shadow verification)", False),
+                                "wrong (q below [reuse] right_q)", True),
+        "false_hit_estimate": ("velo_edge_false_hit_estimate", "Share of shadow-verified reuses "
+                               "judged wrong since the edge started; NaN while none was "
+                               "verified (velo_edge_reuses_verified_total is the sample count: "
+                               "require a minimum of it before alerting)", False),
         "reuse_threshold": ("velo_edge_reuse_threshold", "The reuse guard's threshold in force "
                             "(rises with the cached questions when taken from a verifier for "
                             "[reuse] delta)", False),
@@ -109,9 +125,23 @@ def stats_readings(stats: Callable[[], dict[str, float]]) -> Callable[[], list[R
                                       "the reuse threshold in force was taken for", False),
     }
 
+    settings = [
+        Reading("velo_edge_reuse_delta", "[reuse] delta: the false-hit rate this edge is "
+                "configured to stay below (what velo_edge_false_hit_estimate is compared with)",
+                cfg.reuse.delta),
+        Reading("velo_edge_experience_spool_max_records", "spool_max_records: the most "
+                "experience records the spool keeps before it drops the oldest "
+                "(spool_max_bytes may bound it first)", cfg.spool_max_records),
+    ]
+
     def read() -> list[Reading]:
-        return [Reading(name, help, float(value), counter)
-                for key, value in stats().items() if key in described
-                for name, help, counter in [described[key]]]
+        values = stats()
+        if not values.get("reuses_verified"):
+            # No sample, no estimate: NaN, as PromQL's own 0/0, so that no rule or panel reads
+            # "0 % false hits" off an edge that has verified nothing.
+            values["false_hit_estimate"] = math.nan
+        return [*settings, *(Reading(name, help, float(value), counter)
+                             for key, value in values.items() if key in described
+                             for name, help, counter in [described[key]])]
 
     return read

@@ -102,8 +102,18 @@ class Counters:
     shadow_skipped: int = 0
     bypassed: int = 0  # pass-through requests (tools, tool turns, logprobs)
     entries_superseded: int = 0  # replaced by a no-cache request's fresh answer
+    # Shadow-verified reuses and those judged wrong (q below [reuse] right_q), counted with or
+    # without a reuse guard: every edge has a false-hit estimate.
+    reuses_verified: int = 0
+    reuses_judged_wrong: int = 0
     actions: dict[Action, ActionCounters] = field(
         default_factory=lambda: {a: ActionCounters() for a in Action})
+
+    @property
+    def false_hit_estimate(self) -> float:
+        """Share of verified reuses judged wrong; 0 before any (GetStats says so; /metrics
+        says NaN, edged.metrics)."""
+        return self.reuses_judged_wrong / self.reuses_verified if self.reuses_verified else 0.0
 
 
 class _Fit:
@@ -465,6 +475,9 @@ class EdgePipeline:
             self.uploader.wake()
         if rec.q is None:
             return
+        if rec.decision.action is Action.REUSE:
+            self.counters.reuses_verified += 1
+            self.counters.reuses_judged_wrong += rec.q < self.cfg.reuse.right_q
         if rec.candidate is not None and rec.decision.action is Action.REUSE:
             assert self.guard is not None  # a candidate comes from the guard only
             self.guard.observe(rec.candidate, rec.q, reused=True)

@@ -8,9 +8,10 @@ threshold a verifier was calibrated with for δ rises with the cached questions
 
 The policy still decides A, B or C (the paper's LRS); the guard only turns an A it does not
 trust into a B. Every verification teaches it: a forward compares the fresh answer with the
-best row's answer for free, and shadow verification (SPEC §3) checks a share of the reuses,
-which also gives the edge its running false-hit estimate. The per-row thresholds are saved in
-the edge's data folder and survive a restart.
+best row's answer for free, and shadow verification (SPEC §3) checks a share of the reuses
+(the same checks give every edge, guarded or not, its running false-hit estimate: counted in
+edged.pipeline). The per-row thresholds are saved in the edge's data folder and survive a
+restart.
 """
 
 from __future__ import annotations
@@ -110,10 +111,6 @@ class ReuseGuard:
         """Pairs the cache no longer holds: their per-row thresholds go too (on the event
         loop, as observe runs; edged.server wires VectorCache.pairs_gone here)."""
         self.rows.forget(pair_ids)
-
-    @property
-    def false_hit_estimate(self) -> float:
-        return self.judged_wrong / self.verified if self.verified else 0.0
 
     def save(self) -> None:
         """Write the per-row thresholds (atomically: a crash leaves the old file)."""

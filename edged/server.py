@@ -55,10 +55,7 @@ CACHE_SIZE_S = 30.0  # how often the reuse threshold is fitted to the cache's si
 def _guard_stats(guard: ReuseGuard | None) -> dict[str, float]:
     if guard is None:
         return {}
-    return {"reuses_vetoed": guard.vetoed, "reuses_verified": guard.verified,
-            "reuses_judged_wrong": guard.judged_wrong,
-            "false_hit_estimate": guard.false_hit_estimate,
-            "reuse_threshold": guard.rows.global_threshold,
+    return {"reuses_vetoed": guard.vetoed, "reuse_threshold": guard.rows.global_threshold,
             "reuse_threshold_questions": guard.questions}
 
 
@@ -141,7 +138,7 @@ class Edged(Daemon):
         self.closing.push_async_callback(self._drain_pipeline)
         self.admin = CacheAdmin(self.cache, self.embedder, cfg.data_path, self._deleted,
                                 cfg.cache.satisfaction_prior)
-        self.metrics.read(stats_readings(self._scraped_stats))
+        self.metrics.read(stats_readings(self._scraped_stats, cfg))
         for work in (self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
                      self.pipeline.flush_loop(),
                      self.watch_part(VECTOR_DB, self._probe_vector_db, VECTOR_DB_PROBE_S)):
@@ -192,7 +189,8 @@ class Edged(Daemon):
                 "bypassed": c.bypassed, "entries_superseded": c.entries_superseded,
                 "entries_deleted": self.entries_deleted,
                 "prompt_vector_hits": self.pipeline.decider.prompt_vectors.hits,
-                **_guard_stats(guard)}
+                "reuses_verified": c.reuses_verified, "reuses_judged_wrong": c.reuses_judged_wrong,
+                "false_hit_estimate": c.false_hit_estimate, **_guard_stats(guard)}
 
     def _deleted(self, entries: int) -> None:
         self.entries_deleted += entries

@@ -1,4 +1,5 @@
-"""The `velo` command line: every option of every command says what it does."""
+"""The `velo` command line: every option of every command says what it does, and the ports
+`velo up` gives the daemons."""
 
 from __future__ import annotations
 
@@ -21,6 +22,28 @@ def test_every_option_of_every_command_has_help() -> None:
              for name, sub in commands.choices.items()
              if any("--edges" in a.option_strings for a in sub._actions)}
     assert set(edges) == {"replay"} and edges["replay"].type is None
+
+
+
+def test_velo_up_with_a_base_port_serves_metrics_100_above_each_grpc_port(tmp_path) -> None:
+    """What `velo up --base-port 50050` configures each daemon with (nothing is started: the
+    daemons answering on their metrics ports is tests/test_stack.py's)."""
+    from velo.ops.stack import Stack, StackConfig
+
+    stack = Stack(StackConfig(data_dir=tmp_path, edges=3, base_port=50050,
+                              milvus_uri="http://127.0.0.1:19530"))
+    stack.configure()
+    ports = {name: (int(d.address.rpartition(":")[2]), d.metrics_port)
+             for name, d in stack.daemons.items()}
+    assert ports == {"trainerd": (50050, 50150), "cloudd": (50051, 50151),
+                     "edge-1": (50052, 50152), "edge-2": (50053, 50153),
+                     "edge-3": (50054, 50154)}
+    for daemon in stack.daemons.values():  # what each daemon's config reads
+        assert daemon.env[f"VELO_{daemon.module.upper()}__METRICS_LISTEN"] == \
+            f"127.0.0.1:{daemon.metrics_port}"
+    assert stack.metrics_urls["edge-2"] == "http://127.0.0.1:50153/metrics"
+    with pytest.raises(ValueError, match="at most 98 edges with a base port"):
+        StackConfig(base_port=50050, edges=99)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from edged.config import PolicyConfig
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
 from tests.fake_llm import ANSWER_TOKENS, FAKE_MODEL
+from tests.test_edged import QUESTION as SEEDED_QUESTION
+from tests.test_edged import seed
 from trainerd.config import TrainerConfig
 from trainerd.server import Trainerd
+from velo.v1 import chat_pb2, edge_pb2
 
 QUESTION = "How do I reset my router to factory settings?"
 PARAPHRASE = "How can I reset my router to its factory settings?"
@@ -95,3 +99,51 @@ async def test_trainer_metrics_and_a_taken_port_fails_clearly(tmp_path: Path) ->
         with pytest.raises(RuntimeError, match="cannot serve metrics"):
             await second.startup()
         await second.shutdown()
+
+
+async def test_request_latency_is_labelled_with_the_action_that_answered(edge_config,
+                                                                         cloud) -> None:
+    cfg = edge_config(cloud=cloud, metrics_listen="127.0.0.1:0",
+                      policy=PolicyConfig(shadow_rate=0))
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        forwarded = await stub.Ask(ask(QUESTION))
+        reused = await stub.Ask(ask(PARAPHRASE))
+        # Logprobs cannot come from the cache: a pass-through, counted as a forward.
+        passed = await stub.Ask(ask(QUESTION, shape=chat_pb2.AnswerShape(logprobs=True)))
+        assert [r.action for r in (forwarded, reused, passed)] == \
+            [edge_pb2.ACTION_FORWARD, edge_pb2.ACTION_REUSE, edge_pb2.ACTION_FORWARD]
+        assert list(passed.bypass) == ["logprobs"]
+        samples = await scrape(edge.metrics_port)
+    latency = "velo_edge_request_seconds"
+    assert value(samples, f"{latency}_count", action="forward") == 2
+    assert value(samples, f"{latency}_count", action="reuse") == 1
+    assert value(samples, f"{latency}_count", action="augment") == 0
+    # What is observed is each request's own delay d (eq. 3), as the caller was told it.
+    assert value(samples, f"{latency}_sum", action="reuse") == pytest.approx(reused.delay_s)
+    assert value(samples, f"{latency}_sum", action="forward") == \
+        pytest.approx(forwarded.delay_s + passed.delay_s)
+
+
+async def test_an_edge_without_a_reuse_guard_exports_its_false_hit_estimate(edge_config,
+                                                                             cloud) -> None:
+    cfg = edge_config(cloud=cloud, metrics_listen="127.0.0.1:0",
+                      policy=PolicyConfig(shadow_rate=1.0))
+    assert not cfg.reuse.enabled  # no verifier, no threshold: no guard
+    async with running(Edged(cfg)) as edge, edge_client(edge.grpc.address) as stub:
+        samples = await scrape(edge.metrics_port)
+        # Nothing verified yet: no estimate (NaN), and a sample count that says why.
+        assert math.isnan(value(samples, "velo_edge_false_hit_estimate"))
+        assert value(samples, "velo_edge_reuses_verified_total") == 0
+        assert value(samples, "velo_edge_reuse_delta") == cfg.reuse.delta
+        # A cached answer the LLM would not give: its shadow verification judges it wrong.
+        await seed(edge, "t1")
+        assert (await stub.Ask(ask(SEEDED_QUESTION))).action == edge_pb2.ACTION_REUSE
+        deadline = time.monotonic() + 15
+        while value(samples, "velo_edge_reuses_verified_total") == 0:
+            assert time.monotonic() < deadline, "the reuse was never verified"
+            await asyncio.sleep(0.2)
+            samples = await scrape(edge.metrics_port)
+        assert value(samples, "velo_edge_reuses_judged_wrong_total") == 1
+        assert value(samples, "velo_edge_false_hit_estimate") == 1.0
+        stats = await stub.GetStats(edge_pb2.GetStatsRequest())  # the same counters
+        assert (stats.reuses_verified, stats.false_hit_estimate) == (1, 1.0)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from velo.core.models import ROOT
 from velo.core.records import load_qa
@@ -59,6 +62,35 @@ def test_velo_ask_cli_talks_to_an_edge(stack) -> None:
     assert "by onnx:lrs-load:v1 on edge-1" in result.stderr
 
 
+# A metric only each kind of daemon exports: a scrape that has it reached that daemon.
+OWN_METRIC = {"trainerd": "velo_trainer_policy_version", "cloudd": "velo_cloud_queued",
+              "edged": "velo_edge_requests_total"}
+
+
+def scraped(url: str) -> dict[str, dict[frozenset, float]]:
+    """A /metrics page: each sample's value by name, then by labels."""
+    page = httpx.get(url, timeout=10)
+    page.raise_for_status()
+    samples: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(page.text):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return samples
+
+
+def serves_its_metrics(module: str, url: str) -> bool:
+    samples = scraped(url)
+    return OWN_METRIC[module] in samples and \
+        samples["velo_serving"] == {frozenset({"daemon": module}.items()): 1.0}
+
+
+def test_every_daemon_of_the_stack_serves_its_metrics(stack) -> None:
+    assert stack.metrics_urls.keys() == stack.daemons.keys()
+    assert len(set(stack.metrics_urls.values())) == len(stack.daemons)  # one port each
+    for name, url in stack.metrics_urls.items():
+        assert serves_its_metrics(stack.daemons[name].module, url), name
+
+
 def test_a_dead_daemon_is_restarted_and_the_rest_keep_serving(stack) -> None:
     edge = stack.daemons["edge-2"]
     edge.proc.kill()
@@ -78,7 +110,8 @@ def test_a_dead_daemon_is_restarted_and_the_rest_keep_serving(stack) -> None:
     assert [o.error for o in outcomes if o.action == "error"] == []
 
 
-def test_velo_up_stops_every_child_on_sigterm(tmp_path, milvus) -> None:
+def test_velo_up_prints_each_daemons_metrics_and_stops_every_child_on_sigterm(
+        tmp_path, milvus) -> None:
     env = {**os.environ, "VELO_MILVUS_TOKEN": milvus.token, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "velo_cli", "up", "--edges-count", "1", "--base-port", "0",
@@ -91,6 +124,15 @@ def test_velo_up_stops_every_child_on_sigterm(tmp_path, milvus) -> None:
                 break
         else:
             pytest.fail(f"velo up did not start (exit {up.wait()})")
+        printed = {}  # daemon name: its metrics URL, as `velo up` says them
+        for line in up.stdout:
+            if line.startswith("logs in"):
+                break
+            if shown := re.match(r"\s+(\S+)\s+\S+\s+metrics (http://\S+/metrics)$", line):
+                printed[shown[1]] = shown[2]
+        assert printed.keys() == {"trainerd", "cloudd", "edge-1"}
+        for name, url in printed.items():
+            assert serves_its_metrics("edged" if name.startswith("edge-") else name, url), name
         children = _children(up.pid)
         assert len(children) >= 4  # trainerd, cloudd, its LLM server, an edge
         started = time.monotonic()

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Milvus, the local LLM, trainerd, cloudd and N edges")
     _stack_args(up)
     up.add_argument("--base-port", type=int, default=50050,
-                    help="trainerd = base, cloudd = base+1, edges = base+2... (default 50050)")
+                    help="trainerd = base, cloudd = base+1, edges = base+2..., each daemon's "
+                         "Prometheus /metrics on its port + 100 (default 50050; 0: free ports)")
     up.add_argument("--http-port", type=int, default=8080,
                     help="the edges' OpenAI-compatible fronts: edge-1 on this port, edge-2 on "
                          "the next... (default 8080; 0: none)")
@@ -201,8 +202,9 @@ def cmd_up(args: argparse.Namespace) -> None:
     except RuntimeError as exc:
         sys.exit(f"velo up: the stack did not start: {exc}")
     print("VELO is up:")
+    metrics = stack.metrics_urls
     for name, address in stack.addresses.items():
-        print(f"  {name:9} {address}")
+        print(f"  {name:9} {address:21} metrics {metrics[name]}")
     print(f"  milvus    {stack.milvus_uri}")
     for name, url in stack.http_urls.items():
         print(f"  {name:9} OpenAI-compatible: base_url={url}")

@@ -42,6 +42,10 @@ from velo.v1 import (
 
 log = get_logger("velo.stack")
 MAX_RESTART_BACKOFF_S = 30.0
+# With a base port, each daemon's /metrics is on its gRPC port + this (trainerd 50150, cloudd
+# 50151, edges 50152...): one number to remember, and no clash with the gRPC ports for up to
+# METRICS_PORT_OFFSET - 2 edges.
+METRICS_PORT_OFFSET = 100
 
 
 POLICY_FILE = Path(__file__).parent / "policies" / "lrs-load.onnx"
@@ -54,7 +58,9 @@ class StackConfig:
     # Cycled over the edges. "lrs": the edge follows trainerd's published policies (argmax)
     # and, when any edge does, the others keep their fixed baseline (no trainer link).
     edge_policies: tuple[str, ...] = ("cache-0.5",)
-    base_port: int = 0  # 0: free ports; else trainer=base, cloud=base+1, edges base+2...
+    # 0: free ports; else trainer=base, cloud=base+1, edges base+2..., and each daemon's
+    # Prometheus /metrics on its port + METRICS_PORT_OFFSET.
+    base_port: int = 0
     # The edges' OpenAI-compatible HTTP fronts: edge-1 on this port, edge-2 on the next...
     # (0: none).
     http_port: int = 0
@@ -70,6 +76,11 @@ class StackConfig:
     # mode="nearest"): it reuses at c^s >= 0.75 whatever the load.
     policy_file: Path | None = POLICY_FILE
 
+    def __post_init__(self) -> None:
+        if self.base_port and self.edges > METRICS_PORT_OFFSET - 2:
+            raise ValueError(f"at most {METRICS_PORT_OFFSET - 2} edges with a base port (their "
+                             "gRPC ports would reach the metrics ports); use base port 0")
+
 
 @dataclass
 class Daemon:
@@ -80,6 +91,7 @@ class Daemon:
     env: dict[str, str]
     address: str
     log_path: Path
+    metrics_port: int = 0  # where it serves Prometheus /metrics on loopback (0: nowhere)
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = 0.0  # monotonic time of the last spawn
@@ -88,13 +100,15 @@ class Daemon:
 
     @classmethod
     def configured(cls, name: str, module: str, listen: str, settings: dict[str, str],
-                   log_path: Path, log_level: str = "info") -> Daemon:
+                   log_path: Path, log_level: str = "info", metrics_port: int = 0) -> Daemon:
         """`module` (edged, cloudd, trainerd) listening on `listen`, with `settings` as its
-        VELO_<MODULE>__ environment keys (by their suffix, e.g. "VECTOR_DB__URI")."""
+        VELO_<MODULE>__ environment keys (by their suffix, e.g. "VECTOR_DB__URI"), and serving
+        /metrics on 127.0.0.1:`metrics_port` when that is not 0."""
         prefix = f"VELO_{module.upper()}__"
+        metrics = {prefix + "METRICS_LISTEN": f"127.0.0.1:{metrics_port}"} if metrics_port else {}
         env = {**os.environ, **{prefix + k: v for k, v in settings.items()},
-               prefix + "LISTEN": listen, prefix + "LOG_LEVEL": log_level}
-        return cls(name, module, env, listen, log_path)
+               prefix + "LISTEN": listen, prefix + "LOG_LEVEL": log_level, **metrics}
+        return cls(name, module, env, listen, log_path, metrics_port)
 
     def spawn(self) -> None:
         with open(self.log_path, "ab") as out:
@@ -161,6 +175,9 @@ class Stack:
     def _port(self, offset: int) -> int:
         return self.cfg.base_port + offset if self.cfg.base_port else free_port()
 
+    def _metrics_port(self, offset: int) -> int:
+        return self._port(METRICS_PORT_OFFSET + offset) if self.cfg.base_port else free_port()
+
     @property
     def logs(self) -> Path:
         return self.cfg.data_dir.resolve() / "logs"
@@ -178,6 +195,12 @@ class Stack:
                 for i in range(self.cfg.edges)}
 
     @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Each daemon's Prometheus /metrics."""
+        return {name: f"http://127.0.0.1:{d.metrics_port}/metrics"
+                for name, d in self.daemons.items() if d.metrics_port}
+
+    @property
     def edge_addresses(self) -> list[str]:
         return [d.address for name, d in self.daemons.items() if name.startswith("edge-")]
 
@@ -190,40 +213,48 @@ class Stack:
         return self.cfg.milvus_token or (self.milvus.token if self.milvus else "")
 
     def start(self) -> Stack:
-        cfg, data = self.cfg, self.cfg.data_dir.resolve()
+        cfg = self.cfg
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             if not cfg.milvus_uri:
-                self.milvus = EmbeddedMilvus(data / "milvus").start()
-            trainer = f"127.0.0.1:{self._port(0)}"
-            cloud = f"127.0.0.1:{self._port(1)}"
-            self._add("trainerd", "trainerd", trainer, {"DATA_DIR": str(data / "trainerd")})
-            self._add("cloudd", "cloudd", cloud, {
-                "LOCAL_LLM__ENABLED": "true", "LOCAL_LLM__THREADS": str(cfg.llm_threads),
-                "LOCAL_LLM__LOG_FILE": str(self.logs / "llm.log"),
-                # llama.cpp's server computes one request at a time: cloudd queues the rest.
-                "LLM__MAX_CONCURRENCY": "1", "LLM__MODEL": "smollm2"})
-            fixed = "lrs" in cfg.edge_policies
-            for i in range(cfg.edges):
-                name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
-                learned = policy == "lrs"
-                http = {"HTTP__LISTEN": f"127.0.0.1:{cfg.http_port + i}"} if cfg.http_port else {}
-                self._add(name, "edged", f"127.0.0.1:{self._port(2 + i)}", {
-                    **self._edge_settings(name), **http, "CLOUD": cloud,
-                    "TRAINER": trainer if learned or not fixed else "",
-                    "POLICY__BASELINE": "cache-0.5" if learned else policy,
-                    "POLICY__SAMPLE": "false" if learned else "true",
-                })
+                self.milvus = EmbeddedMilvus(cfg.data_dir.resolve() / "milvus").start()
+            self.configure()
             for daemon in self.daemons.values():
                 daemon.spawn()
             for name in self.daemons:
                 self.wait_healthy(name)
-            if fixed and cfg.policy_file is not None and cfg.policy_file.is_file():
+            if "lrs" in cfg.edge_policies and cfg.policy_file is not None \
+                    and cfg.policy_file.is_file():
                 self.publish(cfg.policy_file.stem, cfg.policy_file.read_bytes())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def configure(self) -> None:
+        """Decide each daemon's ports and settings (start() then spawns them): trainerd,
+        cloudd, then the edges, on the stack's Milvus."""
+        cfg, data = self.cfg, self.cfg.data_dir.resolve()
+        trainer = f"127.0.0.1:{self._port(0)}"
+        cloud = f"127.0.0.1:{self._port(1)}"
+        self._add("trainerd", "trainerd", trainer, {"DATA_DIR": str(data / "trainerd")},
+                  self._metrics_port(0))
+        self._add("cloudd", "cloudd", cloud, {
+            "LOCAL_LLM__ENABLED": "true", "LOCAL_LLM__THREADS": str(cfg.llm_threads),
+            "LOCAL_LLM__LOG_FILE": str(self.logs / "llm.log"),
+            # llama.cpp's server computes one request at a time: cloudd queues the rest.
+            "LLM__MAX_CONCURRENCY": "1", "LLM__MODEL": "smollm2"}, self._metrics_port(1))
+        fixed = "lrs" in cfg.edge_policies
+        for i in range(cfg.edges):
+            name, policy = f"edge-{i + 1}", cfg.edge_policies[i % len(cfg.edge_policies)]
+            learned = policy == "lrs"
+            http = {"HTTP__LISTEN": f"127.0.0.1:{cfg.http_port + i}"} if cfg.http_port else {}
+            self._add(name, "edged", f"127.0.0.1:{self._port(2 + i)}", {
+                **self._edge_settings(name), **http, "CLOUD": cloud,
+                "TRAINER": trainer if learned or not fixed else "",
+                "POLICY__BASELINE": "cache-0.5" if learned else policy,
+                "POLICY__SAMPLE": "false" if learned else "true",
+            }, self._metrics_port(2 + i))
 
     def publish(self, name: str, onnx: bytes, timeout_s: float = 60.0) -> int:
         """Publish a policy through trainerd and wait until every edge that follows trainerd
@@ -255,14 +286,17 @@ class Stack:
         """Start one more edge on this stack's Milvus (no cloud or trainer unless given as
         CLOUD=/TRAINER=; any VELO_EDGED__ key by its suffix) and wait until it serves."""
         self._add(name, "edged", f"127.0.0.1:{free_port()}",
-                  {**self._edge_settings(name), "CLOUD": "", "TRAINER": "", **settings})
+                  {**self._edge_settings(name), "CLOUD": "", "TRAINER": "", **settings},
+                  free_port())
         self.daemons[name].spawn()
         self.wait_healthy(name)
         return self.daemons[name]
 
-    def _add(self, name: str, module: str, listen: str, settings: dict[str, str]) -> None:
+    def _add(self, name: str, module: str, listen: str, settings: dict[str, str],
+             metrics_port: int) -> None:
         self.daemons[name] = Daemon.configured(name, module, listen, settings,
-                                               self.logs / f"{name}.log", self.cfg.log_level)
+                                               self.logs / f"{name}.log", self.cfg.log_level,
+                                               metrics_port)
 
     def wait_healthy(self, name: str, timeout_s: float = 180.0) -> None:
         """Wait until `name` says SERVING; fail fast, quoting its log, if it exits."""
