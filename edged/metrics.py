@@ -80,6 +80,10 @@ def stats_readings(stats: Callable[[], dict[str, float]],
     described = {
         "cached_rows": ("velo_edge_cache_rows", "Rows in this edge's vector cache (two per QA "
                         "pair)", False),
+        "index_rows": ("velo_edge_index_rows", "Rows in the edge's in-process index (what "
+                       "searches read; Milvus holds the same rows, as the store of record)", False),
+        "index_bytes": ("velo_edge_index_bytes", "Memory of the in-process index: vectors (8-bit "
+                        "past 8,192 rows a scope), ids and row facts", False),
         "evicted_rows": ("velo_edge_evicted_rows_total", "Rows evicted (below-mean value, TTL, "
                          "cap)", True),
         "inflight": ("velo_edge_requests_in_flight", "Requests being answered now", False),

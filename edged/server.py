@@ -52,6 +52,13 @@ EMBEDDER = "embedder"
 CACHE_SIZE_S = 30.0  # how often the reuse threshold is fitted to the cache's size again
 
 
+def _index_stats(cache: VectorCache) -> dict[str, float]:
+    index = cache.index
+    if index is None:  # vector_db.in_process_index = false
+        return {}
+    return {"index_rows": len(index), "index_bytes": index.memory_bytes()}
+
+
 def _guard_stats(guard: ReuseGuard | None) -> dict[str, float]:
     if guard is None:
         return {}
@@ -140,7 +147,7 @@ class Edged(Daemon):
                                 cfg.cache.satisfaction_prior)
         self.metrics.read(stats_readings(self._scraped_stats, cfg))
         for work in (self.uploader.run(), self.policies.run(), self.pipeline.eviction_loop(),
-                     self.pipeline.flush_loop(),
+                     self.pipeline.flush_loop(), self._follow_milvus(),
                      self.watch_part(VECTOR_DB, self._probe_vector_db, VECTOR_DB_PROBE_S)):
             self.spawn(work)
         if self.pipeline.guard is not None:
@@ -190,7 +197,8 @@ class Edged(Daemon):
                 "entries_deleted": self.entries_deleted,
                 "prompt_vector_hits": self.pipeline.decider.prompt_vectors.hits,
                 "reuses_verified": c.reuses_verified, "reuses_judged_wrong": c.reuses_judged_wrong,
-                "false_hit_estimate": c.false_hit_estimate, **_guard_stats(guard)}
+                "false_hit_estimate": c.false_hit_estimate, **_index_stats(self.cache),
+                **_guard_stats(guard)}
 
     def _deleted(self, entries: int) -> None:
         self.entries_deleted += entries
@@ -230,6 +238,24 @@ class Edged(Daemon):
             return f"Milvus at {self.cfg.vector_db.uri} did not answer within 3 s"
         self._vector_db_slow = 0
         return problem
+
+    async def _follow_milvus(self) -> None:
+        """Rows other clients wrote into or deleted from this edge's collection reach the
+        in-process index every vector_db.index_sync_s (its own writes reach it at once). A sync
+        that fails (Milvus down) is retried at the next; the probe reports the outage."""
+        if self.cache.index is None:
+            return
+        while True:
+            await asyncio.sleep(self.cfg.vector_db.index_sync_s)
+            try:
+                added, removed = await asyncio.to_thread(self.cache.sync_index)
+            except Exception as exc:  # pymilvus raises its own types
+                log.warning("could not sync the in-process index with Milvus",
+                            error=str(exc)[:200])
+                continue
+            if added or removed:
+                log.info("in-process index synced with Milvus: rows other clients changed",
+                         added=added, removed=removed)
 
     async def _follow_cache_size(self, guard: ReuseGuard, once: bool = False) -> None:
         """Keep the reuse threshold fit for the cache's size (edged.reuse.ReuseThreshold):

@@ -656,6 +656,9 @@ async def test_fuzzed_edge_never_answers_unknown_or_internal_and_stays_up(
 async def test_no_tenant_is_ever_served_another_tenants_answer(
         edge_config: Callable[..., edged.config.EdgeConfig], exported_embedder: Path) -> None:
     cfg = edge_config()
+    # The probes seed rows through a Milvus client of their own: the edge's in-process index
+    # takes them at its next sync with Milvus.
+    cfg.vector_db.index_sync_s = 1.0
     async with running(Edged(cfg)) as daemon:
         # A client of its own, as a chaos tool would have: the edge must see its writes.
         embedder = Embedder(exported_embedder)

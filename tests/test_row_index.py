@@ -1,0 +1,254 @@
+"""The in-process index (velo/edge/index.py) and Milvus never disagree about what may be served:
+after concurrent writes, after a crash between the two writes, and after Milvus changes behind
+the edge's back (an outage, a restore)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+
+from velo.core.shape import AnswerFacts
+from velo.core.state import CachedRow
+from velo.edge.cache import VectorCache, VectorDBConfig
+from velo.edge.index import RowIndex
+
+DIM = 16
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def rows(vectors: np.ndarray, first_id: int) -> list[CachedRow]:
+    return [CachedRow(id=first_id + i, pair_id=(first_id + i) // 2, kind=(first_id + i) % 2 + 1,
+                      question="", answer="", hits=0, value=0.0, created=1.0, distance=0.0,
+                      vector=v) for i, v in enumerate(vectors)]
+
+
+def test_each_scope_is_searched_alone_and_removed_rows_are_never_found() -> None:
+    rng = np.random.default_rng(1)
+    vecs = unit(rng, 20)
+    index = RowIndex(DIM)
+    index.add("a", rows(vecs[:10], 0))
+    index.add("b", rows(vecs[10:], 100))
+    assert index.search("a", vecs[12], 10)[0][0].id < 100  # b's exact match is not a's
+    assert index.search("b", vecs[12], 1)[0][0].id == 102
+    assert index.search("c", vecs[12], 1) == [[]]
+    index.remove([102])
+    assert 102 not in {r.id for r in index.search("b", vecs[12], 10)[0]}
+    index.update(103, hits=4, value=0.7)
+    (found,) = index.search("b", vecs[13], 1)
+    assert (found[0].id, found[0].hits, found[0].value) == (103, 4, 0.7)
+    assert len(index) == 19 and index.row_ids() == set(range(10)) | set(range(100, 110)) - {102}
+
+
+def test_a_grown_scope_is_approximate_and_still_finds_near_duplicates() -> None:
+    """Past `exact_up_to` rows a scope becomes IVF over 8-bit vectors: a slightly changed
+    vector still finds its row, at about the exact distance, and removals still apply."""
+    rng = np.random.default_rng(2)
+    vecs = unit(rng, 3000, 64)
+    index = RowIndex(64, nlist=16, nprobe=4, exact_up_to=1000)
+    index.add("t", rows(vecs[:900], 0))
+    index.add("t", rows(vecs[900:], 900))
+    probes = unit(rng, 1, 64)[0] * 0.05
+    near = vecs[:200] + probes
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    found = index.search("t", near, 1)
+    assert sum(r[0].id == i for i, r in enumerate(found)) >= 190
+    exact = np.linalg.norm(near - vecs[:200], axis=1)
+    assert np.allclose([r[0].distance for r in found], exact, atol=0.03)
+    index.remove(range(100))
+    assert all(r[0].id >= 100 for r in index.search("t", near[:100], 1))
+    assert len(index) == 2900
+
+
+@pytest.fixture
+def cache(milvus, tmp_path: Path):
+    made: list[VectorCache] = []
+
+    def open_cache(name: str = "") -> VectorCache:
+        c = VectorCache(VectorDBConfig(uri=milvus.uri, token=milvus.token),
+                        name or f"ri_{uuid.uuid4().hex[:8]}", DIM,
+                        texts_path=tmp_path / "texts.db")
+        c.open()
+        made.append(c)
+        return c
+
+    yield open_cache
+    if made:
+        made[-1].drop()
+    for c in made:
+        c.close()
+
+
+def milvus_ids(cache: VectorCache) -> set[int]:
+    client = MilvusClient(uri=cache.cfg.uri, token=cache.cfg.token)
+    try:
+        found = client.query(cache.collection, filter="id >= 0", output_fields=["id"],
+                             consistency_level="Strong", limit=16384)
+        return {int(r["id"]) for r in found}
+    finally:
+        client.close()
+
+
+def test_concurrent_writes_leave_the_index_and_milvus_holding_the_same_rows(cache) -> None:
+    """Inserts, operator deletes, evictions and write-backs from four threads at once: the
+    index ends with exactly Milvus's rows, and so does an index rebuilt from Milvus."""
+    c = cache()
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 400)
+    inserted: list[int] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def guarded(work):
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:
+                errors.append(exc)
+        return run
+
+    done = threading.Event()  # the inserts are over: the other writers stop
+
+    def insert() -> None:
+        for n in range(0, 400, 8):  # 4 pairs a write
+            ids = c.insert_pairs("t", [(f"q{k}", f"a{k}", vecs[k], vecs[k + 1], AnswerFacts())
+                                       for k in range(n, n + 8, 2)], float(rng.random()))
+            with lock:
+                inserted.extend(p for p in ids if p is not None)
+        done.set()
+
+    def delete() -> None:
+        picker = random.Random(4)
+        while not done.is_set():
+            with lock:
+                doomed = picker.sample(inserted, min(2, len(inserted)))
+            c.delete_pairs(doomed)
+
+    def evict() -> None:
+        while not done.is_set():
+            c.evict(below_mean=False, max_rows=120, ttl_s=0)
+
+    def write_back() -> None:
+        while not done.is_set():
+            for row in c.search(vecs[int(rng.integers(400))], "t", 3):
+                c.update_row(row, "t", row.hits + 1, row.value + 0.1)
+            c.flush_updates()
+
+    threads = [threading.Thread(target=guarded(w)) for w in (insert, delete, evict, write_back)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    c.flush_updates()
+    assert c.index is not None
+    held = milvus_ids(c)
+    assert 0 < len(held) < 300  # the evictions and deletes ran among the inserts
+    assert c.index.row_ids() == held
+    assert c.reload_index() == len(held) and c.index.row_ids() == held
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from velo.edge import index
+    from velo.edge.cache import VectorCache, VectorDBConfig
+    uri, token, name, texts, step = sys.argv[1:]
+    c = VectorCache(VectorDBConfig(uri=uri, token=token), name, 16, texts_path=texts)
+    c.open()
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(2, 16)).astype(np.float32)
+    if step == "insert":
+        index.RowIndex.add = lambda *a, **k: os._exit(17)   # dies after Milvus took the rows
+        c.insert_pair("t", "crash question", "crash answer", v[0], v[1], 0.0)
+    else:
+        index.RowIndex.remove = lambda *a, **k: os._exit(17)  # dies after Milvus deleted them
+        c.delete_pairs([int(step)])
+    os._exit(0)
+""")
+
+
+def test_a_crash_between_milvus_and_the_index_is_mended_at_the_next_start(cache, tmp_path):
+    """The edge dies after Milvus took a write and before its index did: at the next start the
+    index is rebuilt from Milvus, so the pair Milvus took is served and the pair Milvus
+    deleted is not."""
+    first = cache()
+    rng = np.random.default_rng(6)
+    kept = first.insert_pair("t", "kept question", "kept answer", *unit(rng, 2), 0.0)
+    doomed = first.insert_pair("t", "doomed question", "doomed answer", *unit(rng, 2), 0.0)
+    first.close()
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    root = Path(__file__).resolve().parents[1]
+    for step in ("insert", str(doomed)):
+        done = subprocess.run([sys.executable, str(script), first.cfg.uri, first.cfg.token,
+                               first.collection, str(tmp_path / "texts.db"), step], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 17, done.stderr[-2000:]
+    again = cache(first.collection)
+    assert again.index is not None
+    served = {r.answer for r in again.search(np.zeros(DIM, np.float32), "t", 10)}
+    assert served == {"kept answer", "crash answer"}
+    assert again.index.row_ids() == milvus_ids(again)
+    assert kept is not None and doomed is not None
+
+
+def test_rows_milvus_gained_while_the_edge_was_away_are_served_after_it_comes_back(cache):
+    """Milvus changed behind the edge (another writer, a restore): the probe that finds
+    Milvus back rebuilds the index, and the rows Milvus holds are what is served."""
+    c = cache()
+    rng = np.random.default_rng(7)
+    vecs = unit(rng, 4)
+    c.insert_pair("t", "before", "before answer", vecs[0], vecs[1], 0.0)
+    other = VectorCache(VectorDBConfig(uri=c.cfg.uri, token=c.cfg.token, in_process_index=False),
+                        c.collection, DIM, texts_path=c.texts_path)
+    other.open()
+    other.insert_pair("t", "restored", "restored answer", vecs[2], vecs[3], 0.0)
+    other.close()
+    assert [r.answer for r in c.search(vecs[2], "t", 1)] == ["before answer"]
+    assert c.ping(warm=True) is None
+    assert [r.answer for r in c.search(vecs[2], "t", 1)] == ["restored answer"]
+
+
+
+def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(cache) -> None:
+    """Another client (an operator's tool) inserts a pair into the edge's collection and
+    deletes one of the edge's: the periodic sync adds the one and drops the other, and leaves
+    the edge's own fresh write alone although a Bounded scan may not see it yet."""
+    c = cache()
+    rng = np.random.default_rng(8)
+    vecs = unit(rng, 6)
+    gone = c.insert_pair("t", "deleted elsewhere", "deleted answer", vecs[0], vecs[1], 0.0)
+    other = VectorCache(VectorDBConfig(uri=c.cfg.uri, token=c.cfg.token, in_process_index=False),
+                        c.collection, DIM, texts_path=c.texts_path)
+    other.open()
+    other.insert_pair("t", "written elsewhere", "written answer", vecs[2], vecs[3], 0.0)
+    assert gone is not None
+    other.delete_pairs([gone])
+    other.close()
+    c.insert_pair("t", "fresh", "fresh answer", vecs[4], vecs[5], 0.0)
+    assert c.index is not None and 2 * gone in c.index.row_ids()  # (its texts went too)
+    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"fresh answer"}
+    added = removed = 0
+    for _ in range(60):  # the scan reads Bounded: the other client's writes show within ~5 s
+        a, r = c.sync_index()
+        added, removed = added + a, removed + r
+        if (added, removed) == (2, 2):
+            break
+        time.sleep(0.5)
+    assert (added, removed) == (2, 2)
+    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"written answer", "fresh answer"}
+    assert c.index.row_ids() == milvus_ids(c)

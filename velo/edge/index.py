@@ -1,0 +1,199 @@
+"""The edge's rows in memory, searched in process (FAISS): what a decision searches.
+
+Milvus is the store of record (durable, and shared at scale), but a search through it costs a
+round trip, 3-6 ms whatever the size (docs/performance.md), against 0.1-0.7 ms for the same
+probe here. So `VectorCache` writes every change to Milvus first and then here, and searches
+only here; at start, and after Milvus comes back from an outage, this index is rebuilt from
+Milvus. Writes that fail in Milvus never reach the index; a crash between the two writes is
+mended by the rebuild at the next start (tests/test_row_index.py).
+
+Each scope (a tenant, or a conversation's scope) has an index of its own, so a search never
+sees another tenant's rows and needs no filter. A scope is searched exactly (a flat index)
+while it is small; past `exact_up_to` rows it is re-built as IVF with 8-bit scalar-quantised
+vectors (nlist and nprobe as for Milvus): 384 bytes a row instead of 1,536, distances off by
+about 1e-3. A row's hit count c^f, value c^r and creation time live in arrays beside the
+vectors, read at search time: the state needs them, and Milvus would cost the round trip again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import faiss
+import numpy as np
+
+from velo.core.state import CachedRow
+
+EXACT_UP_TO = 8192  # rows a scope is searched exactly for (a flat search of 8k rows: ~1 ms)
+
+
+def _one_thread() -> None:
+    """FAISS would spread a search over OpenMP threads, which spin while they wait and take
+    the cores from the embedder; one probe takes about a millisecond on one core. The setting
+    holds per calling thread (searches come from worker threads), so it is made on each call."""
+    faiss.omp_set_num_threads(1)
+
+
+class _Scope:
+    """One scope's index: FAISS ids are slots in RowIndex's arrays."""
+
+    def __init__(self, dim: int) -> None:
+        self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+        self.exact = True
+        self.rows = 0
+
+
+class RowIndex:
+    """Every row of one edge, searchable by scope. Thread-safe (one lock: a probe is short)."""
+
+    def __init__(self, dim: int, nlist: int = 128, nprobe: int = 10,
+                 exact_up_to: int = EXACT_UP_TO) -> None:
+        self.dim, self.nlist, self.nprobe, self.exact_up_to = dim, nlist, nprobe, exact_up_to
+        self._lock = threading.Lock()
+        self._scopes: dict[str, _Scope] = {}
+        self._slot: dict[int, int] = {}  # row id -> slot
+        self._free: list[int] = []  # slots of removed rows, used again first
+        self._next_slot = 0  # slots below it have been used
+        size = 1024
+        self._row_id = np.full(size, -1, np.int64)
+        self._scope_of = np.zeros(size, np.int32)  # into self._scope_names
+        self._hits = np.zeros(size, np.int64)
+        self._value = np.zeros(size, np.float64)
+        self._created = np.zeros(size, np.float64)
+        self._scope_names: list[str] = []
+        self._scope_code: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slot)
+
+    def row_ids(self) -> set[int]:
+        """Every row id held (what may be served)."""
+        with self._lock:
+            return set(self._slot)
+
+    def memory_bytes(self) -> int:
+        """What the index holds in memory: vectors (8-bit or float), ids and row facts."""
+        with self._lock:
+            arrays = sum(a.nbytes for a in (self._row_id, self._scope_of, self._hits,
+                                            self._value, self._created))
+            # Flat: float vectors and ids; IVF: 8-bit vectors, ids and the centroids.
+            vectors = sum(s.rows * (4 * self.dim + 8) if s.exact
+                          else s.rows * (self.dim + 8) + 4 * self.dim * self.nlist
+                          for s in self._scopes.values())
+            # A dict entry with its two ints is about 100 bytes in CPython.
+            return arrays + vectors + 100 * len(self._slot)
+
+    # -- writes ---------------------------------------------------------------------------
+    def add(self, scope: str, rows: Iterable[CachedRow]) -> None:
+        """Add rows (each with its vector) to `scope`; a row already held is replaced."""
+        rows = list(rows)
+        if not rows:
+            return
+        vectors = np.stack([np.asarray(r.vector, np.float32) for r in rows])
+        _one_thread()
+        with self._lock:
+            self._remove([r.id for r in rows if r.id in self._slot])
+            code = self._scope_code.get(scope)
+            if code is None:
+                code = self._scope_code[scope] = len(self._scope_names)
+                self._scope_names.append(scope)
+            slots = np.array([self._take_slot() for _ in rows], np.int64)
+            for slot, row in zip(slots.tolist(), rows, strict=True):
+                self._slot[row.id] = slot
+                self._row_id[slot] = row.id
+                self._scope_of[slot] = code
+                self._hits[slot] = row.hits
+                self._value[slot] = row.value
+                self._created[slot] = row.created
+            held = self._scopes.get(scope)
+            if held is None:
+                held = self._scopes[scope] = _Scope(self.dim)
+            held.index.add_with_ids(vectors, slots)
+            held.rows += len(rows)
+            if held.exact and held.rows > self.exact_up_to:
+                self._approximate(held)
+
+    def remove(self, row_ids: Iterable[int]) -> None:
+        """Forget rows (ids not held are ignored)."""
+        _one_thread()
+        with self._lock:
+            self._remove([i for i in row_ids if i in self._slot])
+
+    def update(self, row_id: int, hits: int, value: float) -> None:
+        """A used row's new c^f and c^r (eq. 4-5); a row not held is ignored."""
+        with self._lock:
+            slot = self._slot.get(row_id)
+            if slot is not None:
+                self._hits[slot] = hits
+                self._value[slot] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._scopes.clear()
+            self._slot.clear()
+            self._free.clear()
+            self._next_slot = 0
+            self._row_id[:] = -1
+
+    # -- search ---------------------------------------------------------------------------
+    def search(self, scope: str, vectors: np.ndarray, k: int) -> list[list[CachedRow]]:
+        """The k rows of `scope` nearest each vector by L2 distance J (eq. 1), nearest first;
+        rows without texts or vectors (the caller fills the texts in)."""
+        queries = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+        _one_thread()
+        with self._lock:
+            held = self._scopes.get(scope)
+            if held is None or held.rows == 0:
+                return [[] for _ in range(len(queries))]
+            squared, slots = held.index.search(queries, min(k, held.rows))
+            return [[self._row(int(slot), float(d)) for d, slot in zip(ds, ss, strict=True)
+                     if slot >= 0] for ds, ss in zip(squared, slots, strict=True)]
+
+    # -- inside the lock ------------------------------------------------------------------
+    def _row(self, slot: int, squared: float) -> CachedRow:
+        row_id = int(self._row_id[slot])
+        return CachedRow(id=row_id, pair_id=row_id // 2, kind=row_id % 2 + 1, question="",
+                         answer="", hits=int(self._hits[slot]), value=float(self._value[slot]),
+                         created=float(self._created[slot]),
+                         distance=float(np.sqrt(max(squared, 0.0))))
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        if slot >= len(self._row_id):  # grow every array to twice its size
+            grow = len(self._row_id)
+            self._row_id = np.concatenate([self._row_id, np.full(grow, -1, np.int64)])
+            self._scope_of = np.concatenate([self._scope_of, np.zeros(grow, np.int32)])
+            self._hits = np.concatenate([self._hits, np.zeros(grow, np.int64)])
+            self._value = np.concatenate([self._value, np.zeros(grow)])
+            self._created = np.concatenate([self._created, np.zeros(grow)])
+        return slot
+
+    def _remove(self, row_ids: list[int]) -> None:
+        if not row_ids:
+            return
+        slots = np.array([self._slot.pop(i) for i in row_ids], np.int64)
+        by_scope = self._scope_of[slots]
+        for code in np.unique(by_scope).tolist():
+            held = self._scopes[self._scope_names[code]]
+            mine = slots[by_scope == code]
+            held.rows -= int(held.index.remove_ids(faiss.IDSelectorBatch(mine)))
+        self._row_id[slots] = -1
+        self._free += slots.tolist()
+
+    def _approximate(self, held: _Scope) -> None:
+        """A scope grown past `exact_up_to`: IVF over 8-bit vectors, trained on its rows."""
+        flat = held.index
+        assert isinstance(flat, faiss.IndexIDMap2)  # every scope starts exact
+        slots = faiss.vector_to_array(flat.id_map).astype(np.int64)
+        vectors = flat.index.reconstruct_n(0, flat.ntotal)
+        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(self.dim), self.dim, self.nlist,
+                                            faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
+        ivf.cp.min_points_per_centroid = 1  # train on what there is, without a warning
+        ivf.train(vectors)
+        ivf.nprobe = self.nprobe
+        ivf.add_with_ids(vectors, slots)
+        held.index, held.exact = ivf, False
