@@ -55,7 +55,7 @@ from edge_bench.data import (  # noqa: E402
     BenchData,
     Variant,
 )
-from edge_bench.floor import bench_floor, ivf_index  # noqa: E402
+from edge_bench.floor import bench_embedder_batched, bench_floor, ivf_index  # noqa: E402
 from edge_bench.gptcache_side import GPTCacheSide, bench_gptcache  # noqa: E402
 from edge_bench.measure import memory_mb, settle  # noqa: E402
 from edge_bench.report import markdown, print_size, print_wrong_hits  # noqa: E402
@@ -165,6 +165,8 @@ async def run(args: argparse.Namespace) -> dict:
             for variant, embedder in embedders.items():
                 result["floor"][variant.name] = bench_floor(embedder, floor_index, queries,
                                                             args.requests)
+                result["floor"][variant.name]["embedder_batched"] = bench_embedder_batched(
+                    embedder, variant.workers, queries)
             for variant, decider in deciders.items():
                 side: dict = {"decision": await bench_decision(decider, queries, args.requests,
                                                                args.clients, lrs, verifier)}
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--milvus-mmap", action="store_true",
                         help="the embedded Milvus memory-maps loaded segments (less memory, "
                         "slower searches: docs/performance.md)")
-    parser.add_argument("--index-type", default="IVF_FLAT",
+    parser.add_argument("--index-type", default=VectorDBConfig.index_type,
                         help="the collection's index (IVF_FLAT, IVF_SQ8: 8-bit vectors, HNSW)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")
     parser.add_argument("--no-gptcache", action="store_true")

@@ -38,6 +38,13 @@ def print_size(result: dict, clients: list[int]) -> None:
                   f"{s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
         for label, ratio in floor_ratios(side, floor).items():
             print(f"  {label:<38}{ratio:7.2f}")
+        if "embedder_batched" in floor:
+            batched = floor["embedder_batched"]["best"]
+            print(f"  {'embedder alone, best batch (texts/s)':<38}{batched:7.1f}")
+            for key, label in (("decision", "decision"), ("grpc_ask", "new-prompt Ask")):
+                if key in side:
+                    rps = side[key]["throughput"][top]["rps"]
+                    print(f"  {label + ' req/s at ' + top + ' / that':<38}{rps / batched:7.2f}")
     for label, g in gpts.items():
         s = g["single_stream"]
         print(f"  {label:<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")
