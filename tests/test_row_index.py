@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pymilvus import MilvusClient
 
+import velo.edge.cache
 from velo.core.shape import AnswerFacts
 from velo.core.state import CachedRow
 from velo.edge.cache import VectorCache, VectorDBConfig
@@ -224,10 +225,15 @@ def test_rows_milvus_gained_while_the_edge_was_away_are_served_after_it_comes_ba
 
 
 
-def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(cache) -> None:
+def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(
+        cache, monkeypatch) -> None:
     """Another client (an operator's tool) inserts a pair into the edge's collection and
     deletes one of the edge's: the periodic sync adds the one and drops the other, and leaves
-    the edge's own fresh write alone although a Bounded scan may not see it yet."""
+    the edge's own fresh writes alone (an insert, a bulk import) although a Bounded scan may
+    not see them yet."""
+    # Rows younger than this are never taken as deleted elsewhere; 6 s outlasts Milvus's
+    # Bounded staleness (5 s) and keeps the test short.
+    monkeypatch.setattr(velo.edge.cache, "RECENT_S", 6.0)
     c = cache()
     rng = np.random.default_rng(8)
     vecs = unit(rng, 6)
@@ -240,15 +246,19 @@ def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(cac
     other.delete_pairs([gone])
     other.close()
     c.insert_pair("t", "fresh", "fresh answer", vecs[4], vecs[5], 0.0)
+    imported = unit(rng, 2)
+    assert c.import_pairs("t", ["imported"], ["imported answer"], imported[:1], imported[1:],
+                          0.0) == 2
     assert c.index is not None and 2 * gone in c.index.row_ids()  # (its texts went too)
-    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"fresh answer"}
+    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"fresh answer", "imported answer"}
     added = removed = 0
-    for _ in range(60):  # the scan reads Bounded: the other client's writes show within ~5 s
+    for _ in range(60):  # the scan reads Bounded, and the deleted row must age past RECENT_S
         a, r = c.sync_index()
         added, removed = added + a, removed + r
         if (added, removed) == (2, 2):
             break
         time.sleep(0.5)
     assert (added, removed) == (2, 2)
-    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"written answer", "fresh answer"}
+    assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"written answer", "fresh answer",
+                                                             "imported answer"}
     assert c.index.row_ids() == milvus_ids(c)

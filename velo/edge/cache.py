@@ -62,6 +62,7 @@ CONSISTENCY = "Bounded"
 # back to a client timestamp (fine for eviction scans) and warns on every scan.
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 _FIELDS = ["id", "hits", "value", "created"]  # what a search fetches of a row
+_INDEXED = ["id", "vec", "tenant", "hits", "value", "created"]  # what the in-process index holds
 MAX_SEARCH = 16_384  # Milvus's largest top-k
 
 
@@ -85,7 +86,7 @@ class VectorDBConfig:
     in_process_index: bool = True
     # How often the in-process index is brought to what Milvus holds, for rows that other
     # clients wrote into or deleted from this edge's collection (an operator's tool, a restore);
-    # the edge's own writes reach it at once. A scan of the row ids: ~1 s per 10^6 rows.
+    # the edge's own writes reach it at once. Each sync scans every row's id, as eviction does.
     index_sync_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -154,23 +155,12 @@ class VectorCache:
         fresh = RowIndex(self.dim, self.cfg.nlist, self.cfg.nprobe)
         with self._write_lock:
             self.flush_updates()  # what Milvus hands back must be the newest c^f and c^r
-            # The iterator may not see deletes of the last seconds (Milvus 2.3 reads at a
-            # client timestamp): this edge's own are known, and a row whose pair's texts are
-            # gone can never be served.
-            deleted = set(self._overlay.deleted_ids())
             iterator = self.client.query_iterator(
-                self.collection, batch_size=4096, filter="id >= 0",
-                output_fields=["id", "vec", "tenant", "hits", "value", "created"],
+                self.collection, batch_size=4096, filter="id >= 0", output_fields=_INDEXED,
                 consistency_level="Strong")
             try:
                 while batch := iterator.next():
-                    texts = self.texts.has(int(r["id"]) // 2 for r in batch)
-                    by_scope: dict[str, list[CachedRow]] = {}
-                    for r in batch:
-                        if int(r["id"]) // 2 in texts and int(r["id"]) not in deleted:
-                            by_scope.setdefault(r["tenant"], []).append(_row(r, 0.0))
-                    for scope, rows in by_scope.items():
-                        fresh.add(scope, rows)
+                    self._index_rows(fresh, batch)
             finally:
                 iterator.close()
             self.index = fresh
@@ -182,31 +172,37 @@ class VectorCache:
         RECENT_S seconds are left as they are: the scan may not see them yet."""
         if self.index is None:
             return 0, 0
-        assert self.client is not None and self.texts is not None  # open() first
+        assert self.client is not None  # open() first
+        started = time.time()
         held = set(self._scan()[0].tolist())
-        recent, deleted = self._overlay.inserted_ids(), set(self._overlay.deleted_ids())
-        ours = self.index.row_ids()
-        missing = sorted(held - ours - deleted)
-        extra = ours - held - recent
+        missing = sorted(held - self.index.row_ids() - set(self._overlay.deleted_ids()))
+        # Rows written in the last RECENT_S seconds (inserts, imports) may be missing from a
+        # Bounded scan: only older ones are taken as deleted by someone else.
+        extra = self.index.row_ids(created_before=started - RECENT_S) - held
         with self._write_lock:
             added = 0
             for start in range(0, len(missing), 1000):
                 chunk = missing[start : start + 1000]
-                found = self.client.query(
-                    self.collection, filter=f"id in {chunk}",
-                    output_fields=["id", "vec", "tenant", "hits", "value", "created"],
-                    consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)
-                texts = self.texts.has(int(r["id"]) // 2 for r in found)
-                gone = set(self._overlay.deleted_ids())  # deleted since the scan
-                by_scope: dict[str, list[CachedRow]] = {}
-                for r in found:
-                    if int(r["id"]) // 2 in texts and int(r["id"]) not in gone:
-                        by_scope.setdefault(r["tenant"], []).append(_row(r, 0.0))
-                for scope, rows in by_scope.items():
-                    self.index.add(scope, rows)
-                    added += len(rows)
+                added += self._index_rows(self.index, self.client.query(
+                    self.collection, filter=f"id in {chunk}", output_fields=_INDEXED,
+                    consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s))
             self.index.remove(extra)
         return added, len(extra)
+
+    def _index_rows(self, index: RowIndex, found: list[dict[str, Any]]) -> int:
+        """Add rows read from Milvus to `index`, but those that cannot be served: deleted by
+        this edge (Milvus 2.3's iterator may not see a delete of the last seconds: it reads at
+        a client timestamp) or whose pair's texts are gone. Returns the rows added."""
+        assert self.texts is not None  # open() first
+        texts = self.texts.has(int(r["id"]) // 2 for r in found)
+        deleted = set(self._overlay.deleted_ids())
+        by_scope: dict[str, list[CachedRow]] = {}
+        for r in found:
+            if int(r["id"]) // 2 in texts and int(r["id"]) not in deleted:
+                by_scope.setdefault(r["tenant"], []).append(_row(r, 0.0))
+        for scope, rows in by_scope.items():
+            index.add(scope, rows)
+        return sum(len(rows) for rows in by_scope.values())
 
     def _remove_rows_without_texts(self) -> int:
         """Rows whose pair has no texts (the store was lost, damaged or truncated) can never be

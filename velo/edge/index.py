@@ -68,10 +68,12 @@ class RowIndex:
         with self._lock:
             return len(self._slot)
 
-    def row_ids(self) -> set[int]:
-        """Every row id held (what may be served)."""
+    def row_ids(self, created_before: float | None = None) -> set[int]:
+        """Every row id held (what may be served), or those created before a time."""
         with self._lock:
-            return set(self._slot)
+            if created_before is None:
+                return set(self._slot)
+            return {i for i, slot in self._slot.items() if self._created[slot] < created_before}
 
     def memory_bytes(self) -> int:
         """What the index holds in memory: vectors (8-bit or float), ids and row facts."""
