@@ -87,7 +87,8 @@ def edged_process(milvus_uri: str, milvus_token: str, workdir: Path, port: int,
     return daemon
 
 
-async def ready(edged: Daemon, timeout_s: float = 180) -> None:
+async def ready(edged: Daemon, timeout_s: float = 1200) -> None:
+    # An edge rebuilds its in-process index from Milvus before it serves: minutes at 10^6 rows.
     if not await asyncio.to_thread(edged.wait_serving, timeout_s):
         raise TimeoutError(f"velo-edged did not come up; see {edged.log_path}")
 
