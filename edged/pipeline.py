@@ -480,7 +480,7 @@ class EdgePipeline:
             self.counters.reuses_judged_wrong += rec.q < self.cfg.reuse.right_q
         if rec.candidate is not None and rec.decision.action is Action.REUSE:
             assert self.guard is not None  # a candidate comes from the guard only
-            self.guard.observe(rec.candidate, rec.q, reused=True)
+            self.guard.observe(rec.candidate, rec.q)
         self.counters.shadow_verified += 1
         self.q_estimate += 0.05 * (rec.q - self.q_estimate)
         c = self.counters.actions[rec.decision.action]
@@ -496,8 +496,7 @@ class EdgePipeline:
         assert rec.candidate is not None and self.guard is not None
         assert rec.answer_vec is not None
         row_vec = await asyncio.to_thread(self.embedder.embed_one, rec.candidate.row.answer)
-        self.guard.observe(rec.candidate, qos.satisfaction(row_vec, rec.answer_vec),
-                           reused=False)
+        self.guard.observe(rec.candidate, qos.satisfaction(row_vec, rec.answer_vec))
 
     def _count_action(self, action: Action, d: float, q: float | None) -> None:
         c = self.counters.actions[action]

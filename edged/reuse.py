@@ -67,7 +67,7 @@ class ReuseGuard:
         self.questions = 0  # cached questions the global threshold was taken for
         self._warned_beyond = False
         self.rows = RowCalibration(threshold.at(0))
-        self.vetoed = self.verified = self.judged_wrong = 0
+        self.vetoed = 0  # (verified reuses are counted by the pipeline, guard or not)
         self._load()
 
     def follow_size(self, questions: int) -> None:
@@ -98,14 +98,10 @@ class ReuseGuard:
         row = questions[best]
         return Candidate(row, float(scores[best]), self.rows.threshold(row.pair_id))
 
-    def observe(self, candidate: Candidate, q: float, reused: bool) -> None:
+    def observe(self, candidate: Candidate, q: float) -> None:
         """A verified outcome: q of the candidate's answer against the LLM's fresh answer."""
-        right = q >= self.right_q
-        if reused:
-            self.verified += 1
-            self.judged_wrong += not right
         if self.calibrate_rows:
-            self.rows.observe(candidate.row.pair_id, candidate.score, right)
+            self.rows.observe(candidate.row.pair_id, candidate.score, q >= self.right_q)
 
     def forget(self, pair_ids: list[int]) -> None:
         """Pairs the cache no longer holds: their per-row thresholds go too (on the event

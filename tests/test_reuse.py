@@ -284,7 +284,8 @@ async def test_the_guard_turns_untrusted_reuses_into_forwards_and_learns(edge_co
         record = trainer_pb2.Experience.FromString(body)
         assert record.action == Action.FORWARD and list(record.action_probs) == [0, 1, 0]
         for _ in range(50):  # the shadow check of the reuse and the forward's free check
-            if edge.pipeline.guard.verified == 1 and len(edge.pipeline.guard.rows.rows) >= 1:
+            if edge.pipeline.counters.reuses_verified == 1 and \
+                    len(edge.pipeline.guard.rows.rows) >= 1:
                 break
             await asyncio.sleep(0.1)
         stats = await stub.GetStats(edge_pb2.GetStatsRequest())

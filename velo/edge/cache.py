@@ -793,10 +793,6 @@ class _Overlay:
         with self._lock:
             return list(self._deleted)
 
-    def inserted_ids(self) -> set[int]:
-        with self._lock:
-            return set(self._inserted)
-
     def _expire(self) -> None:
         horizon = time.monotonic() - RECENT_S
         entry: Any  # (t, ...) or t, by table

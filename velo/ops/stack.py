@@ -176,7 +176,7 @@ class Stack:
         return self.cfg.base_port + offset if self.cfg.base_port else free_port()
 
     def _metrics_port(self, offset: int) -> int:
-        return self._port(METRICS_PORT_OFFSET + offset) if self.cfg.base_port else free_port()
+        return self._port(METRICS_PORT_OFFSET + offset)
 
     @property
     def logs(self) -> Path:
