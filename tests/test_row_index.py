@@ -74,6 +74,45 @@ def test_a_grown_scope_is_approximate_and_still_finds_near_duplicates() -> None:
     assert len(index) == 2900
 
 
+def test_a_scope_expected_to_be_large_gets_lists_for_its_size() -> None:
+    """A rebuild tells the index how large each scope will be: that scope stays exact until it
+    has rows to train ~√rows lists on (not nlist), and still finds its near-duplicates; a scope
+    told nothing is trained at `exact_up_to` rows on the lists its rows then call for."""
+    rng = np.random.default_rng(4)
+    vecs = unit(rng, 12_000, 64)
+    index = RowIndex(64, nlist=16, nprobe=8, exact_up_to=1000)
+    index.expect("big", 65_000)  # sqrt(65,000) ~ 255: 256 lists, trained at 40 x 256 rows
+    for start in range(0, 12_000, 1000):
+        index.add("big", rows(vecs[start : start + 1000], start))
+        index.add("small", rows(vecs[start : start + 1000], 100_000 + start))
+        assert index._scopes["big"].exact == (start + 1000 <= 40 * 256)
+    assert index._scopes["big"].nlist == 256
+    assert index._scopes["small"].nlist == 32  # trained at 2,000 rows: sqrt ~ 45 -> 32 > 16
+    near = vecs[:300] + unit(rng, 1, 64)[0] * 0.05
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    assert sum(r[0].id == i for i, r in enumerate(index.search("big", near, 1))) >= 285
+
+
+def test_compacting_keeps_every_row_and_rows_still_come_and_go() -> None:
+    """compact() (after a rebuild) copies the IVF lists into lists of their exact size (the
+    memory it saves is measured in tools/bench_edge.py): the same rows at the same distances,
+    and rows added or removed afterwards are found or not."""
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 4000, 64)
+    index = RowIndex(64, nlist=16, nprobe=16, exact_up_to=1000)
+    for start in range(0, 3000, 100):  # lists grow by doubling, as a rebuild's batches do
+        index.add("t", rows(vecs[start : start + 100], start))
+    queries = unit(rng, 50, 64)
+    before = [[(r.id, r.distance) for r in hits] for hits in index.search("t", queries, 5)]
+    index.compact()
+    assert [[(r.id, r.distance) for r in hits] for hits in index.search("t", queries, 5)] == before
+    index.add("t", rows(vecs[3000:], 3000))
+    index.remove(range(1000))
+    assert index.search("t", vecs[3500], 1)[0][0].id == 3500
+    assert all(r.id >= 1000 for r in index.search("t", vecs[:1000], 1)[0])
+    assert len(index) == 3000
+
+
 @pytest.fixture
 def cache(milvus, tmp_path: Path):
     made: list[VectorCache] = []

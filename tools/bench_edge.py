@@ -14,8 +14,8 @@ What it measures, at each cache size (rows in the vector store), on cache-hit tr
   store, filled with the same vectors and asked the same questions: `get` latency and
   throughput with 1, 8 and 64 threads; the ratios VELO / GPTCache;
 - the Milvus server's memory (resident, anonymous, mapped files): freshly started with the full
-  cache loaded, less freshly started with the empty collection, per 10^6 rows (`--milvus-mmap`:
-  with its segments memory-mapped);
+  cache loaded, less freshly started with the empty collection, per 10^6 rows (`--no-milvus-mmap`:
+  without its segments memory-mapped);
 - once: both systems' right / wrong hits on the labelled paraphrase pairs (GPTCache's own
   benchmark pairs, half of the cached sides held out as negatives), at the same threshold.
 
@@ -266,9 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--milvus-token", default=os.environ.get("VELO_MILVUS_TOKEN", ""),
                         help="its token, user:password (default: $VELO_MILVUS_TOKEN; the "
                         "embedded one's is its own)")
-    parser.add_argument("--milvus-mmap", action="store_true",
-                        help="the embedded Milvus memory-maps loaded segments (less memory, "
-                        "slower searches: docs/performance.md)")
+    parser.add_argument("--milvus-mmap", action=argparse.BooleanOptionalAction, default=True,
+                        help="the embedded Milvus memory-maps loaded segments, as `velo up` "
+                        "does (less memory, slower Milvus searches: docs/performance.md)")
     parser.add_argument("--index-type", default=VectorDBConfig.index_type,
                         help="the collection's index (IVF_FLAT, IVF_SQ8: 8-bit vectors, HNSW)")
     parser.add_argument("--port", type=int, default=50159, help="port of the benchmarked edged")

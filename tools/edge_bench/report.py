@@ -45,6 +45,10 @@ def print_size(result: dict, clients: list[int]) -> None:
                 if key in side:
                     rps = side[key]["throughput"][top]["rps"]
                     print(f"  {label + ' req/s at ' + top + ' / that':<38}{rps / batched:7.2f}")
+            if "grpc_ask" in side and "edged_cores" in side["grpc_ask"]["throughput"][top]:
+                t = side["grpc_ask"]["throughput"][top]
+                print(f"  at {top} clients, cores used by velo-edged {t['edged_cores']:.2f}, "
+                      f"by the load generator {t['client_cores']:.2f}")
     for label, g in gpts.items():
         s = g["single_stream"]
         print(f"  {label:<38}{s['p50_ms']:7.2f} {s['p95_ms']:7.2f} {s['p99_ms']:7.2f}")

@@ -13,7 +13,7 @@ from typing import ClassVar
 import grpc
 
 from edge_bench.data import COLLECTION, TENANT, Variant
-from edge_bench.measure import closed_loop, memory_mb, pct
+from edge_bench.measure import closed_loop, cpu_seconds, memory_mb, pct
 from edged.decision import Decider
 from velo.core.policy import OnnxPolicy
 from velo.core.verifier import OnnxVerifier
@@ -167,8 +167,14 @@ async def bench_grpc(edged: Daemon, queries: list[str], requests: int,
                      "throughput": {}}
         for c in clients:
             profiler = Profiler(pid, profile) if profile and c == max(clients) else None
+            # Where the cores went: edged and this load generator share them.
+            edged_cpu, own_cpu, t = cpu_seconds(pid), time.process_time(), time.perf_counter()
             rps, lat = await closed_loop(ask, queries, c, max(requests, 4 * c))
-            out["throughput"][str(c)] = {"rps": rps, **pct(lat)}
+            wall = time.perf_counter() - t
+            out["throughput"][str(c)] = {
+                "rps": rps, **pct(lat),
+                "edged_cores": (cpu_seconds(pid) - edged_cpu) / wall,
+                "client_cores": (time.process_time() - own_cpu) / wall}
             if profiler is not None:
                 out["profile"] = profiler.stop()
         out["actions"] = actions

@@ -215,6 +215,12 @@ class TextStore:
                 "SELECT DISTINCT scope FROM texts WHERE tenant = ? AND scope IS NOT NULL",
                 [tenant])]
 
+    def scope_sizes(self) -> dict[str, int]:
+        """Entries (pairs) per scope: how large each scope's index will be after a rebuild."""
+        with self._using() as db:
+            return {s: int(n) for s, n in db.execute(
+                "SELECT scope, COUNT(*) FROM texts WHERE scope IS NOT NULL GROUP BY scope")}
+
     def without_scope(self) -> list[int]:
         """Ids of entries stored before scopes were kept here."""
         with self._using() as db:
