@@ -84,6 +84,10 @@ def print_size(result: dict, clients: list[int]) -> None:
     for name, side in result["velo"].items():
         if "grpc_ask" in side:
             extra.append(f"edged RSS ({name}) {side['grpc_ask']['edged_rss_mb']:.0f} MB")
+        if "milvus_after_edge_start_mb" in side:
+            m = side["milvus_after_edge_start_mb"]
+            extra.append(f"Milvus after that edge's index rebuild: RSS {m['rss']:.0f} MB "
+                         f"(anon {m['anon']:.0f} MB)")
     if extra:
         print("  " + ", ".join(extra), flush=True)
     for name, side in result["velo"].items():
