@@ -99,9 +99,12 @@ class LimitsConfig:
     # always tells cloudd the limit, so that it knows which cached answers fit the request.
     default_max_tokens: int = 256
     max_inflight: int = 256  # concurrent requests; beyond, RESOURCE_EXHAUSTED
-    # Concurrent requests share one embedding run and one vector search, up to this many
-    # (natural batching: no added wait when the edge is idle).
-    max_batch: int = 16
+    # Concurrent requests share one embedding batch and one vector search, up to this many
+    # (natural batching: no added wait when the edge is idle). A batch is embedded in runs of
+    # similar length, so a larger one wastes less on padding; each request goes on when its
+    # run is done. 32 with that, against 16 without: +16 % new prompts a second on 2 cores at
+    # 64 clients (docs/performance.md).
+    max_batch: int = 32
     request_timeout_s: float = 120.0  # whole request, cloud included
     # Embeddings of this many recent distinct prompts are kept (1.5 KB each at 384-d): a
     # repeated prompt skips the embedding, most of an edge's CPU (0: embed every request).
@@ -215,10 +218,12 @@ class EdgeConfig:
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "minilm"  # see triton_url
     triton_timeout_s: float = 10.0  # deadline of each call to Triton (an embedding, a check)
-    # onnxruntime intra-op threads of the one embedding session (idle ones sleep): the
-    # machine's cores, so that a lone request uses them all.
+    # onnxruntime intra-op threads of a lone embedding run (idle ones sleep): the machine's
+    # cores, so that a lone request uses them all.
     embedder_threads: int = 2
-    # Embedding runs at once on that session (concurrent requests share the threads).
+    # Embedding runs at once. A run that starts while another runs gets embedder_threads //
+    # embedder_workers threads (at least 1) from a second session: the model twice in memory
+    # (~90 MB float32, ~23 MB int8) when that differs from embedder_threads.
     embedder_workers: int = 2
     log_level: str = "info"  # debug, info, warning, error or critical (JSON lines on stderr)
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM

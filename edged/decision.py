@@ -83,7 +83,7 @@ class PromptVectors:
 
 class Decider:
     def __init__(self, embedder: TextEmbedder, cache: VectorCache,
-                 current_policy: Callable[[], Policy], top_p: int, max_batch: int = 16,
+                 current_policy: Callable[[], Policy], top_p: int, max_batch: int = 32,
                  embed_workers: int = 2,
                  verifier: OnnxVerifier | None = None, prompt_vectors: int = 0,
                  search_timeout_s: float = 10.0,
@@ -98,10 +98,10 @@ class Decider:
         self.top_p, self.current_policy, self.verifier = top_p, current_policy, verifier
         self.search_timeout_s = search_timeout_s
         self.prompt_vectors = PromptVectors(prompt_vectors)
-        # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL);
-        # vector searches are batched on one (one Milvus search for many requests).
-        self.embeddings: MicroBatcher[str, np.ndarray] = MicroBatcher(
-            embedder.embed, max_batch, "embed", workers=embed_workers)
+        # Embedding runs in parallel on `embed_workers` threads (onnxruntime releases the GIL),
+        # each request answered when its run is done; vector searches are batched on one.
+        self.embeddings: MicroBatcher[str, np.ndarray] = MicroBatcher.in_parts(
+            embedder.embed_parts, max_batch, "embed", workers=embed_workers)
         self.searches: MicroBatcher[tuple[str, np.ndarray], list[CachedRow]] = MicroBatcher(
             lambda queries: cache.search_many(queries, top_p), max_batch, "search")
         self._policy_thread = ThreadPoolExecutor(1, thread_name_prefix="policy")

@@ -102,9 +102,11 @@ class Edged(Daemon):
     async def startup(self) -> None:
         cfg = self.cfg
         model_dir = Path(cfg.embedder_dir) if cfg.embedder_dir else embedder_dir()
+        # Runs that overlap share the cores: each gets its part of them (velo.edge.embedder).
+        busy_threads = max(1, cfg.embedder_threads // cfg.embedder_workers)
         self.embedder = load_embedder(cfg.embedder, model_dir, cfg.embedder_threads,
                                       cfg.embedder_file, cfg.triton_url, cfg.triton_model,
-                                      cfg.triton_timeout_s)
+                                      cfg.triton_timeout_s, busy_threads)
         # Write-backs are flushed by pipeline.flush_loop, never inline on the event loop.
         self.cache = VectorCache(cfg.vector_db, cfg.collection, self.embedder.dim, flush_at=0,
                                  texts_path=cfg.texts_path)

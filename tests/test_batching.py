@@ -182,3 +182,39 @@ async def test_a_burst_is_shared_between_workers() -> None:
         assert sorted(seen) == [4, 4]  # two runs side by side, not one of 8
     finally:
         batcher.close()
+
+
+async def test_a_batch_in_parts_answers_each_part_as_it_is_done() -> None:
+    """MicroBatcher.in_parts (the embedder's runs): the callers of a finished part go on
+    while the rest of the batch still runs; a position the batch function never hands back
+    fails its caller instead of leaving it waiting."""
+    first_part_answered = threading.Event()
+
+    def parts(items: list[int]):
+        yield [0, 1], [items[0] * 10, items[1] * 10]
+        # The rest of the batch waits until the first part's callers have their answers.
+        assert first_part_answered.wait(5), "the first part was held back until the end"
+        yield [2], [items[2] * 10]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher.in_parts(parts, max_batch=8, name="test")
+    try:
+        a, b, c = (asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3))
+        assert await asyncio.wait_for(asyncio.gather(a, b), 5) == [10, 20]
+        first_part_answered.set()
+        assert await asyncio.wait_for(c, 5) == 30
+
+        def forgetful(items: list[int]):
+            yield [0], [items[0]]  # the second item is never handed back
+
+        lossy: MicroBatcher[int, int] = MicroBatcher.in_parts(forgetful, 8, "test")
+        blocker = threading.Event()
+        lossy._executor.submit(blocker.wait)  # both submissions join one batch
+        kept, lost = (asyncio.ensure_future(lossy.submit(i)) for i in (7, 8))
+        await asyncio.sleep(0)
+        blocker.set()
+        assert await asyncio.wait_for(kept, 5) == 7
+        with pytest.raises(RuntimeError, match="no result"):
+            await asyncio.wait_for(lost, 5)
+        lossy.close()
+    finally:
+        batcher.close()

@@ -616,8 +616,8 @@ async def test_a_learned_policy_decides_off_the_event_loop() -> None:
             return Decision(Action.FORWARD, np.array([0, 1, 0], np.float32))
 
     class FakeEmbedder:
-        def embed(self, texts):
-            return [np.ones(4, np.float32) / 2 for _ in texts]
+        def embed_parts(self, texts):
+            return [(range(len(texts)), [np.ones(4, np.float32) / 2 for _ in texts])]
 
     class EmptyCache:
         def search_many(self, queries, top_p):

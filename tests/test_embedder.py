@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,33 @@ def test_int8_embedder_stays_close_to_float32_and_batches_like_one_by_one(
     np.testing.assert_allclose(embedder.embed(many), np.tile(fp32, (20, 1)), atol=1e-5)
     with pytest.raises(ModelNotFound):
         Embedder(model_dir, model_file="no-such.onnx")
+
+
+def test_runs_that_overlap_use_the_busy_session_and_give_the_same_vectors(
+        model_dir: Path, embedder: Embedder) -> None:
+    """edged's two workers: a lone run gets every thread; a run that starts while another runs
+    gets the busy session (one thread). Either way a text's vector is the same, and
+    `embed_parts` hands back every position once with the rows `embed` gives."""
+    two = Embedder(model_dir, threads=2, busy_threads=1)
+    one = Embedder(model_dir, threads=1, busy_threads=1)
+    assert two._busy_session is not two._session and one._busy_session is one._session
+    used: list[str] = []
+    busy_run = two._busy_session.run
+
+    def counted(*args: object, **kwargs: object) -> object:
+        used.append("busy")
+        return busy_run(*args, **kwargs)
+
+    two._busy_session.run = counted  # type: ignore[method-assign]
+    many = SENTENCES * 8
+    expected = embedder.embed(many)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(two.embed, [many] * 8))
+    for rows in results:
+        np.testing.assert_allclose(rows, expected, atol=1e-5)
+    assert used, "eight overlapping batches and not one run on the busy session"
+    parts = list(two.embed_parts(many))
+    positions = [i for pos, _ in parts for i in pos]
+    assert sorted(positions) == list(range(len(many))) and len(parts) > 1
+    for pos, rows in parts:
+        np.testing.assert_allclose(rows, expected[list(pos)], atol=1e-5)

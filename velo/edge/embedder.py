@@ -15,7 +15,8 @@ Three kinds (edged `embedder`):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -32,6 +33,9 @@ EXPORT_HINT = "run: python tools/export_embedder.py"
 # Texts per onnxruntime run: measured on 2 cores, runs of 16 real prompts cost 2x more per text
 # than runs of 1 or 4 (tools/bench_edge.py); big inputs are split into runs of similar length.
 RUN_SIZE = 4
+# `embed_parts` hands back at least this many texts a part: each part wakes edged's event loop
+# once, and int8's runs of one text handed back one by one cost 10 % of its throughput.
+PART_TEXTS = 4
 
 
 class EmbedderUnavailable(RuntimeError):
@@ -46,6 +50,10 @@ class TextEmbedder(Protocol):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
+    def embed_parts(self, texts: Sequence[str]) -> Iterable[tuple[Sequence[int], np.ndarray]]:
+        """`embed`, a part at a time as each is done: (positions in `texts`, their rows)."""
+        ...
+
     def embed_one(self, text: str) -> np.ndarray: ...
 
 
@@ -54,10 +62,15 @@ class Embedder:
 
     def __init__(
         self, model_dir: Path | None = None, threads: int = 1, max_length: int = 256,
-        model_file: str = "model.onnx",
+        model_file: str = "model.onnx", busy_threads: int | None = None,
     ) -> None:
         """`model_file`: "model.onnx" (float32, the reference) or "model-int8.onnx" (int8
-        weights: ~2x less CPU, cosine >= 0.97 to float32; see tools/bench_edge.py)."""
+        weights: ~2x less CPU, cosine >= 0.97 to float32; see tools/bench_edge.py).
+        `busy_threads`: intra-op threads of a run that starts while another is running (a
+        second session, the model's weights again in memory); None: every run gets `threads`.
+        A lone run is fastest spread over the cores; runs that overlap are faster each on
+        its own core, since two teams of threads on the same cores keep stopping for each
+        other (edged: threads // workers; +8 % new-prompt Asks per second on 2 cores)."""
         model_dir = Path(model_dir) if model_dir is not None else embedder_dir()
         model_path, tokenizer_path = model_dir / model_file, model_dir / "tokenizer.json"
         for path in (model_path, tokenizer_path):
@@ -66,7 +79,7 @@ class Embedder:
                     f"embedder file {path} is missing; {EXPORT_HINT} --out {model_dir}"
                 )
 
-        self.model_dir = model_dir
+        self.model_dir, self.model_file = model_dir, model_file
         self.max_length = max_length
         # Dynamic int8 quantization scales activations per run, so a text's vector would
         # depend on the texts run with it (L2 up to 0.15 measured): one text per run then.
@@ -79,21 +92,12 @@ class Embedder:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        # One request at a time per call: inter-op parallelism only adds idle threads.
-        opts.inter_op_num_threads = 1
-        # Idle intra-op threads sleep instead of spinning. Measured on 2 cores with edged's two
-        # workers sharing one 2-thread session: a lone text takes as long as with spinning
-        # threads, and two concurrent runs no longer burn each other's cores (float32 145 ->
-        # 179 texts/s; int8 223 -> 292), so one setting serves a single stream and a burst.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        self._session = _session(model_path, threads)
+        self._busy_session = (_session(model_path, busy_threads)
+                              if busy_threads is not None and busy_threads != threads
+                              else self._session)
+        self._running = 0  # runs in progress, on any thread
+        self._running_lock = threading.Lock()
         # Feed only the inputs the graph declares (an export may have dropped token_type_ids).
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._output = self._session.get_outputs()[0].name
@@ -116,17 +120,29 @@ class Embedder:
         # A str is a Sequence[str]: embedding it would silently embed each character.
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of strings; use embed_one() for one text")
-        if len(texts) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for positions, rows in self.embed_parts(texts):
+            out[positions] = rows
+        return out
+
+    def embed_parts(self, texts: Sequence[str]) -> Iterable[tuple[Sequence[int], np.ndarray]]:
+        """`embed` a few runs at a time (PART_TEXTS texts or more), as they are done:
+        (positions in `texts`, their rows)."""
+        if isinstance(texts, str):
+            raise TypeError("embed_parts() takes a sequence of strings")
         encodings = self._tokenizer.encode_batch(list(texts))
         # Runs of similar length: padding a short text to a long one's length costs as much as
         # embedding the long one (attention is quadratic), and one huge run needs huge memory.
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        done: list[int] = []
+        rows: list[np.ndarray] = []
         for start in range(0, len(order), self.run_size):
             run = order[start : start + self.run_size]
-            out[run] = self._run([encodings[i] for i in run])
-        return out
+            done += run.tolist()
+            rows.append(self._run([encodings[i] for i in run]))
+            if len(done) >= PART_TEXTS or start + self.run_size >= len(order):
+                yield done, np.concatenate(rows)
+                done, rows = [], []
 
     def _run(self, encodings: list[Any]) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
@@ -138,7 +154,14 @@ class Embedder:
             columns["input_ids"][row, :n] = e.ids
             columns["attention_mask"][row, :n] = e.attention_mask
             columns["token_type_ids"][row, :n] = e.type_ids
-        (out,) = self._session.run([self._output], {name: columns[name] for name in self._inputs})
+        with self._running_lock:
+            session = self._session if self._running == 0 else self._busy_session
+            self._running += 1
+        try:
+            (out,) = session.run([self._output], {name: columns[name] for name in self._inputs})
+        finally:
+            with self._running_lock:
+                self._running -= 1
         return np.asarray(out, dtype=np.float32)
 
     def embed_one(self, text: str) -> np.ndarray:
@@ -169,6 +192,9 @@ class MultilingualEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.asarray(self._use.encode(list(texts)), dtype=np.float32).reshape(-1, self.dim)
 
+    def embed_parts(self, texts: Sequence[str]) -> Iterable[tuple[Sequence[int], np.ndarray]]:
+        return [(range(len(texts)), self.embed(texts))]  # one part: USE runs a batch at once
+
     def embed_one(self, text: str) -> np.ndarray:
         return cast(np.ndarray, self.embed([text])[0])
 
@@ -176,12 +202,31 @@ class MultilingualEmbedder:
 EMBEDDER_KINDS = ("minilm", "use-multilingual", "triton")
 
 
+def _session(model_path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    # One request at a time per call: inter-op parallelism only adds idle threads.
+    opts.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning. Measured on 2 cores with edged's two
+    # workers sharing one 2-thread session: a lone text takes as long as with spinning
+    # threads, and two concurrent runs no longer burn each other's cores (float32 145 ->
+    # 179 texts/s; int8 223 -> 292), so one setting serves a single stream and a burst.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(model_path), opts, providers=providers)
+
+
 def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: int = 1,
                   model_file: str = "model.onnx", triton_url: str = "127.0.0.1:8001",
                   triton_model: str = "minilm", triton_timeout_s: float = 10.0,
+                  busy_threads: int | None = None,
                   ) -> Embedder | MultilingualEmbedder | TritonEmbedder:
-    """The embedder of `kind` (EMBEDDER_KINDS); model_dir, threads and model_file are MiniLM's,
-    triton_url and triton_model Triton's (its model files are the server's)."""
+    """The embedder of `kind` (EMBEDDER_KINDS); model_dir, threads, model_file and busy_threads
+    are MiniLM's, triton_url and triton_model Triton's (its model files are the server's)."""
     if kind == "use-multilingual":
         return MultilingualEmbedder()
     if kind == "triton":
@@ -190,4 +235,4 @@ def load_embedder(kind: str = "minilm", model_dir: Path | None = None, threads: 
         return TritonEmbedder(triton_url, triton_model, triton_timeout_s)
     if kind != "minilm":
         raise ValueError(f"unknown embedder {kind!r}; use one of {', '.join(EMBEDDER_KINDS)}")
-    return Embedder(model_dir, threads=threads, model_file=model_file)
+    return Embedder(model_dir, threads=threads, model_file=model_file, busy_threads=busy_threads)

@@ -9,7 +9,7 @@ Imported only when that kind is configured, so edges without tritonclient still 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 import numpy as np
@@ -66,9 +66,13 @@ class TritonEmbedder:
             raise TypeError("embed() takes a sequence of strings; use embed_one() for one text")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = [self._infer(list(texts[start : start + self.max_batch]))
-                 for start in range(0, len(texts), self.max_batch)]
-        return np.concatenate(parts)
+        return np.concatenate([rows for _, rows in self.embed_parts(texts)])
+
+    def embed_parts(self, texts: Sequence[str]) -> Iterable[tuple[Sequence[int], np.ndarray]]:
+        """`embed` one request to Triton (`max_batch` texts) at a time, as each returns."""
+        for start in range(0, len(texts), self.max_batch):
+            chunk = list(texts[start : start + self.max_batch])
+            yield range(start, start + len(chunk)), self._infer(chunk)
 
     def _infer(self, texts: list[str]) -> np.ndarray:
         rows = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
