@@ -63,6 +63,7 @@ from edge_bench.velo_side import bench_decision, bench_grpc, edged_process, read
 from edge_bench.wrong_hits import gptcache_wrong_hits, load_labelled, velo_wrong_hits  # noqa: E402
 from pymilvus import MilvusClient  # noqa: E402
 
+from edged.config import LimitsConfig  # noqa: E402
 from edged.decision import Decider  # noqa: E402
 from velo.core.models import embedder_dir  # noqa: E402
 from velo.core.policy import CachePolicy, OnnxPolicy  # noqa: E402
@@ -88,7 +89,9 @@ async def run(args: argparse.Namespace) -> dict:
                                 "python": platform.python_version()},
                     "threshold_l2": THETA, "gptcache_threshold": GPTCACHE_T,
                     "variants": [v.name for v in args.variants], "sizes": {}}
-    embedders = {v: Embedder(embedder_dir(), threads=v.threads, model_file=v.file)
+    # As edged builds its embedder (edged.server): overlapping runs share the threads.
+    embedders = {v: Embedder(embedder_dir(), threads=v.threads, model_file=v.file,
+                             busy_threads=max(1, v.threads // v.workers))
                  for v in args.variants}
     reference = embedders[args.variants[0]]  # GPTCache gets the first (float32) one
     data = BenchData(reference, args.pairs)
@@ -225,7 +228,15 @@ def _untrained_lrs(dim: int) -> OnnxPolicy:
 def restart(milvus: EmbeddedMilvus, mmap: bool) -> EmbeddedMilvus:
     milvus.stop()
     # On a new port: pymilvus keeps one connection per address and would not reconnect.
-    return EmbeddedMilvus(milvus.data_dir, mmap=mmap).start()
+    try:
+        return EmbeddedMilvus(milvus.data_dir, mmap=mmap).start()
+    except RuntimeError as exc:
+        # Seen twice on 2026-12-07: right after a stop, the new server aborted (SIGABRT) before
+        # it logged a line; the next start worked. Once more, then give up.
+        print(f"Milvus restart failed ({str(exc).splitlines()[0]}); trying once more",
+              flush=True)
+        time.sleep(5.0)
+        return EmbeddedMilvus(milvus.data_dir, mmap=mmap).start()
 
 
 def loaded_memory(milvus: EmbeddedMilvus, dim: int, rows: int) -> dict:
@@ -265,12 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--pairs", type=int, default=0,
                         help="use the first N labelled pairs (default: all 999)")
-    parser.add_argument("--max-batch", type=int, default=16,
+    parser.add_argument("--max-batch", type=int, default=LimitsConfig.max_batch,
                         help="micro-batch bound of the decision (edged limits.max_batch)")
     parser.add_argument("--embedders", default="model.onnx@2x2,model-int8.onnx@2x2",
                         help="edge embedder settings FILE@THREADSxWORKERS to measure; GPTCache "
-                        "gets the first's file (default: float32 and int8, 2 runs at once "
-                        "sharing one 2-thread session, as edged does)")
+                        "gets the first's file (default: float32 and int8, 2 runs at once: a "
+                        "lone run on 2 threads, overlapping runs on 1 each, as edged does)")
     parser.add_argument("--milvus-uri", default="", help="an existing Milvus (default: embedded)")
     parser.add_argument("--milvus-token", default=os.environ.get("VELO_MILVUS_TOKEN", ""),
                         help="its token, user:password (default: $VELO_MILVUS_TOKEN; the "

@@ -85,7 +85,7 @@ def bench_gptcache(side: GPTCacheSide, queries: list[str], requests: int,
     out: dict = {"single_stream": pct(single), "hit_share": hits / requests, "throughput": {},
                  "patched": side.patched, "memory_mb": side.memory_mb()}
     for c in clients:
-        rps, latencies, errors = threaded_loop(side.get, queries, c, max(requests, 4 * c),
+        rps, latencies, errors = threaded_loop(side.get, queries, c, max(requests, 8 * c),
                                                initializer=pin_faiss)
         out["throughput"][str(c)] = {"rps": rps, **pct(latencies), "errors": errors}
     return out

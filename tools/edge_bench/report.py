@@ -40,7 +40,8 @@ def print_size(result: dict, clients: list[int]) -> None:
             print(f"  {label:<38}{ratio:7.2f}")
         if "embedder_batched" in floor:
             batched = floor["embedder_batched"]["best"]
-            print(f"  {'embedder alone, best batch (texts/s)':<38}{batched:7.1f}")
+            setting = floor["embedder_batched"].get("best_setting", "as edged runs it")
+            print(f"  {'embedder alone, best batch (texts/s)':<38}{batched:7.1f}  ({setting})")
             for key, label in (("decision", "decision"), ("grpc_ask", "new-prompt Ask")):
                 if key in side:
                     rps = side[key]["throughput"][top]["rps"]

@@ -59,7 +59,7 @@ async def bench_decision(decider: Decider, queries: list[str], requests: int,
         embeddings, searches = decider.embeddings, decider.searches
         e0, s0 = (embeddings.calls, embeddings.items), (searches.calls, searches.items)
         rps, lat = await closed_loop(lambda p: decider.decide(p, TENANT), queries, c,
-                                     max(requests, 4 * c))
+                                     max(requests, 8 * c))
         out["throughput"][str(c)] = {
             "rps": rps, **pct(lat),
             "embed_batch": (embeddings.items - e0[1]) / max(1, embeddings.calls - e0[0]),
@@ -169,17 +169,21 @@ async def bench_grpc(edged: Daemon, queries: list[str], requests: int,
         out: dict = {"single_stream": pct(single), "decision_in_edged": pct(edge_s),
                      "throughput": {}}
         for c in clients:
-            profiler = Profiler(pid, profile) if profile and c == max(clients) else None
-            # Where the cores went: edged and this load generator share them.
+            # Where the cores went: edged and this load generator share them. Enough requests
+            # that the ramp-up and the last stragglers (fewer clients left) weigh little.
             edged_cpu, own_cpu, t = cpu_seconds(pid), time.process_time(), time.perf_counter()
-            rps, lat = await closed_loop(ask, queries, c, max(requests, 4 * c))
+            rps, lat = await closed_loop(ask, queries, c, max(requests, 8 * c))
             wall = time.perf_counter() - t
             out["throughput"][str(c)] = {
                 "rps": rps, **pct(lat),
                 "edged_cores": (cpu_seconds(pid) - edged_cpu) / wall,
                 "client_cores": (time.process_time() - own_cpu) / wall}
-            if profiler is not None:
-                out["profile"] = profiler.stop()
+        if profile:
+            # A run of its own: py-spy's sampling takes CPU from the cores edged runs on, so
+            # the throughput above is measured without it.
+            profiler = Profiler(pid, profile)
+            await closed_loop(ask, queries, max(clients), max(requests, 4 * max(clients)))
+            out["profile"] = profiler.stop()
         out["actions"] = actions
     out["edged_rss_mb"] = memory_mb(pid)["rss"]
     return out
