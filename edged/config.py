@@ -223,7 +223,7 @@ class EdgeConfig:
     embedder_threads: int = 2
     # Embedding runs at once. A run that starts while another runs gets embedder_threads //
     # embedder_workers threads (at least 1) from a second session: the model twice in memory
-    # (~90 MB float32, ~23 MB int8) when that differs from embedder_threads.
+    # (~95 MB float32, ~30 MB int8) when that differs from embedder_threads.
     embedder_workers: int = 2
     log_level: str = "info"  # debug, info, warning, error or critical (JSON lines on stderr)
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to finish on SIGTERM
