@@ -43,10 +43,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[task.name] = cpu_seconds(pid, int(task.name))
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        out[task.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
