@@ -155,16 +155,20 @@ def make_env(job: Job) -> SimEnv:
 
 def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
                  curve: list[dict[str, float]] | None = None, load: bool = False,
-                 gate_seed: int | None = None) -> tuple[OnnxPolicy, bytes]:
+                 gate_seed: int | None = None, prior: tuple[float, float] | None = None,
+                 ) -> tuple[OnnxPolicy, bytes]:
     """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` (`load`: on the load-aware state); its
     ONNX export, loaded as the edge runs it (argmax, as MAPPO is evaluated), and the bytes.
     `gate_seed`: keep the version with the best reward on the training requests of that
     stream (lab.train.train's gate, at `scale.gate_points` points of the training), the
-    stream the baselines are tuned on."""
+    stream the baselines are tuned on. `prior`: (theta0, k) of the load-adaptive threshold
+    the actor adds its logits to (LRSConfig.prior); it reads c^s, so not the verified state."""
     encoder, use_demos = VARIANTS[name]
+    if prior is not None and env.verifier is not None:
+        raise ValueError("a threshold prior reads c^s, which the verified state replaces")
     cfg = LRSConfig(seed=seed, use_encoder=encoder, use_demos=use_demos,
                     demos_first=scale.demos, use_load=load,
-                    warm_start_epochs=scale.warm_start_epochs)
+                    warm_start_epochs=scale.warm_start_epochs, prior=prior)
 
     def gate(lrs) -> float:
         policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,

@@ -155,6 +155,35 @@ def test_warm_start_clones_a_load_adaptive_expert_on_states_it_has_not_seen() ->
     assert agreement(cloned) > 0.8
 
 
+def test_an_actor_with_a_threshold_prior_decides_as_the_rule_before_any_training() -> None:
+    """LRSConfig.prior: untrained, the exported policy (as an edge runs it) takes the tuned
+    load-adaptive rule's action on states built by the edge's own code, across the rule's
+    boundary in distance and in wait; without the prior the same actor agrees by chance."""
+    from velo.core.policy import LoadAdaptivePolicy
+    from velo.core.state import CachedRow
+
+    rng = np.random.default_rng(4)
+    rule = LoadAdaptivePolicy(0.6, 0.05)
+    states = []
+    for _ in range(400):
+        f = rng.normal(size=384).astype(np.float32)
+        row = CachedRow(1, 1, 1, "q", "a", 0, 0.0, 0.0, float(rng.uniform(0.2, 1.4)))
+        states.append(build_state(f / np.linalg.norm(f), [row], 5,
+                                  load=np.array([rng.uniform(0.0, 12.0), 1.0])))
+
+    def agreement(prior: tuple[float, float] | None) -> float:
+        cfg = LRSConfig(use_encoder=False, use_load=True, prior=prior, seed=0)
+        policy = OnnxPolicy(LRS(cfg, agents=1).export_onnx(), 1, "lrs", top_p=5,
+                            embed_dim=384, sample=False)
+        return float(np.mean([policy.decide(s).action == rule.decide(s).action
+                              for s in states]))
+
+    reuses = np.mean([rule.decide(s).action.letter == "A" for s in states])
+    assert 0.3 < reuses < 0.7  # both sides of the boundary are drawn
+    assert agreement((rule.theta0, rule.k)) == 1.0
+    assert agreement(None) < 0.7
+
+
 async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> None:
     from trainerd.learner import LearnerConfig, OnlineLearner
     from trainerd.registry import PolicyRegistry

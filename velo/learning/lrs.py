@@ -66,6 +66,13 @@ class LRSConfig:
     # the expert instead of from chance (0: the paper's schedule alone). Not in the paper.
     warm_start_epochs: int = 0
     warm_start_lr: float = 1e-3  # its learning rate
+    # (theta0, k) of a load-adaptive threshold (velo.core.policy.LoadAdaptivePolicy) the actor
+    # starts from: its logits are the rule's plus what the network learns, so PPO searches
+    # for corrections to a tuned rule instead of for the rule (residual policy learning,
+    # Silver et al. 2018). Not in the paper; None: the paper's actor.
+    prior: tuple[float, float] | None = None
+    prior_sharpness: float = 20.0  # the prior's logit of A per unit of J below the threshold
+    prior_augment: float = -3.0  # the prior's logit of C (B's is 0): C is explored, rarely
     seed: int = 0
 
     def demos_for_update(self, u: int) -> int:
@@ -133,8 +140,29 @@ class LocalState(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+class ThresholdPrior(nn.Module):
+    """The logits of a load-adaptive threshold: A when J_min <= theta0 + k * cloud wait, else B
+    (velo.core.policy.LoadAdaptivePolicy), as a soft step the actor's network adds to."""
+
+    def __init__(self, cfg: LRSConfig) -> None:
+        super().__init__()
+        assert cfg.prior is not None
+        self.theta0, self.k = cfg.prior
+        self.sharpness, self.augment = cfg.prior_sharpness, cfg.prior_augment
+
+    def forward(self, correlation: torch.Tensor, load: torch.Tensor | None) -> torch.Tensor:
+        # c^s of the nearest row is 1 - J/2 (velo.core.state.CachedRow.similarity); with no
+        # row A and C are masked, so the padding's 0 never decides.
+        j_min = 2.0 * (1.0 - correlation[:, 0, 0])
+        wait = load[:, 0] if load is not None else torch.zeros_like(j_min)
+        reuse = self.sharpness * (self.theta0 + self.k * wait - j_min)
+        return torch.stack([reuse, torch.zeros_like(reuse),
+                            torch.full_like(reuse, self.augment)], dim=1)
+
+
 class Actor(nn.Module):
-    """pi_theta(a | s_n), shared by every agent; masked actions get probability 0."""
+    """pi_theta(a | s_n), shared by every agent; masked actions get probability 0. With a
+    prior (LRSConfig.prior) the network's logits are added to the rule's."""
 
     def __init__(self, cfg: LRSConfig) -> None:
         super().__init__()
@@ -142,13 +170,20 @@ class Actor(nn.Module):
         self.mlp = nn.Sequential(orthogonal(nn.Linear(self.state.dim, cfg.hidden)), nn.Tanh(),
                                  orthogonal(nn.Linear(cfg.hidden, cfg.hidden)), nn.Tanh(),
                                  orthogonal(nn.Linear(cfg.hidden, 3), 0.01))
+        self.prior = ThresholdPrior(cfg) if cfg.prior is not None else None
 
     def logits(self, correlation: torch.Tensor, embedding: torch.Tensor,
                action_mask: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
-        return self.masked_logits(self.state(correlation, embedding, load), action_mask)
+        return self.masked_logits(self.state(correlation, embedding, load), action_mask,
+                                  self.prior_logits(correlation, load))
 
-    def masked_logits(self, local: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.mlp(local)
+    def prior_logits(self, correlation: torch.Tensor,
+                     load: torch.Tensor | None) -> torch.Tensor | None:
+        return None if self.prior is None else self.prior(correlation, load)
+
+    def masked_logits(self, local: torch.Tensor, action_mask: torch.Tensor,
+                      prior: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.mlp(local) if prior is None else self.mlp(local) + prior
         return torch.where(action_mask > 0.5, logits, torch.full_like(logits, MASKED_LOGIT))
 
     def forward(self, correlation: torch.Tensor, embedding: torch.Tensor,
@@ -358,9 +393,10 @@ class LRS:
                                          np.array_split(demo_order, cfg.minibatches),
                                          strict=False):
                 rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # every agent of a step
-                local = self.actor.state(corr[rows], emb[rows],
-                                         None if load is None else load[rows])
-                dist = Categorical(logits=self.actor.masked_logits(local, mask[rows]))
+                step_load = None if load is None else load[rows]
+                local = self.actor.state(corr[rows], emb[rows], step_load)
+                dist = Categorical(logits=self.actor.masked_logits(
+                    local, mask[rows], self.actor.prior_logits(corr[rows], step_load)))
                 logp = dist.log_prob(actions[rows])
                 policy_loss = clipped_policy_loss(logp, old_logp[rows], adv[rows], cfg.clip)
                 with torch.no_grad():  # CleanRL's approx KL (k3 estimator) and clip fraction
