@@ -184,7 +184,11 @@ def test_an_actor_with_a_threshold_prior_decides_as_the_rule_before_any_training
     assert agreement(None) < 0.7
 
 
-async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> None:
+@pytest.mark.parametrize("prior", [None, 0.6])
+async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path, prior) -> None:
+    """A round runs once every edge sent l_min^m records. With `prior_theta0` the version it
+    publishes starts from Cache-θ0: after the round it still reuses a near-exact match and
+    forwards a far one (the network alone, untrained, does not)."""
     from trainerd.learner import LearnerConfig, OnlineLearner
     from trainerd.registry import PolicyRegistry
     from trainerd.store import ExperienceStore
@@ -206,8 +210,8 @@ async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> N
         return out
 
     # No gate here (holdback 0): this test is about when a round runs.
-    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=8, holdback=0.0), store,
-                            registry)
+    learner = OnlineLearner(LearnerConfig(enabled=True, min_records=8, holdback=0.0,
+                                          prior_theta0=prior), store, registry)
     store.add(records("edge-a", 1, 10) + records("edge-b", 1, 5))
     assert not await learner.round_if_ready()  # edge-b has only 5 < l_min^m new records
     store.add(records("edge-b", 6, 5))
@@ -218,6 +222,12 @@ async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path) -> N
     policy = OnnxPolicy(onnx, 1, info.name, top_p=5, embed_dim=384)
     assert policy.probabilities(np.zeros((1, 3, 5), np.float32), np.zeros((1, 384), np.float32),
                                 np.ones((1, 3), np.float32)).shape == (1, 3)
+    if prior is not None:  # c^s 0.95 is J 0.1 (reuse under 0.6), c^s 0.2 is J 1.6 (forward)
+        corr = np.zeros((16, 3, 5), np.float32)
+        corr[:, 0, 0] = np.repeat([0.95, 0.2], 8)
+        emb = rng.normal(size=(16, 384)).astype(np.float32)
+        picked = policy.probabilities(corr, emb, np.ones((16, 3), np.float32)).argmax(-1)
+        assert picked.tolist() == [0] * 8 + [1] * 8
     assert not await learner.round_if_ready()  # the same records are never used twice
     store.close()
 

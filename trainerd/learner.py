@@ -58,6 +58,12 @@ class LearnerConfig:
     use_demos: bool = True  # demonstrations from shadow verification in the first updates
     use_load: bool = False  # train load-aware policies (edges' records carry the load)
     holdback: float = 0.25  # share of a round's steps kept back to gate the new version
+    # theta0 of a load-adaptive threshold (reuse when J_min <= theta0 + k * cloud wait) that
+    # policies start from: the network learns corrections to it (LRSConfig.prior). Unset: the
+    # paper's actor. Tune theta0 and k as `velo experiment load` does; it reads c^s, so not
+    # for edges on the verified state.
+    prior_theta0: float | None = None
+    prior_slope: float = 0.0  # k of that threshold, per second of the cloud's wait
     seed: int = 0  # of the learner's initial weights and minibatches
 
 
@@ -117,7 +123,9 @@ class OnlineLearner:
             self.lrs = LRS(LRSConfig(top_p=top_p, embed_dim=embed_dim,
                                      use_encoder=self.cfg.use_encoder,
                                      use_demos=self.cfg.use_demos,
-                                     use_load=self.cfg.use_load, seed=self.cfg.seed),
+                                     use_load=self.cfg.use_load, seed=self.cfg.seed,
+                                     prior=None if self.cfg.prior_theta0 is None
+                                     else (self.cfg.prior_theta0, self.cfg.prior_slope)),
                            agents=len(edges))
         records = [batches[e][:steps] for e in edges]  # [N][T]
         width = len(LOAD_FEATURES)  # records of edges older than the load report: zeros
