@@ -112,9 +112,13 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
         agree = lrs.warm_start(demos, cfg.warm_start_epochs)
         log(f"  warm start: {cfg.warm_start_epochs} epochs of behaviour cloning, "
             f"{agree:.0%} of the expert's actions")
-        if gate is not None:  # the cloned expert is a candidate like any checkpoint
-            best = (gate(lrs), 0, copy.deepcopy(lrs.actor.state_dict()))
-            log(f"  gate after the warm start: {best[0]:+.3f}")
+    starts_from_expert = cfg.prior is not None or (demos is not None
+                                                   and cfg.warm_start_epochs > 0)
+    if gate is not None and starts_from_expert:
+        # What PPO starts from (the rule of the prior, or the cloned expert) is a candidate
+        # like any checkpoint: a later one replaces it only by scoring higher.
+        best = (gate(lrs), 0, copy.deepcopy(lrs.actor.state_dict()))
+        log(f"  gate before the first update: {best[0]:+.3f}")
     states, in_episode = env.reset(cfg.seed), 0
     for u in range(1, updates + 1):
         buf: dict[str, list] = {k: [] for k in ("corr", "emb", "mask", "load", "act", "logp",

@@ -229,7 +229,7 @@ def report(results: list[tuple[Case, dict]], scale: Scale) -> str:
     seeds = len({c.seed for c, _ in results})
     return (f"# The learned scheduler on a loaded cloud\n\n{seeds} seeds per setting. LRS: "
             f"{scale.updates} updates x {scale.rollout_steps} steps; the gate keeps the best "
-            "of ten points of the training (and the cloned expert it starts from) on the "
+            "of ten points of the training (and the tuned rule it starts from) on the "
             "training requests; demonstrations from the "
             "hindsight Oracle, or from the tuned load-adaptive threshold where it earned more "
             f"on the training requests. {scale.eval_steps} test steps per policy from empty "
