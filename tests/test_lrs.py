@@ -184,6 +184,25 @@ def test_an_actor_with_a_threshold_prior_decides_as_the_rule_before_any_training
     assert agreement(None) < 0.7
 
 
+def test_an_actor_that_does_not_read_the_load_gives_its_prior_no_wait_in_updates() -> None:
+    """A prior on the paper's state (no `load` input) sees a wait of 0 when it acts and when
+    it is exported, so an update must too, even when the rollout carries the load: the first
+    minibatch of the first epoch then has ratio 1 exactly (approx KL 0)."""
+    rng = np.random.default_rng(5)
+    lrs = LRS(LRSConfig(use_encoder=False, prior=(0.6, 1.0), epochs=1, minibatches=1),
+              agents=2)
+    corr, emb, mask = _random_states(rng, 64 * 2)
+    corr[:, 0, 0] = rng.uniform(0.3, 1.0, len(corr))
+    actions, logp = lrs.act(corr, emb, mask)
+    shape = (64, 2)
+    load = np.stack([rng.uniform(2.0, 10.0, shape), np.ones(shape)], -1).astype(np.float32)
+    stats = lrs.update(Rollout(corr.reshape(*shape, 3, 5), emb.reshape(*shape, 384),
+                               mask.reshape(*shape, 3), actions.reshape(shape),
+                               logp.reshape(shape), np.zeros(shape, np.float32),
+                               np.ones(64, np.float32), corr[:2], emb[:2], load, load[0]))
+    assert stats["approx_kl"] < 1e-6 and stats["clip_frac"] == 0.0, stats
+
+
 @pytest.mark.parametrize("prior", [None, 0.6])
 async def test_online_learner_waits_for_every_edge_then_publishes(tmp_path, prior) -> None:
     """A round runs once every edge sent l_min^m records. With `prior_theta0` the version it

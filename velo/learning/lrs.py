@@ -371,7 +371,8 @@ class LRS:
             return x.reshape(steps * n, *x.shape[2:])
 
         corr, emb, mask = flat(t["correlation"]), flat(t["embedding"]), flat(t["action_mask"])
-        load = flat(t["load"]).float() if "load" in t else None
+        # Only a load-aware actor reads the load: the prior's wait is then 0, as on the edge.
+        load = flat(t["load"]).float() if cfg.use_load else None
         actions, old_logp, adv = flat(t["actions"]), flat(t["logp"]), flat(advantages)
         mask = mask.float()
         demo_count = cfg.demos_for_update(self.updates) if demos is not None else 0
