@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -75,8 +75,13 @@ class LoadAdaptivePolicy(Policy):
         self.theta0, self.k = theta0, k
         self.name = f"adaptive-{theta0:g}-{k:g}"
 
+    def threshold(self, cloud_wait_s: Any) -> Any:
+        """θ at that wait: a float, or an array or tensor of waits (LRS's prior, which runs in
+        torch, so not typed narrower here: velo.core never imports torch)."""
+        return self.theta0 + self.k * cloud_wait_s
+
     def decide(self, state: EdgeState) -> Decision:
-        theta = self.theta0 + self.k * float(state.load[0])
+        theta = self.threshold(float(state.load[0]))
         return _one_hot(Action.REUSE if state.min_distance <= theta else Action.FORWARD)
 
 

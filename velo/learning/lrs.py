@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from velo.core.load import LOAD_FEATURES
+from velo.core.policy import LoadAdaptivePolicy
 
 MASKED_LOGIT = -1e9  # a masked action's logit: softmax gives it exactly 0, and no inf - inf
 
@@ -147,7 +148,7 @@ class ThresholdPrior(nn.Module):
     def __init__(self, cfg: LRSConfig) -> None:
         super().__init__()
         assert cfg.prior is not None
-        self.theta0, self.k = cfg.prior
+        self.rule = LoadAdaptivePolicy(*cfg.prior)
         self.sharpness, self.augment = cfg.prior_sharpness, cfg.prior_augment
 
     def forward(self, correlation: torch.Tensor, load: torch.Tensor | None) -> torch.Tensor:
@@ -155,7 +156,7 @@ class ThresholdPrior(nn.Module):
         # row A and C are masked, so the padding's 0 never decides.
         j_min = 2.0 * (1.0 - correlation[:, 0, 0])
         wait = load[:, 0] if load is not None else torch.zeros_like(j_min)
-        reuse = self.sharpness * (self.theta0 + self.k * wait - j_min)
+        reuse = self.sharpness * (self.rule.threshold(wait) - j_min)
         return torch.stack([reuse, torch.zeros_like(reuse),
                             torch.full_like(reuse, self.augment)], dim=1)
 
