@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from velo.core.models import ROOT
-from velo.ops.milvus_server import free_port
+from velo.ops.ports import free_port
 
 pytestmark = pytest.mark.slow  # a minute or more: `make test-slow` (CI runs it)
 

@@ -22,7 +22,7 @@ from tests.fake_llm import fake_tokens
 from trainerd.config import TrainerConfig
 from trainerd.export import export_mlp_policy
 from trainerd.server import Trainerd
-from velo.ops.milvus_server import free_port
+from velo.ops.ports import free_port
 from velo.v1 import edge_pb2, trainer_pb2, trainer_pb2_grpc
 
 QUESTION = "How do I reset my router to factory settings?"

@@ -22,7 +22,7 @@ from cloudd.server import Cloudd
 from edged.server import Edged
 from tests.conftest import ask, edge_client, running
 from tests.fake_llm import FAKE_MODEL, FakeLLM
-from velo.ops.milvus_server import free_port
+from velo.ops.ports import free_port
 from velo.v1 import edge_pb2, edge_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -198,7 +198,7 @@ async def test_a_stream_the_cloud_cannot_answer_is_an_http_error_not_a_broken_st
     """The cloud is down (nothing listens at its address): a streamed forward gets HTTP 503
     with an OpenAI error body before any event, as a plain request does (it got 200, then an
     error event and no [DONE])."""
-    from velo.ops.milvus_server import free_port
+    from velo.ops.ports import free_port
 
     cfg = front_config(edge_config, f"127.0.0.1:{free_port()}")
     async with running(Edged(cfg)) as edge, httpx.AsyncClient(timeout=60) as http:
@@ -215,7 +215,7 @@ async def test_with_auth_on_healthz_tells_why_only_to_an_admin(edge_config,
                                                                tmp_path: Path) -> None:
     """/healthz stays open to load balancers, but with [auth] on the reasons (internal
     addresses, exception text) go only to an admin key (they went to anyone)."""
-    from velo.ops.milvus_server import free_port
+    from velo.ops.ports import free_port
 
     tenant, admin = new_token(), new_token()
     auth = EdgeAuthConfig(tokens_file=tokens_file(tmp_path / "users.toml", [

@@ -19,7 +19,7 @@ from edged.config import EdgeAuthConfig
 from edged.server import Edged
 from tests.certs import CA
 from tests.fake_llm import fake_tokens
-from velo.ops.milvus_server import free_port
+from velo.ops.ports import free_port
 from velo.runtime.security import TLSConfig, new_token, token_sha256
 from velo_client import (
     TLS,

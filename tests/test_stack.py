@@ -119,11 +119,13 @@ def test_velo_up_prints_each_daemons_metrics_and_stops_every_child_on_sigterm(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
     try:
+        said = []  # what it printed, quoted when it does not start
         for line in up.stdout:
             if line.startswith("VELO is up"):
                 break
+            said.append(line)
         else:
-            pytest.fail(f"velo up did not start (exit {up.wait()})")
+            pytest.fail(f"velo up did not start (exit {up.wait()}):\n{''.join(said)[-4000:]}")
         printed = {}  # daemon name: its metrics URL, as `velo up` says them
         for line in up.stdout:
             if line.startswith("logs in"):
@@ -191,7 +193,7 @@ def test_velo_demo_fails_loudly_when_the_llm_cannot_start(tmp_path, milvus) -> N
 def test_velo_replay_exits_1_and_says_what_is_down(tmp_path, edge_config) -> None:
     from edged.server import Edged
     from tests.conftest import running
-    from velo.ops.milvus_server import free_port
+    from velo.ops.ports import free_port
 
     async def scenario() -> subprocess.CompletedProcess:
         cfg = edge_config(cloud=f"127.0.0.1:{free_port()}")  # no cloudd there

@@ -106,7 +106,7 @@ def test_single_vectors_are_the_in_process_ones(server, texts, in_process) -> No
 
 
 def test_server_down_is_a_clear_error(tool, tmp_path) -> None:
-    from velo.ops.milvus_server import free_port
+    from velo.ops.ports import free_port
 
     nowhere = f"127.0.0.1:{free_port()}"
     with pytest.raises(EmbedderUnavailable, match=r"tools/triton_server\.py") as err:

@@ -52,7 +52,7 @@ import grpc  # noqa: E402
 from trainerd.server import validate_experience  # noqa: E402
 from trainerd.store import ExperienceStore  # noqa: E402
 from velo.core.load import LOAD_FEATURES  # noqa: E402
-from velo.ops.milvus_server import free_port  # noqa: E402
+from velo.ops.ports import free_port  # noqa: E402
 from velo.ops.stack import Daemon  # noqa: E402
 from velo.v1 import trainer_pb2, trainer_pb2_grpc  # noqa: E402
 

@@ -64,7 +64,7 @@ from velo.core.records import load_qa  # noqa: E402
 from velo.edge.cache import VectorCache, VectorDBConfig  # noqa: E402
 from velo.edge.embedder import Embedder  # noqa: E402
 from velo.edge.texts import store_path  # noqa: E402
-from velo.ops.milvus_server import free_port  # noqa: E402
+from velo.ops.ports import free_port  # noqa: E402
 from velo.ops.stack import Stack, StackConfig  # noqa: E402
 from velo.runtime.logs import configure_logging  # noqa: E402
 from velo.v1 import (  # noqa: E402

@@ -36,9 +36,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from velo.ops import private_network
+from velo.ops.ports import LOOPBACK, free_port
 from velo.runtime.logs import get_logger
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = get_logger("velo.milvus")
 
-LOOPBACK = "127.0.0.1"
 # Config sections of the components that serve gRPC and advertise `<section>.ip` to the others.
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
 # A stop takes well under a second; SIGKILL only if one hangs regardless.
@@ -57,12 +57,6 @@ TOKEN_FILE = "root.token"
 # Inside a private network namespace every port is free: Milvus's defaults.
 INNER_API_PORT, INNER_WEBSERVICE_PORT = 19530, 9091
 RELAY_START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return cast(int, sock.getsockname()[1])  # getsockname() is Any to mypy
 
 
 def reserve_port(port: int) -> socket.socket | None:

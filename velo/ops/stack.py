@@ -28,7 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudd.llm_server import describe_exit, tail
 from velo.ops.diagnose import cloud_health, daemon_health, edge_health
-from velo.ops.milvus_server import EmbeddedMilvus, free_port
+from velo.ops.milvus_server import EmbeddedMilvus
+from velo.ops.ports import free_port
 from velo.runtime.lifeline import child_env
 from velo.runtime.logs import get_logger
 from velo.v1 import (
