@@ -105,6 +105,24 @@ def test_the_shipped_verifier_refuses_negated_questions_and_serves_restated_ones
     assert all(p_same(*pair) >= threshold for pair in RESTATED_QUESTIONS[:2])
 
 
+def test_the_shipped_verifier_serves_an_exact_repeat_at_every_delta(exported_embedder) -> None:
+    """A repeated question, or the same words in another case and punctuation, passes the
+    guard at every calibrated δ (the model alone scored an exact repeat 0.44: a guarded edge
+    never served a repeated question)."""
+    from velo.core.models import ROOT
+
+    verifier = OnnxVerifier(ROOT / "docs" / "reuse" / "verifier.onnx")
+    embedder = Embedder(exported_embedder)
+    repeats = [(q, q) for q, _ in RESTATED_QUESTIONS] + [
+        ("What is the capital of France?", "what is the capital of france"),
+        ("Write a poem about the sea", "Write a poem about the sea!")]
+    for cached, asked in repeats:
+        a, b = embedder.embed([cached, asked])
+        p = verifier.score(asked, cached, 1 - float(np.linalg.norm(a - b)) / 2)
+        for delta in verifier.thresholds:
+            assert p >= verifier.threshold_for(delta, 1000), (cached, asked, delta)
+
+
 def _tiny_verifier() -> bytes:
     """A verifier trained on synthetic pairs: right when similar and the words agree."""
     rng = np.random.default_rng(0)
