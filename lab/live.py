@@ -71,16 +71,18 @@ def run_live(onnx: bytes, items: list[QAItem], arrivals: list[Arrival], state_di
 
 def run_burst(onnx: bytes, static: str, items: list[QAItem],
               phases: list[tuple[str, list[Arrival], int]], state_dir: Path,
-              max_tokens: int = 48) -> dict[str, dict[str, dict[str, float]]]:
+              max_tokens: int = 48, edge_settings: dict[str, str] | None = None,
+              ) -> dict[str, dict[str, dict[str, float]]]:
     """The load-aware LRS edge beside a tuned static edge on one shared cloud (cloudd with its
     one llama.cpp slot, the stack's), through `phases` of (name, arrivals, concurrency):
-    every request goes to both edges, so their forwards wait in the same queue. Returns
-    phase -> policy -> measures (live_metrics, with the p95 delay)."""
+    every request goes to both edges, so their forwards wait in the same queue. Both edges
+    get `edge_settings` (e.g. a reuse guard). Returns phase -> policy -> measures
+    (live_metrics, with the p95 delay)."""
     shutil.rmtree(state_dir, ignore_errors=True)
     policies = ("lrs", static)
     stack = Stack(StackConfig(data_dir=state_dir, edges=2, edge_policies=policies,
                               log_level="warning", run_tag=f"-burst-{uuid.uuid4().hex[:8]}",
-                              policy_file=None))
+                              policy_file=None, edge_settings=edge_settings or {}))
     stack.start()
     measured: dict[str, dict[str, dict[str, float]]] = {}
     try:
@@ -115,6 +117,8 @@ def live_metrics(outcomes: list[Outcome]) -> dict[str, float]:
         "llm_freq": sum(o.action == "B" for o in served) / len(served),
         "hit_rate": reuses / len(served),
         "false_hit_rate": false_hits / reuses if reuses else 0.0,
+        # What δ bounds ([reuse] delta): wrong reuses among all requests, not among reuses.
+        "wrong_rate": false_hits / len(served),
     }
 
 

@@ -241,12 +241,14 @@ def report(results: list[tuple[Case, dict]], scale: Scale) -> str:
 
 def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies: Path,
                trace: Path, cache_dir: Path, edge_s: float, scale: Scale, seed: int = 0,
-               max_tokens: int = 128, burst_concurrency: int = 16, mode: str = "all") -> str:
+               max_tokens: int = 128, burst_concurrency: int = 16, mode: str = "all",
+               verifier: Path | None = None) -> str:
     """`velo experiment burst`: LRS trained on the load-aware state (`mode`,
     utilisation 1.2, the correctness-aware reward) and the Cache-θ tuned there, each on an
     edge of the real stack, one shared cloudd; a third of the requests one at a time, a
     third as a burst (`burst_concurrency` at once), a third calm again. Writes OUT/burst.md
-    and the policy, OUT/lrs-load.onnx.
+    and the policy, OUT/lrs-load.onnx. With `verifier`, both edges run the reuse guard
+    (`[reuse] verifier`, δ the default): a reuse the verifier does not pass goes to the cloud.
 
     All-edges mode by default: there the tuned load-adaptive rule earns more than every
     static one (docs/experiment/load.md), so the expert LRS starts from follows the wait.
@@ -278,7 +280,9 @@ def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies:
               ("burst", arrivals[third: 2 * third], burst_concurrency),
               ("calm again", arrivals[2 * third:], 1)]
     started = time.monotonic()
-    measured = live.run_burst(onnx, static, short, phases, state_dir, max_tokens)
+    delta = EdgeConfig().reuse.delta
+    guard = {"REUSE__VERIFIER": str(verifier.resolve())} if verifier else {}
+    measured = live.run_burst(onnx, static, short, phases, state_dir, max_tokens, guard)
     lines = [f"# A burst on the live stack ({requests} requests to each edge, "
              f"{time.monotonic() - started:.0f} s)\n",
              f"Two edges of the real stack share one cloudd (SmolLM2-135M via llama.cpp, one "
@@ -286,26 +290,31 @@ def live_burst(data: Path, out: Path, requests: int, state_dir: Path, latencies:
              f"(simulator, {mode} mode, utilisation 1.2, correctness-aware reward) and "
              f"{static}, Cache-θ tuned on the same simulator. Every request goes to both. "
              f"Phases: {third} requests one at a time, {third} with {burst_concurrency} in "
-             "flight, the rest one at a time.\n",
-             "| phase | policy | hit rate | false-hit rate | mean d (s) | p95 d (s) | q "
-             "| errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "flight, the rest one at a time. "
+             + (f"Both edges run the reuse guard: the verifier `{verifier.name}` at δ = "
+                f"{delta:.0%} (`[reuse]`); a reuse it does not pass goes to the cloud."
+                if verifier else "No reuse guard: each edge serves what its policy picks.")
+             + "\n\nFalse hits: wrong reuses among reuses; wrong answers: wrong reuses among all "
+             "requests, what δ bounds.\n",
+             "| phase | policy | hit rate | false hits | wrong answers | mean d (s) | p95 d (s) "
+             "| q | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for phase, by_policy in measured.items():
         for policy, m in by_policy.items():
             if not m.get("requests"):
                 lines.append(f"| {phase} | {policy} | no answers ({m.get('errors', 0):.0f} "
-                             "errors) | | | | | |")
+                             "errors) | | | | | | |")
                 continue
             lines.append(f"| {phase} | {policy} | {m['hit_rate']:.0%} "
-                         f"| {m['false_hit_rate']:.0%} | {m['d']:.2f} | {m['p95_d']:.2f} "
-                         f"| {m['q']:.3f} | {m['errors']:.0f} |")
+                         f"| {m['false_hit_rate']:.0%} | {m['wrong_rate']:.0%} | {m['d']:.2f} "
+                         f"| {m['p95_d']:.2f} | {m['q']:.3f} | {m['errors']:.0f} |")
     burst = measured["burst"]
     lrs, other = burst["lrs"], burst[static]
     if lrs.get("requests") and other.get("requests"):
         lines.append(f"\nUnder the burst LRS reused {lrs['hit_rate']:.0%} against "
                      f"{other['hit_rate']:.0%} and its p95 delay was {lrs['p95_d']:.1f} s "
-                     f"against {other['p95_d']:.1f} s; its false-hit rate "
-                     f"{lrs['false_hit_rate']:.0%} against the {EdgeConfig().reuse.delta:.0%} an "
-                     "edge's δ (`reuse.delta`) allows.")
+                     f"against {other['p95_d']:.1f} s; {lrs['wrong_rate']:.0%} of its answers "
+                     f"were another question's ({lrs['false_hit_rate']:.0%} of its reuses), "
+                     f"against the {delta:.0%} an edge's δ (`[reuse] delta`) allows.")
     text = "\n".join(lines) + "\n"
     (out / "burst.md").write_text(text)
     return text

@@ -157,6 +157,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
              "burst and a calm phase on one shared cloudd, live (writes burst.md)", burst,
              data=True, scale=True)
     p.add_argument("--requests", type=int, default=40, help="requests to the 2 edges")
+    p.add_argument("--no-guard", action="store_true",
+                   help="run the edges without the reuse guard (default: both run it with "
+                        "the shipped verifier, docs/reuse/verifier.onnx, at the default δ)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -281,7 +284,7 @@ def live(args: argparse.Namespace) -> None:
 
     print(f"velo experiment live: training LRS on {qa_data(args.data)}, then the stack "
           f"({args.requests} requests to each of 4 edges)...")
-    print(live_experiment(_job(args), args.out, args.requests, ROOT / "var" / "live"))
+    print(live_experiment(_job(args), args.out, args.requests, args.out / "stack"))
     print(f"{args.out / 'live.md'}")
 
 
@@ -293,8 +296,9 @@ def burst(args: argparse.Namespace) -> None:
                     **{k: v for k, v in (("updates", args.updates),) if v})
     print(f"velo experiment burst: training LRS on the loaded simulator ({data}), then a burst "
           f"through the stack ({args.requests} requests to 2 edges)...")
-    print(under_load.live_burst(data, args.out, args.requests, ROOT / "var" / "burst",
-                                latencies(), trace(), CACHE_DIR, _edge_s(args), scale))
+    print(under_load.live_burst(data, args.out, args.requests, args.out / "stack",
+                                latencies(), trace(), CACHE_DIR, _edge_s(args), scale,
+                                verifier=None if args.no_guard else VERIFIER))
 
 
 # -- shared by several ---------------------------------------------------------------------

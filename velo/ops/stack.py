@@ -71,6 +71,9 @@ class StackConfig:
     milvus_token: str = ""  # its token ("user:password"), when it has authentication on
     run_tag: str = ""  # appended to every edge id (and so its collection): a run starting empty
     restart: bool = True  # start a daemon that died again (supervise())
+    # More settings for every edge, as VELO_EDGED__ keys by their suffix (e.g. a reuse guard:
+    # {"REUSE__VERIFIER": "docs/reuse/verifier.onnx"}).
+    edge_settings: dict[str, str] = field(default_factory=dict)
     # Published through trainerd at start when an edge's policy is "lrs" (none: such edges run
     # cache-0.5 until something is published). The shipped one: LRS on the load-aware state,
     # trained on the loaded simulator in nearest-edge mode (`lab.under_load.live_burst`,
@@ -281,7 +284,8 @@ class Stack:
     def _edge_settings(self, name: str) -> dict[str, str]:
         return {"EDGE_ID": name + self.cfg.run_tag,
                 "DATA_DIR": str(self.cfg.data_dir.resolve() / name),
-                "VECTOR_DB__URI": self.milvus_uri, "VECTOR_DB__TOKEN": self.milvus_token}
+                "VECTOR_DB__URI": self.milvus_uri, "VECTOR_DB__TOKEN": self.milvus_token,
+                **self.cfg.edge_settings}
 
     def add_edge(self, name: str, **settings: str) -> Daemon:
         """Start one more edge on this stack's Milvus (no cloud or trainer unless given as
