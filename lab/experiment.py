@@ -41,7 +41,7 @@ from lab.sim import (
     measure_embedding,
 )
 from lab.train import LEARNED as VARIANTS
-from lab.train import collect_demos, evaluate, train
+from lab.train import collect_demos, evaluate, play, train
 from velo.core import qos
 from velo.core.policy import OnnxPolicy, Policy, baseline_from_name
 from velo.core.records import load_qa
@@ -159,7 +159,7 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
                  ) -> tuple[OnnxPolicy, bytes]:
     """Train MAPPO, G-MAPPO, T-MAPPO or LRS on `env` (`load`: on the load-aware state); its
     ONNX export, loaded as the edge runs it (argmax, as MAPPO is evaluated), and the bytes.
-    `gate_seed`: keep the version with the best reward on the training requests of that
+    `gate_seed`: keep the version that beats the others on the training requests of that
     stream (lab.train.train's gate, at `scale.gate_points` points of the training), the
     stream the baselines are tuned on. `prior`: (theta0, k) of the load-adaptive threshold
     the actor adds its logits to (LRSConfig.prior); it reads c^s, so not the verified state."""
@@ -170,11 +170,11 @@ def train_policy(env: SimEnv, name: str, scale: Scale, seed: int, demos,
                     demos_first=scale.demos, use_load=load,
                     warm_start_epochs=scale.warm_start_epochs, prior=prior)
 
-    def gate(lrs) -> float:
+    def gate(lrs) -> np.ndarray:
         policy = OnnxPolicy(lrs.export_onnx(), 1, name, top_p=cfg.top_p,
                             embed_dim=cfg.embed_dim, sample=False)
         assert gate_seed is not None  # the gate runs only with a seed of its own
-        return evaluate(env, policy, scale.eval_steps, gate_seed, split="train")["reward"]
+        return np.asarray(play(env, policy, scale.eval_steps, gate_seed, split="train").rewards)
 
     lrs = train(env, cfg, scale.updates, scale.rollout_steps, demos if use_demos else None,
                 scale.eval_steps, log=lambda _: None, curve=curve,
