@@ -228,9 +228,10 @@ def _verdict(data: str, mode: str, reward: str, util: float,
 def report(results: list[tuple[Case, dict]], scale: Scale) -> str:
     seeds = len({c.seed for c, _ in results})
     return (f"# The learned scheduler on a loaded cloud\n\n{seeds} seeds per setting. LRS: "
-            f"{scale.updates} updates x {scale.rollout_steps} steps; the gate keeps the best "
-            "of ten points of the training (and the tuned rule it starts from) on the "
-            "training requests; demonstrations from the "
+            f"{scale.updates} updates x {scale.rollout_steps} steps from the tuned rule; at "
+            "ten points of the training the gate keeps a checkpoint only where it beats the "
+            "one kept (the rule first) beyond noise on the training requests (lab.train.beats); "
+            "demonstrations from the "
             "hindsight Oracle, or from the tuned load-adaptive threshold where it earned more "
             f"on the training requests. {scale.eval_steps} test steps per policy from empty "
             "caches (unseen restatements of every item). Cloud: 8 slots, Azure-trace arrivals "
