@@ -124,7 +124,7 @@ def train(env: SimEnv, cfg: LRSConfig, updates: int, rollout_steps: int,
                                                    and cfg.warm_start_epochs > 0)
     if gate is not None and starts_from_expert:
         # What PPO starts from (the rule of the prior, or the cloned expert) is a candidate
-        # like any checkpoint: a later one replaces it only by scoring higher.
+        # like any checkpoint: a later one replaces it only by beating it beyond noise.
         best = (gate(lrs), 0, copy.deepcopy(lrs.actor.state_dict()))
         log(f"  gate before the first update: {best[0].mean():+.3f}")
     states, in_episode = env.reset(cfg.seed), 0
