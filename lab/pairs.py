@@ -36,7 +36,7 @@ from lab.memory_cache import MemoryCache
 from velo.core.policy import OnnxPolicy
 from velo.core.qos import Action
 from velo.core.state import QUESTION, CachedRow, EdgeState, build_state
-from velo.core.verifier import OnnxVerifier, pair_features
+from velo.core.verifier import OnnxVerifier, pair_features, same_question
 
 TENANT = "pairs"
 RULES = ("cosine", "verifier", "lrs")
@@ -99,6 +99,11 @@ class Query:
     scores: dict[str, float] = field(default_factory=dict)
     served: dict[str, str | None] = field(default_factory=dict)
 
+    def rightly_served(self, rule: str) -> bool:
+        """What `rule` served is a right `a`, or this very question cached from another pair."""
+        served = self.served[rule]
+        return served in self.right or (served is not None and same_question(self.text, served))
+
 
 def build_queries(pairs: list[Pair], vectors, dim: int, value: float, seed: int,
                   holdout: float = 0.5, top_p: int = 5) -> list[Query]:
@@ -151,7 +156,7 @@ def score_policy(queries: list[Query], policy: OnnxPolicy) -> dict:
 
 def count(queries: list[Query], reuse: list[bool], rule: str) -> dict[str, float]:
     hits = sum(reuse)
-    wrong = sum(r and q.served[rule] not in q.right for q, r in zip(queries, reuse, strict=True))
+    wrong = sum(r and not q.rightly_served(rule) for q, r in zip(queries, reuse, strict=True))
     positives = sum(bool(q.right) for q in queries)
     precision = (hits - wrong) / hits if hits else 1.0
     recall = (hits - wrong) / positives if positives else 0.0

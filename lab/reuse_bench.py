@@ -44,7 +44,7 @@ from lab.verifier import (
     train_verifier,
     with_thresholds,
 )
-from velo.core.verifier import OnnxVerifier, content_stems, pair_features
+from velo.core.verifier import OnnxVerifier, content_stems, pair_features, same_question
 
 TOP_P = 5  # cached questions the verifier scores per request, as on the edge
 SHARES = (0.6, 0.2, 0.2)  # train, calibration, test
@@ -144,7 +144,11 @@ class Scored:
     verifier_row: str | None
 
     def wrong(self, rule: str) -> bool:
-        return (self.cosine_row if rule == "cosine" else self.verifier_row) not in self.right
+        """Served another question's answer: neither a labelled paraphrase nor this very
+        question cached from another pair (velo.core.verifier.same_question)."""
+        served = self.cosine_row if rule == "cosine" else self.verifier_row
+        return served not in self.right and not (served is not None
+                                                 and same_question(self.asked, served))
 
     def score(self, rule: str) -> float:
         return self.cosine if rule == "cosine" else self.p_same

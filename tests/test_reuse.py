@@ -423,3 +423,16 @@ def test_the_correctness_aware_reward_charges_every_wrong_answer(exported_embedd
     assert paper["false_hit_rate"] > 0.2  # always-reuse serves other questions' answers
     wrong_share = paper["false_hit_rate"] * paper["hit_rate"]
     assert correct["reward"] == pytest.approx(paper["reward"] - wrong_share, abs=1e-6)
+
+
+def test_the_reuse_benchmark_counts_serving_the_very_question_asked_as_right() -> None:
+    """A pair file may hold the asked question, word for word, as another pair's `a`: serving
+    its cached answer is right whatever the labels say (it counted wrong, which charged cosine
+    for every exact repeat and taught the verifier to refuse them)."""
+    from lab.reuse_bench import Scored
+
+    asked = "How do I learn Python?"
+    repeat = Scored(asked, frozenset(), 0.99, "how do I learn python", 1.0, "How do I learn Python")
+    assert not repeat.wrong("cosine") and not repeat.wrong("verifier")
+    other = Scored(asked, frozenset(), 0.9, "How do I learn Java?", 0.9, "How do I learn Java?")
+    assert other.wrong("cosine") and other.wrong("verifier")

@@ -253,6 +253,13 @@ def _side(text: str) -> _Side:
                  tuple(t))
 
 
+def same_question(new: str, cached: str) -> bool:
+    """An exact repeat: the same words, case, spaces and punctuation aside (the `exact`
+    feature). Its cached answer answers it, whatever a pair file's labels say: a benchmark
+    that caches another pair's identical question must count serving it right."""
+    return tokens(new) == tokens(cached)
+
+
 def pair_features(new: str, cached: str, similarity: float) -> np.ndarray:
     """The verifier's input for one (new question, cached question) pair: [len(FEATURES)]."""
     n, c = _side(new), _side(cached)
