@@ -100,9 +100,13 @@ class Query:
     served: dict[str, str | None] = field(default_factory=dict)
 
     def rightly_served(self, rule: str) -> bool:
-        """What `rule` served is a right `a`, or this very question cached from another pair."""
-        served = self.served[rule]
-        return served in self.right or (served is not None and same_question(self.text, served))
+        return served_right(self.text, self.served[rule], self.right)
+
+
+def served_right(asked: str, served: str | None, right: frozenset[str]) -> bool:
+    """Whether serving the cached question `served` for `asked` is right: a labelled paraphrase,
+    or this very question cached from another pair (velo.core.verifier.same_question)."""
+    return served in right or (served is not None and same_question(asked, served))
 
 
 def build_queries(pairs: list[Pair], vectors, dim: int, value: float, seed: int,

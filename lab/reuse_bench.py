@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.pairs import Pair, error_at_hit_rate, load_pairs
+from lab.pairs import Pair, error_at_hit_rate, load_pairs, served_right
 from lab.verifier import (
     DELTAS,
     SizeRun,
@@ -44,7 +44,7 @@ from lab.verifier import (
     train_verifier,
     with_thresholds,
 )
-from velo.core.verifier import OnnxVerifier, content_stems, pair_features, same_question
+from velo.core.verifier import OnnxVerifier, content_stems, pair_features
 
 TOP_P = 5  # cached questions the verifier scores per request, as on the edge
 SHARES = (0.6, 0.2, 0.2)  # train, calibration, test
@@ -144,11 +144,8 @@ class Scored:
     verifier_row: str | None
 
     def wrong(self, rule: str) -> bool:
-        """Served another question's answer: neither a labelled paraphrase nor this very
-        question cached from another pair (velo.core.verifier.same_question)."""
-        served = self.cosine_row if rule == "cosine" else self.verifier_row
-        return served not in self.right and not (served is not None
-                                                 and same_question(self.asked, served))
+        return not served_right(self.asked, self.cosine_row if rule == "cosine"
+                                else self.verifier_row, self.right)
 
     def score(self, rule: str) -> float:
         return self.cosine if rule == "cosine" else self.p_same
