@@ -6,9 +6,8 @@
   depend on how many others run beside it (a simplification: in vLLM a fuller batch is
   somewhat slower per request, which would only steepen the effect of load).
 - Requests reach the edges at the times of the Azure LLM conversation trace (one hour of real
-  arrivals, bursty: the count per 10 s varies by 27 %), its gaps scaled so that the cloud's
-  *offered* utilisation, were every request forwarded once, is `utilisation`:
-  rate = utilisation * slots / mean service time. Reuses lower the load the cloud really sees.
+  arrivals, bursty: the count per 10 s varies by 27 %), its gaps scaled to the arrival rate
+  the simulator asks for (lab.sim.SimConfig.utilisation says how it is chosen).
 - What an edge sees (velo.core.load): the cloud's estimated wait from its queue, exactly as cloudd
   computes and reports it, and its own recent forward latency, updated when an answer of its
   comes back (not when it was sent).
@@ -45,10 +44,10 @@ class Arrivals:
 
     def __init__(self, gaps: np.ndarray, rate: float) -> None:
         self.gaps = gaps * (1.0 / gaps.mean()) / rate if rate > 0 else None
-        self.index, self.now = 0, 0.0
+        self.index, self.now, self.count = 0, 0.0, 0
 
     def reset(self, rng: np.random.Generator) -> None:
-        self.now = 0.0
+        self.now, self.count = 0.0, 0
         self.index = int(rng.integers(len(self.gaps))) if self.gaps is not None else 0
 
     def next(self) -> float:
@@ -59,6 +58,7 @@ class Arrivals:
         else:
             self.now += float(self.gaps[self.index % len(self.gaps)])
             self.index += 1
+        self.count += 1
         return self.now
 
 
@@ -75,11 +75,13 @@ class SharedCloud:
     def reset(self) -> None:
         self.free_at = [0.0] * self.slots  # heap: when each slot finishes its last request
         self.jobs: list[tuple[float, float]] = []  # (start, end) of requests not yet done
+        self.requests, self.busy_s = 0, 0.0  # submitted so far, and their service time
 
     def copy(self) -> SharedCloud:
         twin = SharedCloud.__new__(SharedCloud)
         twin.slots, twin.mean_service_s = self.slots, self.mean_service_s
         twin.free_at, twin.jobs = list(self.free_at), list(self.jobs)
+        twin.requests, twin.busy_s = self.requests, self.busy_s
         return twin
 
     def wait_at(self, t: float) -> float:
@@ -91,6 +93,8 @@ class SharedCloud:
         start = max(t, heapq.heappop(self.free_at))
         heapq.heappush(self.free_at, start + service_s)
         self.jobs.append((start, start + service_s))
+        self.requests += 1
+        self.busy_s += service_s
         return start - t
 
     def estimated_wait(self, t: float) -> float:

@@ -87,9 +87,15 @@ class SimConfig:
     # another question (a false hit, or C parroting a wrong context). 0: eq. 2's reward alone,
     # the paper's. 1.0 makes a wrong answer cost as much as 10 s of delay at w = 0.1.
     false_hit_penalty: float = 0.0
-    # The cloud's load (lab.cloud): offered utilisation were every request forwarded once
-    # (0: an unloaded cloud, every delay a fresh draw, as the paper simulates) and its slots.
+    # The cloud's load (lab.cloud): its mean utilisation when the edges send it
+    # `cloud_per_arrival` requests per arrival of the trace (forwards and augments of every
+    # edge); the arrival rate is utilisation * slots / (mean service time * cloud_per_arrival).
+    # 0: an unloaded cloud, every delay a fresh draw, as the paper simulates. cloud_per_arrival
+    # 1 is "every request forwarded once"; lab.under_load sets what the hindsight Oracle sends
+    # on an idle cloud, so that a cache that forwards only what it must loads the cloud by
+    # `utilisation` (a cache that reuses less loads it more).
     utilisation: float = 0.0
+    cloud_per_arrival: float = 1.0
     cloud_slots: int = 8  # concurrent LLM requests (a vLLM batch)
     # Edges that differ (all-edges mode, paper §II): edge n's compute time is edge_speeds[n]
     # times the calibrated one, and its round trip to the cloud edge_rtts_s[n]; () : all alike.
@@ -194,7 +200,11 @@ class SimEnv:
         if cfg.utilisation > 0:
             if trace_path is None:
                 raise ValueError("utilisation > 0 needs the arrival trace (trace_path)")
-            rate = cfg.utilisation * cfg.cloud_slots / float(self.latencies.mean())
+            if cfg.cloud_per_arrival <= 0:
+                raise ValueError("cloud_per_arrival must be > 0, not "
+                                 f"{cfg.cloud_per_arrival}")
+            rate = cfg.utilisation * cfg.cloud_slots / (float(self.latencies.mean())
+                                                        * cfg.cloud_per_arrival)
         self.clock = Arrivals(trace_gaps(trace_path) if rate and trace_path else np.ones(1), rate)
         self.links = [EdgeLink() for _ in range(cfg.edges)]
         self.rng = np.random.default_rng(cfg.seed)
@@ -236,6 +246,15 @@ class SimEnv:
             cache.clear()
             pairs.clear()
         return self.observe()
+
+    def cloud_load(self) -> tuple[float, float]:
+        """Since the last reset: the cloud's requests per arrival of the trace, and its
+        utilisation (service time of those requests over its slots' time; 0 when unloaded)."""
+        waiting = len(self.arrivals) if self.cfg.mode != "all" else 1  # drawn, not yet served
+        arrivals = max(self.clock.count - waiting, 1)
+        utilisation = (self.cloud.busy_s / (self.cfg.cloud_slots * self.clock.now)
+                       if self.cfg.utilisation > 0 and self.clock.now > 0 else 0.0)
+        return self.cloud.requests / arrivals, utilisation
 
     def observe(self) -> list[EdgeState]:
         """Draw this step's requests and build each edge's state (its edge time is measured)."""

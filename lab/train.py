@@ -44,6 +44,7 @@ class Metrics:
     actions: list[Action] = field(default_factory=list)
     false_hits: int = 0
     reusable: int = 0  # requests where A would have served the right answer
+    cloud: tuple[float, float] = (0.0, 0.0)  # SimEnv.cloud_load(): requests per arrival, util.
 
     def add(self, result: StepResult) -> None:
         edges = [result.served] if result.served >= 0 else range(len(result.outcomes))
@@ -59,7 +60,8 @@ class Metrics:
     def summary(self) -> dict[str, float]:
         """Reward, q, d, LLM direct-request frequency, hit rate, false-hit rate (SPEC §5), and
         the precision and recall of A (recall: right reuses over the requests where the
-        selected cached row answered the question) and the share of requests sent to the LLM."""
+        selected cached row answered the question), the share of requests sent to the LLM, and
+        what the cloud carried (every edge's requests per arrival, and its utilisation)."""
         count = len(self.actions)
         reuses = sum(a is Action.REUSE for a in self.actions)
         right = reuses - self.false_hits
@@ -72,6 +74,7 @@ class Metrics:
             "precision": right / reuses if reuses else 1.0,
             "recall": right / self.reusable if self.reusable else 1.0,
             "cloud_calls": 1.0 - reuses / count,
+            "cloud_per_arrival": self.cloud[0], "cloud_util": self.cloud[1],
         }
 
 
@@ -205,6 +208,7 @@ def play(env: SimEnv, policy: Policy | Oracle, steps: int, seed: int,
             for a, o in zip(result.actions, result.outcomes, strict=True):
                 policy.observe(a, o.q, o.d)
         metrics.add(result)
+    metrics.cloud = env.cloud_load()
     return metrics
 
 
