@@ -333,3 +333,42 @@ def test_stop_is_quick_and_a_restart_keeps_flushed_data(milvus) -> None:
     assert sorted(row["id"] for row in found) == list(range(20))
     assert [float(x) for x in next(r for r in found if r["id"] == 7)["vector"]] == rows[7]["vector"]
     assert stop_s < 5, f"stop took {stop_s:.1f} s"
+
+
+@pytest.mark.slow
+def test_a_start_whose_server_dies_of_a_signal_is_tried_again(tmp_path: Path) -> None:
+    """Seen once in CI: a restart right after a stop aborted at once (SIGABRT, empty log), and
+    every later test that needed the server failed. Here the server is killed with SIGABRT
+    as soon as it is launched: start() launches it again and returns a server that serves."""
+    import signal
+    import threading
+
+    from pymilvus import MilvusClient
+
+    server = EmbeddedMilvus(tmp_path)
+    killed: list[int] = []
+
+    def kill_the_first_launch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            proc = getattr(server._server, "server_proc", None)
+            if proc is not None:
+                os.kill(proc.pid, signal.SIGABRT)
+                killed.append(proc.pid)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_the_first_launch)
+    killer.start()
+    try:
+        server.start()
+        killer.join()
+        assert killed and server.pid not in killed
+        client = MilvusClient(uri=server.uri, token=server.token)
+        try:
+            assert client.list_collections() == []
+        finally:
+            client.close()
+    finally:
+        killer.join()
+        server.stop()

@@ -57,6 +57,14 @@ TOKEN_FILE = "root.token"
 # Inside a private network namespace every port is free: Milvus's defaults.
 INNER_API_PORT, INNER_WEBSERVICE_PORT = 19530, 9091
 RELAY_START_TIMEOUT_S = 30.0
+# A start whose server dies of a signal is tried again, after a pause: seen once in CI, a
+# restart right after a stop aborted at once (SIGABRT, empty log), and every later test that
+# needed that server failed. An exit with a code (a bad config, a taken port) is not retried.
+START_ATTEMPTS, CRASH_PAUSE_S = 3, 2.0
+
+
+class _Crashed(RuntimeError):
+    """The server process died of a signal while starting."""
 
 
 def reserve_port(port: int) -> socket.socket | None:
@@ -147,18 +155,17 @@ class EmbeddedMilvus:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout_s
         try:
-            if self.private_network:
-                self._start_relay()
-            self._server = server = self._new_server()
-            log.info("starting milvus", data_dir=str(self.data_dir), private_network=self.private)
-            if self._relay is not None:
-                self._launch_inside(server, self._relay.pid)
-            else:
-                server.start()  # writes the config: ports are resolved now
-                # A pinned port taken since the check above fails in server.start(); a picked
-                # one may have moved to the next free port: report the one Milvus reads.
-                self.port = server.listen_port
-            self._wait_ready(server, timeout_s)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    server = self._launch(deadline)
+                    break
+                except _Crashed as exc:
+                    self.stop()
+                    if attempt == START_ATTEMPTS or time.monotonic() > deadline:
+                        raise
+                    log.warning("milvus died of a signal while starting; starting it again",
+                                attempt=attempt, error=str(exc))
+                    time.sleep(CRASH_PAUSE_S)
             if self.auth:
                 self.token = self._secure(deadline)
         except BaseException:
@@ -167,6 +174,22 @@ class EmbeddedMilvus:
         self._pin_port = True
         log.info("milvus ready", uri=self.uri, pid=server.server_proc.pid)
         return self
+
+    def _launch(self, deadline: float) -> MilvusServer:
+        """Start the relay (if any) and the server, and wait until /healthz says OK."""
+        if self.private_network:
+            self._start_relay()
+        self._server = server = self._new_server()
+        log.info("starting milvus", data_dir=str(self.data_dir), private_network=self.private)
+        if self._relay is not None:
+            self._launch_inside(server, self._relay.pid)
+        else:
+            server.start()  # writes the config: ports are resolved now
+            # A pinned port taken since the check above fails in server.start(); a picked
+            # one may have moved to the next free port: report the one Milvus reads.
+            self.port = server.listen_port
+        self._wait_ready(server, max(deadline - time.monotonic(), 1.0))
+        return server
 
     def _new_server(self) -> MilvusServer:
         """The package's server, configured but not started (start() writes its config)."""
@@ -300,8 +323,10 @@ class EmbeddedMilvus:
                     " Without a private network only one embedded Milvus can run per machine "
                     "(its etcd listens on the fixed ports 2379 and 2380); to share one, pass its "
                     "URI instead.")
-                raise RuntimeError(f"Milvus exited with {server.server_proc.returncode} while "
-                                   f"starting.{shared} Log tail:\n{self._log_tail()}")
+                code = server.server_proc.returncode
+                error = _Crashed if code < 0 else RuntimeError
+                raise error(f"Milvus exited with {code} while starting.{shared} Log tail:\n"
+                            f"{self._log_tail()}")
             if self._relay is not None and self._relay.poll() is not None:
                 raise RuntimeError(f"the relay to Milvus's private network exited with "
                                    f"{self._relay.returncode}")
