@@ -194,7 +194,7 @@ def test_an_edge_started_on_another_data_folder_stops_and_leaves_the_cache_whole
 
     elsewhere = tmp_path / "elsewhere" / "texts.db"
     for _ in range(2):
-        with pytest.raises(ConfigError, match="data_dir.*holds 6 rows"):
+        with pytest.raises(ConfigError, match=r"data_dir.*holds 6 rows"):
             VectorCache(cfg, name, DIM, texts_path=elsewhere).open()
         assert not elsewhere.exists()
 
