@@ -174,40 +174,6 @@ def test_a_collection_with_texts_on_its_rows_keeps_serving_them(milvus, tmp_path
         cache.close()
 
 
-def test_an_edge_started_on_another_data_folder_stops_and_leaves_the_cache_whole(
-        milvus, tmp_path: Path) -> None:
-    """A new texts file beside a collection that holds rows is a misdirected data_dir (a
-    relative path read from another working directory), not a lost store: the edge used to
-    delete every row as an orphan. Now the start stops with an error naming data_dir, every
-    time (it leaves no empty store behind), and the right folder serves the rows as before."""
-    from velo.runtime.config import ConfigError
-
-    rng = np.random.default_rng(12)
-    vecs = unit(rng, 6)
-    name = f"tx_{uuid.uuid4().hex[:8]}"
-    cfg = VectorDBConfig(uri=milvus.uri, token=milvus.token)
-    cache = VectorCache(cfg, name, DIM, texts_path=tmp_path / "right" / "texts.db")
-    cache.open()
-    for n in range(3):
-        cache.insert_pair("t", f"question {n}", f"answer {n}", vecs[2 * n], vecs[2 * n + 1], 0.0)
-    cache.close()
-
-    elsewhere = tmp_path / "elsewhere" / "texts.db"
-    for _ in range(2):
-        with pytest.raises(ConfigError, match=r"data_dir.*holds 6 rows"):
-            VectorCache(cfg, name, DIM, texts_path=elsewhere).open()
-        assert not elsewhere.exists()
-
-    reopened = VectorCache(cfg, name, DIM, texts_path=tmp_path / "right" / "texts.db")
-    reopened.open()
-    try:
-        assert reopened.removed_without_texts == 0 and reopened.count() == 6
-        assert [r.answer for r in reopened.search(vecs[3], "t", 1)] == ["answer 1"]
-    finally:
-        reopened.drop()
-        reopened.close()
-
-
 @pytest.mark.parametrize("damage", ["truncated to half", "truncated to nothing"])
 def test_a_damaged_texts_store_is_set_aside_and_its_orphan_rows_removed(
         milvus, tmp_path: Path, damage: str) -> None:

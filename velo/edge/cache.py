@@ -50,7 +50,7 @@ from velo.core.shape import AnswerFacts
 from velo.core.state import ANSWER, QUESTION, CachedRow
 from velo.edge.index import RowIndex
 from velo.edge.texts import MEMORY, Entry, TextStore
-from velo.runtime.config import ConfigError, require
+from velo.runtime.config import require
 from velo.runtime.logs import get_logger
 
 log = get_logger("velo.cache")
@@ -147,7 +147,6 @@ class VectorCache:
         if self._text_fields:
             self._copy_texts_out()
         else:
-            self._refuse_a_foreign_collection()
             self.removed_without_texts = self._remove_rows_without_texts()
         self._backfill_scopes()
         self.reload_index()
@@ -213,30 +212,6 @@ class VectorCache:
         for scope, rows in by_scope.items():
             index.add(scope, rows)
         return sum(len(rows) for rows in by_scope.values())
-
-    def _refuse_a_foreign_collection(self) -> None:
-        """A texts file created just now beside a collection that holds rows: this edge was
-        started on another data folder than the one that wrote them (a relative `data_dir`
-        read from another working directory, a new disk), or its file was deleted. Removing
-        the rows as orphans would wipe the cache; nothing is changed and the start stops."""
-        store = self.texts
-        assert store is not None
-        if not store.created or store.path == MEMORY:
-            return
-        rows = self.count()
-        if rows:
-            # Leave no empty store behind: the next start would take it for a lost one.
-            path, self.texts = store.path, None
-            store.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(path + suffix).unlink(missing_ok=True)
-            raise ConfigError(
-                f"data_dir: the Milvus collection {self.collection!r} holds {rows} rows, but "
-                f"this edge has no texts file for them ({path} did not exist), so "
-                "it cannot serve them and would delete them. Nothing was changed. Point "
-                "`data_dir` at the folder that wrote them; to start this edge with an empty "
-                "cache instead, name a new collection (`vector_db.collection`) or drop this "
-                "one")
 
     def _remove_rows_without_texts(self) -> int:
         """Rows whose pair has no texts (the store was lost, damaged or truncated) can never be

@@ -106,9 +106,6 @@ class TextStore:
         if str(path) != MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        # No file was there: a new store, not one that lost its pairs (VectorCache.open tells
-        # a misdirected data_dir from a lost store by it).
-        self.created = str(path) == MEMORY or not Path(path).exists()
         self._lock = threading.Lock()  # one connection, shared by the search threads
         self.quarantined: Path | None = None
         try:
