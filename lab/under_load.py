@@ -89,8 +89,8 @@ def loaded_env(case: Case, items: list, edge_s: float, latencies: Path, trace: P
     forwarding what the Oracle forwards keep the cloud at `case.utilisation` on average, and a
     policy that reuses less loads it more. Scaled instead as if every request were forwarded
     once (until 2026-12-07), the cloud carried well under the nominal load in nearest-edge mode,
-    where a cache answers about 2/3 of the requests (the tuned Cache-θ: 0.60 at a nominal 0.9,
-    0.79 at 1.2), and more than it in all-edges mode, where several edges may forward the
+    where a cache answers about 2/3 of the requests (Cache-0.7: 0.60 at a nominal 0.9, 0.79
+    at 1.2), and more than it in all-edges mode, where several edges may forward the
     same request (the Oracle alone sends 1.3 requests per arrival on oasst1)."""
     from lab.experiment import _embedder
 
