@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ class Query:
         return served_right(self.text, self.served[rule], self.right)
 
 
-def served_right(asked: str, served: str | None, right: frozenset[str]) -> bool:
+def served_right(asked: str, served: str | None, right: AbstractSet[str]) -> bool:
     """Whether serving the cached question `served` for `asked` is right: a labelled paraphrase,
     or this very question cached from another pair (velo.core.verifier.same_question)."""
     return served in right or (served is not None and same_question(asked, served))

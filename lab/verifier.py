@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lab.memory_cache import MemoryCache
-from lab.pairs import Pair, components, wilson_upper
-from velo.core.verifier import FEATURES, pair_features, same_question
+from lab.pairs import Pair, components, served_right, wilson_upper
+from velo.core.verifier import FEATURES, pair_features
 
 TENANT = "verify"
 
@@ -71,8 +71,7 @@ def candidate_examples(pairs: list[Pair], vectors, dim: int, k: int,
     for b in sorted({p.b for p in pairs}):
         for row in cache.search(vectors[b], TENANT, k):
             features.append(pair_features(b, row.question, row.similarity))
-            labels.append(float(row.question in right.get(b, ())
-                                or same_question(b, row.question)))
+            labels.append(float(served_right(b, row.question, right.get(b, set()))))
     return np.stack(features), np.asarray(labels, np.float32)
 
 

@@ -188,7 +188,7 @@ class EmbeddedMilvus:
             # A pinned port taken since the check above fails in server.start(); a picked
             # one may have moved to the next free port: report the one Milvus reads.
             self.port = server.listen_port
-        self._wait_ready(server, max(deadline - time.monotonic(), 1.0))
+        self._wait_ready(server, self._left(deadline))
         return server
 
     def _new_server(self) -> MilvusServer:
