@@ -174,6 +174,53 @@ def test_a_collection_with_texts_on_its_rows_keeps_serving_them(milvus, tmp_path
         cache.close()
 
 
+def test_an_edge_started_on_another_data_folder_sets_the_cache_aside_instead_of_wiping_it(
+        milvus, tmp_path: Path) -> None:
+    """A new texts file beside a collection that holds rows is another data folder (a relative
+    data_dir read from another working directory, a second stack on the same Milvus), not a
+    lost store: the edge used to delete every row as an orphan. Now it renames the collection
+    aside and starts empty; renamed back, the rows serve again from the folder that wrote
+    them."""
+    rng = np.random.default_rng(12)
+    vecs = unit(rng, 6)
+    name = f"tx_{uuid.uuid4().hex[:8]}"
+    cfg = VectorDBConfig(uri=milvus.uri, token=milvus.token)
+    right = tmp_path / "right" / "texts.db"
+    cache = VectorCache(cfg, name, DIM, texts_path=right)
+    cache.open()
+    for n in range(3):
+        cache.insert_pair("t", f"question {n}", f"answer {n}", vecs[2 * n], vecs[2 * n + 1], 0.0)
+    cache.close()
+
+    elsewhere = VectorCache(cfg, name, DIM, texts_path=tmp_path / "elsewhere" / "texts.db")
+    elsewhere.open()
+    client = MilvusClient(uri=milvus.uri, token=milvus.token)
+    try:
+        assert elsewhere.set_aside.startswith(f"{name}_aside_")
+        assert elsewhere.removed_without_texts == 0 and elsewhere.count() == 0
+        assert elsewhere.search(vecs[3], "t", 1) == []
+        elsewhere.insert_pair("t", "its own", "answer", vecs[0], vecs[1], 0.0)
+        elsewhere.drop()
+        elsewhere.close()
+        client.load_collection(elsewhere.set_aside)  # set aside released
+        (held,) = client.query(elsewhere.set_aside, filter="id >= 0",
+                               output_fields=["count(*)"], consistency_level="Strong")
+        assert held["count(*)"] == 6
+        client.rename_collection(elsewhere.set_aside, name)
+    finally:
+        client.close()
+
+    reopened = VectorCache(cfg, name, DIM, texts_path=right)
+    reopened.open()
+    try:
+        assert reopened.set_aside == "" and reopened.removed_without_texts == 0
+        assert reopened.count() == 6
+        assert [r.answer for r in reopened.search(vecs[3], "t", 1)] == ["answer 1"]
+    finally:
+        reopened.drop()
+        reopened.close()
+
+
 @pytest.mark.parametrize("damage", ["truncated to half", "truncated to nothing"])
 def test_a_damaged_texts_store_is_set_aside_and_its_orphan_rows_removed(
         milvus, tmp_path: Path, damage: str) -> None:

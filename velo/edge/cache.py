@@ -115,6 +115,7 @@ class VectorCache:
         self.client: MilvusClient | None = None
         self.texts: TextStore | None = None
         self.removed_without_texts = 0  # rows removed at open: their texts were gone
+        self.set_aside = ""  # the collection renamed aside at open (another data folder's)
         # Told the ids of pairs that have no row left (evicted or deleted), from the thread
         # that removed them: what keeps state per pair (edged's per-row thresholds) forgets.
         self.pairs_gone: Callable[[list[int]], None] | None = None
@@ -138,15 +139,12 @@ class VectorCache:
             self._create()
         fields = self.client.describe_collection(self.collection)["fields"]
         self._text_fields = any(f["name"] == "question" for f in fields)
-        self.client.load_collection(self.collection)
-        # Before reporting ready: wait until Milvus has caught up with every write made before
-        # now (a Strong read; ~20 s on a fresh collection), so that rows written by this edge
-        # before a restart are visible to the Bounded searches that follow.
-        self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
-                           consistency_level="Strong")
+        self._load()
         if self._text_fields:
             self._copy_texts_out()
         else:
+            if self.texts.created and self.count():
+                self._set_aside()
             self.removed_without_texts = self._remove_rows_without_texts()
         self._backfill_scopes()
         self.reload_index()
@@ -212,6 +210,36 @@ class VectorCache:
         for scope, rows in by_scope.items():
             index.add(scope, rows)
         return sum(len(rows) for rows in by_scope.values())
+
+    def _load(self) -> None:
+        assert self.client is not None  # open() connected
+        self.client.load_collection(self.collection)
+        # Before reporting ready: wait until Milvus has caught up with every write made before
+        # now (a Strong read; ~20 s on a fresh collection), so that rows written by this edge
+        # before a restart are visible to the Bounded searches that follow.
+        self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
+                           consistency_level="Strong")
+
+    def _set_aside(self) -> None:
+        """A texts file created at this start beside a collection that holds rows: they were
+        written by an edge with another data folder (a relative `data_dir` read from another
+        working directory, a new disk, a second stack on the same Milvus). This edge cannot
+        serve them, and removing them as orphans (as for a lost store) would wipe that cache
+        for good: the collection is renamed aside, released (kept on Milvus's disk, out of its
+        memory), and this edge starts on a new, empty one."""
+        assert self.client is not None
+        aside = f"{self.collection}_aside_{time.strftime('%Y%m%d%H%M%S')}_{secrets.token_hex(2)}"
+        rows = self.count()
+        self.client.release_collection(self.collection)
+        self.client.rename_collection(self.collection, aside)
+        log.warning("this edge's data folder has no texts for the rows of its collection: "
+                    "the collection was set aside and the edge starts with an empty cache "
+                    "(docs/operating.md, 'The texts file and the collection')",
+                    collection=self.collection, set_aside_as=aside, rows=rows,
+                    texts=self.texts.path if self.texts else "")
+        self.set_aside = aside
+        self._create()
+        self._load()
 
     def _remove_rows_without_texts(self) -> int:
         """Rows whose pair has no texts (the store was lost, damaged or truncated) can never be
