@@ -143,7 +143,7 @@ class VectorCache:
         if self._text_fields:
             self._copy_texts_out()
         else:
-            if self.texts.created and self.count():
+            if self._another_folders_rows():
                 self._set_aside()
             self.removed_without_texts = self._remove_rows_without_texts()
         self._backfill_scopes()
@@ -220,13 +220,22 @@ class VectorCache:
         self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
                            consistency_level="Strong")
 
+    def _another_folders_rows(self) -> bool:
+        """A texts file that holds no pair, undamaged, beside a collection that holds rows:
+        they were written by an edge with another data folder (a relative `data_dir` read from
+        another working directory, a new disk, a second stack on the same Milvus). New or
+        empty alike: a start that failed after creating the file (Milvus not up yet at boot)
+        leaves an empty one. A damaged file (set aside, so this store starts empty) or one
+        that holds fewer pairs than the collection lost texts: its rows are orphans."""
+        assert self.texts is not None
+        return (self.texts.path != MEMORY and self.texts.quarantined is None
+                and self.texts.count() == 0 and self.count() > 0)
+
     def _set_aside(self) -> None:
-        """A texts file created at this start beside a collection that holds rows: they were
-        written by an edge with another data folder (a relative `data_dir` read from another
-        working directory, a new disk, a second stack on the same Milvus). This edge cannot
-        serve them, and removing them as orphans (as for a lost store) would wipe that cache
-        for good: the collection is renamed aside, released (kept on Milvus's disk, out of its
-        memory), and this edge starts on a new, empty one."""
+        """Another data folder's rows (`_another_folders_rows`): this edge cannot serve them,
+        and removing them as orphans would wipe that cache for good. The collection is renamed
+        aside, released (kept on Milvus's disk, out of its memory), and this edge starts on a
+        new, empty one."""
         assert self.client is not None
         aside = f"{self.collection}_aside_{time.strftime('%Y%m%d%H%M%S')}_{secrets.token_hex(2)}"
         rows = self.count()

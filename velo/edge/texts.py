@@ -106,9 +106,6 @@ class TextStore:
         if str(path) != MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        # No file was there: a new store, not one that lost its pairs (VectorCache.open tells
-        # an edge started on another data folder from a lost store by it).
-        self.created = self.path != MEMORY and not Path(path).exists()
         self._lock = threading.Lock()  # one connection, shared by the search threads
         self.quarantined: Path | None = None
         try:
