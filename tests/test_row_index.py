@@ -269,7 +269,8 @@ def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(
     """Another client (an operator's tool) inserts a pair into the edge's collection and
     deletes one of the edge's: the periodic sync adds the one and drops the other, and leaves
     the edge's own fresh writes alone (an insert, a bulk import) although a Bounded scan may
-    not see them yet."""
+    not see them yet. The counts stay alike here: the sync's every-FULL_SYNC_EVERY-th scan
+    finds the change."""
     # Rows younger than this are never taken as deleted elsewhere; 6 s outlasts Milvus's
     # Bounded staleness (5 s) and keeps the test short.
     monkeypatch.setattr(velo.edge.cache, "RECENT_S", 6.0)
@@ -301,3 +302,35 @@ def test_rows_other_clients_write_or_delete_reach_the_index_at_its_next_sync(
     assert {r.answer for r in c.search(vecs[0], "t", 10)} == {"written answer", "fresh answer",
                                                              "imported answer"}
     assert c.index.row_ids() == milvus_ids(c)
+
+
+def test_a_sync_scans_the_rows_only_when_the_counts_differ_or_its_turn_comes(
+        cache, monkeypatch) -> None:
+    """Scanning every row id takes seconds at 10^6 rows, once a minute: a sync first compares
+    row counts (milliseconds). Nothing changed: no scan. Another client's insert: the counts
+    differ and the very next sync adds the row. Every FULL_SYNC_EVERY-th sync scans anyway (an
+    insert and a delete elsewhere leave the counts alike)."""
+    c = cache()
+    rng = np.random.default_rng(9)
+    vecs = unit(rng, 4)
+    c.insert_pair("t", "mine", "my answer", vecs[0], vecs[1], 0.0)
+    scans = []
+    scan = c._scan
+    monkeypatch.setattr(c, "_scan", lambda: scans.append(1) or scan())
+    monkeypatch.setattr(velo.edge.cache, "FULL_SYNC_EVERY", 3)
+    assert [c.sync_index() for _ in range(2)] == [(0, 0), (0, 0)] and scans == []
+    assert c.sync_index() == (0, 0) and scans == [1]  # its turn
+
+    other = VectorCache(VectorDBConfig(uri=c.cfg.uri, token=c.cfg.token, in_process_index=False),
+                        c.collection, DIM, texts_path=c.texts_path)
+    other.open()
+    other.insert_pair("t", "written elsewhere", "written answer", vecs[2], vecs[3], 0.0)
+    other.close()
+    added = 0
+    for _ in range(20):  # the scan reads Bounded: it may miss the row for a few seconds
+        added += c.sync_index()[0]
+        if added:
+            break
+        time.sleep(0.5)
+    assert added == 2 and len(scans) >= 2
+    assert [r.answer for r in c.search(vecs[2], "t", 1)] == ["written answer"]
