@@ -149,8 +149,8 @@ class VectorCache:
         if self._text_fields:
             self._copy_texts_out()
         else:
-            if self._another_folders_rows():
-                self._set_aside()
+            if foreign := self._another_folders_rows():
+                self._set_aside(foreign)
             self.removed_without_texts = self._remove_rows_without_texts()
         self._backfill_scopes()
         self.reload_index()
@@ -210,11 +210,9 @@ class VectorCache:
         """Milvus holds (Strong: every write made so far) as many rows as the index, which did
         not change meanwhile. This edge writes Milvus, then the index, under the write lock, so
         a write in between makes them differ."""
-        assert self.index is not None and self.client is not None
+        assert self.index is not None
         before = len(self.index)
-        (res,) = self.client.query(self.collection, filter="id >= 0", output_fields=["count(*)"],
-                                   consistency_level="Strong", timeout=self.cfg.timeout_s)
-        return before == int(res["count(*)"]) == len(self.index)
+        return before == self.count(consistency="Strong") == len(self.index)
 
     def _index_rows(self, index: RowIndex, found: list[dict[str, Any]]) -> int:
         """Add rows read from Milvus to `index`, but those that cannot be served: deleted by
@@ -240,25 +238,26 @@ class VectorCache:
         self.client.search(self.collection, data=[[0.0] * self.dim], limit=1,
                            consistency_level="Strong")
 
-    def _another_folders_rows(self) -> bool:
-        """A texts file that holds no pair, undamaged, beside a collection that holds rows:
-        they were written by an edge with another data folder (a relative `data_dir` read from
-        another working directory, a new disk, a second stack on the same Milvus). New or
-        empty alike: a start that failed after creating the file (Milvus not up yet at boot)
-        leaves an empty one. A damaged file (set aside, so this store starts empty) or one
-        that holds fewer pairs than the collection lost texts: its rows are orphans."""
+    def _another_folders_rows(self) -> int:
+        """The collection's rows when this edge's texts file holds no pair and is undamaged,
+        else 0. Such rows were written by an edge with another data folder (a relative
+        `data_dir` read from another working directory, a new disk, a second stack on the same
+        Milvus). New or empty alike: a start that failed after creating the file (Milvus not up
+        yet at boot) leaves an empty one. A damaged file (set aside, so this store starts
+        empty) or one that holds fewer pairs than the collection lost texts: its rows are
+        orphans."""
         assert self.texts is not None
-        return (self.texts.path != MEMORY and self.texts.quarantined is None
-                and self.texts.count() == 0 and self.count() > 0)
+        if self.texts.path == MEMORY or self.texts.quarantined or self.texts.count():
+            return 0
+        return self.count()
 
-    def _set_aside(self) -> None:
+    def _set_aside(self, rows: int) -> None:
         """Another data folder's rows (`_another_folders_rows`): this edge cannot serve them,
         and removing them as orphans would wipe that cache for good. The collection is renamed
         aside, released (kept on Milvus's disk, out of its memory), and this edge starts on a
         new, empty one."""
         assert self.client is not None
         aside = f"{self.collection}_aside_{time.strftime('%Y%m%d%H%M%S')}_{secrets.token_hex(2)}"
-        rows = self.count()
         self.client.release_collection(self.collection)
         self.client.rename_collection(self.collection, aside)
         log.warning("this edge's data folder has no texts for the rows of its collection: "
@@ -493,11 +492,12 @@ class VectorCache:
                     rows.setdefault(row.pair_id, []).append(row)
         return rows
 
-    def count(self) -> int:
-        """Rows held by this edge (Bounded: may lag the last few seconds of writes)."""
+    def count(self, consistency: str = CONSISTENCY) -> int:
+        """Rows held by this edge (Bounded by default: may lag the last few seconds of writes;
+        "Strong": every write made so far)."""
         assert self.client is not None  # open() first
         (res,) = self.client.query(self.collection, filter="id >= 0", output_fields=["count(*)"],
-                                   consistency_level=CONSISTENCY, timeout=self.cfg.timeout_s)
+                                   consistency_level=consistency, timeout=self.cfg.timeout_s)
         return int(res["count(*)"])
 
     # -- writes -----------------------------------------------------------------------------
