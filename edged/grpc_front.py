@@ -126,7 +126,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                        context: grpc.aio.ServicerContext) -> edge_pb2.EdgeStats:
         edge = self.edge
         try:
-            rows = await asyncio.wait_for(asyncio.to_thread(edge.cache.count), 5)
+            async with asyncio.timeout(5):
+                rows = await asyncio.to_thread(edge.cache.count)
         except Exception:
             rows = -1  # the vector DB is down; the rest of the stats still matter
         counts: dict[str, Any] = {key: value for key, value in edge.stats(rows).items()

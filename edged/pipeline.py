@@ -542,8 +542,9 @@ class EdgePipeline:
     async def eviction_loop(self, period_s: float = 60.0) -> None:
         """Every xi requests: below-mean eviction; every `period_s` anyway: cap and TTL."""
         while True:
-            try:
-                await asyncio.wait_for(self.eviction_due.wait(), timeout=period_s)
+            try:  # asyncio.timeout: wait_for (3.11) loses a cancel as the event is set
+                async with asyncio.timeout(period_s):
+                    await self.eviction_due.wait()
                 below_mean = True
             except TimeoutError:
                 below_mean = False

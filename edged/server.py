@@ -232,7 +232,8 @@ class Edged(Daemon):
         probe = self._vector_db_probe = asyncio.get_running_loop().run_in_executor(
             self._probe_thread, self.cache.ping, 2.0, reconnect)
         try:
-            problem = await asyncio.wait_for(asyncio.shield(probe), timeout=3.0)
+            async with asyncio.timeout(3.0):  # not wait_for: it can lose a cancel (3.11)
+                problem = await asyncio.shield(probe)
         except TimeoutError:
             self._vector_db_slow += 1
             if self._vector_db_slow < 2:

@@ -72,8 +72,11 @@ class ExperienceUploader:
                 pending = await asyncio.to_thread(self.spool.pending, self.batch)
                 if not pending:
                     self._wake.clear()
+                    # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that
+                    # comes as the event is set, and this loop would then never stop.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                        async with asyncio.timeout(1.0):
+                            await self._wake.wait()
                     continue
                 await self._upload(pending)
                 await self.report(TRAINER, True, "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -74,7 +75,14 @@ async def running(daemon) -> AsyncIterator[object]:
     try:
         yield daemon
     finally:
-        await daemon.shutdown()
+        # Bounded as velo's daemons bound it (Daemon._bounded_shutdown), with room to spare:
+        # a stuck shutdown fails here, named, instead of hanging until pytest's timeout.
+        limit = daemon.shutdown_grace_s + 30
+        try:
+            async with asyncio.timeout(limit):
+                await daemon.shutdown()
+        except TimeoutError:
+            pytest.fail(f"{daemon.name} did not shut down within {limit:.0f} s")
 
 
 @asynccontextmanager

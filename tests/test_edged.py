@@ -465,6 +465,26 @@ async def test_a_record_trainerd_refuses_is_dropped_without_blocking_the_rest(
         assert [r.action for r in trainer.store.read("e1")] == [1, 2]
 
 
+async def test_the_uploader_stops_when_cancelled_as_new_experience_wakes_it(
+        tmp_path: Path) -> None:
+    """The uploader idles on its wake event; a cancel that comes as a record wakes it (the
+    shutdown, while requests still spool) ends it. Python 3.11's asyncio.wait_for lost that
+    cancel: the loop went on, and the edge's shutdown waited for it until its limit."""
+    from edged.spool import Spool
+    from edged.trainer_link import ExperienceUploader
+
+    spool = Spool(tmp_path / "spool.db", max_records=100)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        uploader = ExperienceUploader(channel, spool, batch=10)
+        task = asyncio.ensure_future(uploader.run())
+        await asyncio.sleep(0.3)  # the spool is empty: it waits to be woken
+        uploader.wake()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)
+        assert task in done and task.cancelled(), "the uploader went on after its cancel"
+    spool.close()
+
+
 async def test_trainerd_learns_from_edge_experience_and_the_edge_swaps_to_it(
         edge_config, cloud, tmp_path: Path) -> None:
     """Algorithm 1 end to end: edge experience -> trainerd update -> ONNX -> watch -> swap."""

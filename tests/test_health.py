@@ -5,6 +5,7 @@ the edge reconnects within about a second (it once took 7.5-10 s)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -314,6 +315,38 @@ async def test_a_start_that_fails_half_way_releases_what_it_had_opened(edge_conf
     with pytest.raises(sqlite3.ProgrammingError):
         edge.spool.count()
     assert edge.tasks == []
+
+
+async def test_background_work_that_loses_a_cancel_still_stops() -> None:
+    """A loop whose cancel is lost (as an awaited call completes, asyncio.wait_for on 3.11
+    and grpc.aio's calls return instead of raising) is cancelled again: the shutdown goes
+    on to close the stores. One that never ends is left after STOP_TASKS_S, not waited for."""
+    from velo.runtime.serving import STOP_TASKS_S, Daemon
+
+    async def loses_its_first_cancel() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the loop's next turn: nothing cancels it any more
+
+    released = False
+
+    async def never_ends() -> None:
+        while not released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    daemon = Daemon("127.0.0.1:0")
+    lost = daemon.spawn(loses_its_first_cancel())
+    stubborn = daemon.spawn(never_ends())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    async with asyncio.timeout(STOP_TASKS_S + 5):  # without the second cancel: for ever
+        await daemon.stop_tasks()
+    assert lost.cancelled()
+    assert not stubborn.done() and time.monotonic() - started < STOP_TASKS_S + 1
+    released = True
+    stubborn.cancel()
+    await asyncio.wait([stubborn], timeout=1)
 
 
 def test_an_edge_whose_peers_are_gone_stops_within_its_grace(milvus, tmp_path) -> None:

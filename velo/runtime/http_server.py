@@ -148,7 +148,8 @@ class HttpServer:
             return
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(self._task, self.grace_s + 5)
+            async with asyncio.timeout(self.grace_s + 5):
+                await self._task
         except TimeoutError:
             self._server.force_exit = True
             await asyncio.gather(self._task, return_exceptions=True)

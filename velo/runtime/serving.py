@@ -358,11 +358,25 @@ class Daemon:
 
     async def stop_tasks(self) -> None:
         """Cancel the background work and wait until it has ended (the subclass's shutdown
-        says when: after the work the tasks serve has drained)."""
+        says when: after the work the tasks serve has drained).
+
+        A task still running a moment after its cancel is cancelled again: a cancel that
+        arrives as an awaited call completes can be lost (Python 3.11's asyncio.wait_for
+        returns the result; grpc.aio's calls do the same), and a loop that lost it would
+        hold the shutdown, and the closing of the stores after it, until the shutdown's
+        limit. A task that outlives STOP_TASKS_S of cancels is logged and left."""
         tasks, self.tasks = self.tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TASKS_S
+        pending = set(tasks)
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        if pending:
+            self.log.error("background tasks did not stop when cancelled",
+                           tasks=sorted(task.get_name() for task in pending))
+        await asyncio.gather(*(t for t in tasks if t.done()), return_exceptions=True)
 
     async def report_probe(self, part: str, verdict: str | Undecided | None, *,
                            required: bool = True) -> None:
@@ -423,7 +437,8 @@ class Daemon:
         seconds to close files and connections."""
         limit = self.shutdown_grace_s + SHUTDOWN_CLOSE_S
         try:
-            await asyncio.wait_for(self.shutdown(), timeout=limit)
+            async with asyncio.timeout(limit):
+                await self.shutdown()
             self.log.info("stopped")
         except TimeoutError:
             self.log.error("shutdown did not finish in time; stopping anyway", limit_s=limit)
@@ -448,6 +463,8 @@ class Daemon:
 
 
 SHUTDOWN_CLOSE_S = 5.0  # after the grace, what closing files and connections may take
+STOP_TASKS_S = 3.0  # how long the background tasks are cancelled again before they are left
+RECANCEL_S = 0.1  # a task not ended this long after its cancel gets another
 
 
 def _exit_past_stuck_threads(code: int, log: Any, wait_s: float = 2.0) -> None:
