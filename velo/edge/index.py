@@ -87,6 +87,14 @@ class RowIndex:
                 return set(self._slot)
             return {i for i, slot in self._slot.items() if self._created[slot] < created_before}
 
+    def facts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row held: its id, value c^r and creation time (what eviction decides on)."""
+        with self._lock:
+            used = slice(0, self._next_slot)
+            held = self._row_id[used] >= 0
+            return (self._row_id[used][held], self._value[used][held],
+                    self._created[used][held])
+
     def memory_bytes(self) -> int:
         """What the index holds in memory: vectors (8-bit or float), ids and row facts."""
         with self._lock:
