@@ -360,7 +360,7 @@ class Daemon:
         """Cancel the background work and wait until it has ended (the subclass's shutdown
         says when: after the work the tasks serve has drained).
 
-        A task still running a moment after its cancel is cancelled again: a cancel that
+        A task still running RECANCEL_S after its cancel is cancelled again: a cancel that
         arrives as an awaited call completes can be lost (Python 3.11's asyncio.wait_for
         returns the result; grpc.aio's calls do the same), and a loop that lost it would
         hold the shutdown, and the closing of the stores after it, until the shutdown's
@@ -464,7 +464,7 @@ class Daemon:
 
 SHUTDOWN_CLOSE_S = 5.0  # after the grace, what closing files and connections may take
 STOP_TASKS_S = 3.0  # how long the background tasks are cancelled again before they are left
-RECANCEL_S = 0.1  # a task not ended this long after its cancel gets another
+RECANCEL_S = 0.5  # a task not ended this long after its cancel gets another (room to clean up)
 
 
 def _exit_past_stuck_threads(code: int, log: Any, wait_s: float = 2.0) -> None:
